@@ -1,0 +1,165 @@
+"""The engine's public interface: internal request/response dataclasses and the `EngineClient` protocol.
+
+The API layer converts pydantic request models into these dataclasses (`to_sampling_params()`) and talks to the
+engine only through `EngineClient`, so API tests can run against a fake engine. Nothing here imports torch.
+
+Contract of `EngineClient.generate(request)`:
+- returns an async iterator of `RequestOutput`; the first item carries `prompt_token_ids` (and `prompt_logprobs`
+  when asked); each item carries only what is new since the previous one (`deltas`, one per sequence that advanced);
+- the last item has `finished=True`; every sequence has exactly one delta with a `finish_reason`
+  ("stop", "length" or "abort");
+- raises `AdapterNotFoundError`, `InvalidRequestError`/`ContextLengthError` before the first item for bad input,
+  and `EngineOverloadedError` when the waiting queue is full;
+- if the consumer stops iterating (client disconnect -> task cancelled / `aclose()`), the request is aborted and
+  its KV memory freed at once.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Protocol, Sequence
+
+from mtlora.errors import InvalidRequestError
+
+FINISH_REASONS = ("stop", "length", "abort")
+
+
+@dataclass
+class SamplingParams:
+    """How to sample one request. Validated in __post_init__; errors name the OpenAI parameter."""
+
+    n: int = 1
+    max_tokens: int = 16
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0                    # 0 or -1: disabled
+    seed: int | None = None           # per-request generator: same seed -> same tokens, whatever the batch
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None       # None: no logprobs; k >= 0: sampled token's logprob + top-k alternatives
+    prompt_logprobs: int | None = None  # None: none; k >= 0: per prompt position (first is None) + top-k
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.n >= 1, "n", "n must be at least 1"),
+            (self.max_tokens >= 0, "max_tokens", "max_tokens must be >= 0"),
+            (self.min_tokens >= 0, "min_tokens", "min_tokens must be >= 0"),
+            (self.min_tokens <= self.max_tokens, "min_tokens", "min_tokens must be <= max_tokens"),
+            (self.temperature >= 0.0, "temperature", "temperature must be >= 0"),
+            (0.0 < self.top_p <= 1.0, "top_p", "top_p must be in (0, 1]"),
+            (self.top_k >= -1, "top_k", "top_k must be -1, 0 (disabled) or positive"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "logprobs must be in [0, 20]"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs",
+             "prompt_logprobs must be in [0, 20]"),
+        ]
+        for ok, param, message in checks:
+            if not ok:
+                raise InvalidRequestError(message, param=param)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    adapter: str | None = None        # None: the bare base model
+    arrival_time: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class TokenLogprob:
+    """Logprob of one chosen token plus the top alternatives (token id -> logprob, best first)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class SequenceDelta:
+    """What one of the request's n sequences produced since the last RequestOutput."""
+
+    index: int
+    token_ids: list[int]
+    text: str                                     # new detokenised text (stop strings already cut)
+    logprobs: list[TokenLogprob] | None = None    # one per new token when SamplingParams.logprobs is set
+    finish_reason: str | None = None              # None while running; then one of FINISH_REASONS
+    stop_reason: int | str | None = None          # the stop string / token id that ended it, if any
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    deltas: list[SequenceDelta]
+    finished: bool = False
+    prompt_token_ids: list[int] | None = None                  # first output only
+    prompt_logprobs: list[TokenLogprob | None] | None = None   # first output only; position 0 is None
+
+
+@dataclass
+class AdapterInfo:
+    name: str
+    method: str
+    path: str
+    num_parameters: int
+    num_experts: int
+    rank: int
+
+
+@dataclass
+class EngineStats:
+    """Point-in-time counters for /metrics. Cumulative fields only ever grow."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_blocks_total: int = 0
+    kv_blocks_used: int = 0
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    # adapter name -> per-expert mean routing weight (averaged over sites and sampled tokens)
+    expert_usage: dict[str, list[float]] = field(default_factory=dict)
+    # adapter name -> mean routing entropy (nats) over sampled tokens
+    routing_entropy: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+
+class Tokenizer(Protocol):
+    """The subset of a Hugging Face tokenizer the API layer uses."""
+
+    eos_token_id: int | None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
+    def apply_chat_template(self, messages, tokenize: bool = False, add_generation_prompt: bool = True,
+                            **kw): ...
+    def convert_ids_to_tokens(self, ids): ...
+
+
+class EngineClient(Protocol):
+    """What the API layer needs from an engine (the real one or a fake in tests)."""
+
+    base_model_name: str
+    max_model_len: int
+    tokenizer: Tokenizer
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]: ...
+    async def abort(self, request_id: str) -> None: ...
+    def list_adapters(self) -> list[AdapterInfo]: ...
+    async def load_adapter(self, name: str, path: str) -> AdapterInfo: ...
+    async def unload_adapter(self, name: str) -> None: ...
+    def stats(self) -> EngineStats: ...
+    async def start(self) -> None: ...
+    async def shutdown(self) -> None: ...
+    def is_healthy(self) -> bool: ...

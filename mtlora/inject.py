@@ -121,10 +121,12 @@ def load_adapter_state(model: nn.Module, tensors: dict[str, torch.Tensor], sourc
         raise CheckpointError(f"adapter tensors do not match the model: missing {missing[:5]}"
                               f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
                               f"{'...' if len(unexpected) > 5 else ''}", path=source)
+    # Check every shape before copying anything, so a bad tensor never leaves the adapter half-loaded.
+    for name, param in params.items():
+        value = tensors[name]
+        if tuple(value.shape) != tuple(param.shape):
+            raise CheckpointError(f"tensor {name} has shape {tuple(value.shape)}, the model expects "
+                                  f"{tuple(param.shape)}", path=source, field=name)
     with torch.no_grad():
         for name, param in params.items():
-            value = tensors[name]
-            if tuple(value.shape) != tuple(param.shape):
-                raise CheckpointError(f"tensor {name} has shape {tuple(value.shape)}, the model expects "
-                                      f"{tuple(param.shape)}", path=source, field=name)
-            param.copy_(value.to(param.dtype))
+            param.copy_(tensors[name].to(param.dtype))

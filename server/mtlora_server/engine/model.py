@@ -1,0 +1,319 @@
+"""A compact LLaMA decoder for serving: flattened token batches, paged KV cache, per-token adapter slots.
+
+Contract:
+- `ModelConfig.from_dir(path)` reads a Hugging Face `config.json` (LLaMA architecture: GQA, RMSNorm, SiLU MLP, RoPE
+  with default / linear / dynamic / llama3 scaling, tied or separate lm_head); anything else raises `ConfigError`
+  naming the field.
+- `LlamaDecoder.from_dir(path, dtype, device)` loads the same safetensors files transformers loads, fusing q/k/v
+  into one weight and gate/up into another at load time (two matmuls fewer per layer).
+- `LlamaDecoder.forward(batch, kv, adapters)` runs one engine step over a flattened token batch `[T]` (prefill
+  chunks and decode tokens of many sequences together) and returns fp32 logits only at `batch.logits_index`.
+- Attention is one padded, batched computation per layer: queries scattered into `[B, Qmax]`, K/V gathered from the
+  paged pool by block table into `[B, Kmax]`, causal + length mask; there is no Python loop over sequences.
+- Numerics follow transformers' LlamaForCausalLM (RMSNorm in fp32, RoPE tables cast to the compute dtype), so fp32
+  logits agree to ~1e-5. Dynamic-NTK RoPE: position p uses the frequencies HF would use for a sequence of length
+  max(p + 1, max_position_embeddings), i.e. exactly what HF's cached decoding applies to each new token; this keeps
+  cached keys valid and results independent of the batch (HF's prefill of a long prompt differs slightly).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mtlora.errors import CheckpointError, ConfigError
+
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+
+
+@dataclass
+class ModelConfig:
+    """The architecture fields the decoder needs; attribute names match transformers' LlamaConfig."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    bos_token_id: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict, path: str = "config.json") -> "ModelConfig":
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if key not in d:
+                raise ConfigError(f"missing required field {key!r}", field=key, path=path)
+        if d.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"only hidden_act 'silu' is supported, got {d['hidden_act']!r}", field="hidden_act",
+                              path=path)
+        for key in ("attention_bias", "mlp_bias"):
+            if d.get(key):
+                raise ConfigError(f"{key}=true is not supported", field=key, path=path)
+        heads = d["num_attention_heads"]
+        kv = d.get("num_key_value_heads") or heads
+        if heads % kv:
+            raise ConfigError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}",
+                              field="num_key_value_heads", path=path)
+        # transformers 5 writes `rope_parameters` (theta inside); older files `rope_theta` + `rope_scaling`.
+        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        theta = float(rope.pop("rope_theta", d.get("rope_theta", 10000.0)))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ROPE_TYPES:
+            raise ConfigError(f"unsupported rope type {rope_type!r}; supported: {ROPE_TYPES}", field="rope_scaling",
+                              path=path)
+        rope["rope_type"] = rope_type
+        eos = d.get("eos_token_id")
+        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        return cls(vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+                   intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
+                   num_attention_heads=heads, num_key_value_heads=kv,
+                   head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+                   rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+                   max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+                   tie_word_embeddings=bool(d.get("tie_word_embeddings", False)), rope_theta=theta,
+                   rope_scaling=None if rope_type == "default" else rope, eos_token_ids=eos_ids,
+                   bos_token_id=d.get("bos_token_id"))
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> "ModelConfig":
+        file = Path(model_dir) / "config.json"
+        try:
+            data = json.loads(file.read_text())
+        except FileNotFoundError:
+            raise ConfigError("config.json not found", path=str(file)) from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"invalid JSON: {exc}", path=str(file)) from None
+        return cls.from_dict(data, path=str(file))
+
+
+# -- RoPE --------------------------------------------------------------------------------------------------------
+def _inv_freq(cfg: ModelConfig, base: float) -> torch.Tensor:
+    dim = cfg.head_dim
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))          # [hd/2]
+
+
+def _llama3_inv_freq(cfg: ModelConfig, s: dict) -> torch.Tensor:
+    inv = _inv_freq(cfg, cfg.rope_theta)
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old_len / low, inv / factor, inv)
+    # Medium wavelengths interpolate smoothly between scaled and unscaled frequencies.
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_tables(cfg: ModelConfig, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin: [max_len, head_dim] fp32, in transformers' rotate-half layout."""
+    s = cfg.rope_scaling or {"rope_type": "default"}
+    pos = torch.arange(max_len, dtype=torch.float32)
+    kind = s["rope_type"]
+    if kind == "dynamic":
+        # Per-position frequencies: p uses those of a sequence of length max(p + 1, original max).
+        dim, orig, factor = cfg.head_dim, cfg.max_position_embeddings, s["factor"]
+        seq = torch.clamp(pos + 1, min=orig).double()
+        base = cfg.rope_theta * ((factor * seq / orig) - (factor - 1)) ** (dim / (dim - 2))       # [max_len]
+        expo = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+        inv = 1.0 / (base.float()[:, None] ** expo[None, :])                                       # [max_len, hd/2]
+        freqs = pos[:, None] * inv
+    else:
+        inv = _llama3_inv_freq(cfg, s) if kind == "llama3" else _inv_freq(cfg, cfg.rope_theta)
+        if kind == "linear":
+            inv = inv / s["factor"]
+        freqs = pos[:, None] * inv[None, :]                                                        # [max_len, hd/2]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, hd]; cos/sin: [T, hd] (already in x's dtype)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """As transformers: normalise in fp32, cast back, then scale."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+# -- batch description -------------------------------------------------------------------------------------------
+@dataclass
+class StepBatch:
+    """One step's flattened token batch and the padded attention layout built from it (see runner.build_batch).
+
+    T tokens from B sequences; sequence b's tokens are flat[q_start[b] : q_start[b] + q_len[b]].
+    """
+
+    input_ids: torch.Tensor       # [T] long
+    positions: torch.Tensor       # [T] long
+    slot_mapping: torch.Tensor    # [T] long: flat KV slot (block * block_size + offset) each token writes
+    adapter_slots: torch.Tensor   # [T] long: adapter slot per token, -1 = bare base
+    q_gather: torch.Tensor        # [B, Qmax] long: flat token index per padded query (T = a zero pad row)
+    out_gather: torch.Tensor      # [T] long: index of each flat token in the [B * Qmax] padded layout
+    block_tables: torch.Tensor    # [B, nblk] long: KV blocks of each sequence (padded with 0)
+    attn_mask: torch.Tensor       # [B, 1, Qmax, Kmax] bool: True = may attend
+    logits_index: torch.Tensor    # [L] long: flat tokens whose logits are wanted
+    kmax: int                     # keys per sequence after gathering (<= nblk * block_size)
+    any_adapter: bool = True      # False: every token is bare base, skip adapter ops entirely
+
+
+class LlamaDecoder:
+    """Plain-tensor LLaMA decoder (no nn.Module: weights are fixed at load, the engine never trains)."""
+
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
+                 device: torch.device, max_len: int):
+        self.cfg, self.dtype, self.device = cfg, dtype, device
+        self.embed = weights["embed"]                                       # [V, d]
+        self.lm_head = weights.get("lm_head", self.embed)                   # [V, d] (tied: same tensor)
+        self.final_norm = weights["norm"]
+        self.layers = weights["layers"]                                     # list of dicts
+        cos, sin = rope_tables(cfg, max_len)
+        self.cos, self.sin = cos.to(device, dtype), sin.to(device, dtype)   # [max_len, hd]
+        self.q_size = cfg.num_attention_heads * cfg.head_dim
+        self.kv_size = cfg.num_key_value_heads * cfg.head_dim
+        self.scale = cfg.head_dim ** -0.5
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu", max_len: int | None = None) -> "LlamaDecoder":
+        cfg = ModelConfig.from_dir(model_dir)
+        raw = load_safetensors_dir(Path(model_dir))
+        weights = fuse_weights(cfg, raw, dtype, torch.device(device), source=str(model_dir))
+        return cls(cfg, weights, dtype, torch.device(device), max_len or cfg.max_position_embeddings)
+
+    # -- forward -------------------------------------------------------------------------------------------------
+    def forward(self, b: StepBatch, kv, adapters=None, stats=None) -> torch.Tensor:
+        """Logits [L, V] fp32 at b.logits_index. `kv`: KVCachePool; `adapters`: AdapterSlots or None."""
+        use_adapters = adapters is not None and b.any_adapter
+        h = F.embedding(b.input_ids, self.embed)                            # h: [T, d]
+        cos, sin = self.cos[b.positions], self.sin[b.positions]             # [T, hd]
+        for idx, w in enumerate(self.layers):
+            sites = adapters.active_sites(idx) if use_adapters else ()
+            ctx = (adapters, idx, sites, b.adapter_slots, stats)
+            x = rms_norm(h, w["in_norm"], self.cfg.rms_norm_eps)            # x: [T, d]
+            a = self._attention(idx, w, x, cos, sin, b, kv, ctx)
+            if "self_attn" in sites:
+                a = _add(a, adapters.apply(idx, "self_attn", x, b.adapter_slots, stats))
+            h = h + a
+            x = rms_norm(h, w["post_norm"], self.cfg.rms_norm_eps)
+            m = self._mlp(w, x, ctx)
+            if "mlp" in sites:
+                m = _add(m, adapters.apply(idx, "mlp", x, b.adapter_slots, stats))
+            h = h + m
+        h = h[b.logits_index]                                               # only rows that need logits
+        h = rms_norm(h, self.final_norm, self.cfg.rms_norm_eps)
+        return F.linear(h, self.lm_head).float()                            # [L, V]
+
+    def _attention(self, idx, w, x, cos, sin, b: StepBatch, kv, ctx) -> torch.Tensor:
+        cfg = self.cfg
+        T = x.shape[0]
+        qkv = F.linear(x, w["qkv"])                                         # [T, q + 2kv]
+        qkv = _component_deltas(qkv, x, ctx, (("q_proj", self.q_size), ("k_proj", self.kv_size),
+                                              ("v_proj", self.kv_size)), "self_attn")
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rope(q.reshape(T, cfg.num_attention_heads, cfg.head_dim), cos, sin)
+        k = apply_rope(k.reshape(T, cfg.num_key_value_heads, cfg.head_dim), cos, sin)
+        v = v.reshape(T, cfg.num_key_value_heads, cfg.head_dim)
+        kv.write(idx, b.slot_mapping, k, v)
+        keys, values = kv.gather(idx, b.block_tables, b.kmax)               # [B, KV, Kmax, hd]
+        # Scatter queries into the padded [B, Qmax] layout; index T reads an appended zero row.
+        qp = torch.cat([q, q.new_zeros(1, *q.shape[1:])])[b.q_gather]      # [B, Qmax, H, hd]
+        out = F.scaled_dot_product_attention(qp.transpose(1, 2), keys, values, attn_mask=b.attn_mask,
+                                             scale=self.scale, enable_gqa=True)   # [B, H, Qmax, hd]
+        out = out.transpose(1, 2).reshape(-1, self.q_size)[b.out_gather]    # [T, H*hd]
+        o = F.linear(out, w["o"])                                           # [T, d]
+        return _component_deltas(o, out, ctx, (("o_proj", cfg.hidden_size),), "self_attn")
+
+    def _mlp(self, w, x, ctx) -> torch.Tensor:
+        F_ = self.cfg.intermediate_size
+        gu = F.linear(x, w["gate_up"])                                      # [T, 2F]
+        gu = _component_deltas(gu, x, ctx, (("gate_proj", F_), ("up_proj", F_)), "mlp")
+        gate, up = gu.split([F_, F_], dim=-1)
+        act = F.silu(gate) * up                                             # [T, F]
+        out = F.linear(act, w["down"])                                      # [T, d]
+        return _component_deltas(out, act, ctx, (("down_proj", self.cfg.hidden_size),), "mlp")
+
+
+def _add(x: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+    return x if delta is None else x + delta.to(x.dtype)
+
+
+def _component_deltas(fused: torch.Tensor, inp: torch.Tensor, ctx, parts, block: str) -> torch.Tensor:
+    """Add component-level adapter deltas to the matching column slices of a fused projection output."""
+    adapters, idx, sites, slot_idx, stats = ctx
+    if not sites:
+        return fused
+    start, chunks, changed = 0, [], False
+    for name, width in parts:
+        piece = fused[:, start:start + width]
+        site = f"{block}.{name}"
+        if site in sites:
+            delta = adapters.apply(idx, site, inp, slot_idx, stats)
+            if delta is not None:
+                piece, changed = piece + delta.to(piece.dtype), True
+        chunks.append(piece)
+        start += width
+    return torch.cat(chunks, dim=-1) if changed and len(chunks) > 1 else (chunks[0] if changed else fused)
+
+
+# -- weights -----------------------------------------------------------------------------------------------------
+def load_safetensors_dir(model_dir: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a HF model directory (single file or sharded with an index)."""
+    from safetensors.torch import load_file
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError("no *.safetensors weights found", path=str(model_dir))
+    out: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            out.update(load_file(str(file)))
+        except Exception as exc:  # safetensors raises several types for corrupt files
+            raise CheckpointError(f"cannot read weights: {exc}", path=str(file)) from None
+    return out
+
+
+def fuse_weights(cfg: ModelConfig, raw: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
+                 source: str) -> dict:
+    """HF tensor names -> fused engine weights (qkv and gate_up concatenated along the output dim)."""
+    def take(name: str) -> torch.Tensor:
+        for candidate in (name, name.removeprefix("model.")):
+            if candidate in raw:
+                return raw[candidate].to(device=device, dtype=dtype)
+        raise CheckpointError(f"weight {name!r} is missing", path=source, field=name)
+
+    layers = []
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        layers.append({
+            "in_norm": take(p + "input_layernorm.weight"),
+            "post_norm": take(p + "post_attention_layernorm.weight"),
+            "qkv": torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]).contiguous(),
+            "o": take(p + "self_attn.o_proj.weight"),
+            "gate_up": torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]).contiguous(),
+            "down": take(p + "mlp.down_proj.weight"),
+        })
+    weights = {"embed": take("model.embed_tokens.weight"), "norm": take("model.norm.weight"), "layers": layers}
+    if not cfg.tie_word_embeddings:
+        weights["lm_head"] = take("lm_head.weight") if "lm_head.weight" in raw else weights["embed"]
+    if tuple(weights["embed"].shape) != (cfg.vocab_size, cfg.hidden_size):
+        raise CheckpointError(f"embed_tokens has shape {tuple(weights['embed'].shape)}, config says "
+                              f"({cfg.vocab_size}, {cfg.hidden_size})", path=source, field="vocab_size")
+    return weights

@@ -1,0 +1,80 @@
+"""Model runner: turns a scheduled step (chunks of sequences) into one flattened forward pass.
+
+Contract:
+- `build_batch(chunks, logit_positions, block_size, device) -> StepBatch` flattens the chunks into T tokens and
+  builds the padded attention layout (query scatter index [B, Qmax], block tables [B, nblk], causal + length mask)
+  with tensor ops, plus the flat indices of the rows whose logits are wanted.
+- `logit_positions[i]` lists the absolute positions of chunk i whose logits are wanted (prompt logprobs and/or the
+  last position when the chunk samples); rows come back in that order, chunk after chunk.
+- `ModelRunner.run(chunks, logit_positions, stats)` executes the forward under `torch.inference_mode` and returns
+  logits [L, V] fp32 on the CPU-visible device of the model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .model import StepBatch
+from .scheduler import Chunk
+
+
+def build_batch(chunks: list[Chunk], logit_positions: list[list[int]], block_size: int,
+                device: torch.device) -> StepBatch:
+    B = len(chunks)
+    q_len = torch.tensor([c.length for c in chunks], dtype=torch.long)                       # [B]
+    start = torch.tensor([c.start for c in chunks], dtype=torch.long)                        # [B]
+    q_off = torch.cumsum(q_len, 0) - q_len                                                   # [B]
+    T = int(q_len.sum())
+    ids: list[int] = []
+    for c in chunks:
+        ids.extend(c.seq.token_ids[c.start:c.start + c.length])
+    seq_of_tok = torch.repeat_interleave(torch.arange(B), q_len)                             # [T]
+    local = torch.arange(T) - q_off[seq_of_tok]                                              # [T] index in chunk
+    positions = start[seq_of_tok] + local                                                    # [T]
+    kv_len = start + q_len                                                                   # [B]
+    kmax = int(kv_len.max())
+    nblk = -(-kmax // block_size)
+    tables = torch.zeros(B, nblk, dtype=torch.long)
+    for b, c in enumerate(chunks):
+        used = -(-(c.start + c.length) // block_size)
+        tables[b, :used] = torch.tensor(c.seq.blocks[:used], dtype=torch.long)
+    slot_mapping = tables[seq_of_tok, positions // block_size] * block_size + positions % block_size
+    qmax = int(q_len.max())
+    qi = torch.arange(qmax)
+    valid = qi[None, :] < q_len[:, None]                                                     # [B, Qmax]
+    q_gather = torch.where(valid, q_off[:, None] + qi[None, :], torch.full_like(valid, T, dtype=torch.long))
+    qpos = start[:, None] + qi[None, :]                                                      # [B, Qmax]
+    kj = torch.arange(kmax)
+    # Real queries see keys up to their own position; padded query rows see key 0 only (never an all-False row).
+    mask = (kj[None, None, :] <= qpos[:, :, None]) & valid[:, :, None]
+    mask |= (~valid[:, :, None]) & (kj[None, None, :] == 0)
+    flat_rows = []
+    for b, (c, wanted) in enumerate(zip(chunks, logit_positions)):
+        flat_rows.extend(int(q_off[b]) + p - c.start for p in wanted)
+    slots = torch.tensor([c.seq.adapter_slot for c in chunks], dtype=torch.long)
+    adapter_slots = slots[seq_of_tok]
+    return StepBatch(
+        input_ids=torch.tensor(ids, dtype=torch.long).to(device),
+        positions=positions.to(device),
+        slot_mapping=slot_mapping.to(device),
+        adapter_slots=adapter_slots.to(device),
+        q_gather=q_gather.to(device),
+        out_gather=(seq_of_tok * qmax + local).to(device),
+        block_tables=tables.to(device),
+        attn_mask=mask[:, None].to(device),
+        logits_index=torch.tensor(flat_rows, dtype=torch.long).to(device),
+        kmax=kmax,
+        any_adapter=bool((slots >= 0).any()),
+    )
+
+
+class ModelRunner:
+    """Owns the model, the KV pool and the adapter slots; runs one step."""
+
+    def __init__(self, model, pool, adapters, device: torch.device):
+        self.model, self.pool, self.adapters, self.device = model, pool, adapters, device
+
+    @torch.inference_mode()
+    def run(self, chunks: list[Chunk], logit_positions: list[list[int]], stats=None) -> torch.Tensor:
+        batch = build_batch(chunks, logit_positions, self.pool.block_size, self.device)
+        return self.model.forward(batch, self.pool, self.adapters, stats)

@@ -1,0 +1,163 @@
+"""Continuous-batching scheduler: which tokens of which sequences run in the next step, and their KV blocks.
+
+Contract:
+- Sequences join (`add`) and leave (`finish`, `abort`) between steps; `schedule()` returns the step's chunks.
+- Order inside a step: running decodes first (one token each, oldest first) so a long prompt can never starve
+  them; then running sequences still in a (chunked) prefill; then waiting sequences, first come first served,
+  while the `max_num_batched_tokens` budget and `max_num_seqs` allow. A long prompt is split into chunks that fit
+  the remaining budget.
+- Admission control: a waiting sequence is admitted only when the pool has free blocks for all its current
+  tokens; otherwise it (and everything behind it) waits. When a running sequence needs a block and none is free,
+  the most recently admitted other running sequence is preempted by recompute: its blocks are freed at once and it
+  goes back to the head of the waiting queue with its generated tokens kept (re-prefilled later).
+- `add` raises `EngineOverloadedError` when the waiting queue would exceed `max_waiting` sequences.
+- Blocks are only ever held by sequences in `running`; `finish`/`abort` return them immediately.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+from mtlora.errors import EngineOverloadedError
+
+from .kv_cache import KVCachePool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One of a request's n output sequences (identity semantics: eq/hash by object)."""
+
+    seq_id: int
+    token_ids: list[int]                  # prompt + generated so far
+    prompt_len: int
+    adapter_slot: int = -1                # -1: bare base model
+    owner: object = None                  # the engine's request state
+    index: int = 0                        # which of the request's n sequences
+    num_computed: int = 0                 # tokens whose K/V are in the cache
+    blocks: list[int] = field(default_factory=list)
+    want_prompt_logits: bool = False      # compute logits at prompt positions (prompt_logprobs), first pass only
+    finished: bool = False
+    num_preemptions: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len:]
+
+    @property
+    def in_decode(self) -> bool:
+        return self.num_computed == len(self.token_ids) - 1
+
+
+@dataclass
+class Chunk:
+    """Tokens [start, start + length) of `seq` are computed this step."""
+
+    seq: Sequence
+    start: int
+    length: int
+
+    @property
+    def samples(self) -> bool:
+        """Does this chunk reach the sequence's last token (so a new token is sampled after it)?"""
+        return self.start + self.length == self.seq.num_tokens
+
+
+class Scheduler:
+    def __init__(self, pool: KVCachePool, max_num_seqs: int, max_num_batched_tokens: int, max_waiting: int):
+        self.pool = pool
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_waiting = max_waiting
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []        # in admission order (the last is preempted first)
+        self.num_preemptions = 0
+
+    # -- membership ----------------------------------------------------------------------------------------------
+    def add(self, seqs: list[Sequence]) -> None:
+        if len(self.waiting) + len(seqs) > self.max_waiting:
+            raise EngineOverloadedError(f"waiting queue is full ({len(self.waiting)} of {self.max_waiting})")
+        self.waiting.extend(seqs)
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a sequence (finished or aborted) and free its blocks at once. Idempotent."""
+        seq.finished = True
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self._release(seq)
+
+    abort = finish
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- scheduling ----------------------------------------------------------------------------------------------
+    def schedule(self) -> list[Chunk]:
+        chunks: list[Chunk] = []
+        budget = [self.max_num_batched_tokens]
+        for seq in [s for s in self.running if s.in_decode]:
+            if budget[0] < 1:
+                break
+            if seq in self.running and self._reserve(seq, seq.num_computed + 1, chunks, budget):
+                chunks.append(Chunk(seq, seq.num_computed, 1))
+                budget[0] -= 1
+        for seq in [s for s in self.running if not s.in_decode]:
+            n = min(seq.num_tokens - seq.num_computed, budget[0])
+            if n > 0 and seq in self.running and self._reserve(seq, seq.num_computed + n, chunks, budget):
+                chunks.append(Chunk(seq, seq.num_computed, n))
+                budget[0] -= n
+        self._admit(chunks, budget)
+        return chunks
+
+    def _admit(self, chunks: list[Chunk], budget: list[int]) -> None:
+        while self.waiting and budget[0] > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if self.pool.num_free < self.pool.blocks_for(seq.num_tokens):
+                break                                   # head of line waits for memory (FCFS)
+            self.waiting.popleft()
+            n = min(seq.num_tokens, budget[0])
+            seq.blocks = self.pool.allocate(self.pool.blocks_for(n))
+            seq.num_computed = 0
+            self.running.append(seq)
+            chunks.append(Chunk(seq, 0, n))
+            budget[0] -= n
+
+    def _reserve(self, seq: Sequence, total_tokens: int, chunks: list[Chunk], budget: list[int]) -> bool:
+        """Make `seq` hold blocks for `total_tokens`, preempting newer sequences if needed."""
+        need = self.pool.blocks_for(total_tokens) - len(seq.blocks)
+        while need > self.pool.num_free:
+            victim = next((s for s in reversed(self.running) if s is not seq), None)
+            if victim is None:
+                self._preempt(seq, chunks, budget)      # cannot happen when one sequence fits the pool
+                return False
+            self._preempt(victim, chunks, budget)
+        if need > 0:
+            seq.blocks.extend(self.pool.allocate(need))
+        return True
+
+    def _preempt(self, seq: Sequence, chunks: list[Chunk], budget: list[int]) -> None:
+        for c in [c for c in chunks if c.seq is seq]:
+            chunks.remove(c)
+            budget[0] += c.length
+        self.running.remove(seq)
+        self._release(seq)
+        seq.num_computed = 0
+        seq.want_prompt_logits = False                  # prompt logprobs were already produced (or never asked)
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        log.debug("preempted sequence %d (recompute %d tokens)", seq.seq_id, seq.num_tokens)
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.blocks:
+            self.pool.free(seq.blocks)
+            seq.blocks = []

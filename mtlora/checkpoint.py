@@ -217,9 +217,11 @@ def _check_tensors(config: AdapterConfig, tensors: dict[str, torch.Tensor], sour
     sites = set(config.sites())
     for layer, found in sorted(layers.items()):
         if found != sites:
-            raise CheckpointError(f"layer {layer} has adapter sites {sorted(found)}, the config "
-                                  f"({config.method}) needs {sorted(sites)}", path=source,
-                                  field=f"layers.{layer}")
+            extra = [f"layers.{layer}.{s}" for s in sorted(found - sites)]
+            missing = [f"layers.{layer}.{s}" for s in sorted(sites - found)]
+            raise CheckpointError(f"adapter sites do not match the config ({config.method}, sites "
+                                  f"{sorted(sites)}): unexpected {extra}, missing {missing}", path=source,
+                                  field=(extra or missing)[0])
     n_layers = max(layers) + 1
     if len(layers) != n_layers:
         gaps = sorted(set(range(n_layers)) - set(layers))

@@ -73,6 +73,8 @@ def attach(model: nn.Module, config: AdapterConfig) -> dict[str, MoLoRA]:
             d_in, d_out = _site_dims(model.config, site)
             adapter = MoLoRA(d_in, d_out, config, dtype=ref.dtype, device=ref.device)
             wrapper = AdaptedLinear(target, adapter) if parent_path else AdaptedBlock(target, adapter)
+            # New modules start in training mode; follow the wrapped module, or an eval model would apply dropout.
+            wrapper.train(target.training)
             setattr(parent, leaf, wrapper)
             adapters[f"layers.{idx}.{site}"] = adapter
     model._mtlora_config = config

@@ -42,6 +42,7 @@ class ReferenceModel:
             self.adapters = inject.attach(self.model, config)
             inject.load_adapter_state(self.model, tensors, source=str(adapter))
             self.adapter_config = config
+            self.model.eval()   # the freshly attached adapters start in training mode (dropout on)
         self.vocab_size = self.model.config.vocab_size
 
     # -- forward -----------------------------------------------------------------------------------------------

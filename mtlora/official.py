@@ -22,7 +22,7 @@ Method: block adapter -> mtlora; component with lora_nums > 1 -> hydralora; else
 Unlike the official loader (`load_state_dict(strict=False)`), every key must be consumed and every expected tensor
 present; errors name the missing/unexpected keys and the file. Config fields are either used, checked, or in
 `IGNORED_FIELDS` with the reason they do not affect inference; any other field is an error.
-CLI: `python -m mtlora.official SRC DST` converts to a native checkpoint directory.
+CLI: `mtlora-convert-official SRC DST` (or `python -m mtlora.official`) converts to a native checkpoint directory.
 """
 
 from __future__ import annotations
@@ -229,7 +229,7 @@ def _convert_site(config: AdapterConfig, state: dict, keys: dict[str, str], pref
 # -- CLI -----------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m mtlora.official",
+        prog="mtlora-convert-official",
         description="Convert an official mtLoRA (ICLR26_mtLoRA / HYDRALORA PEFT) checkpoint to the native format.")
     parser.add_argument("src", help="official checkpoint directory (adapter_config.json + adapter_model.bin "
                                     "or adapter_model.safetensors)")

@@ -1,0 +1,232 @@
+"""FastAPI app factory: `build_app(engine, args) -> FastAPI` — thin routes over an `EngineClient`.
+
+Contract:
+- Routes only parse (pydantic, at the edge), call the serving functions and return; every failure goes through the
+  one error schema of `api.errors` (client mistakes are 4xx, never 500).
+- With `args.api_key`, every `/v1/*` route needs `Authorization: Bearer <key>` (compared in constant time);
+  /health, /metrics and the tokenizer routes stay open, as in vLLM.
+- The engine is started/shut down by the app's lifespan when `manage_engine` is true (the CLI); in-process tests
+  that drive the app without a lifespan start the engine themselves.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from mtlora.errors import AdapterLoadError, AdapterNotFoundError, InvalidRequestError, MtloraError
+from mtlora_server.api.chat import create_chat_completion, render_chat
+from mtlora_server.api.completions import create_completion
+from mtlora_server.api.errors import ApiError, error_body, error_response, install_error_handlers
+from mtlora_server.api.metrics import Metrics
+from mtlora_server.api.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    LoadLoraAdapterRequest,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    UnloadLoraAdapterRequest,
+)
+from mtlora_server.api.serving import ServerArgs, ServingContext
+from mtlora_server.api.streams import ClientDisconnected
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,255}$")
+
+
+class _AuthAndErrorCount:
+    """Pure ASGI middleware (keeps streaming and disconnect propagation intact): API key on /v1, error counter."""
+
+    def __init__(self, app, api_key: str | None, metrics: Metrics):
+        self.app = app
+        self.key = api_key.encode() if api_key else None
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.key is not None and scope["path"].startswith("/v1") and not self._authorized(scope):
+            self.metrics.errors.labels("401").inc()
+            body = json.dumps(error_body("invalid or missing API key (send 'Authorization: Bearer <key>')",
+                                         "AuthenticationError", 401)).encode()
+            await send({"type": "http.response.start", "status": 401,
+                        "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]})
+            await send({"type": "http.response.body", "body": body})
+            return
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                self.metrics.errors.labels(str(message["status"])).inc()
+            await send(message)
+        await self.app(scope, receive, counting_send)
+
+    def _authorized(self, scope) -> bool:
+        header = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
+
+
+def build_app(engine, args: ServerArgs | None = None, manage_engine: bool = False) -> FastAPI:
+    args = args or ServerArgs()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if manage_engine:
+            await engine.start()
+        try:
+            yield
+        finally:
+            if manage_engine:
+                await engine.shutdown()
+
+    app = FastAPI(title="mtlora-serve", summary="OpenAI-compatible server for mtLoRA adapters", lifespan=lifespan)
+    ctx = ServingContext(engine=engine, args=args, metrics=Metrics(engine))
+    app.state.ctx = ctx
+    install_error_handlers(app)
+
+    @app.exception_handler(MtloraError)
+    async def _domain(request: Request, exc: MtloraError):
+        return error_response(exc)
+
+    @app.exception_handler(ApiError)
+    async def _api(request: Request, exc: ApiError):
+        return error_response(exc)
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(request: Request, exc: ClientDisconnected):
+        return Response(status_code=499)   # nobody reads it; nginx's "client closed request"
+
+    _add_openai_routes(app, ctx)
+    _add_tokenizer_routes(app, ctx)
+    _add_adapter_routes(app, ctx)
+    _add_ops_routes(app, ctx)
+    app.add_middleware(_AuthAndErrorCount, api_key=args.api_key, metrics=ctx.metrics)
+    return app
+
+
+def _add_openai_routes(app: FastAPI, ctx: ServingContext) -> None:
+    @app.get("/v1/models")
+    async def list_models() -> ModelList:
+        base = ctx.served_name
+        cards = [ModelCard(id=base, root=base, max_model_len=ctx.engine.max_model_len, created=ctx.created)]
+        for info in ctx.engine.list_adapters():
+            cards.append(ModelCard(id=info.name, root=info.path, parent=base, created=ctx.created))
+        return ModelList(data=cards)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        return await create_completion(ctx, body, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await create_chat_completion(ctx, body, request)
+
+
+def _add_tokenizer_routes(app: FastAPI, ctx: ServingContext) -> None:
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        ctx.resolve_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise InvalidRequestError("give exactly one of prompt or messages", param="prompt")
+        if body.messages is not None:
+            text = render_chat(ctx, body.messages, body.add_generation_prompt)
+            ids = ctx.encode(text, add_special_tokens=False, param="messages")
+        else:
+            ids = ctx.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        token_strs = None
+        if body.return_token_strs:
+            token_strs = [str(t) for t in ctx.engine.tokenizer.convert_ids_to_tokens(ids)]
+        return {"count": len(ids), "max_model_len": ctx.engine.max_model_len, "tokens": ids,
+                "token_strs": token_strs}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        ctx.resolve_model(body.model)
+        ctx.check_token_ids(body.tokens, "tokens")
+        return {"prompt": ctx.decode(body.tokens)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        tok = ctx.engine.tokenizer
+        info = {"tokenizer_class": type(tok).__name__, "model_max_length": ctx.engine.max_model_len,
+                "vocab_size": ctx.vocab_size, "chat_template": getattr(tok, "chat_template", None)}
+        for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            value = getattr(tok, name, None)
+            info[name] = None if value is None else str(value)
+        info["eos_token_id"] = getattr(tok, "eos_token_id", None)
+        return info
+
+
+def _adapter_path(ctx: ServingContext, raw: str) -> Path:
+    """Resolve `raw` (absolute, or relative to --adapter-root) and require it to stay inside the root."""
+    root = Path(ctx.args.adapter_root).resolve()
+    try:
+        path = (root / raw).resolve()
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise InvalidRequestError(f"cannot resolve lora_path: {exc}", param="lora_path") from None
+    if not path.is_relative_to(root):
+        raise InvalidRequestError(f"lora_path must be inside the adapter root {root}", param="lora_path")
+    if not path.is_dir():
+        raise InvalidRequestError(f"lora_path {raw!r} is not an adapter directory", param="lora_path")
+    return path
+
+
+def _add_adapter_routes(app: FastAPI, ctx: ServingContext) -> None:
+    def require_enabled():
+        if not (ctx.args.enable_adapter_loading and ctx.args.adapter_root):
+            raise ApiError(404, "adapter loading is disabled; start mtlora-serve with --enable-adapter-loading "
+                           "--adapter-root DIR", "NotFoundError")
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoraAdapterRequest):
+        require_enabled()
+        name = body.lora_name
+        if not ADAPTER_NAME.match(name) or name in ctx.base_names():
+            raise InvalidRequestError(f"invalid adapter name {name!r}", param="lora_name")
+        if name in ctx.adapter_names():
+            raise InvalidRequestError(f"an adapter named {name!r} is already loaded", param="lora_name")
+        path = _adapter_path(ctx, body.lora_path)
+        try:
+            info = await ctx.engine.load_adapter(name, str(path))
+        except MtloraError as exc:
+            if isinstance(exc, (InvalidRequestError, AdapterNotFoundError)):
+                raise
+            raise AdapterLoadError(f"could not load adapter {name!r} from {path}: {exc}") from None
+        except Exception as exc:  # the engine must keep serving whatever went wrong with this one adapter
+            logger.exception("loading adapter %s from %s failed", name, path)
+            raise AdapterLoadError(f"could not load adapter {name!r} from {path}: {exc}") from None
+        logger.info("loaded adapter %s (%s, %d parameters) from %s", info.name, info.method,
+                    info.num_parameters, info.path)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoraAdapterRequest):
+        require_enabled()
+        if body.lora_name not in ctx.adapter_names():
+            raise AdapterNotFoundError(body.lora_name)
+        await ctx.engine.unload_adapter(body.lora_name)
+        logger.info("unloaded adapter %s", body.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+
+def _add_ops_routes(app: FastAPI, ctx: ServingContext) -> None:
+    @app.get("/health")
+    async def health():
+        if ctx.engine.is_healthy():
+            return Response(status_code=200)
+        return JSONResponse(error_body("engine is not healthy", "ServiceUnavailableError", 503), status_code=503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)

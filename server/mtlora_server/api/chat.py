@@ -1,0 +1,111 @@
+"""POST /v1/chat/completions: messages rendered with the base tokenizer's chat template -> `chat.completion`.
+
+Contract: the prompt is `tokenizer.apply_chat_template(messages, add_generation_prompt=True)` encoded without
+extra special tokens (the template adds its own); a template error is a 400 naming `messages`. Without
+max_tokens / max_completion_tokens the completion may fill the remaining context. Streams send the assistant
+role first, then content deltas, then a finish chunk per choice, an optional usage chunk and `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import time
+
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.requests import Request
+
+from mtlora.errors import InvalidRequestError
+from mtlora_server.api.errors import error_from_exception
+from mtlora_server.api.protocol import ChatCompletionRequest, ChatMessage, random_id
+from mtlora_server.api.serving import DONE, ServingContext, chat_logprob_entries, sse, usage
+from mtlora_server.api.streams import close_all, merge, open_streams, run_until_disconnect
+from mtlora_server.engine.types import GenerationRequest
+
+
+def render_chat(ctx: ServingContext, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
+    try:
+        text = ctx.engine.tokenizer.apply_chat_template([m.rendered() for m in messages], tokenize=False,
+                                                        add_generation_prompt=add_generation_prompt)
+    except Exception as exc:  # jinja TemplateError, no template at all, ...
+        raise InvalidRequestError(f"the chat template rejected these messages: {exc}", param="messages") from None
+    if not isinstance(text, str):
+        raise InvalidRequestError("the chat template did not render to text", param="messages")
+    return text
+
+
+async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, http_request: Request):
+    base_id = random_id("chatcmpl")
+    adapter = ctx.resolve_model(req.model)
+    ids = ctx.encode(render_chat(ctx, req.messages, req.add_generation_prompt), add_special_tokens=False,
+                     param="messages")
+    max_tokens = req.requested_max_tokens
+    if max_tokens is None:
+        max_tokens = ctx.default_max_tokens(ids)
+    ctx.check_prompt(ids, max_tokens, "messages")
+    request = GenerationRequest(request_id=f"{base_id}-0", prompt_token_ids=ids,
+                                sampling=req.to_sampling_params(max_tokens), adapter=adapter)
+    streams = await open_streams(ctx.engine, [request], ctx.metrics, ctx.label(adapter))
+    model = req.model or ctx.served_name
+    if req.stream:
+        return StreamingResponse(_stream(ctx, req, base_id, model, len(ids), streams),
+                                 media_type="text/event-stream")
+    return JSONResponse(await run_until_disconnect(http_request, _collect(ctx, req, base_id, model, len(ids),
+                                                                          streams)))
+
+
+async def _collect(ctx, req, base_id, model, prompt_len, streams) -> dict:
+    texts = [""] * req.n
+    logprobs: list[list[dict]] = [[] for _ in range(req.n)]
+    finish = [None] * req.n
+    stop_reason = [None] * req.n
+    num_tokens = 0
+    top_n = req.top_logprobs or 0
+    try:
+        async for _, out in merge(streams):
+            for d in out.deltas:
+                texts[d.index] += d.text
+                num_tokens += len(d.token_ids)
+                if req.logprobs and d.logprobs:
+                    logprobs[d.index].extend(chat_logprob_entries(ctx, d.logprobs, top_n))
+                if d.finish_reason is not None:
+                    finish[d.index], stop_reason[d.index] = d.finish_reason, d.stop_reason
+    finally:
+        await close_all(streams)
+    choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+                "logprobs": {"content": logprobs[i]} if req.logprobs else None,
+                "finish_reason": finish[i], "stop_reason": stop_reason[i]} for i in range(req.n)]
+    return {"id": base_id, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": choices, "usage": usage(prompt_len, num_tokens)}
+
+
+async def _stream(ctx, req, base_id, model, prompt_len, streams):
+    created = int(time.time())
+    top_n = req.top_logprobs or 0
+    num_tokens = 0
+
+    def chunk(choices, **extra):
+        body = {"id": base_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": choices}
+        if req.include_usage:
+            body["usage"] = None
+        body.update(extra)
+        return sse(body)
+    try:
+        for i in range(req.n):
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}])
+        async for _, out in merge(streams):
+            for d in out.deltas:
+                num_tokens += len(d.token_ids)
+                if not (d.text or d.token_ids or d.finish_reason is not None):
+                    continue
+                lps = {"content": chat_logprob_entries(ctx, d.logprobs or [], top_n)} if req.logprobs else None
+                yield chunk([{"index": d.index, "delta": {"content": d.text} if d.text else {}, "logprobs": lps,
+                              "finish_reason": d.finish_reason, "stop_reason": d.stop_reason}])
+        if req.include_usage:
+            yield chunk([], usage=usage(prompt_len, num_tokens))
+        yield DONE
+    except Exception as exc:  # the engine failed mid-stream: tell the client in-band, then end the stream
+        yield sse(error_from_exception(exc)[1])
+        yield DONE
+    finally:
+        await close_all(streams)

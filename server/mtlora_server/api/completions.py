@@ -1,0 +1,152 @@
+"""POST /v1/completions: prompts -> engine requests -> OpenAI `text_completion` responses (whole or streamed).
+
+Contract: each prompt of a batch is one engine request with n sequences; choice index = prompt_index * n + seq.
+Errors in the input surface before any byte is sent (see `streams.open_streams`). `echo` prepends the prompt text
+(and, with `logprobs`, the prompt's logprobs, the first being null); `usage` is always reported (in streams as a
+final chunk when `stream_options.include_usage`, else absent from chunks as in OpenAI's API).
+"""
+
+from __future__ import annotations
+
+import time
+
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.requests import Request
+
+from mtlora_server.api.errors import error_from_exception
+from mtlora_server.api.protocol import CompletionRequest, random_id
+from mtlora_server.api.serving import DONE, CompletionLogprobs, ServingContext, sse, usage
+from mtlora_server.api.streams import close_all, merge, open_streams, run_until_disconnect
+from mtlora_server.engine.types import GenerationRequest
+
+
+def _prompts(ctx: ServingContext, req: CompletionRequest) -> list[tuple[list[int], str]]:
+    """[(token ids, prompt text)] for every prompt of the request."""
+    prompt = req.prompt
+    if isinstance(prompt, str):
+        items: list = [prompt]
+    elif prompt and isinstance(prompt[0], int):
+        items = [prompt]
+    else:
+        items = list(prompt)
+    out = []
+    for i, item in enumerate(items):
+        param = "prompt" if len(items) == 1 else f"prompt.{i}"
+        if isinstance(item, str):
+            out.append((ctx.encode(item, param=param), item))
+        else:
+            ctx.check_token_ids(list(item), param)
+            out.append((list(item), ctx.decode(item)))
+    return out
+
+
+def _engine_requests(ctx: ServingContext, req: CompletionRequest, base_id: str):
+    adapter = ctx.resolve_model(req.model)
+    prompts = _prompts(ctx, req)
+    requests = []
+    for i, (ids, _) in enumerate(prompts):
+        max_tokens = req.max_tokens if req.max_tokens is not None else ctx.default_max_tokens(ids, "prompt")
+        ctx.check_prompt(ids, max_tokens, "prompt" if len(prompts) == 1 else f"prompt.{i}")
+        requests.append(GenerationRequest(request_id=f"{base_id}-{i}", prompt_token_ids=ids,
+                                          sampling=req.to_sampling_params(max_tokens), adapter=adapter))
+    return adapter, prompts, requests
+
+
+async def create_completion(ctx: ServingContext, req: CompletionRequest, http_request: Request):
+    base_id = random_id("cmpl")
+    adapter, prompts, requests = _engine_requests(ctx, req, base_id)
+    streams = await open_streams(ctx.engine, requests, ctx.metrics, ctx.label(adapter))
+    model = req.model or ctx.served_name
+    if req.stream:
+        return StreamingResponse(_stream(ctx, req, base_id, model, prompts, streams),
+                                 media_type="text/event-stream")
+    return JSONResponse(await run_until_disconnect(http_request, _collect(ctx, req, base_id, model, prompts,
+                                                                          streams)))
+
+
+class _Choice:
+    def __init__(self, index: int, text: str, logprobs: CompletionLogprobs | None):
+        self.index, self.text, self.logprobs = index, text, logprobs
+        self.finish_reason = None
+        self.stop_reason = None
+        self.num_tokens = 0
+
+
+def _echo_part(ctx, req, ids, text, first) -> tuple[str, CompletionLogprobs | None]:
+    """Echoed prompt text and, when asked, a logprobs object that already holds the prompt's entries."""
+    logprobs = CompletionLogprobs(ctx) if req.logprobs is not None else None
+    if not req.echo:
+        return "", logprobs
+    if logprobs is not None:
+        prompt_lps = first.prompt_logprobs or [None] * len(ids)
+        for token_id, lp in zip(ids, prompt_lps):
+            logprobs.add(token_id, lp)
+    return text, logprobs
+
+
+async def _collect(ctx, req, base_id, model, prompts, streams) -> dict:
+    choices: dict[int, _Choice] = {}
+    try:
+        for p, (ids, text) in enumerate(prompts):
+            for s in range(req.n):
+                echo, logprobs = _echo_part(ctx, req, ids, text, streams[p].first)
+                choices[p * req.n + s] = _Choice(p * req.n + s, echo, logprobs)
+        async for p, out in merge(streams):
+            for d in out.deltas:
+                choice = choices[p * req.n + d.index]
+                choice.text += d.text
+                choice.num_tokens += len(d.token_ids)
+                if choice.logprobs is not None and d.logprobs:
+                    for token_id, lp in zip(d.token_ids, d.logprobs):
+                        choice.logprobs.add(token_id, lp)
+                if d.finish_reason is not None:
+                    choice.finish_reason, choice.stop_reason = d.finish_reason, d.stop_reason
+    finally:
+        await close_all(streams)
+    ordered = [choices[i] for i in sorted(choices)]
+    return {
+        "id": base_id, "object": "text_completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": c.index, "text": c.text, "logprobs": c.logprobs.as_dict() if c.logprobs else None,
+                     "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in ordered],
+        "usage": usage(sum(len(ids) for ids, _ in prompts), sum(c.num_tokens for c in ordered)),
+    }
+
+
+async def _stream(ctx, req, base_id, model, prompts, streams):
+    created = int(time.time())
+    completion_tokens = 0
+
+    def chunk(index, text, logprobs, finish_reason=None, stop_reason=None):
+        return sse({"id": base_id, "object": "text_completion", "created": created, "model": model,
+                    "choices": [{"index": index, "text": text, "logprobs": logprobs,
+                                 "finish_reason": finish_reason, "stop_reason": stop_reason}]})
+    try:
+        offsets: dict[int, int] = {}
+        if req.echo:
+            for p, (ids, text) in enumerate(prompts):
+                for s in range(req.n):
+                    echo, logprobs = _echo_part(ctx, req, ids, text, streams[p].first)
+                    offsets[p * req.n + s] = logprobs.offset if logprobs else len(echo)
+                    yield chunk(p * req.n + s, echo, logprobs.as_dict() if logprobs else None)
+        async for p, out in merge(streams):
+            for d in out.deltas:
+                index = p * req.n + d.index
+                completion_tokens += len(d.token_ids)
+                logprobs = None
+                if req.logprobs is not None:
+                    lp = CompletionLogprobs(ctx, offsets.get(index, 0))
+                    for token_id, tlp in zip(d.token_ids, d.logprobs or []):
+                        lp.add(token_id, tlp)
+                    offsets[index] = lp.offset
+                    logprobs = lp.as_dict()
+                if d.text or d.token_ids or d.finish_reason is not None:
+                    yield chunk(index, d.text, logprobs, d.finish_reason, d.stop_reason)
+        if req.include_usage:
+            yield sse({"id": base_id, "object": "text_completion", "created": created, "model": model,
+                       "choices": [], "usage": usage(sum(len(ids) for ids, _ in prompts), completion_tokens)})
+        yield DONE
+    except Exception as exc:  # the engine failed mid-stream: tell the client in-band, then end the stream
+        yield sse(error_from_exception(exc)[1])
+        yield DONE
+    finally:
+        await close_all(streams)

@@ -1,0 +1,113 @@
+"""One error schema for every failure: `{"error": {"message", "type", "param", "code"}}` (OpenAI's shape).
+
+Contract:
+- `error_from_exception(exc)` maps domain exceptions (mtlora.errors) to (HTTP status, body, headers):
+  InvalidRequestError / ContextLengthError / AdapterLoadError / ConfigError / CheckpointError -> 400,
+  AdapterNotFoundError -> 404, EngineOverloadedError -> 429 with Retry-After, EngineDeadError -> 503,
+  anything else -> 500 (a server bug, logged with its traceback).
+- `install_error_handlers(app)` routes FastAPI's request-validation errors (normally 422) to 400 naming the
+  offending field, and HTTP errors (404 unknown route, 405, 401) through the same schema.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from http import HTTPStatus
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mtlora.errors import (
+    AdapterLoadError,
+    AdapterNotFoundError,
+    CheckpointError,
+    ConfigError,
+    ContextLengthError,
+    EngineDeadError,
+    EngineOverloadedError,
+    InvalidRequestError,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An HTTP error raised by the API layer itself (auth, disabled features, ...)."""
+
+    def __init__(self, status: int, message: str, err_type: str, param: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.err_type = err_type
+        self.param = param
+        self.headers = headers or {}
+
+
+def error_body(message: str, err_type: str, status: int, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": err_type, "param": param, "code": status}}
+
+
+def error_from_exception(exc: BaseException) -> tuple[int, dict, dict[str, str]]:
+    """(status, body, headers) for any exception; order matters because of subclassing."""
+    headers: dict[str, str] = {}
+    if isinstance(exc, ApiError):
+        return exc.status, error_body(str(exc), exc.err_type, exc.status, exc.param), exc.headers
+    if isinstance(exc, AdapterNotFoundError):
+        status, err_type, param = 404, "NotFoundError", "model"
+    elif isinstance(exc, ContextLengthError):
+        status, err_type, param = 400, "BadRequestError", exc.param or "max_tokens"
+    elif isinstance(exc, InvalidRequestError):
+        status, err_type, param = 400, "BadRequestError", exc.param
+    elif isinstance(exc, (AdapterLoadError, CheckpointError, ConfigError)):
+        status, err_type = 400, "BadRequestError"
+        param = getattr(exc, "field", None) or getattr(exc, "param", None)
+    elif isinstance(exc, EngineOverloadedError):
+        status, err_type, param = 429, "RateLimitError", None
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+    elif isinstance(exc, EngineDeadError):
+        status, err_type, param = 503, "ServiceUnavailableError", None
+    else:
+        logger.error("internal error while serving a request", exc_info=exc)
+        return 500, error_body("internal server error", "InternalServerError", 500), headers
+    return status, error_body(str(exc), err_type, status, param), headers
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    status, body, headers = error_from_exception(exc)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _param_of(loc: tuple) -> str | None:
+    """`("body", "messages", 0, "content")` -> "messages.0.content"; the body itself -> None."""
+    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    return ".".join(parts) or None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        param = _param_of(tuple(first.get("loc", ())))
+        message = first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":
+            message, param = "request body is not valid JSON", None
+        elif param:
+            message = f"{param}: {message}"
+        return JSONResponse(error_body(message, "BadRequestError", 400, param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        try:
+            err_type = HTTPStatus(exc.status_code).phrase.replace(" ", "") + "Error"
+        except ValueError:
+            err_type = "Error"
+        return JSONResponse(error_body(str(exc.detail), err_type, exc.status_code), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _any(request: Request, exc: Exception):
+        return error_response(exc)

@@ -1,0 +1,92 @@
+"""Prometheus metrics of the API server, on a registry of its own (several apps can live in one process).
+
+Contract: names are prefixed `mtlora:`. Counters and histograms are fed by the request path (`RequestMetrics`);
+gauges (running/waiting requests, KV usage, per-adapter expert routing) are read from `engine.stats()` at scrape
+time by a custom collector, so they are never stale. The base model's label value is its served name.
+
+    mtlora:requests_total{adapter,finish_reason}      one per finished sequence (choice)
+    mtlora:request_errors_total{code}                 error responses by HTTP status
+    mtlora:prompt_tokens_total{adapter}               prompt tokens of accepted requests
+    mtlora:generation_tokens_total{adapter}           generated tokens
+    mtlora:time_to_first_token_seconds{adapter}       histogram: arrival -> first generated token
+    mtlora:inter_token_latency_seconds{adapter}       histogram: gap between successive token outputs
+    mtlora:num_requests_running / _waiting            gauges (engine)
+    mtlora:kv_cache_usage_ratio, mtlora:kv_blocks_used, mtlora:kv_blocks_total
+    mtlora:adapter_expert_routing_weight{adapter,expert}   mean routing weight of each expert
+    mtlora:adapter_routing_entropy_nats{adapter}           mean routing entropy
+    mtlora:adapters_loaded                            served adapters (engine.list_adapters())
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+logger = logging.getLogger(__name__)
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0)
+
+
+class _EngineCollector:
+    """Reads engine.stats() on every scrape."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def describe(self):
+        return []        # no up-front description: names depend on what stats() reports
+
+    def collect(self):
+        try:
+            stats = self.engine.stats()
+        except Exception:  # a broken engine must not break /metrics itself
+            logger.exception("engine.stats() failed")
+            return
+        yield GaugeMetricFamily("mtlora:num_requests_running", "Requests being decoded.", value=stats.num_running)
+        yield GaugeMetricFamily("mtlora:num_requests_waiting", "Requests queued for admission.",
+                                value=stats.num_waiting)
+        yield GaugeMetricFamily("mtlora:kv_cache_usage_ratio", "Fraction of KV blocks in use.", value=stats.kv_usage)
+        yield GaugeMetricFamily("mtlora:kv_blocks_used", "KV cache blocks in use.", value=stats.kv_blocks_used)
+        yield GaugeMetricFamily("mtlora:kv_blocks_total", "KV cache blocks in the pool.", value=stats.kv_blocks_total)
+        weight = GaugeMetricFamily("mtlora:adapter_expert_routing_weight",
+                                   "Mean routing weight of each expert of an adapter.", labels=["adapter", "expert"])
+        for adapter, usage in sorted(stats.expert_usage.items()):
+            for expert, value in enumerate(usage):
+                weight.add_metric([adapter, str(expert)], float(value))
+        yield weight
+        entropy = GaugeMetricFamily("mtlora:adapter_routing_entropy_nats",
+                                    "Mean routing entropy of an adapter (nats).", labels=["adapter"])
+        for adapter, value in sorted(stats.routing_entropy.items()):
+            entropy.add_metric([adapter], float(value))
+        yield entropy
+        try:
+            yield GaugeMetricFamily("mtlora:adapters_loaded", "Adapters served.",
+                                    value=len(self.engine.list_adapters()))
+        except Exception:
+            logger.exception("engine.list_adapters() failed")
+
+
+class Metrics:
+    """All metrics of one app. `render()` returns the Prometheus text exposition."""
+
+    def __init__(self, engine):
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.requests = Counter("mtlora:requests", "Finished sequences by adapter and finish reason.",
+                                ["adapter", "finish_reason"], registry=self.registry)
+        self.errors = Counter("mtlora:request_errors", "Error responses by HTTP status code.", ["code"],
+                              registry=self.registry)
+        self.prompt_tokens = Counter("mtlora:prompt_tokens", "Prompt tokens by adapter.", ["adapter"],
+                                     registry=self.registry)
+        self.generation_tokens = Counter("mtlora:generation_tokens", "Generated tokens by adapter.", ["adapter"],
+                                         registry=self.registry)
+        self.ttft = Histogram("mtlora:time_to_first_token_seconds", "Arrival to first generated token.",
+                              ["adapter"], buckets=TTFT_BUCKETS, registry=self.registry)
+        self.itl = Histogram("mtlora:inter_token_latency_seconds", "Gap between successive token outputs.",
+                             ["adapter"], buckets=ITL_BUCKETS, registry=self.registry)
+        self.registry.register(_EngineCollector(engine))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,211 @@
+"""Pydantic request/response models of the OpenAI-compatible API (the API edge only).
+
+Contract:
+- Request models validate shapes and ranges; anything invalid becomes HTTP 400 naming the field (see `errors`).
+- `to_sampling_params()` converts a request into the engine's internal `SamplingParams` dataclass; nothing past
+  the route handlers sees a pydantic object.
+- Unknown extra fields are ignored (clients such as lm-evaluation-harness send fields we do not use), NaN/Inf
+  floats are rejected.
+Field names and defaults follow OpenAI's API and vLLM's server.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from mtlora.errors import InvalidRequestError
+from mtlora_server.engine.types import SamplingParams
+
+# Bounds that keep one request from exhausting the server; values beyond them are a 400, not an OOM.
+MAX_N = 16
+MAX_STOP = 16
+MAX_LOGPROBS = 20
+INT64_MAX = 2**63 - 1
+
+
+def random_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+class ApiModel(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class StreamOptions(ApiModel):
+    include_usage: bool = False
+
+
+def _stop_list(stop: str | list[str] | None) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOP:
+        raise InvalidRequestError(f"at most {MAX_STOP} stop strings are allowed", param="stop")
+    if any(s == "" for s in stops):
+        raise InvalidRequestError("stop strings must not be empty", param="stop")
+    return stops
+
+
+class _SamplingFields(ApiModel):
+    """Sampling fields shared by completions and chat completions."""
+
+    model: str | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    temperature: float | None = Field(None, ge=0.0, le=100.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1, le=1_000_000)
+    min_tokens: int = Field(0, ge=0)
+    seed: int | None = Field(None, ge=-(2**63), le=INT64_MAX)
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP)
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    def _sampling(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequestError("stream_options is only allowed when stream is true", param="stream_options")
+        return SamplingParams(
+            n=self.n,
+            max_tokens=max_tokens,
+            min_tokens=min(self.min_tokens, max_tokens),
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=0 if self.top_k is None else self.top_k,
+            seed=self.seed,
+            stop=_stop_list(self.stop),
+            stop_token_ids=list(self.stop_token_ids or []),
+            ignore_eos=self.ignore_eos,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            skip_special_tokens=self.skip_special_tokens,
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+# -- completions ------------------------------------------------------------------------------------------------
+PromptType = Union[str, list[str], list[int], list[list[int]]]
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: PromptType
+    max_tokens: int | None = Field(16, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty(cls, prompt):
+        if isinstance(prompt, list) and not prompt:
+            raise ValueError("prompt must not be an empty list")
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], list) and any(not p for p in prompt):
+            raise ValueError("token-id prompts must not be empty")
+        return prompt
+
+    def to_sampling_params(self, max_tokens: int) -> SamplingParams:
+        """Internal sampling parameters; semantic errors raise InvalidRequestError naming the field."""
+        if self.suffix:
+            raise InvalidRequestError("suffix is not supported", param="suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise InvalidRequestError("best_of is not supported (use n)", param="best_of")
+        if max_tokens == 0 and not self.echo:
+            raise InvalidRequestError("max_tokens may be 0 only with echo=true", param="max_tokens")
+        prompt_logprobs = self.logprobs if (self.echo and self.logprobs is not None) else None
+        return self._sampling(max_tokens, self.logprobs, prompt_logprobs)
+
+
+# -- chat completions -------------------------------------------------------------------------------------------
+class ContentPart(ApiModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(ApiModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def rendered(self) -> dict[str, Any]:
+        """The message as the chat template expects it: role + plain-text content."""
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": content or ""}
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    add_generation_prompt: bool = True
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def to_sampling_params(self, max_tokens: int) -> SamplingParams:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequestError("top_logprobs requires logprobs=true", param="top_logprobs")
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self._sampling(max_tokens, logprobs, None)
+
+
+# -- tokenizer endpoints (vLLM's shapes) --------------------------------------------------------------------------
+class TokenizeRequest(ApiModel):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(ApiModel):
+    model: str | None = None
+    tokens: list[int]
+
+
+# -- adapter management (vLLM's names) ---------------------------------------------------------------------------
+class LoadLoraAdapterRequest(ApiModel):
+    lora_name: str = Field(min_length=1, max_length=256)
+    lora_path: str = Field(min_length=1, max_length=4096)
+
+
+class UnloadLoraAdapterRequest(ApiModel):
+    lora_name: str = Field(min_length=1, max_length=256)
+
+
+# -- responses ----------------------------------------------------------------------------------------------------
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: str = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "mtlora"
+    root: str
+    parent: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    data: list[ModelCard]

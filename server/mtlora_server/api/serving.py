@@ -1,0 +1,161 @@
+"""What completions and chat share: model -> adapter resolution, prompt checks, SSE framing, logprob rendering.
+
+Contract:
+- `ServingContext.resolve_model(name)` maps the request's `model` to an adapter name (None for the base model)
+  or raises AdapterNotFoundError (404).
+- `check_prompt(ids, max_tokens)` raises InvalidRequestError for token ids outside the vocabulary and
+  ContextLengthError when prompt + max_tokens exceed the context; `default_max_tokens` fills in an absent value.
+- `sse(obj)` frames one server-sent event; streams end with `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+from mtlora.errors import AdapterNotFoundError, ContextLengthError, InvalidRequestError
+from mtlora_server.api.metrics import Metrics
+from mtlora_server.engine.types import TokenLogprob
+
+DONE = "data: [DONE]\n\n"
+
+
+def sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+@dataclass
+class ServerArgs:
+    """API-layer settings (the CLI fills them; tests build them directly)."""
+
+    served_model_name: str | None = None
+    api_key: str | None = None
+    enable_adapter_loading: bool = False
+    adapter_root: str | None = None
+
+
+@dataclass
+class ServingContext:
+    engine: object
+    args: ServerArgs
+    metrics: Metrics
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def served_name(self) -> str:
+        return self.args.served_model_name or self.engine.base_model_name
+
+    def base_names(self) -> set[str]:
+        return {self.served_name, self.engine.base_model_name}
+
+    def adapter_names(self) -> set[str]:
+        return {a.name for a in self.engine.list_adapters()}
+
+    def resolve_model(self, name: str | None) -> str | None:
+        """Adapter to use (None: the base) for the request's `model` field."""
+        if name is None or name in self.base_names():
+            return None
+        if name in self.adapter_names():
+            return name
+        raise AdapterNotFoundError(name)
+
+    def label(self, adapter: str | None) -> str:
+        return adapter or self.served_name
+
+    @property
+    def vocab_size(self) -> int:
+        size = getattr(self.engine, "vocab_size", None)
+        if size is None:
+            size = len(self.engine.tokenizer)
+        return int(size)
+
+    def encode(self, text: str, add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
+        try:
+            return list(self.engine.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        except Exception as exc:  # e.g. lone surrogates the tokenizer cannot encode
+            raise InvalidRequestError(f"{param} cannot be tokenized: {exc}", param=param) from None
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.engine.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        vocab = self.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param=param)
+
+    def check_prompt(self, ids: list[int], max_tokens: int, param: str = "prompt") -> None:
+        if not ids:
+            raise InvalidRequestError("the prompt is empty", param=param)
+        self.check_token_ids(ids, param)
+        limit = self.engine.max_model_len
+        if len(ids) + max_tokens > limit:
+            raise ContextLengthError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{len(ids) + max_tokens} tokens ({len(ids)} in the prompt, {max_tokens} for the completion). "
+                "Please reduce the prompt or max_tokens.",
+                param="max_tokens" if len(ids) < limit else param,
+            )
+
+    def default_max_tokens(self, ids: list[int], param: str = "messages") -> int:
+        room = self.engine.max_model_len - len(ids)
+        if room < 1:
+            raise ContextLengthError(
+                f"This model's maximum context length is {self.engine.max_model_len} tokens; the prompt alone has "
+                f"{len(ids)}.", param=param)
+        return room
+
+    def token_str(self, token_id: int) -> str:
+        return self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+class CompletionLogprobs:
+    """OpenAI's legacy logprobs object; text_offset counts characters from the start of the returned text."""
+
+    def __init__(self, ctx: ServingContext, offset: int = 0):
+        self.ctx = ctx
+        self.offset = offset
+        self.tokens: list[str] = []
+        self.token_logprobs: list[float | None] = []
+        self.top_logprobs: list[dict[str, float] | None] = []
+        self.text_offset: list[int] = []
+
+    def add(self, token_id: int, lp: TokenLogprob | None) -> None:
+        text = self.ctx.token_str(token_id)
+        self.tokens.append(text)
+        self.text_offset.append(self.offset)
+        self.offset += len(text)
+        if lp is None:                      # the first prompt token has no logprob
+            self.token_logprobs.append(None)
+            self.top_logprobs.append(None)
+            return
+        self.token_logprobs.append(lp.logprob)
+        top: dict[str, float] = {}
+        for tid, value in lp.top:
+            top.setdefault(self.ctx.token_str(tid), value)
+        top.setdefault(text, lp.logprob)     # like OpenAI/vLLM: the sampled token is always present
+        self.top_logprobs.append(top)
+
+    def as_dict(self) -> dict:
+        return {"tokens": self.tokens, "token_logprobs": self.token_logprobs,
+                "top_logprobs": self.top_logprobs, "text_offset": self.text_offset}
+
+
+def chat_logprob_entries(ctx: ServingContext, logprobs: list[TokenLogprob], top_n: int) -> list[dict]:
+    """OpenAI's chat logprobs `content` entries."""
+    def entry(token_id: int, value: float) -> dict:
+        text = ctx.token_str(token_id)
+        return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8", errors="replace"))}
+
+    out = []
+    for lp in logprobs:
+        item = entry(lp.token_id, lp.logprob)
+        item["top_logprobs"] = [entry(tid, v) for tid, v in lp.top[:top_n]]
+        out.append(item)
+    return out

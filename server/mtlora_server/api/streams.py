@@ -1,0 +1,170 @@
+"""Running engine requests from a route: start, observe, merge, cancel.
+
+Contract:
+- `open_streams(engine, requests, ...)` starts every request and waits for each one's first `RequestOutput`, so
+  bad input (unknown adapter, context too long, queue full) surfaces as an exception *before* any response byte is
+  sent; on such an error the already-started requests are closed (aborted) again.
+- An `EngineStream` yields the request's outputs, feeds the metrics (TTFT, inter-token latency, token and finish
+  counters) and, on `close()`, closes the engine iterator and aborts the request unless it finished. `close()` is
+  shielded from cancellation so a client disconnect still frees the request's KV memory.
+- `merge(streams)` interleaves several streams as `(stream index, output)` in arrival order.
+- `run_until_disconnect(request, coro)` runs a non-streaming handler body and cancels it when the client goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from typing import AsyncIterator
+
+import anyio
+from starlette.requests import Request
+
+from mtlora_server.api.metrics import Metrics
+from mtlora_server.engine.types import GenerationRequest, RequestOutput
+
+logger = logging.getLogger(__name__)
+
+
+class ClientDisconnected(Exception):
+    """The HTTP client went away before the response was ready."""
+
+
+class EngineStream:
+    """One engine request in flight; iterate it once."""
+
+    def __init__(self, engine, request: GenerationRequest, metrics: Metrics, adapter_label: str):
+        self.engine = engine
+        self.request = request
+        self.metrics = metrics
+        self.label = adapter_label
+        self.first: RequestOutput | None = None
+        self.finished = False
+        self._gen = None
+        self._last_token_time: float | None = None
+
+    async def start(self) -> RequestOutput:
+        gen = self.engine.generate(self.request)
+        if inspect.isawaitable(gen):        # an engine may implement generate as a coroutine returning the iterator
+            gen = await gen
+        self._gen = gen
+        self.first = await gen.__anext__()
+        self.metrics.prompt_tokens.labels(self.label).inc(len(self.request.prompt_token_ids))
+        self._observe(self.first)
+        return self.first
+
+    def _observe(self, out: RequestOutput) -> None:
+        now = time.monotonic()
+        new_tokens = sum(len(d.token_ids) for d in out.deltas)
+        if new_tokens:
+            if self._last_token_time is None:
+                self.metrics.ttft.labels(self.label).observe(max(0.0, now - self.request.arrival_time))
+            else:
+                self.metrics.itl.labels(self.label).observe(now - self._last_token_time)
+            self._last_token_time = now
+            self.metrics.generation_tokens.labels(self.label).inc(new_tokens)
+        for delta in out.deltas:
+            if delta.finish_reason is not None:
+                self.metrics.requests.labels(self.label, delta.finish_reason).inc()
+        if out.finished:
+            self.finished = True
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        assert self.first is not None, "start() first"
+        yield self.first
+        if self.first.finished:
+            return
+        async for out in self._gen:
+            self._observe(out)
+            yield out
+            if out.finished:
+                return
+
+    async def close(self) -> None:
+        """Close the engine iterator; abort the request if it did not finish (client disconnect, error)."""
+        with anyio.CancelScope(shield=True):
+            if self._gen is not None and hasattr(self._gen, "aclose"):
+                try:
+                    await self._gen.aclose()
+                except Exception:
+                    logger.exception("closing engine stream %s failed", self.request.request_id)
+            if not self.finished:
+                try:
+                    await self.engine.abort(self.request.request_id)
+                except Exception:
+                    logger.exception("aborting request %s failed", self.request.request_id)
+
+
+async def open_streams(engine, requests: list[GenerationRequest], metrics: Metrics,
+                       adapter_label: str) -> list[EngineStream]:
+    streams: list[EngineStream] = []
+    try:
+        for req in requests:
+            stream = EngineStream(engine, req, metrics, adapter_label)
+            streams.append(stream)
+            await stream.start()
+    except BaseException:
+        await close_all(streams)
+        raise
+    return streams
+
+
+async def close_all(streams: list[EngineStream]) -> None:
+    for stream in streams:
+        await stream.close()
+
+
+async def merge(streams: list[EngineStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave streams in arrival order. One stream is iterated directly (the common case)."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    iters = [s.__aiter__() for s in streams]
+    pending = {asyncio.ensure_future(it.__anext__()): i for i, it in enumerate(iters)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for fut in done:
+                i = pending.pop(fut)
+                try:
+                    out = fut.result()
+                except StopAsyncIteration:
+                    continue
+                pending[asyncio.ensure_future(iters[i].__anext__())] = i
+                yield i, out
+    finally:
+        with anyio.CancelScope(shield=True):
+            for fut in pending:
+                fut.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            for it in iters:
+                await it.aclose()
+
+
+async def run_until_disconnect(request: Request, coro):
+    """Await `coro`; if the client disconnects first, cancel it (its finally blocks abort the engine requests)."""
+    task = asyncio.ensure_future(coro)
+
+    async def wait_disconnect():
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(wait_disconnect())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    raise ClientDisconnected()

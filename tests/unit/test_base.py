@@ -304,3 +304,11 @@ def test_install_atomically_replaces_stale_entry(tmp_path):
     out = base.install_atomically(tmp_path, "org/m", lambda d: make_tiny_model_dir(d))
     assert out == stale and not (out / "old").exists() and (out / "config.json").is_file()
     assert sorted(p.name for p in (tmp_path / "org").iterdir()) == ["m"]
+
+
+def test_cli_prints_path_fingerprint_and_hash(tiny_model_dir, capsys):
+    assert base.main([str(tiny_model_dir), "--verify", "--log-level", "ERROR"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == [str(tiny_model_dir.resolve()), f"fingerprint {config_fingerprint(tiny_model_dir)}",
+                   f"weights_sha256 {weights_sha256(tiny_model_dir)}"]
+    assert base.main(["./no/such/model", "--log-level", "ERROR"]) == 1

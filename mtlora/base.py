@@ -323,7 +323,8 @@ def _route_hub(model_id: str, timeout: float = HUB_PROBE_TIMEOUT_S) -> Path:
         path = snapshot_download(model_id, allow_patterns=HUB_ALLOW_PATTERNS, local_files_only=offline,
                                  cache_dir=os.environ.get("HF_HUB_CACHE"), etag_timeout=timeout)
     except Exception as exc:  # offline miss, 401/404, HTTP errors: all mean "this route failed"
-        why = "HF_HUB_OFFLINE is set and the model is not in the Hugging Face cache" if offline else str(exc)
+        missing = offline and type(exc).__name__ == "LocalEntryNotFoundError"
+        why = "HF_HUB_OFFLINE is set and the model is not in the Hugging Face cache" if missing else str(exc)
         raise RouteFailed(f"{type(exc).__name__}: {why}".strip()) from None
     try:
         return validate_model_dir(path)

@@ -312,3 +312,13 @@ def test_cli_prints_path_fingerprint_and_hash(tiny_model_dir, capsys):
     assert out == [str(tiny_model_dir.resolve()), f"fingerprint {config_fingerprint(tiny_model_dir)}",
                    f"weights_sha256 {weights_sha256(tiny_model_dir)}"]
     assert base.main(["./no/such/model", "--log-level", "ERROR"]) == 1
+
+
+def test_hub_route_offline_uses_the_hugging_face_cache(offline_env):
+    """HF_HUB_OFFLINE=1: a snapshot already in the HF cache resolves without any network (route b)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = offline_env / "hf-cache" / "models--someorg--tiny"
+    snapshot = make_tiny_model_dir(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    assert resolve_model("someorg/tiny") == snapshot.resolve()

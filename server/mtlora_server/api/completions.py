@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import time
 
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from starlette.requests import Request
 
 from mtlora_server.api.errors import error_from_exception
 from mtlora_server.api.protocol import CompletionRequest, random_id
 from mtlora_server.api.serving import DONE, CompletionLogprobs, ServingContext, sse, usage
-from mtlora_server.api.streams import close_all, merge, open_streams, run_until_disconnect
+from mtlora_server.api.streams import (
+    CancellingStreamingResponse,
+    close_all,
+    merge,
+    open_streams,
+    run_until_disconnect,
+)
 from mtlora_server.engine.types import GenerationRequest
 
 
@@ -58,7 +64,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, http_re
     streams = await open_streams(ctx.engine, requests, ctx.metrics, ctx.label(adapter))
     model = req.model or ctx.served_name
     if req.stream:
-        return StreamingResponse(_stream(ctx, req, base_id, model, prompts, streams),
+        return CancellingStreamingResponse(_stream(ctx, req, base_id, model, prompts, streams),
                                  media_type="text/event-stream")
     return JSONResponse(await run_until_disconnect(http_request, _collect(ctx, req, base_id, model, prompts,
                                                                           streams)))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
@@ -80,9 +81,14 @@ def error_response(exc: BaseException) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+# pydantic names the member of a union that failed ("str", "list[int]", "function-after[...]"): not a field.
+_UNION_TAG = re.compile(r"^(str|int|float|bool|none|.*\[.*\])$")
+
+
 def _param_of(loc: tuple) -> str | None:
     """`("body", "messages", 0, "content")` -> "messages.0.content"; the body itself -> None."""
     parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    parts = [p for p in parts if not _UNION_TAG.match(p)]
     return ".".join(parts) or None
 
 

@@ -1,0 +1,89 @@
+"""Helpers for the serving integration tests: random adapters for a model dir, free ports, a served subprocess.
+
+Contract: `write_adapter(dir, model_dir, **config)` writes a valid, non-trivial (all B non-zero) adapter for the
+model in `model_dir`; `serve_process(args)` starts `mtlora-serve` on 127.0.0.1 and a free port, waits for
+/health and yields the base URL, and always stops the process (and reports its log on failure).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from mtlora import inject
+from mtlora.checkpoint import save_adapter
+from mtlora.config import AdapterConfig
+
+MTLORA_CFG = dict(method="mtlora", rank=4, num_experts=3, placement="both", routing_group_size=32)
+
+
+def write_adapter(path: Path, model_dir: Path, seed: int = 0, **config) -> Path:
+    from transformers import LlamaConfig
+
+    model_config = LlamaConfig.from_pretrained(model_dir)
+    cfg = AdapterConfig(**(config or MTLORA_CFG))
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {name: 0.2 * torch.randn(shape, generator=gen)
+               for name, shape in inject.expected_shapes(model_config, cfg).items()}
+    return save_adapter(path, cfg, tensors)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_command() -> list[str]:
+    script = Path(sys.executable).with_name("mtlora-serve")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "mtlora_server.cli"]
+
+
+@contextlib.contextmanager
+def serve_process(args: list[str], startup_timeout: float = 120.0, env: dict | None = None):
+    """Run mtlora-serve with `args` (plus --host/--port); yield the base URL once /health answers."""
+    port = free_port()
+    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+    cmd = serve_command() + args + ["--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mtlora-serve exited with {proc.returncode}:\n{Path(log.name).read_text()}")
+            try:
+                if httpx.get(url + "/health", timeout=1.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mtlora-serve did not come up:\n{Path(log.name).read_text()}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        os.unlink(log.name)
+
+
+def read_log_of(cmd_args: list[str], timeout: float = 120.0) -> subprocess.CompletedProcess:
+    """Run mtlora-serve expecting it to exit (e.g. refusing bad input); returns the completed process."""
+    return subprocess.run(serve_command() + cmd_args + ["--port", str(free_port())], capture_output=True,
+                          text=True, timeout=timeout)

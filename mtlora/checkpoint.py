@@ -124,8 +124,8 @@ def load_adapter(path: str | Path, model_config=None, dtype: torch.dtype | None 
 
     if official.is_official_config(data):
         logger.info("%s is an official mtLoRA checkpoint; converting", path)
-        config, tensors = official.convert_official(path, data, model_config=model_config)
         weights_file = official.weights_file(path)
+        config, tensors = official.convert_official(path, data, model_config=model_config, file=weights_file)
     else:
         config = AdapterConfig.from_dict(data, path=str(cfg_file))
         weights_file = path / WEIGHTS_NAME

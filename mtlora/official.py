@@ -184,10 +184,13 @@ def _num_layers(state: dict[str, torch.Tensor], model_config, source: str) -> in
     return max(found) + 1
 
 
-def convert_official(path: Path, data: dict, model_config=None) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
-    """Official checkpoint directory -> (native AdapterConfig, native tensors). Validated by the caller too."""
+def convert_official(path: Path, data: dict, model_config=None,
+                     file: Path | None = None) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """Official checkpoint directory -> (native AdapterConfig, native tensors). Validated by the caller too.
+
+    `data` is the parsed adapter_config.json; `file` the weights file (default: `weights_file(path)`)."""
     config, block_mode = config_from_official(data, str(path / "adapter_config.json"))
-    file = weights_file(path)
+    file = file or weights_file(path)
     state = read_official_weights(file)
     layout = {(layer, site): official_keys(config, block_mode, layer, site)
               for layer in range(_num_layers(state, model_config, str(file))) for site in config.sites()}

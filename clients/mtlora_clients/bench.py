@@ -1,0 +1,207 @@
+"""`mtlora-bench`: load generators. `http` drives a running OpenAI-compatible server; `engine` (lazy) runs
+`mtlora_server.bench_engine:main` in-process when the server package provides it.
+
+`mtlora-bench http` contract: N `/v1/completions` requests (models taken round-robin from --model), at most C in
+flight, a synthetic prompt of about L words, M new tokens each (`ignore_eos` asked for, so servers that honour it
+generate exactly M). Reports JSON: req/s, output tokens/s, latency p50/p90/p99 and, with --stream, time to first
+token and inter-token latency; failed requests are counted (never retried: retries would hide overload).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear-interpolated percentile (q in [0, 100]) of unsorted values; None for no values."""
+    if not values:
+        return None
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def summary(values: list[float]) -> dict[str, float | None]:
+    return {"mean": sum(values) / len(values) if values else None,
+            **{f"p{q}": percentile(values, q) for q in (50, 90, 99)}}
+
+
+@dataclass
+class Sample:
+    """One request's measurements (seconds)."""
+
+    model: str
+    ok: bool
+    latency: float = 0.0
+    ttft: float | None = None
+    itl: list[float] = field(default_factory=list)  # gaps between streamed chunks carrying text
+    output_tokens: int = 0
+    error: str | None = None
+
+
+def make_prompt(words: int, i: int) -> str:
+    """About `words` tokens of varied text; the request number leads so prefix caches cannot share it whole."""
+    vocab = "the model serves many adapters in one batch while the router picks experts per token".split()
+    return f"{i} " + " ".join(vocab[(i + k) % len(vocab)] for k in range(max(0, words - 1)))
+
+
+def _payload(args, model: str, i: int) -> dict[str, Any]:
+    p = {"model": model, "prompt": make_prompt(args.prompt_len, i), "max_tokens": args.max_tokens,
+         "temperature": 0.0, "ignore_eos": True}
+    if args.stream:
+        p.update(stream=True, stream_options={"include_usage": True})
+    return p
+
+
+async def _one_plain(http: httpx.AsyncClient, payload: dict, s: Sample, t0: float) -> None:
+    resp = await http.post("/v1/completions", json=payload)
+    s.latency = time.perf_counter() - t0
+    if resp.status_code != 200:
+        raise RuntimeError(f"HTTP {resp.status_code}: {resp.text[:200]}")
+    body = resp.json()
+    usage = body.get("usage") or {}
+    s.output_tokens = int(usage.get("completion_tokens", 0))
+    if not isinstance(body.get("choices"), list):
+        raise RuntimeError(f"malformed reply: {str(body)[:200]}")
+
+
+async def _one_stream(http: httpx.AsyncClient, payload: dict, s: Sample, t0: float) -> None:
+    chunks, last = 0, None
+    async with http.stream("POST", "/v1/completions", json=payload) as resp:
+        if resp.status_code != 200:
+            raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}")
+        async for line in resp.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            event = json.loads(data)
+            if event.get("usage"):
+                s.output_tokens = int(event["usage"].get("completion_tokens", 0))
+            if any(c.get("text") for c in event.get("choices") or []):
+                now = time.perf_counter()
+                if last is None:
+                    s.ttft = now - t0
+                else:
+                    s.itl.append(now - last)
+                last, chunks = now, chunks + 1
+    s.latency = time.perf_counter() - t0
+    s.output_tokens = s.output_tokens or chunks  # without usage, one chunk per token is the best guess
+
+
+async def run_http(args, transport: httpx.AsyncBaseTransport | None = None) -> dict[str, Any]:
+    """Send the requests and return the JSON report."""
+    models = [m for m in args.model.split(",") if m]
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    queue: asyncio.Queue = asyncio.Queue()
+    for i in range(args.requests):
+        queue.put_nowait(i)
+    samples: list[Sample] = []
+    bar = tqdm(total=args.requests, desc="bench", unit="req", disable=args.quiet)
+
+    async def worker(http):
+        while not queue.empty():
+            i = queue.get_nowait()
+            model = models[i % len(models)]
+            s, t0 = Sample(model, ok=True), time.perf_counter()
+            try:
+                await (_one_stream if args.stream else _one_plain)(http, _payload(args, model, i), s, t0)
+            except (httpx.HTTPError, RuntimeError, ValueError) as e:
+                s.ok, s.error, s.latency = False, f"{type(e).__name__}: {e}", time.perf_counter() - t0
+            samples.append(s)
+            bar.update(1)
+
+    t_start = time.perf_counter()
+    async with httpx.AsyncClient(base_url=args.base_url.rstrip("/"), headers=headers, timeout=args.timeout,
+                                 transport=transport, limits=httpx.Limits(max_connections=None)) as http:
+        await asyncio.gather(*(worker(http) for _ in range(max(1, args.concurrency))))
+    bar.close()
+    return _report(args, models, samples, time.perf_counter() - t_start)
+
+
+def _report(args, models: list[str], samples: list[Sample], wall: float) -> dict[str, Any]:
+    ok = [s for s in samples if s.ok]
+    tokens = sum(s.output_tokens for s in ok)
+    out = {"base_url": args.base_url, "models": models, "requests": args.requests, "concurrency": args.concurrency,
+           "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "stream": args.stream,
+           "completed": len(ok), "errors": len(samples) - len(ok), "wall_s": wall,
+           "requests_per_s": len(ok) / wall if wall > 0 else None,
+           "output_tokens": tokens, "output_tokens_per_s": tokens / wall if wall > 0 else None,
+           "latency_s": summary([s.latency for s in ok]),
+           "per_model": {m: {"completed": sum(1 for s in ok if s.model == m),
+                             "errors": sum(1 for s in samples if not s.ok and s.model == m)} for m in models},
+           "error_examples": sorted({s.error for s in samples if s.error})[:10]}
+    if args.stream:
+        out["ttft_s"] = summary([s.ttft for s in ok if s.ttft is not None])
+        out["itl_s"] = summary([g for s in ok for g in s.itl])
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mtlora-bench", description="Load generators for mtlora-serve.")
+    sub = p.add_subparsers(dest="command", required=True)
+    h = sub.add_parser("http", help="drive a running OpenAI-compatible server over HTTP")
+    h.add_argument("--base-url", required=True, help="server root, e.g. http://127.0.0.1:8000")
+    h.add_argument("--model", required=True, help="model/adapter names, comma-separated; used round-robin")
+    h.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY'")
+    h.add_argument("--requests", type=int, default=100, help="total requests to send")
+    h.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
+    h.add_argument("--prompt-len", type=int, default=128, help="prompt length in words (about tokens)")
+    h.add_argument("--max-tokens", type=int, default=64, help="new tokens per request")
+    h.add_argument("--stream", action="store_true", help="stream (SSE) to measure TTFT and inter-token latency")
+    h.add_argument("--timeout", type=float, default=300.0, help="seconds per request before it counts as an error")
+    h.add_argument("--output", default=None, help="also write the JSON report to this file")
+    h.add_argument("--quiet", action="store_true", help="no progress bar")
+    sub.add_parser("engine", help="in-process engine benchmark (mtlora_server.bench_engine); its own flags follow",
+                   add_help=False)
+    return p
+
+
+def run_engine(argv: list[str]) -> int:
+    """Lazy: the engine bench needs torch and the server package, which `http` must not import."""
+    try:
+        from mtlora_server.bench_engine import main as engine_main
+    except ImportError as e:
+        print(f"mtlora-bench engine: cannot import mtlora_server.bench_engine:main ({e}). Install the server "
+              "package with its engine (pip install -e '.[serve]') or use `mtlora-bench http`.", file=sys.stderr)
+        return 2
+    return int(engine_main(argv) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["engine"]:
+        return run_engine(argv[1:])
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    if args.requests < 1 or args.concurrency < 1 or args.max_tokens < 1 or args.prompt_len < 1:
+        print("mtlora-bench http: --requests, --concurrency, --max-tokens and --prompt-len must be >= 1",
+              file=sys.stderr)
+        return 2
+    result = asyncio.run(run_http(args))
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    return 1 if result["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -135,11 +135,10 @@ class Scheduler:
         """Make `seq` hold blocks for `total_tokens`, preempting newer sequences if needed."""
         need = self.pool.blocks_for(total_tokens) - len(seq.blocks)
         while need > self.pool.num_free:
-            victim = next((s for s in reversed(self.running) if s is not seq), None)
-            if victim is None:
-                self._preempt(seq, chunks, budget)      # cannot happen when one sequence fits the pool
-                return False
+            victim = self.running[-1]                   # newest first; may be `seq` itself
             self._preempt(victim, chunks, budget)
+            if victim is seq:
+                return False
         if need > 0:
             seq.blocks.extend(self.pool.allocate(need))
         return True

@@ -254,3 +254,27 @@ def api_client(engine, **server_args):
 
     app = build_app(engine, ServerArgs(**server_args))
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+async def disconnect_after_first_body(app, path: str, body: dict, timeout: float = 30.0):
+    """Drive the ASGI app directly: send the request, disconnect once the first body chunk arrives."""
+    got_body = asyncio.Event()
+    sent = False
+
+    async def receive():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
+        await got_body.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if message["type"] == "http.response.body" and message.get("body"):
+            got_body.set()
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
+             "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 1), "server": ("test", 80)}
+    await asyncio.wait_for(app(scope, receive, send), timeout=timeout)

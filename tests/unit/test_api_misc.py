@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from fakes import FakeEngine, api_client
+from fakes import FakeEngine, api_client, disconnect_after_first_body
 from mtlora_server.api import ServerArgs, build_app
 
 
@@ -105,34 +105,10 @@ async def test_metrics_count_requests_tokens_and_routing():
     assert "mtlora:num_requests_running" in lines and "mtlora:num_requests_waiting" in lines
 
 
-async def _disconnect_after_first_body(app, body: dict):
-    """Drive the ASGI app directly: send the request, disconnect once the first body chunk arrives."""
-    got_body = asyncio.Event()
-    sent = False
-
-    async def receive():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
-        await got_body.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message):
-        if message["type"] == "http.response.body" and message.get("body"):
-            got_body.set()
-
-    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
-             "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
-             "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
-             "client": ("127.0.0.1", 1), "server": ("test", 80)}
-    await asyncio.wait_for(app(scope, receive, send), timeout=10)
-
-
 async def test_stream_disconnect_aborts_and_frees_kv():
     engine = FakeEngine(token_delay=0.01)
     app = build_app(engine, ServerArgs())
-    await _disconnect_after_first_body(app, {"prompt": "a", "max_tokens": 100, "stream": True})
+    await disconnect_after_first_body(app, "/v1/completions", {"prompt": "a", "max_tokens": 100, "stream": True})
     assert engine.active == {} and engine.stats().kv_blocks_used == 0
     assert engine.generation_tokens < 100                      # it stopped early, not at max_tokens
 

@@ -136,7 +136,7 @@ def test_load_and_clear_never_reallocate(loaded):
     assert {k: [t.data_ptr() for t in slots._sites[k].tensors()] for k in ptrs} == ptrs
     A, B, R, mask, groups, _ = slots.buffers(0, "mlp")
     # The smaller adapter left no trace of the previous one in the padding.
-    assert torch.all(A[0, 3:] == 0) and torch.all(B[0, 3:] == 0) and torch.all(B[0, :, :, 3:] == 0)
+    assert torch.all(A[0, 3:] == 0) and torch.all(B[0, 3:] == 0) and torch.all(B[0, :, 3:] == 0)
     assert mask[0].tolist() == [True] * 3 + [False] * 5 and int(groups[0]) == 1
     assert torch.all(R[0, 1:] == 0)
     x, idx = torch.randn(5, 48), torch.zeros(5, dtype=torch.long)

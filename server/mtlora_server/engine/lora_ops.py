@@ -10,8 +10,9 @@ Contract:
       h = A z, w = softmax_N(R z) per group (fp32, padded experts masked to -inf),
       delta_k = s * sum_i w[group(k), i] * (B_i h)[k],  group(k) = k // (d_out // g_slot), s = alpha / r.
 - Stacked layout for one site with S slots (the functions below take exactly these tensors):
-      A [S, r_max, d_in], B [S, N_max, d_out, r_max], R [S, g_max, N_max, d_in] (router rows group-major, as the
-      native [g*N, d_in] router), expert_mask [S, N_max] bool, groups [S] long (>= 1), scaling [S] float.
+      A [S, r_max, d_in], B [S, N_max, r_max, d_out] (native B_i [d_out, r] transposed once at load, so the
+      expand is a plain matmul), R [S, g_max, N_max, d_in] (router rows group-major, as the native [g*N, d_in]
+      router), expert_mask [S, N_max] bool, groups [S] long (>= 1), scaling [S] float.
 - `molora_reference` is a per-token Python loop (obviously correct, slow); `molora_torch` is the batched CPU path;
   the Triton kernel (`triton_molora.py`) is used when x is on CUDA and triton imports. All three agree.
 - `RoutingStats` accumulates, per slot, the sum of per-token routing weight per expert (averaged over the slot's
@@ -36,7 +37,7 @@ SITES = ("self_attn", "mlp", "self_attn.q_proj", "self_attn.k_proj", "self_attn.
          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 # Upper bound (elements) on the largest per-chunk intermediate of the torch path (gathered B: ~128 MiB in fp32).
 _CHUNK_ELEMS = 1 << 25
-_MAX_TILE = 64
+_MAX_TILE = 256
 
 
 # -- routing statistics ------------------------------------------------------------------------------------------
@@ -100,7 +101,7 @@ class RoutingStats:
 # -- the math: reference (per token) and batched torch ------------------------------------------------------------
 def molora_reference(x, slot_idx, A, B, R, expert_mask, groups, scaling) -> torch.Tensor:
     """Per-token loop, straight from the formula. x: [T, d_in], slot_idx: [T] -> delta [T, d_out] in x.dtype."""
-    T, d_out = x.shape[0], B.shape[2]
+    T, d_out = x.shape[0], B.shape[3]
     out = torch.zeros(T, d_out, dtype=x.dtype, device=x.device)
     for t in range(T):
         s = int(slot_idx[t])
@@ -108,7 +109,7 @@ def molora_reference(x, slot_idx, A, B, R, expert_mask, groups, scaling) -> torc
             continue
         z = x[t].to(A.dtype)                                                        # [d_in]
         h = A[s] @ z                                                                # [r]
-        y = torch.einsum("nor,r->no", B[s], h)                                      # [N, d_out]
+        y = torch.einsum("nro,r->no", B[s], h)                                      # [N, d_out]
         g = int(groups[s])
         logits = (R[s, :g] @ z).float()                                             # [g, N]
         logits = logits.masked_fill(~expert_mask[s], float("-inf"))
@@ -146,23 +147,29 @@ def segment_tiles(slot_idx: torch.Tensor, pad_row: int, min_tile: int = 1,
     return tile_slot, tile_rows, tile
 
 
-def molora_torch(x, slot_idx, A, B, R, expert_mask, groups, scaling, stats: RoutingStats | None = None):
+def molora_torch(x, slot_idx, A, B, R, expert_mask, groups, scaling, stats: RoutingStats | None = None,
+                 dims: tuple[int, int, int] | None = None) -> torch.Tensor:
     """Batched torch path (CPU). Same arguments and result as `molora_reference`.
 
-    Segment by slot: tokens are sorted by slot and cut into fixed-size tiles that each belong to one slot; every
-    step is then one `bmm` over all tiles with that tile's slot weights gathered (`A[tile_slot]`, ...). There is no
-    Python loop over tokens, requests or slots; the only loop is over chunks of tiles, so the gathered B
-    ([tiles, N*r, d_out]) never exceeds ~_CHUNK_ELEMS elements (a 2048-token prefill stays within memory).
-    Router weights are folded into h per group (u = w_j * h, [N*r]) so the weighted expand is one matmul per tile.
+    Segment by slot: tokens are sorted by slot and cut into tiles that each belong to one slot; every step is then
+    one `bmm` over all tiles with each tile's slot weights gathered (`A[tile_slot]`, ...). There is no Python loop
+    over tokens, requests or slots; the only loop is over chunks of tiles, so the gathered B ([tiles, N*r, d_out])
+    never exceeds ~_CHUNK_ELEMS elements (a 2048-token prefill stays within memory). Router weights are folded
+    into h per group (u = w_j * h, [N*r]) so the weighted expand is one matmul per tile.
+    `dims` = (r, N, g) upper bounds over the slots that can occur (AdapterSlots passes the loaded maxima), so the
+    work is sized for the adapters actually loaded rather than for the preallocated maxima.
     """
-    T, d_out = x.shape[0], B.shape[2]
-    S, N, r = B.shape[0], B.shape[1], B.shape[3]
+    T, d_out = x.shape[0], B.shape[3]
+    if dims is not None:   # trim the zero padding nobody uses (views, no copies)
+        r, N, G = dims
+        A, B, R, expert_mask = A[:, :r], B[:, :N, :r], R[:, :G, :N], expert_mask[:, :N]
     out = torch.zeros(T + 1, d_out, dtype=x.dtype, device=x.device)               # row T absorbs tile padding
     tile_slot, tile_rows, tile = segment_tiles(slot_idx, pad_row=T)
     if tile_slot.numel() == 0:
         return out[:T]
     x_pad = torch.cat([x, x.new_zeros(1, x.shape[1])]).to(A.dtype)                # [T+1, d_in]
     g_eff = int(groups[tile_slot].max())                                            # groups actually present
+    N, r = B.shape[1], B.shape[2]
     per_tile = max(N * r * d_out, tile * g_eff * d_out, tile * N * x.shape[1])
     step = max(1, _CHUNK_ELEMS // per_tile)
     for c in range(0, tile_slot.numel(), step):
@@ -178,23 +185,29 @@ def molora_torch(x, slot_idx, A, B, R, expert_mask, groups, scaling, stats: Rout
 
 def _tiles_delta(xt, ts, A, B, R, expert_mask, groups, scaling, g_eff):
     """xt: [nt, tile, d_in] tokens of tiles whose slots are ts [nt]. Returns delta [nt, tile, d_out] and the
-    routing weights [nt, tile, g_max, N] (fp32)."""
+    routing weights [nt, tile, G, N] (fp32)."""
     nt, tile, d_in = xt.shape
-    N, d_out, r = B.shape[1], B.shape[2], B.shape[3]
+    N, r, d_out = B.shape[1], B.shape[2], B.shape[3]
     G = R.shape[1]
     h = torch.bmm(xt, A[ts].transpose(1, 2))                                        # [nt, tile, r]
-    logits = torch.bmm(xt, R[ts].reshape(nt, G * N, d_in).transpose(1, 2))         # [nt, tile, G*N]
-    logits = logits.view(nt, tile, G, N).float()
-    logits = logits.masked_fill(~expert_mask[ts][:, None, None, :], float("-inf"))
-    w = torch.softmax(logits, dim=-1)                                               # [nt, tile, G, N] fp32
+    if N == 1:   # no loaded adapter has a router here: every weight is 1
+        w = torch.ones(nt, tile, G, 1, device=xt.device)
+    else:
+        logits = torch.bmm(xt, R[ts].reshape(nt, G * N, d_in).transpose(1, 2))     # [nt, tile, G*N]
+        logits = logits.view(nt, tile, G, N).float()
+        logits = logits.masked_fill(~expert_mask[ts][:, None, None, :], float("-inf"))
+        w = torch.softmax(logits, dim=-1)                                           # [nt, tile, G, N] fp32
     # u[t, j, n, :] = w[t, j, n] * h[t]: folding the router into h makes the expand a single matmul per tile.
     u = w[:, :, :g_eff, :, None].to(h.dtype) * h[:, :, None, None, :]              # [nt, tile, g_eff, N, r]
-    Bt = B[ts].permute(0, 1, 3, 2).reshape(nt, N * r, d_out)                       # [nt, N*r, d_out]
-    full = torch.bmm(u.reshape(nt, tile * g_eff, N * r), Bt).view(nt, tile, g_eff, d_out)
-    # Each output channel k takes the row of its own routing group k // (d_out // g_slot).
-    group_of = torch.arange(d_out, device=xt.device)[None, :] // (d_out // groups[ts])[:, None]   # [nt, d_out]
-    delta = full.gather(2, group_of[:, None, None, :].expand(nt, tile, 1, d_out)).squeeze(2)     # [nt, tile, d_out]
-    return delta * scaling[ts].to(delta.dtype)[:, None, None], w
+    Bt = B[ts].reshape(nt, N * r, d_out)                                            # [nt, N*r, d_out] (gather)
+    full = torch.bmm(u.reshape(nt, tile * g_eff, N * r), Bt)                        # [nt, tile*g_eff, d_out]
+    if g_eff == 1:
+        delta = full
+    else:   # each output channel k keeps the row of its own routing group k // (d_out // g_slot)
+        full = full.view(nt, tile, g_eff, d_out)
+        group_of = torch.arange(d_out, device=xt.device)[None, :] // (d_out // groups[ts])[:, None]  # [nt, d_out]
+        delta = full.gather(2, group_of[:, None, None, :].expand(nt, tile, 1, d_out)).squeeze(2)
+    return delta * scaling[ts].to(delta.dtype)[:, None, None], w                   # [nt, tile, d_out]
 
 
 # -- the stacked slots --------------------------------------------------------------------------------------------
@@ -204,13 +217,18 @@ class _SiteBuffers:
     def __init__(self, S: int, r: int, N: int, G: int, d_in: int, d_out: int, dtype, device):
         kw = {"dtype": dtype, "device": device}
         self.A = torch.zeros(S, r, d_in, **kw)                                      # [S, r_max, d_in]
-        self.B = torch.zeros(S, N, d_out, r, **kw)                                  # [S, N_max, d_out, r_max]
+        self.B = torch.zeros(S, N, r, d_out, **kw)                                  # [S, N_max, r_max, d_out]
         self.R = torch.zeros(S, G, N, d_in, **kw)                                   # [S, g_max, N_max, d_in]
         self.expert_mask = torch.zeros(S, N, dtype=torch.bool, device=device)      # [S, N_max]
         self.groups = torch.ones(S, dtype=torch.long, device=device)                # [S]
         self.scaling = torch.zeros(S, dtype=torch.float32, device=device)           # [S]
         self.used = torch.zeros(S, dtype=torch.bool, device=device)                 # [S] slot adapts this site
         self.users: set[int] = set()                                                # host copy of `used`
+        self.dims: dict[int, tuple[int, int, int]] = {}                             # slot -> (r, N, g), host side
+
+    def live_dims(self) -> tuple[int, int, int]:
+        """(r, N, g) maxima over the loaded slots: the torch path trims the padding beyond them."""
+        return tuple(max(d[i] for d in self.dims.values()) for i in range(3))
 
     def tensors(self) -> tuple:
         return self.A, self.B, self.R, self.expert_mask, self.groups, self.scaling
@@ -220,6 +238,7 @@ class _SiteBuffers:
             t[slot] = 0
         self.groups[slot] = 1
         self.users.discard(slot)
+        self.dims.pop(slot, None)
 
 
 class AdapterSlots:
@@ -295,7 +314,8 @@ class AdapterSlots:
                 for site, g in groups.items():
                     buf, prefix = self._site(layer, site), f"layers.{layer}.{site}"
                     buf.A[slot, :r] = tensors[f"{prefix}.lora_A"].to(self.device, self.dtype)      # [r, d_in]
-                    buf.B[slot, :N, :, :r] = tensors[f"{prefix}.lora_B"].to(self.device, self.dtype)
+                    lora_b = tensors[f"{prefix}.lora_B"].to(self.device, self.dtype)              # [N, d_out, r]
+                    buf.B[slot, :N, :r] = lora_b.transpose(1, 2)
                     if config.has_router:   # native router rows are group-major: [g*N, d_in] -> [g, N, d_in]
                         router = tensors[f"{prefix}.router"].to(self.device, self.dtype)
                         buf.R[slot, :g, :N] = router.view(g, N, -1)
@@ -304,6 +324,7 @@ class AdapterSlots:
                     buf.scaling[slot] = config.scaling
                     buf.used[slot] = True
                     buf.users.add(slot)
+                    buf.dims[slot] = (r, N, g)
         self._configs[slot] = config
         log.info("loaded %s adapter into slot %d (r=%d, N=%d, sites=%s)", config.method, slot, r, N,
                  ",".join(groups))
@@ -337,6 +358,6 @@ class AdapterSlots:
         eff = torch.where((slot_idx >= 0) & buf.used[slot_idx.clamp_min(0)], slot_idx, -1)   # [T]
         if x.is_cuda:
             from . import triton_molora
-            if triton_molora.available():
+            if triton_molora.available():   # full padded sizes: constexprs never change, so no recompiles
                 return triton_molora.molora_triton(x, eff, *buf.tensors(), stats=stats)
-        return molora_torch(x, eff, *buf.tensors(), stats=stats)
+        return molora_torch(x, eff, *buf.tensors(), stats=stats, dims=buf.live_dims())

@@ -5,7 +5,7 @@ Tokens are grouped into tiles of BT rows that share one slot (`lora_ops.segment_
 1. `_shrink_route_kernel`, grid (tiles,): for its tile, one pass over d_in computes h = A_s x [BT, r] and the
    router logits R_s x [BT, G*N] (sharing every load of x), masks padded experts to -inf, takes the softmax per
    group in fp32 and writes u[t, j, n, :] = w[t, j, n] * h[t] ([BT, G, N, r], fp32) plus w for the statistics.
-2. `_expand_kernel`, grid (tiles, d_out / BKO): out[t, k] = s * sum_{n,r} u[t, group(k), n, r] * B_s[n, k, r] as one
+2. `_expand_kernel`, grid (tiles, d_out / BKO): out[t, k] = s * sum_{n,r} u[t, group(k), n, r] * B_s[n, r, k] as one
    `tl.dot` of [BT*G, N*r] x [N*r, BKO], then each channel keeps the row of its own group k // (d_out // g_s).
 
 Why two launches and not one: a single program per tile would have to walk all of d_out serially (a decode step
@@ -97,8 +97,8 @@ if triton is not None:
         u = tl.load(u_ptr + (i * BT * GP + m[:, None]) * (NP * RP) + c[None, :])   # [BT*GP, NP*RP]
         n, r = c // RP, c % RP
         k_ok = ko < D_OUT
-        # B_s[n, k, r] at ((s*N_MAX + n)*D_OUT + k)*R_MAX + r
-        bb = tl.load(b_ptr + ((s * N_MAX + n[:, None]) * D_OUT + ko[None, :]) * R_MAX + r[:, None],
+        # B_s[n, r, k] (stacked layout [S, N_MAX, R_MAX, D_OUT]) at ((s*N_MAX + n)*R_MAX + r)*D_OUT + k
+        bb = tl.load(b_ptr + ((s * N_MAX + n[:, None]) * R_MAX + r[:, None]) * D_OUT + ko[None, :],
                      mask=(n[:, None] < N_MAX) & (r[:, None] < R_MAX) & k_ok[None, :], other=0.0)
         full = tl.dot(u, bb.to(tl.float32), input_precision="ieee")            # [BT*GP, BKO]
         full3 = tl.reshape(full, (BT, GP, BKO))
@@ -118,7 +118,7 @@ def molora_triton(x, slot_idx, A, B, R, expert_mask, groups, scaling, stats=None
     if triton is None:
         raise RuntimeError("triton is not installed; use lora_ops.molora_torch")
     T, d_in = x.shape
-    S, N_MAX, d_out, R_MAX = B.shape
+    S, N_MAX, R_MAX, d_out = B.shape
     G_MAX = R.shape[1]
     out = torch.zeros(T, d_out, dtype=x.dtype, device=x.device)                 # base rows stay zero
     tile_slot, tile_rows, BT = segment_tiles(slot_idx, pad_row=T, min_tile=16)  # BT >= 16 for tl.dot

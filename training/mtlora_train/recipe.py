@@ -127,7 +127,10 @@ class MtloraRecipe:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         loader = torch.utils.data.DataLoader(self.dataset, batch_size=cfg.per_device_train_batch_size,
                                              sampler=self.sampler, collate_fn=Collator(pad),
-                                             num_workers=cfg.dataloader_num_workers)
+                                             num_workers=cfg.dataloader_num_workers,
+                                             # own generator: creating an iterator must not draw from the
+                                             # global RNG, or a resumed run's dropout stream would shift
+                                             generator=torch.Generator().manual_seed(cfg.seed))
         params = [p for a in self.adapters.values() for p in a.parameters()]
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.model, self.optimizer, self.loader = acc.prepare(self.model, optimizer, loader)
@@ -169,8 +172,9 @@ class MtloraRecipe:
                    disable=not acc.is_local_main_process)
         sums: dict[str, list[float]] = {}
         while self.global_step < self.total_steps:
-            self.sampler.set_epoch(self.epoch)
             loader = acc.skip_first_batches(self.loader, self.batch_in_epoch) if self.batch_in_epoch else self.loader
+            # accelerate's loaders re-seed the sampler from their own iteration counter; pin it to our epoch.
+            (loader if hasattr(loader, "set_epoch") else self.sampler).set_epoch(self.epoch)
             for batch in loader:
                 with acc.accumulate(self.model):
                     terms = self.loss_step(batch)

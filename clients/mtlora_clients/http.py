@@ -172,9 +172,11 @@ def continuation_logprob(body: dict[str, Any], start: int, end: int) -> float:
         _bad(body, "logprobs.text_offset and logprobs.token_logprobs missing or of different lengths")
     if isinstance(tokens, list) and len(tokens) != len(offsets):
         _bad(body, "logprobs.tokens and logprobs.text_offset differ in length")
+    text = _first_choice(body).get("text")
     total, found = 0.0, 0
     for i, (off, val) in enumerate(zip(offsets, values)):
-        tok_end = offsets[i + 1] if i + 1 < len(offsets) else end
+        # a token ends where the next begins; the last one where the echoed text ends
+        tok_end = offsets[i + 1] if i + 1 < len(offsets) else (len(text) if isinstance(text, str) else end)
         if not isinstance(off, int):
             _bad(body, f"text_offset[{i}] is not an integer")
         if tok_end > start and off < end:

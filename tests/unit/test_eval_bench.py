@@ -1,0 +1,95 @@
+"""`mtlora-bench`: percentiles, the http load generator against a mock server (plain, stream, errors), and the
+lazy `engine` slot."""
+
+from __future__ import annotations
+
+import json
+from argparse import Namespace
+
+import httpx
+import pytest
+
+from mtlora_clients import bench
+
+
+def test_percentile_interpolates():
+    assert bench.percentile([], 50) is None
+    assert bench.percentile([3.0], 99) == 3.0
+    assert bench.percentile([4.0, 1.0, 3.0, 2.0], 50) == pytest.approx(2.5)
+    assert bench.percentile(list(map(float, range(101))), 90) == pytest.approx(90.0)
+
+
+def _args(**kw):
+    base = dict(base_url="http://x", model="a,b", api_key=None, requests=10, concurrency=3, prompt_len=5,
+                max_tokens=4, stream=False, timeout=5.0, output=None, quiet=True)
+    return Namespace(**{**base, **kw})
+
+
+def _handler(seen, fail_every=0):
+    def handler(request):
+        body = json.loads(request.content)
+        seen.append(body)
+        n = int(body["prompt"].split()[0])  # make_prompt puts the request number first
+        if fail_every and n % fail_every == 0:
+            return httpx.Response(500, json={"error": {"message": "boom"}})
+        usage = {"prompt_tokens": 5, "completion_tokens": body["max_tokens"], "total_tokens": 9}
+        if not body.get("stream"):
+            return httpx.Response(200, json={"choices": [{"text": "x" * body["max_tokens"]}], "usage": usage})
+        events = [{"choices": [{"text": "x", "index": 0}]} for _ in range(body["max_tokens"])]
+        events.append({"choices": [], "usage": usage})
+        sse = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+        return httpx.Response(200, content=sse.encode(), headers={"content-type": "text/event-stream"})
+
+    return handler
+
+
+async def test_http_plain_counts_and_round_robin():
+    seen: list[dict] = []
+    out = await bench.run_http(_args(), transport=httpx.MockTransport(_handler(seen)))
+    assert out["completed"] == 10 and out["errors"] == 0 and out["output_tokens"] == 40
+    assert [b["model"] for b in sorted(seen, key=lambda b: int(b["prompt"].split()[0]))][:4] == ["a", "b", "a", "b"]
+    assert len(seen[0]["prompt"].split()) == 5 and seen[0]["max_tokens"] == 4
+    assert out["per_model"] == {"a": {"completed": 5, "errors": 0}, "b": {"completed": 5, "errors": 0}}
+    lat = out["latency_s"]
+    assert lat["p50"] <= lat["p90"] <= lat["p99"] and out["requests_per_s"] > 0
+    assert "ttft_s" not in out
+
+
+async def test_http_stream_measures_ttft_and_itl():
+    seen: list[dict] = []
+    out = await bench.run_http(_args(stream=True, requests=4), transport=httpx.MockTransport(_handler(seen)))
+    assert all(b["stream"] and b["stream_options"] == {"include_usage": True} for b in seen)
+    assert out["completed"] == 4 and out["output_tokens"] == 16
+    assert out["ttft_s"]["p50"] is not None and out["itl_s"]["mean"] is not None
+
+
+async def test_http_errors_are_counted_not_hidden():
+    seen: list[dict] = []
+    out = await bench.run_http(_args(requests=9), transport=httpx.MockTransport(_handler(seen, fail_every=3)))
+    assert out["errors"] == 3 and out["completed"] == 6 and len(seen) == 9  # no retries in a load test
+    assert any("HTTP 500" in e for e in out["error_examples"])
+
+
+def test_engine_slot_without_server_bench_exits_clearly(monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mtlora_server.bench_engine", None)  # as if not written yet
+    assert bench.main(["engine", "--whatever"]) == 2
+    assert "cannot import mtlora_server.bench_engine:main" in capsys.readouterr().err
+
+
+def test_bench_help_lists_both_subcommands():
+    text = bench.build_parser().format_help()
+    assert "http" in text and "engine" in text
+
+
+def test_engine_slot_delegates_remaining_argv(monkeypatch):
+    import sys
+    import types
+
+    got = {}
+    fake = types.ModuleType("mtlora_server.bench_engine")
+    fake.main = lambda argv: got.setdefault("argv", argv) and 0
+    monkeypatch.setitem(sys.modules, "mtlora_server.bench_engine", fake)
+    assert bench.main(["engine", "--steps", "3"]) == 0
+    assert got["argv"] == ["--steps", "3"]

@@ -1,0 +1,137 @@
+"""Loaders, MMLU categories, prompt formats, resume-file reading, and the torch-free import contract."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mtlora.errors import ConfigError
+from mtlora_clients.eval import data
+from mtlora_clients.eval.categories import CATEGORIES, SUBJECT_TO_CATEGORY
+from mtlora_clients.eval.runner import _Appender, load_data, model_dirname, read_done
+from mtlora_clients.eval.tasks import build_tasks
+from mtlora_clients.eval.runner import default_args
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_client_never_imports_torch():
+    code = ("import sys; import mtlora_clients, mtlora_clients.http, mtlora_clients.bench, "
+            "mtlora_clients.eval.cli, mtlora_clients.eval.runner, mtlora_clients.eval.report; "
+            "mtlora_clients.eval.cli.build_parser().format_help(); "
+            "assert 'torch' not in sys.modules, 'torch was imported'; print('ok')")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "clients")])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_mmlu_layout_counts_and_categories(shared_data):
+    mmlu = data.load_mmlu_dir(shared_data / "mmlu")
+    assert len(mmlu) == 57
+    assert sum(len(s.dev) for s in mmlu.values()) == 285
+    assert sum(len(s.test) for s in mmlu.values()) == 14042
+    assert set(mmlu) == set(SUBJECT_TO_CATEGORY)  # the category map covers exactly the 57 subjects
+    assert {k: len(v) for k, v in CATEGORIES.items()} == {"STEM": 18, "humanities": 13, "social sciences": 12,
+                                                          "other": 14}
+    q = mmlu["abstract_algebra"].dev[0]
+    assert q.answer == "B" and q.choices == ("0", "1", "2", "3")
+
+
+def test_bbh_layout_counts(shared_data):
+    bbh = data.load_bbh_dir(shared_data / "bbh")
+    assert len(bbh) == 27 and tuple(sorted(bbh)) == data.BBH_TASKS
+    assert sum(len(v) for v in bbh.values()) == 6511
+    tasks = build_tasks("bbh", "paper", bbh, None, None)
+    assert sum(len(t.items) for t in tasks) == 6511 - 27 * 3  # the 3 shots of each file are not scored
+
+
+def test_prompt_formats_exact():
+    ex = [data.Example("in0", "t0"), data.Example("in1", "t1"), data.Example("in2", "t2"), data.Example("x", "y")]
+    (bbh,) = build_tasks("bbh", "paper", {"t": ex}, 2, None)
+    assert bbh.prompt(0) == "Q: in0\nA: t0\n\nQ: in1\nA: t1\n\nQ: in2\nA:"
+    q = data.MCQ(" What? ", ("a", "b", "c", "d"), "C")
+    subj = data.MMLUSubject(dev=[q], test=[q])
+    (paper,) = build_tasks("mmlu", "paper", {"high_school_physics": subj}, 1, None)
+    assert paper.prompt(0) == ("Question:  What? \nA. a\nB. b\nC. c\nD. d\nAnswer: C\n\n"
+                               "Question:  What? \nA. a\nB. b\nC. c\nD. d\nAnswer:")
+    (harness,) = build_tasks("mmlu", "harness", {"high_school_physics": subj}, 1, None)
+    assert harness.prompt(0) == ("The following are multiple choice questions (with answers) about high school "
+                                 "physics.\n\nWhat?\nA. a\nB. b\nC. c\nD. d\nAnswer: C\n\nWhat?\nA. a\nB. b\nC. c\n"
+                                 "D. d\nAnswer:")
+
+
+def test_fewshot_and_limit_validation():
+    ex = [data.Example(f"i{k}", "t") for k in range(4)]
+    (t,) = build_tasks("tasks", "harness", {"t": ex}, 1, 2)
+    assert [e.input for e in t.items] == ["i1", "i2"]
+    with pytest.raises(ConfigError, match="num-fewshot"):
+        build_tasks("bbh", "paper", {"t": ex}, 4, None)  # nothing left to score
+
+
+def test_bad_mmlu_csv_names_file_and_row(tmp_path):
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "test").mkdir()
+    (tmp_path / "dev" / "s_dev.csv").write_text("q,a,b,c,d,A\n")
+    (tmp_path / "test" / "s_test.csv").write_text("q,a,b,c,d,A\nq2,a,b,c,d,E\n")
+    with pytest.raises(ConfigError, match=r"s_test\.csv.*row 2.*'E'"):
+        data.load_mmlu_dir(tmp_path)
+    (tmp_path / "test" / "s_test.csv").write_text("q,a,b,A\n")
+    with pytest.raises(ConfigError, match=r"s_test\.csv.*4 columns"):
+        data.load_mmlu_dir(tmp_path)
+    with pytest.raises(ConfigError, match="dev/<subject>_dev.csv"):
+        data.load_mmlu_dir(tmp_path / "dev")
+
+
+@pytest.mark.parametrize("content,match", [
+    ("{", "not valid JSON"), ('{"rows": []}', "examples"),
+    ('{"examples": [{"input": "x"}]}', r"examples\[0\]\.target"), ('{"examples": [{"input": "x", "target": " "}]}',
+                                                                  "empty"),
+])
+def test_bad_bbh_json_names_file_and_field(tmp_path, content, match):
+    (tmp_path / "t.json").write_text(content)
+    with pytest.raises(ConfigError, match=match) as e:
+        data.load_bbh_dir(tmp_path)
+    assert "t.json" in str(e.value)
+
+
+def test_unknown_task_lists_available(shared_data):
+    with pytest.raises(ConfigError, match="unknown tasks.*snarks"):
+        data.load_bbh_dir(shared_data / "bbh", ["nope"])
+
+
+def test_without_data_dir_and_without_datasets_says_what_to_pass(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail, as when not installed
+    a = default_args()
+    a.suite = "mmlu"
+    with pytest.raises(ConfigError, match="Pass --data-dir DIR where DIR holds dev/"):
+        load_data(a)
+    a.suite = "bbh"
+    with pytest.raises(ConfigError, match="one <task>.json per BBH task"):
+        load_data(a)
+    a.suite = "tasks"
+    with pytest.raises(ConfigError, match="`tasks` needs --data-dir"):
+        load_data(a)
+
+
+def test_read_done_skips_partial_line_and_changed_prompts(tmp_path):
+    ex = [data.Example(f"i{k}", "t") for k in range(6)]
+    (t,) = build_tasks("bbh", "paper", {"t": ex}, 1, None)
+    path = tmp_path / "t.jsonl"
+    lines = [json.dumps({"index": 0, "prompt_sha": t.prompt_sha(0), "correct": True}),
+             json.dumps({"index": 1, "prompt_sha": "stale", "correct": True}),  # other protocol / shots
+             json.dumps({"index": 9, "prompt_sha": "x", "correct": True})]      # out of range
+    path.write_text("\n".join(lines) + '\n{"index": 2, "prompt_sh')            # cut by a kill
+    assert list(read_done(path, t)) == [0]
+    app = _Appender(path)  # appending after the cut line starts a fresh line
+    app.write({"index": 2, "prompt_sha": t.prompt_sha(2), "correct": False})
+    app.close()
+    assert sorted(read_done(path, t)) == [0, 2]
+
+
+def test_model_dirname_is_a_single_path_component():
+    assert model_dirname("org/name") == "org__name" and "/" not in model_dirname("a/b/c")

@@ -123,6 +123,15 @@ def sample(logits: torch.Tensor, params: list, generators: list) -> torch.Tensor
     return out
 
 
+def apply_min_tokens(logits: torch.Tensor, banned_ids_per_row: list) -> torch.Tensor:
+    """Copy of logits [B, V] with each row's banned ids set to -inf (None / []: untouched)."""
+    out = logits.clone()
+    for i, ids in enumerate(banned_ids_per_row):
+        if ids:
+            out[i, list(ids)] = float("-inf")
+    return out
+
+
 def logprobs_of(logits: torch.Tensor, chosen: torch.Tensor, k_list: list[int]) -> list[TokenLogprob]:
     """Per row: logprob of the chosen token plus the top-k alternatives (best first)."""
     lp = torch.log_softmax(logits.float(), dim=-1)

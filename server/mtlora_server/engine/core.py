@@ -29,7 +29,7 @@ from mtlora.errors import (AdapterLoadError, AdapterNotFoundError, ContextLength
 from .args import EngineArgs
 from .kv_cache import KVCachePool
 from .model import LlamaDecoder, ModelConfig
-from .ops import AdapterSlots, RoutingStats, logprobs_of, sample
+from .ops import AdapterSlots, RoutingStats, apply_min_tokens, logprobs_of, sample
 from .request_state import RequestState
 from .runner import ModelRunner
 from .scheduler import Chunk, Scheduler, Sequence
@@ -117,7 +117,7 @@ class EngineCore:
             self._next_seq_id += 1
         state = RequestState(req, seqs, self.tokenizer, self.eos_ids, self.max_model_len)
         seed_base = p.seed if p.seed is not None else self._rng.randrange(2**62)
-        state.generators = [torch.Generator().manual_seed(seed_base + i) for i in range(p.n)]
+        state.generators = [torch.Generator(self.device).manual_seed(seed_base + i) for i in range(p.n)]
         for s in seqs:
             s.owner = state
         self.scheduler.add(seqs)                     # may raise EngineOverloadedError: nothing registered yet
@@ -217,13 +217,12 @@ class EngineCore:
         if not live:
             return
         raw = logits[torch.tensor([r for _, r in live], device=logits.device)]          # [S, V]
-        rows = raw.clone()
-        for i, (seq, _) in enumerate(live):
+        banned = []                                           # forbid ending before min_tokens
+        for seq, _ in live:
             p = seq.owner.params
-            if len(seq.output_ids) < p.min_tokens:           # forbid ending before min_tokens
-                banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_ids))
-                if banned:
-                    rows[i, banned] = float("-inf")
+            below = len(seq.output_ids) < p.min_tokens
+            banned.append(list(p.stop_token_ids) + ([] if p.ignore_eos else sorted(self.eos_ids)) if below else None)
+        rows = apply_min_tokens(raw, banned) if any(banned) else raw
         params = [seq.owner.params for seq, _ in live]
         gens = [seq.owner.generators[seq.index] for seq, _ in live]
         chosen = sample(rows, params, gens).cpu()

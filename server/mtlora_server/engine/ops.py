@@ -12,8 +12,8 @@ except ImportError:  # pragma: no cover - depends on what has landed
     from ._ops_fallback import AdapterSlots, RoutingStats
 
 try:
-    from .sampling import logprobs_of, sample  # type: ignore[attr-defined]
+    from .sampling import apply_min_tokens, logprobs_of, sample  # type: ignore[attr-defined]
 except ImportError:  # pragma: no cover
-    from ._ops_fallback import logprobs_of, sample
+    from ._ops_fallback import apply_min_tokens, logprobs_of, sample
 
-__all__ = ["AdapterSlots", "RoutingStats", "logprobs_of", "sample"]
+__all__ = ["AdapterSlots", "RoutingStats", "apply_min_tokens", "logprobs_of", "sample"]

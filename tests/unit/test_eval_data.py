@@ -135,3 +135,13 @@ def test_read_done_skips_partial_line_and_changed_prompts(tmp_path):
 
 def test_model_dirname_is_a_single_path_component():
     assert model_dirname("org/name") == "org__name" and "/" not in model_dirname("a/b/c")
+
+
+def test_resume_key_separates_protocols_and_budgets():
+    ex = [data.Example(f"i{k}", "t") for k in range(5)]
+    (paper,) = build_tasks("bbh", "paper", {"t": ex}, 3, None)
+    (harness,) = build_tasks("bbh", "harness", {"t": ex}, 3, None)
+    (short,) = build_tasks("bbh", "harness", {"t": ex}, 3, None, max_new_tokens=16)
+    assert paper.prompt(0) == harness.prompt(0)  # same text ...
+    assert len({paper.prompt_sha(0), harness.prompt_sha(0), short.prompt_sha(0)}) == 3  # ... different records
+    assert short.max_tokens == 16 and harness.max_tokens == 256 and paper.max_tokens == 32

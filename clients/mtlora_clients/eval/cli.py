@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "of each file, which are then not scored)")
     p.add_argument("--tasks", default=None, help="comma-separated subset of tasks (MMLU subjects) to run")
     p.add_argument("--limit", type=int, default=None, help="score at most N items per task (the first N)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="BBH/tasks generation budget (default: 32 paper, 256 harness); MMLU paper always uses 1")
     p.add_argument("--concurrency", type=int, default=d.concurrency, help="requests in flight at once")
     p.add_argument("--output", default=d.output, help="folder for predictions and reports")
     p.add_argument("--timeout", type=float, default=d.timeout, help="seconds per HTTP request before a retry")
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request drowns the progress bar
-    for flag in ("limit", "concurrency", "max_retries"):
+    for flag in ("limit", "concurrency", "max_retries", "max_new_tokens"):
         value = getattr(args, flag)
         if value is not None and value < (0 if flag == "max_retries" else 1):
             print(f"mtlora-eval: --{flag.replace('_', '-')} must be positive, got {value}", file=sys.stderr)

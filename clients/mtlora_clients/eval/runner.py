@@ -187,11 +187,12 @@ def run_eval(args: Namespace | dict, transport: httpx.AsyncBaseTransport | None 
     if not models:
         raise ConfigError("no model given", field="--model")
     loaded = load_data(args)
-    tasks = build_tasks(args.suite, args.protocol, loaded, args.num_fewshot, args.limit)
+    tasks = build_tasks(args.suite, args.protocol, loaded, args.num_fewshot, args.limit, args.max_new_tokens)
     results: dict[str, Any] = {
         "server": args.base_url, "suite": args.suite, "protocol": args.protocol,
         "data": str(args.data_dir) if args.data_dir else "hub", "data_hash": data_mod.data_hash(loaded),
-        "num_fewshot": args.num_fewshot, "limit": args.limit, "concurrency": args.concurrency, "models": {},
+        "num_fewshot": args.num_fewshot, "limit": args.limit, "max_new_tokens": args.max_new_tokens,
+        "concurrency": args.concurrency, "models": {},
     }
     for model in models:
         log.info("evaluating %s on %s (%s protocol, %d tasks)", model, args.suite, args.protocol, len(tasks))
@@ -205,5 +206,5 @@ def run_eval(args: Namespace | dict, transport: httpx.AsyncBaseTransport | None 
 def default_args() -> Namespace:
     """Defaults for every field run_eval reads (the CLI fills the same ones)."""
     return Namespace(suite="bbh", base_url="http://127.0.0.1:8000", model="", api_key=None, data_dir=None,
-                     protocol="paper", num_fewshot=None, tasks=None, limit=None, concurrency=8,
+                     protocol="paper", num_fewshot=None, tasks=None, limit=None, max_new_tokens=None, concurrency=8,
                      output="eval-results", timeout=120.0, max_retries=5, retry_base_s=0.5)

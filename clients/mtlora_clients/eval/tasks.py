@@ -45,7 +45,10 @@ class Task:
         raise NotImplementedError
 
     def prompt_sha(self, i: int) -> str:
-        return hashlib.sha256(self.prompt(i).encode()).hexdigest()[:16]
+        """Keys the resume file: the prompt plus everything else that shapes the record (protocol, budget, stops),
+        so paper and harness runs (same BBH prompt, different scoring) never reuse each other's lines."""
+        sig = f"{type(self).__name__}|{getattr(self, 'max_tokens', '')}|{getattr(self, 'stop', '')}|"
+        return hashlib.sha256((sig + self.prompt(i)).encode()).hexdigest()[:16]
 
     async def evaluate(self, client: CompletionClient, model: str, i: int) -> dict[str, Any]:
         raise NotImplementedError
@@ -130,8 +133,12 @@ PROTOCOLS = {("bbh", PAPER): BBHPaper, ("bbh", HARNESS): BBHHarness,
              ("mmlu", PAPER): MMLUPaper, ("mmlu", HARNESS): MMLUHarness}
 
 
-def build_tasks(suite: str, protocol: str, data: dict, num_fewshot: int | None, limit: int | None) -> list[Task]:
-    """Tasks for `suite` ('mmlu', 'bbh' or 'tasks', the latter scored like BBH) from loaded data."""
+def build_tasks(suite: str, protocol: str, data: dict, num_fewshot: int | None, limit: int | None,
+                max_new_tokens: int | None = None) -> list[Task]:
+    """Tasks for `suite` ('mmlu', 'bbh' or 'tasks', the latter scored like BBH) from loaded data.
+
+    `max_new_tokens` overrides the BBH generation budget (32 paper, 256 harness), e.g. for small-context models.
+    """
     cls = PROTOCOLS[("mmlu" if suite == "mmlu" else "bbh", protocol)]
     k = cls.default_shots if num_fewshot is None else num_fewshot
     tasks: list[Task] = []
@@ -146,5 +153,7 @@ def build_tasks(suite: str, protocol: str, data: dict, num_fewshot: int | None, 
             shots, items = value[:k], value[k:]  # the first k examples of each file are the shots
         task = cls(name, items, shots, limit)
         task.suite = suite
+        if max_new_tokens is not None and hasattr(task, "max_tokens"):
+            task.max_tokens = max_new_tokens
         tasks.append(task)
     return tasks

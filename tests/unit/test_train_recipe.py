@@ -158,3 +158,17 @@ def test_checkpoints_are_complete_pruned_and_refuse_changed_data(tiny_model_dir,
     with pytest.raises(CheckpointError, match="training data changed"):
         MtloraRecipe(_cfg(tiny_model_dir, data, out, max_steps=6, per_device_train_batch_size=2,
                           resume_from_checkpoint=str(out / "checkpoint-4"))).setup()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bf16 autocast and placement on device)")
+def test_bf16_autocast_with_checkpointing_on_cuda(tiny_model_dir, mixture, tmp_path):
+    recipe = MtloraRecipe(_cfg(tiny_model_dir, mixture, tmp_path / "out", max_steps=6, bf16=True,
+                               gradient_checkpointing=True, enable_blc=True, enable_spectral_reg=True,
+                               enable_fine_grained_routing=True, routing_group_size=32)).setup()
+    model = recipe.accelerator.unwrap_model(recipe.model)
+    assert model.lm_head.weight.device.type == "cuda" and model.lm_head.weight.dtype == torch.bfloat16
+    hist = recipe.train()
+    assert all(a.lora_A.dtype == torch.float32 for a in recipe.adapters.values())   # fp32 master weights
+    assert all(torch.isfinite(torch.tensor([h["loss"], h["balance"], h["spectral"]])).all() for h in hist)
+    assert all(a.router.grad is None or a.router.grad.dtype == torch.float32 for a in recipe.adapters.values())

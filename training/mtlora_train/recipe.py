@@ -141,9 +141,14 @@ class MtloraRecipe:
         self.scheduler = get_scheduler(cfg.lr_scheduler_type, self.optimizer,
                                        num_warmup_steps=math.ceil(cfg.warmup_ratio * self.total_steps),
                                        num_training_steps=self.total_steps)
-        if self.spectral is not None and acc.distributed_type.name in ("FSDP", "DEEPSPEED"):
+        sharded = acc.distributed_type.name in ("FSDP", "DEEPSPEED")
+        if sharded and self.spectral is not None:
             raise ConfigError("spectral regularisation needs whole B matrices on every rank; use DDP, not "
                               f"{acc.distributed_type.name}", field="enable_spectral_reg")
+        if sharded and (cfg.save_strategy == "epoch" or (cfg.save_strategy == "steps" and cfg.save_steps > 0)):
+            raise ConfigError("resumable checkpoints hold the optimizer state of one process; with "
+                              f"{acc.distributed_type.name} use --save_strategy no (the final adapter is still "
+                              "written) or DDP", field="save_steps")
 
     # -- one micro-batch ------------------------------------------------------------------------------------------
     def loss_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
@@ -220,7 +225,17 @@ class MtloraRecipe:
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
-        return inject.adapter_state_dict(self.accelerator.unwrap_model(self.model))
+        """Native-named adapter tensors; under FSDP gathered from the sharded model (main process)."""
+        model = self.accelerator.unwrap_model(self.model)
+        if self.accelerator.distributed_type.name != "FSDP":
+            return inject.adapter_state_dict(model)
+        full = self.accelerator.get_state_dict(self.model)           # collective: every rank must call it
+        out = {}
+        for prefix, adapter in inject.attached_adapters(model).items():
+            for name, _ in adapter.named_parameters():
+                suffix = f".{prefix}.adapter.{name}"                  # e.g. model.layers.3.mlp.adapter.lora_A
+                out[f"{prefix}.{name}"] = next(v for k, v in full.items() if ("." + k).endswith(suffix))
+        return out
 
     def save_checkpoint(self) -> Path:
         """Write `checkpoint-<global_step>` (adapter, optimizer, scheduler, RNG, data position) atomically."""
@@ -284,8 +299,9 @@ class MtloraRecipe:
 
         target = self.output_dir / "adapter"
         self.accelerator.wait_for_everyone()
+        tensors = self.adapter_tensors()
         if self.accelerator.is_main_process:
-            save_adapter(target, self.adapter_config, self.adapter_tensors())
+            save_adapter(target, self.adapter_config, tensors)
             with open(self.output_dir / "log_history.jsonl", "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(e) + "\n" for e in self.history)
             logger.info("final adapter written to %s", target)

@@ -145,3 +145,16 @@ def test_resume_key_separates_protocols_and_budgets():
     assert paper.prompt(0) == harness.prompt(0)  # same text ...
     assert len({paper.prompt_sha(0), harness.prompt_sha(0), short.prompt_sha(0)}) == 3  # ... different records
     assert short.max_tokens == 16 and harness.max_tokens == 256 and paper.max_tokens == 32
+
+
+def test_cli_bad_arguments_exit_2_with_message(capsys, tmp_path):
+    from mtlora_clients.eval import cli
+
+    assert cli.main(["tasks", "--base-url", "http://x", "--model", "m", "--output", str(tmp_path)]) == 2
+    assert "`tasks` needs --data-dir" in capsys.readouterr().err
+    assert cli.main(["bbh", "--base-url", "http://x", "--model", "m", "--limit", "0"]) == 2
+    assert "--limit must be positive" in capsys.readouterr().err
+    help_text = cli.build_parser().format_help()
+    for flag in ("--base-url", "--model", "--api-key", "--data-dir", "--protocol", "--num-fewshot", "--tasks",
+                 "--limit", "--concurrency", "--output", "--max-new-tokens"):
+        assert flag in help_text

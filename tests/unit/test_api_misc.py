@@ -63,7 +63,8 @@ async def test_load_and_unload_adapter(tmp_path):
     assert gone.status_code == 200 and after.status_code == 404 and twice.status_code == 404
 
 
-@pytest.mark.parametrize("case", ["outside", "symlink_escape", "dotdot", "missing", "broken", "base_name"])
+@pytest.mark.parametrize("case", ["outside", "symlink_escape", "dotdot", "missing", "broken", "base_name",
+                                  "too_long", "nul"])
 async def test_bad_adapter_loads_are_400_and_leave_the_server_serving(tmp_path, case):
     root = tmp_path / "root"
     root.mkdir()
@@ -72,7 +73,8 @@ async def test_bad_adapter_loads_are_400_and_leave_the_server_serving(tmp_path, 
     os.symlink(outside, root / "link")
     name, path = {"outside": ("x", str(outside)), "symlink_escape": ("x", str(root / "link")),
                   "dotdot": ("x", "../outside"), "missing": ("x", "nothing-here"),
-                  "broken": ("x", "broken"), "base_name": ("tiny-base", "broken")}[case]
+                  "broken": ("x", "broken"), "base_name": ("tiny-base", "broken"),
+                  "too_long": ("x", "0" * 4000), "nul": ("x", "a\x00b")}[case]
     engine = FakeEngine()
     async with api_client(engine, enable_adapter_loading=True, adapter_root=str(root)) as client:
         r = await client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path})
@@ -111,6 +113,8 @@ async def test_stream_disconnect_aborts_and_frees_kv():
     await disconnect_after_first_body(app, "/v1/completions", {"prompt": "a", "max_tokens": 100, "stream": True})
     assert engine.active == {} and engine.stats().kv_blocks_used == 0
     assert engine.generation_tokens < 100                      # it stopped early, not at max_tokens
+    metrics = app.state.ctx.metrics.render().decode()
+    assert 'mtlora:requests_total{adapter="tiny-base",finish_reason="abort"} 1.0' in metrics
 
 
 async def test_non_stream_disconnect_aborts_and_frees_kv():

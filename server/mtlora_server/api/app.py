@@ -177,8 +177,12 @@ def _adapter_path(ctx: ServingContext, raw: str) -> Path:
         raise InvalidRequestError(f"cannot resolve lora_path: {exc}", param="lora_path") from None
     if not path.is_relative_to(root):
         raise InvalidRequestError(f"lora_path must be inside the adapter root {root}", param="lora_path")
-    if not path.is_dir():
-        raise InvalidRequestError(f"lora_path {raw!r} is not an adapter directory", param="lora_path")
+    try:
+        is_dir = path.is_dir()
+    except OSError:                     # e.g. a name too long for the file system
+        is_dir = False
+    if not is_dir:
+        raise InvalidRequestError(f"lora_path {raw[:200]!r} is not an adapter directory", param="lora_path")
     return path
 
 

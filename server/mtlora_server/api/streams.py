@@ -71,6 +71,7 @@ class EngineStream:
         self.finished = False
         self._gen = None
         self._last_token_time: float | None = None
+        self._finished_seqs = 0
 
     async def start(self) -> RequestOutput:
         gen = self.engine.generate(self.request)
@@ -94,6 +95,7 @@ class EngineStream:
             self.metrics.generation_tokens.labels(self.label).inc(new_tokens)
         for delta in out.deltas:
             if delta.finish_reason is not None:
+                self._finished_seqs += 1
                 self.metrics.requests.labels(self.label, delta.finish_reason).inc()
         if out.finished:
             self.finished = True
@@ -118,6 +120,9 @@ class EngineStream:
                 except Exception:
                     logger.exception("closing engine stream %s failed", self.request.request_id)
             if not self.finished:
+                unfinished = self.request.sampling.n - self._finished_seqs
+                if unfinished > 0:       # client went away or the stream failed: these sequences were aborted
+                    self.metrics.requests.labels(self.label, "abort").inc(unfinished)
                 try:
                     await self.engine.abort(self.request.request_id)
                 except Exception:

@@ -44,6 +44,9 @@ def test_prompt_formats_and_truncation(tok):
     assert tok.decode(plain["input_ids"][: plain["prompt_len"]]) == "Q\n"
     chat = tokenize_records([rec], tok, 512, "chat")[0]
     assert "user" in tok.decode(chat["input_ids"][: chat["prompt_len"]])
+    qa = tokenize_records([Record("Add", "1 2", "3", "t")], tok, 512, "qa")[0]
+    assert tok.decode(qa["input_ids"]) == "Q: Add\n1 2\nA: 3</s>"
+    assert tok.decode(qa["input_ids"][qa["prompt_len"]:]) == " 3</s>"
     cut = tokenize_records([rec], tok, 4, "official")[0]
     assert len(cut["input_ids"]) == 4 and cut["prompt_len"] == 2
     assert tokenize_records([Record("a long prompt", "", "x", "t")], tok, 5, "official") == []

@@ -26,7 +26,7 @@ from mtlora.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-PROMPT_FORMATS = ("official", "plain", "chat")
+PROMPT_FORMATS = ("official", "plain", "qa", "chat")
 SPECTRAL_VARIANTS = ("paper", "official")
 
 
@@ -94,7 +94,8 @@ class TrainConfig:
     report_to: str = _f("'none' or 'tensorboard' (needs the tensorboard package).", "none")
     # -- data -----------------------------------------------------------------------------------------------------
     prompt_format: str = _f("official: prompt tokens + EOS as separator (as the official code); plain: "
-                            "prompt + newline; chat: the tokenizer's chat template.", "official")
+                            "prompt + newline; qa: 'Q: {prompt}\\nA: {output}' (the layout mtlora-eval "
+                            "bbh/tasks prompts with); chat: the tokenizer's chat template.", "official")
     data_cache_dir: str | None = _f("Tokenised-data cache (default $MTLORA_CACHE_DIR or ~/.cache/mtlora).")
     skip_bad_records: bool = _f("Skip malformed records (counted in the log) instead of failing.", False)
     dataloader_num_workers: int = _f("DataLoader worker processes.", 0)

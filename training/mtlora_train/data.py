@@ -7,9 +7,11 @@ Contract:
   `output`, optional string-or-null `input` and optional string `task_type`. A malformed record raises
   `ConfigError` naming the file and line (JSON Lines) or record index (JSON arrays); with `skip_bad_records=True`
   it is skipped and counted instead.
-- `tokenize_records(...)`: prompt = instruction (+ "\\n" + input); input_ids = prompt tokens [+ separator] +
-  response tokens + EOS, truncated to `max_seq_length`; labels are -100 on the prompt, so the loss covers the
-  response and EOS only. Examples left with no label token by truncation are dropped (counted in the log).
+- `tokenize_records(...)`: prompt = instruction (+ "\\n" + input), laid out by `prompt_format` (official: prompt
+  tokens + EOS as separator; plain: prompt + newline; qa: "Q: {prompt}\\nA:" and the response after a space, the
+  layout of `mtlora-eval bbh|tasks`; chat: the tokenizer's chat template); input_ids = prompt + response tokens +
+  EOS, truncated to `max_seq_length`; labels are -100 on the prompt, so the loss covers the response and EOS only.
+  Examples left with no label token by truncation are dropped (counted in the log).
 - `load_dataset(...)` caches the tokenised result per source file under `cache_dir`, keyed by a sha256 of the
   file's bytes, the tokenizer's vocabulary and specials, `max_seq_length`, `prompt_format` and the schema version:
   an edited file, or another tokenizer, is re-tokenised; unchanged files are read back.
@@ -167,6 +169,8 @@ def prompt_ids(tokenizer, prompt: str, prompt_format: str) -> list[int]:
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
     if prompt_format == "plain":
         return tokenizer(prompt + "\n", add_special_tokens=True)["input_ids"]
+    if prompt_format == "qa":  # the BBH-style "Q: ...\nA: answer" layout `mtlora-eval bbh|tasks` prompts with
+        return tokenizer(f"Q: {prompt}\nA:", add_special_tokens=True)["input_ids"]
     # official: the prompt, then EOS as the separator (the official template is "{instruction}</s>")
     return tokenizer(prompt, add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
 
@@ -179,7 +183,8 @@ def tokenize_records(records: list[Record], tokenizer, max_seq_length: int,
     out, dropped = [], 0
     for rec in records:
         p = prompt_ids(tokenizer, rec.prompt, prompt_format)
-        r = tokenizer(rec.output, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        response = (" " + rec.output) if prompt_format == "qa" else rec.output   # "A: answer", as in the shots
+        r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         ids = (p + r)[:max_seq_length]
         if len(ids) <= len(p):
             dropped += 1

@@ -164,3 +164,17 @@ def test_trainconfig_defaults_follow_official_train_py():
     assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_nums) == (8, 32.0, 0.1, 2)
     assert (cfg.blc_weight, cfg.spectral_reg_lambda, cfg.block_adapter_type) == (0.01, 0.25, "attention")
     assert cfg.target_modules == ["q_proj", "v_proj"] and cfg.max_seq_length == 1024
+
+
+def test_tensorboard_without_package_is_a_clear_error(tmp_path, monkeypatch):
+    import importlib.util
+
+    from mtlora_train.recipe import MtloraRecipe
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("tensorboard") else real(name, *a))
+    cfg = TrainConfig(dataset_dir=str(tmp_path), output_dir=str(tmp_path / "out"), report_to="tensorboard")
+    with pytest.raises(ConfigError, match="needs the tensorboard package") as exc:
+        MtloraRecipe(cfg).setup()
+    assert exc.value.field == "report_to"

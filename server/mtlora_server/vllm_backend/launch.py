@@ -131,7 +131,8 @@ def check_vllm_python(python: str) -> None:
         raise ConfigError(f"--vllm-python {python}: no such executable (set --vllm-python or MTLORA_VLLM_PYTHON "
                           "to the python of a vLLM environment)", field="--vllm-python")
     try:
-        res = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True, timeout=60)
+        # cwd "/": from a checkout, the source tree's mtlora.egg-info would otherwise answer for the venv.
+        res = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True, timeout=60, cwd="/")
         info = json.loads(res.stdout.strip().splitlines()[-1])
     except (subprocess.SubprocessError, OSError, ValueError, IndexError):
         raise ConfigError(f"--vllm-python {python}: could not be probed", field="--vllm-python") from None

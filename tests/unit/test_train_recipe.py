@@ -80,7 +80,7 @@ def test_loss_falls_on_four_task_mixture(tmp_path):
     assert hist[-1]["spectral"] > 0 and hist[-1]["balance"] > 0
 
 
-def test_resumed_run_matches_uninterrupted_run_exactly(tiny_model_dir, mixture, tmp_path):
+def test_resumed_run_matches_uninterrupted_run_exactly(tiny_model_dir, mixture, tmp_path, caplog):
     # 20 examples, batch 2, accumulation 2: 5 updates per epoch, so the run crosses an epoch boundary;
     # dropout, balance, spectral and checkpointing are on so that every piece of saved state matters.
     kw = dict(max_steps=7, save_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2,
@@ -96,7 +96,7 @@ def test_resumed_run_matches_uninterrupted_run_exactly(tiny_model_dir, mixture, 
     shutil.copytree(tmp_path / "full" / "checkpoint-3", resumed_dir / "checkpoint-3")
     torch.manual_seed(12345)                         # the checkpoint's RNG state must win over whatever is set
     resumed = MtloraRecipe(_cfg(tiny_model_dir, mixture, resumed_dir, resume_from_checkpoint="last", **kw)).setup()
-    assert resumed.global_step == 3
+    assert resumed.global_step == 3 and "changed options" not in caplog.text
     resumed_hist = resumed.train()
     assert resumed_hist == full_hist                 # every loss term, lr and epoch, bit for bit
     a, b = full.adapter_tensors(), resumed.adapter_tensors()

@@ -36,6 +36,12 @@ from mtlora_train.losses import SpectralRegularizer, balance_loss, clear_routing
 logger = logging.getLogger(__name__)
 
 
+# Options that do not change what is computed; a resumed run may change them freely.
+_OPERATIONAL = {"resume_from_checkpoint", "output_dir", "save_steps", "save_strategy", "save_total_limit",
+                "logging_steps", "logging_dir", "report_to", "data_cache_dir", "dataloader_num_workers",
+                "count_params_only"}
+
+
 class MtloraRecipe:
     """Adapter fine-tuning of a frozen LLaMA-architecture model. See the module docstring."""
 
@@ -83,14 +89,16 @@ class MtloraRecipe:
         return "tensorboard"
 
     def _load_model(self, model, tokenizer) -> None:
-        from mtlora.base import config_fingerprint, load_base_model, load_tokenizer, resolve_model
+        from mtlora.base import (DEFAULT_MODEL_ID, config_fingerprint, load_base_model, load_tokenizer,
+                                 resolve_model)
 
         cfg = self.cfg
         path = None
         if model is None:
             path = resolve_model(cfg.model_name_or_path)
             model = load_base_model(path, torch.bfloat16 if cfg.bf16 else torch.float32, self.accelerator.device)
-            self.base_model_name = cfg.model_name_or_path or str(path)
+            # the hub id of the default model, not its cache path, so the adapter names a portable base
+            self.base_model_name = cfg.model_name_or_path or DEFAULT_MODEL_ID
         else:
             self.base_model_name = cfg.model_name_or_path or getattr(model.config, "_name_or_path", None)
         if tokenizer is None:
@@ -209,9 +217,10 @@ class MtloraRecipe:
 
     def _after_update(self, sums: dict[str, list[float]], bar) -> None:
         cfg = self.cfg
+        lr = self.scheduler.get_last_lr()[0]         # the rate this update used
         self.scheduler.step()
         self.global_step += 1
-        entry = {"step": self.global_step, "epoch": self.epoch, "lr": self.scheduler.get_last_lr()[0]}
+        entry = {"step": self.global_step, "epoch": self.epoch, "lr": lr}
         entry.update({("loss" if k == "total" else k): sum(v) / len(v) for k, v in sums.items()})
         self.history.append(entry)
         bar.update(1)
@@ -279,6 +288,10 @@ class MtloraRecipe:
         if st["num_processes"] != self.accelerator.num_processes:
             raise CheckpointError(f"saved with {st['num_processes']} processes, now {self.accelerator.num_processes}"
                                   "; the data position would not match", path=str(path))
+        changed = sorted(k for k, v in st.get("config", {}).items()
+                         if k not in _OPERATIONAL and self.cfg.to_dict().get(k) != v)
+        if changed:  # allowed (e.g. a longer run), but the continuation is then not the original run's
+            logger.warning("resuming with changed options %s; the run will differ from the original", changed)
         _, tensors = load_adapter(path / "adapter", self.accelerator.unwrap_model(self.model).config)
         inject.load_adapter_state(self.accelerator.unwrap_model(self.model), tensors, source=str(path / "adapter"))
         self.optimizer.load_state_dict(ckpt.load_torch(path, "optimizer.pt"))

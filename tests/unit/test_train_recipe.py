@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 
 import pytest
 import torch
@@ -91,9 +90,19 @@ def test_resumed_run_matches_uninterrupted_run_exactly(tiny_model_dir, mixture, 
     full_hist = full.train()
     assert [h["epoch"] for h in full_hist] == [0, 0, 0, 0, 0, 1, 1]
 
+    class Crash(Exception):
+        pass
+
+    class CrashingRecipe(MtloraRecipe):
+        def _after_update(self, sums, bar):
+            super()._after_update(sums, bar)
+            if self.global_step == 4:                # one update past the last checkpoint
+                raise Crash
+
     resumed_dir = tmp_path / "resumed"
-    resumed_dir.mkdir()
-    shutil.copytree(tmp_path / "full" / "checkpoint-3", resumed_dir / "checkpoint-3")
+    with pytest.raises(Crash):
+        CrashingRecipe(_cfg(tiny_model_dir, mixture, resumed_dir, **kw)).setup().train()
+    assert sorted(p.name for p in resumed_dir.iterdir()) == ["checkpoint-3"]
     torch.manual_seed(12345)                         # the checkpoint's RNG state must win over whatever is set
     resumed = MtloraRecipe(_cfg(tiny_model_dir, mixture, resumed_dir, resume_from_checkpoint="last", **kw)).setup()
     assert resumed.global_step == 3 and "changed options" not in caplog.text

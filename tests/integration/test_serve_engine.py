@@ -148,3 +148,25 @@ async def test_openai_client(served):
     with pytest.raises(openai.BadRequestError):
         await client.completions.create(model="moe", prompt="x", max_tokens=100_000)
     await http.aclose()
+
+
+async def test_full_queue_is_429_with_retry_after(tiny_model_dir):
+    from mtlora_server.engine.args import EngineArgs
+    from mtlora_server.engine.engine import Engine
+
+    engine = Engine.from_args(EngineArgs(model=str(tiny_model_dir), dtype="float32", device="cpu",
+                                         kv_cache_memory=1 << 20, max_num_seqs=1, max_waiting=1))
+    await engine.start()
+    app = build_app(engine, ServerArgs())
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=60) as c:
+            rs = await asyncio.gather(*(c.post("/v1/completions", json={"prompt": "q", "max_tokens": 40})
+                                        for _ in range(6)))
+            after = await c.post("/v1/completions", json={"prompt": "q", "max_tokens": 2})
+    finally:
+        await engine.shutdown()
+    codes = [r.status_code for r in rs]
+    assert set(codes) <= {200, 429} and 429 in codes and 200 in codes, codes
+    rejected = next(r for r in rs if r.status_code == 429)
+    assert int(rejected.headers["retry-after"]) >= 1 and rejected.json()["error"]["type"] == "RateLimitError"
+    assert after.status_code == 200                     # the server recovers once the queue drains

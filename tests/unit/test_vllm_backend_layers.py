@@ -123,6 +123,7 @@ def test_build_command(tmp_path):
                         ("--dtype", "float32"), ("--max-model-len", "256"), ("--tensor-parallel-size", "2")]:
         assert cmd[cmd.index(flag) + 1] == value
     assert "--enforce-eager" in cmd and cmd[-1] == "--foo"
+    assert "--block-size" not in cmd          # vLLM's backends choose their own (the CPU one needs 32k)
     assert not any("sekrit" in part for part in cmd)          # the key travels in the environment
 
 

@@ -77,8 +77,10 @@ def build_command(args: argparse.Namespace, model_dir: str, adapter_path: str, s
            "--seed", str(getattr(args, "seed", 0)),
            "--max-num-seqs", str(getattr(args, "max_num_seqs", 64)),
            "--uvicorn-log-level", getattr(args, "log_level", "info")]
+    # --block-size is not forwarded: mtlora-serve always sets it (default 16) and vLLM's attention backends need
+    # their own (the CPU one a multiple of 32); pass --vllm-arg=--block-size=N to choose it.
     optional = [("--max-model-len", "max_model_len"), ("--max-num-batched-tokens", "max_num_batched_tokens"),
-                ("--block-size", "block_size"), ("--kv-cache-memory-bytes", "kv_cache_memory")]
+                ("--kv-cache-memory-bytes", "kv_cache_memory")]
     for flag, attr in optional:
         if getattr(args, attr, None) is not None:
             cmd += [flag, str(getattr(args, attr))]

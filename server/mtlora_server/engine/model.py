@@ -256,21 +256,20 @@ def _add(x: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
 
 
 def _component_deltas(fused: torch.Tensor, inp: torch.Tensor, ctx, parts, block: str) -> torch.Tensor:
-    """Add component-level adapter deltas to the matching column slices of a fused projection output."""
+    """Add component-level adapter deltas, in place, to the matching column slices of a fused projection output
+    (`fused` is a fresh matmul result, so writing into it is safe and avoids a concatenation)."""
     adapters, idx, sites, slot_idx, stats = ctx
     if not sites:
         return fused
-    start, chunks, changed = 0, [], False
+    start = 0
     for name, width in parts:
-        piece = fused[:, start:start + width]
         site = f"{block}.{name}"
         if site in sites:
             delta = adapters.apply(idx, site, inp, slot_idx, stats)
             if delta is not None:
-                piece, changed = piece + delta.to(piece.dtype), True
-        chunks.append(piece)
+                fused[:, start:start + width] += delta.to(fused.dtype)
         start += width
-    return torch.cat(chunks, dim=-1) if changed and len(chunks) > 1 else (chunks[0] if changed else fused)
+    return fused
 
 
 # -- weights -----------------------------------------------------------------------------------------------------

@@ -1,0 +1,214 @@
+"""`mtlora-bench engine`: in-process throughput of the serving engine against transformers `generate`.
+
+Workload (defaults): 64 prompts x 128 random tokens in, 64 greedy tokens out (EOS ignored so every request does
+the same work), the default model in bf16 on CPU. Rows:
+  engine_base    the engine, bare base model for every request
+  engine_mtlora  the engine, every request on one mtlora adapter (N=8, r=16, ffn, g=3, random non-zero weights)
+  engine_mix4    the engine, requests spread over 4 adapters in the same batches (2 mtlora, 1 hydralora, 1 lora)
+  hf_base        transformers generate, all prompts in one batch (the strongest HF baseline)
+  hf_mix4        transformers generate with the reference adapters attached by mtlora.inject, one batch per
+                 adapter (HF cannot mix adapters in a batch)
+Prints a side-by-side table with ratios and writes the JSON report. Timings cover generation only (model and
+adapter loading excluded); a short warm-up run precedes each engine row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("mtlora.bench_engine")
+
+ROWS = ("engine_base", "engine_mtlora", "engine_mix4", "hf_base", "hf_mix4")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mtlora-bench engine", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="model dir or hub id (default: mtlora.base's default model)")
+    p.add_argument("--dtype", default="bfloat16", help="float32 | bfloat16 | auto (default bfloat16)")
+    p.add_argument("--num-prompts", type=int, default=64, help="number of requests (default 64)")
+    p.add_argument("--input-len", type=int, default=128, help="prompt tokens per request (default 128)")
+    p.add_argument("--output-len", type=int, default=64, help="greedy tokens generated per request (default 64)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="engine max_num_seqs (default 64)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="engine token budget per step")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0, help="seed for prompts and random adapter weights")
+    p.add_argument("--output", default="bench_engine.json", help="where to write the JSON report")
+    return p
+
+
+# -- workload ----------------------------------------------------------------------------------------------------
+def make_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(10, vocab) for _ in range(length)] for _ in range(n)]
+
+
+def adapter_specs(hidden_size: int) -> dict[str, dict]:
+    """The benchmark's adapters; g=3 routing groups over the hidden size for the main mtlora adapter."""
+    attn = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    return {
+        "mt_ffn": dict(method="mtlora", placement="ffn", rank=16, num_experts=8,
+                       routing_group_size=hidden_size // 3),
+        "mt_attn": dict(method="mtlora", placement="attention", rank=16, num_experts=4),
+        "hydra": dict(method="hydralora", rank=16, num_experts=4, target_modules=["q_proj", "v_proj", "down_proj"]),
+        "lora": dict(method="lora", rank=16, target_modules=attn),
+    }
+
+
+def write_adapters(root: Path, hf_config, seed: int) -> dict[str, str]:
+    from mtlora.checkpoint import save_adapter
+    from mtlora.config import AdapterConfig
+    from mtlora.reference import random_adapter_tensors
+
+    paths = {}
+    for i, (name, spec) in enumerate(adapter_specs(hf_config.hidden_size).items()):
+        cfg = AdapterConfig(**spec)
+        tensors = random_adapter_tensors(cfg, hf_config, seed=seed + i, scale=0.02)
+        paths[name] = str(save_adapter(root / name, cfg, tensors))
+    return paths
+
+
+# -- engine rows -------------------------------------------------------------------------------------------------
+async def _drive(engine, prompts, adapters: list[str | None], output_len: int, tag: str) -> int:
+    from mtlora_server.engine.types import GenerationRequest, SamplingParams
+
+    async def one(i: int) -> int:
+        params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+        n = 0
+        async for out in engine.generate(GenerationRequest(f"{tag}-{i}", prompts[i], params, adapter=adapters[i])):
+            n += sum(len(d.token_ids) for d in out.deltas)
+        return n
+
+    return sum(await asyncio.gather(*[one(i) for i in range(len(prompts))]))
+
+
+async def run_engine_rows(args, model_dir, paths, prompts, rows) -> dict[str, dict]:
+    from mtlora_server.engine.args import EngineArgs
+    from mtlora_server.engine.engine import Engine
+
+    eng = Engine.from_args(EngineArgs(model=str(model_dir), dtype=args.dtype, device="cpu", adapters=paths,
+                                      max_num_seqs=args.max_num_seqs,
+                                      max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed))
+    await eng.start()
+    names = list(paths)
+    plans = {"engine_base": [None] * len(prompts), "engine_mtlora": ["mt_ffn"] * len(prompts),
+             "engine_mix4": [names[i % len(names)] for i in range(len(prompts))]}
+    out = {}
+    try:
+        await _drive(eng, prompts[:4], [None, *names[:3]], 4, "warmup")
+        for row in rows:
+            if row not in plans:
+                continue
+            steps0 = eng.core.step_count
+            t0 = time.perf_counter()
+            tokens = await _drive(eng, prompts, plans[row], args.output_len, row)
+            dt = time.perf_counter() - t0
+            out[row] = {"seconds": dt, "output_tokens": tokens, "tokens_per_s": tokens / dt,
+                        "steps": eng.core.step_count - steps0}
+            log.info("%s: %.1f s, %.1f tok/s", row, dt, tokens / dt)
+    finally:
+        await eng.shutdown()
+    return out
+
+
+# -- transformers rows -------------------------------------------------------------------------------------------
+def _hf_generate(model, prompts, output_len: int) -> int:
+    ids = torch.tensor(prompts)                                       # equal lengths: no padding needed
+    with torch.inference_mode():
+        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len,
+                             min_new_tokens=output_len, do_sample=False, pad_token_id=0)
+    return int((gen.shape[1] - ids.shape[1]) * ids.shape[0])
+
+
+def run_hf_rows(args, model_dir, paths, prompts, rows) -> dict[str, dict]:
+    from mtlora import inject
+    from mtlora.base import load_base_model
+    from mtlora.checkpoint import load_adapter
+
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(args.dtype, torch.bfloat16)
+    model = load_base_model(model_dir, dtype=dtype)
+    out = {}
+    if "hf_base" in rows:
+        _hf_generate(model, prompts[:2], 2)                           # warm-up
+        t0 = time.perf_counter()
+        tokens = _hf_generate(model, prompts, args.output_len)
+        dt = time.perf_counter() - t0
+        out["hf_base"] = {"seconds": dt, "output_tokens": tokens, "tokens_per_s": tokens / dt}
+        log.info("hf_base: %.1f s, %.1f tok/s", dt, tokens / dt)
+    if "hf_mix4" in rows:
+        names, total_t, total_tok = list(paths), 0.0, 0
+        for k, name in enumerate(names):
+            config, tensors = load_adapter(paths[name], model_config=model.config, dtype=dtype)
+            inject.attach(model, config)
+            inject.load_adapter_state(model, tensors, source=paths[name])
+            group = [p for i, p in enumerate(prompts) if i % len(names) == k]
+            t0 = time.perf_counter()
+            total_tok += _hf_generate(model, group, args.output_len)
+            total_t += time.perf_counter() - t0
+            inject.detach(model)
+        out["hf_mix4"] = {"seconds": total_t, "output_tokens": total_tok, "tokens_per_s": total_tok / total_t}
+        log.info("hf_mix4: %.1f s, %.1f tok/s", total_t, total_tok / total_t)
+    return out
+
+
+# -- report ------------------------------------------------------------------------------------------------------
+def ratios(results: dict[str, dict]) -> dict[str, float]:
+    tps = {k: v["tokens_per_s"] for k, v in results.items()}
+    pairs = {"engine_base/hf_base": ("engine_base", "hf_base"), "engine_mix4/engine_base": ("engine_mix4",
+             "engine_base"), "engine_mtlora/engine_base": ("engine_mtlora", "engine_base"),
+             "engine_mix4/hf_mix4": ("engine_mix4", "hf_mix4")}
+    return {k: tps[a] / tps[b] for k, (a, b) in pairs.items() if a in tps and b in tps}
+
+
+def print_table(results: dict[str, dict], rat: dict[str, float]) -> None:
+    base = results.get("engine_base", {}).get("tokens_per_s")
+    print(f"{'row':<15}{'seconds':>10}{'tokens':>9}{'tok/s':>10}{'x engine_base':>15}")
+    for row in ROWS:
+        if row in results:
+            r = results[row]
+            rel = f"{r['tokens_per_s'] / base:.2f}" if base else "-"
+            print(f"{row:<15}{r['seconds']:>10.1f}{r['output_tokens']:>9d}{r['tokens_per_s']:>10.1f}{rel:>15}")
+    for k, v in rat.items():
+        print(f"{k:<28}{v:>6.2f}x")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    bad = [r for r in rows if r not in ROWS]
+    if bad:
+        raise SystemExit(f"--rows: unknown row(s) {bad}; expected names from {ROWS}")
+    from mtlora.base import load_config, resolve_model
+
+    model_dir = resolve_model(args.model)
+    hf_config = load_config(model_dir)
+    prompts = make_prompts(args.num_prompts, args.input_len, hf_config.vocab_size, args.seed)
+    with tempfile.TemporaryDirectory(prefix="mtlora-bench-") as tmp:
+        paths = write_adapters(Path(tmp), hf_config, args.seed)
+        results = asyncio.run(run_engine_rows(args, model_dir, paths, prompts, rows))
+        results.update(run_hf_rows(args, model_dir, paths, prompts, rows))
+    rat = ratios(results)
+    print_table(results, rat)
+    report = {"model": str(model_dir), "dtype": args.dtype, "num_prompts": args.num_prompts,
+              "input_len": args.input_len, "output_len": args.output_len, "threads": torch.get_num_threads(),
+              "results": results, "ratios": rat}
+    Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -2,7 +2,7 @@
 
 Starts `python -m mtlora_server.vllm_backend` (what `mtlora-serve --engine vllm` runs) on a tiny random LLaMA
 (head_dim 32: vLLM's CPU attention wants >= 32) with a random mtlora adapter (attention + FFN sites, 4 experts,
-4 routing groups) in float32, then checks through the OpenAI API that vLLM gives the same greedy tokens and the same
+4 routing groups) in float32, with tensor parallelism 1 and 2, then checks through the OpenAI API that vLLM gives the same greedy tokens and the same
 prompt logprobs (within 1e-3) as the reference oracle (`mtlora.reference.ReferenceModel`) and the native engine.
 
 The vLLM interpreter comes from $MTLORA_VLLM_PYTHON (default ~/.cache/mtlora-peers/vllm-cpu/bin/python, built by
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -91,21 +92,33 @@ def _tail(log: Path, lines: int = 40) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
-@pytest.fixture(scope="module")
-def server(vllm_python, workdir):
-    """The launcher (this interpreter) running vLLM's OpenAI server (the vLLM interpreter) as its child."""
-    port, log = _free_port(), workdir["root"] / "vllm-server.log"
+def _cpu_env(tp: int) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    if tp > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in env:
+        # vLLM's CPU workers bind one NUMA node each by default and refuse TP > nodes; give each rank a core.
+        cpus = sorted(os.sched_getaffinity(0))
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(cpus[r % len(cpus)]) for r in range(tp))
+    return env
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
+def server(request, vllm_python, workdir):
+    """The launcher (this interpreter) running vLLM's OpenAI server (the vLLM interpreter) as its child, with
+    tensor parallelism 1 and 2 (the base model sharded over two CPU workers, the adapter replicated)."""
+    tp = request.param
+    port, log = _free_port(), workdir["root"] / f"vllm-server-tp{tp}.log"
     cmd = [sys.executable, "-m", "mtlora_server.vllm_backend", "--model", str(workdir["model"]),
            "--adapter", f"{ADAPTER_NAME}={workdir['adapter']}", "--vllm-python", vllm_python,
            "--dtype", "float32", "--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "8",
-           "--kv-cache-memory", "64MiB", "--port", str(port), "--api-key", API_KEY, "--log-level", "warning"]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+           "--kv-cache-memory", "64MiB", "--port", str(port), "--api-key", API_KEY, "--log-level", "warning",
+           "--tensor-parallel-size", str(tp)]
+    env = _cpu_env(tp)
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(proc, url, log)
-        yield {"url": url, "log": log}
+        yield {"url": url, "log": log, "tp": tp}
     finally:
         proc.send_signal(signal.SIGTERM)            # the launcher forwards it to vLLM, which stops its workers
         try:
@@ -188,3 +201,10 @@ def test_served_name_and_api_key(server):
     res = httpx.get(f"{url}/v1/models", timeout=30, headers={"Authorization": f"Bearer {API_KEY}"})
     assert res.status_code == 200
     assert [m["id"] for m in res.json()["data"]] == [ADAPTER_NAME]
+
+
+def test_tensor_parallel_size_took_effect(server):
+    # vLLM logs one "world_size=N rank=R" line per worker: the base model really ran sharded.
+    text = server["log"].read_text(errors="replace")
+    assert {f"world_size={server['tp']} rank={r}" for r in range(server["tp"])} <= set(
+        re.findall(r"world_size=\d+ rank=\d+", text))

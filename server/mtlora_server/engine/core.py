@@ -90,7 +90,8 @@ class EngineCore:
                                   args.max_groups, self.dtype, self.device)
         self.routing_stats = RoutingStats()
         self.scheduler = Scheduler(self.pool, args.max_num_seqs, args.max_num_batched_tokens, args.max_waiting)
-        self.runner = ModelRunner(self.model, self.pool, self.slots, self.device)
+        self.slot_sites: dict[int, set[str]] = {}
+        self.runner = ModelRunner(self.model, self.pool, self.slots, self.device, self.slot_sites)
         self.eos_ids = set(c.eos_token_ids)
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
@@ -269,6 +270,7 @@ class EngineCore:
                            num_parameters=sum(t.numel() for t in tensors.values()),
                            num_experts=config.num_experts, rank=config.rank)
         self.adapters[name] = _Adapter(slot, config, info)
+        self.slot_sites[slot] = set(config.sites())
         log.info("adapter %s (%s, N=%d, r=%d) in slot %d", name, config.method, config.num_experts,
                  config.rank, slot)
         return info
@@ -282,6 +284,7 @@ class EngineCore:
             raise AdapterLoadError(f"adapter {name!r} is in use by {busy} running sequence(s); retry later")
         self.slots.clear(slot)
         del self.adapters[name]
+        self.slot_sites.pop(slot, None)
 
     # -- stats ---------------------------------------------------------------------------------------------------
     def stats(self) -> EngineStats:

@@ -172,6 +172,7 @@ class StepBatch:
     logits_index: torch.Tensor    # [L] long: flat tokens whose logits are wanted
     kmax: int                     # keys per sequence after gathering (<= nblk * block_size)
     any_adapter: bool = True      # False: every token is bare base, skip adapter ops entirely
+    sites: frozenset | None = None  # adapter sites used by some token of this step (None: ask the slots)
 
 
 class LlamaDecoder:
@@ -206,6 +207,8 @@ class LlamaDecoder:
         cos, sin = self.cos[b.positions], self.sin[b.positions]             # [T, hd]
         for idx, w in enumerate(self.layers):
             sites = adapters.active_sites(idx) if use_adapters else ()
+            if b.sites is not None:                                         # skip sites no token of this step uses
+                sites = [s for s in sites if s in b.sites]
             ctx = (adapters, idx, sites, b.adapter_slots, stats)
             x = rms_norm(h, w["in_norm"], self.cfg.rms_norm_eps)            # x: [T, d]
             a = self._attention(idx, w, x, cos, sin, b, kv, ctx)
@@ -233,13 +236,29 @@ class LlamaDecoder:
         v = v.reshape(T, cfg.num_key_value_heads, cfg.head_dim)
         kv.write(idx, b.slot_mapping, k, v)
         keys, values = kv.gather(idx, b.block_tables, b.kmax)               # [B, KV, Kmax, hd]
-        # Scatter queries into the padded [B, Qmax] layout; index T reads an appended zero row.
-        qp = torch.cat([q, q.new_zeros(1, *q.shape[1:])])[b.q_gather]      # [B, Qmax, H, hd]
-        out = F.scaled_dot_product_attention(qp.transpose(1, 2), keys, values, attn_mask=b.attn_mask,
-                                             scale=self.scale, enable_gqa=True)   # [B, H, Qmax, hd]
-        out = out.transpose(1, 2).reshape(-1, self.q_size)[b.out_gather]    # [T, H*hd]
+        if b.q_gather.shape[1] == 1:                                        # decode-only step: T == B
+            out = self._decode_attention(q, keys, values, b.attn_mask)      # [T, H*hd]
+        else:
+            # Scatter queries into the padded [B, Qmax] layout; index T reads an appended zero row.
+            qp = torch.cat([q, q.new_zeros(1, *q.shape[1:])])[b.q_gather]  # [B, Qmax, H, hd]
+            out = F.scaled_dot_product_attention(qp.transpose(1, 2), keys, values, attn_mask=b.attn_mask,
+                                                 scale=self.scale, enable_gqa=True)   # [B, H, Qmax, hd]
+            out = out.transpose(1, 2).reshape(-1, self.q_size)[b.out_gather]  # [T, H*hd]
         o = F.linear(out, w["o"])                                           # [T, d]
         return _component_deltas(o, out, ctx, (("o_proj", cfg.hidden_size),), "self_attn")
+
+    def _decode_attention(self, q, keys, values, mask) -> torch.Tensor:
+        """One query per sequence, as two batched matmuls per KV head group. q: [B, H, hd]; keys/values:
+        [B, KV, Kmax, hd]; mask: [B, 1, 1, Kmax]. On CPU this is ~10x faster than SDPA's flash kernel, which is
+        built for long query blocks. Scores come out of the matmul in the compute dtype (as q and k already are),
+        the softmax runs in fp32."""
+        B, H, hd = q.shape
+        kvh = keys.shape[1]
+        qg = q.view(B, kvh, H // kvh, hd)                                   # heads of one KV head are adjacent
+        scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * self.scale          # [B, KV, G, Kmax]
+        scores = scores.masked_fill(~mask.view(B, 1, 1, -1), float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(values.dtype)
+        return torch.matmul(probs, values).reshape(B, H * hd)              # [B, H*hd]
 
     def _mlp(self, w, x, ctx) -> torch.Tensor:
         F_ = self.cfg.intermediate_size

@@ -3,7 +3,8 @@
 Contract:
 - `build_batch(chunks, logit_positions, block_size, device) -> StepBatch` flattens the chunks into T tokens and
   builds the padded attention layout (query scatter index [B, Qmax], block tables [B, nblk], causal + length mask)
-  with tensor ops, plus the flat indices of the rows whose logits are wanted.
+  with tensor ops, plus the flat indices of the rows whose logits are wanted, and (given `slot_sites`) the set of
+  adapter sites some token of the step uses, so the model skips ops that would only return zeros.
 - `logit_positions[i]` lists the absolute positions of chunk i whose logits are wanted (prompt logprobs and/or the
   last position when the chunk samples); rows come back in that order, chunk after chunk.
 - `ModelRunner.run(chunks, logit_positions, stats)` executes the forward under `torch.inference_mode` and returns
@@ -19,7 +20,7 @@ from .scheduler import Chunk
 
 
 def build_batch(chunks: list[Chunk], logit_positions: list[list[int]], block_size: int,
-                device: torch.device) -> StepBatch:
+                device: torch.device, slot_sites: dict[int, set[str]] | None = None) -> StepBatch:
     B = len(chunks)
     q_len = torch.tensor([c.length for c in chunks], dtype=torch.long)                       # [B]
     start = torch.tensor([c.start for c in chunks], dtype=torch.long)                        # [B]
@@ -51,7 +52,11 @@ def build_batch(chunks: list[Chunk], logit_positions: list[list[int]], block_siz
     flat_rows = []
     for b, (c, wanted) in enumerate(zip(chunks, logit_positions)):
         flat_rows.extend(int(q_off[b]) + p - c.start for p in wanted)
-    slots = torch.tensor([c.seq.adapter_slot for c in chunks], dtype=torch.long)
+    slot_list = [c.seq.adapter_slot for c in chunks]
+    slots = torch.tensor(slot_list, dtype=torch.long)
+    sites = None
+    if slot_sites is not None:
+        sites = frozenset(site for slot in set(slot_list) if slot >= 0 for site in slot_sites.get(slot, ()))
     adapter_slots = slots[seq_of_tok]
     return StepBatch(
         input_ids=torch.tensor(ids, dtype=torch.long).to(device),
@@ -65,16 +70,18 @@ def build_batch(chunks: list[Chunk], logit_positions: list[list[int]], block_siz
         logits_index=torch.tensor(flat_rows, dtype=torch.long).to(device),
         kmax=kmax,
         any_adapter=bool((slots >= 0).any()),
+        sites=sites,
     )
 
 
 class ModelRunner:
     """Owns the model, the KV pool and the adapter slots; runs one step."""
 
-    def __init__(self, model, pool, adapters, device: torch.device):
+    def __init__(self, model, pool, adapters, device: torch.device, slot_sites: dict[int, set[str]] | None = None):
         self.model, self.pool, self.adapters, self.device = model, pool, adapters, device
+        self.slot_sites = slot_sites          # slot -> sites its adapter adapts (kept current by the core)
 
     @torch.inference_mode()
     def run(self, chunks: list[Chunk], logit_positions: list[list[int]], stats=None) -> torch.Tensor:
-        batch = build_batch(chunks, logit_positions, self.pool.block_size, self.device)
+        batch = build_batch(chunks, logit_positions, self.pool.block_size, self.device, self.slot_sites)
         return self.model.forward(batch, self.pool, self.adapters, stats)

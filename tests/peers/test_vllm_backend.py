@@ -2,7 +2,7 @@
 
 Starts `python -m mtlora_server.vllm_backend` (what `mtlora-serve --engine vllm` runs) on a tiny random LLaMA
 (head_dim 32: vLLM's CPU attention wants >= 32) with a random mtlora adapter (attention + FFN sites, 4 experts,
-4 routing groups) in float32, with tensor parallelism 1 and 2, then checks through the OpenAI API that vLLM gives the same greedy tokens and the same
+4 routing groups) in float32, with tensor parallelism 1 (untied embeddings) and 2 (tied), then checks through the OpenAI API that vLLM gives the same greedy tokens and the same
 prompt logprobs (within 1e-3) as the reference oracle (`mtlora.reference.ReferenceModel`) and the native engine.
 
 The vLLM interpreter comes from $MTLORA_VLLM_PYTHON (default ~/.cache/mtlora-peers/vllm-cpu/bin/python, built by
@@ -54,11 +54,9 @@ def vllm_python() -> str:
     return python
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("vllm-backend")
+def _make_workdir(root: Path, tied: bool) -> dict:
     model_dir = make_tiny_model_dir(root / "tiny", hidden_size=128, intermediate_size=256, num_attention_heads=4,
-                                    num_key_value_heads=2)
+                                    num_key_value_heads=2, tie_word_embeddings=tied)
     model_config = load_config(model_dir)
     config = AdapterConfig(method="mtlora", rank=8, alpha=16, num_experts=4, placement="both",
                            routing_group_size=32, base_fingerprint=config_fingerprint(model_config))
@@ -101,11 +99,13 @@ def _cpu_env(tp: int) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
-def server(request, vllm_python, workdir):
-    """The launcher (this interpreter) running vLLM's OpenAI server (the vLLM interpreter) as its child, with
-    tensor parallelism 1 and 2 (the base model sharded over two CPU workers, the adapter replicated)."""
-    tp = request.param
+@pytest.fixture(scope="module", params=[(1, False), (2, True)], ids=["tp1-untied", "tp2-tied"])
+def server(request, vllm_python, tmp_path_factory):
+    """The launcher (this interpreter) running vLLM's OpenAI server (the vLLM interpreter) as its child: tensor
+    parallelism 1, then 2 (the base sharded over two CPU workers, the adapter replicated) on a base with tied
+    embeddings (like the default SmolLM2)."""
+    tp, tied = request.param
+    workdir = _make_workdir(tmp_path_factory.mktemp("vllm-backend"), tied)
     port, log = _free_port(), workdir["root"] / f"vllm-server-tp{tp}.log"
     cmd = [sys.executable, "-m", "mtlora_server.vllm_backend", "--model", str(workdir["model"]),
            "--adapter", f"{ADAPTER_NAME}={workdir['adapter']}", "--vllm-python", vllm_python,
@@ -118,7 +118,7 @@ def server(request, vllm_python, workdir):
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(proc, url, log)
-        yield {"url": url, "log": log, "tp": tp}
+        yield {"url": url, "log": log, "tp": tp, **workdir}
     finally:
         proc.send_signal(signal.SIGTERM)            # the launcher forwards it to vLLM, which stops its workers
         try:
@@ -145,7 +145,7 @@ def _vllm_completions(server, prompts: list[list[int]]) -> list[dict]:
     return out
 
 
-def _native_completions(workdir, prompts: list[list[int]]) -> list[dict]:
+def _native_completions(workdir: dict, prompts: list[list[int]]) -> list[dict]:
     from mtlora_server.engine.args import EngineArgs
     from mtlora_server.engine.core import EngineCore
     from mtlora_server.engine.types import GenerationRequest, SamplingParams
@@ -175,24 +175,24 @@ def _assert_same(got: list[dict], want: list[dict], what: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def vllm_outputs(server, workdir) -> list[dict]:
-    return _vllm_completions(server, workdir["prompts"])
+def vllm_outputs(server) -> list[dict]:
+    return _vllm_completions(server, server["prompts"])
 
 
-def test_vllm_matches_reference_oracle(vllm_outputs, workdir):
-    ref = ReferenceModel(workdir["model"], workdir["adapter"])
+def test_vllm_matches_reference_oracle(vllm_outputs, server):
+    ref = ReferenceModel(server["model"], server["adapter"])
     want = [{"tokens": ref.greedy(p, NEW_TOKENS), "prompt_logprobs": ref.prompt_logprobs(p)}
-            for p in workdir["prompts"]]
+            for p in server["prompts"]]
     _assert_same(vllm_outputs, want, "vLLM vs reference")
     # The adapter must matter, or the parity above would also pass with the adapter silently ignored.
-    base = ReferenceModel(workdir["model"])
-    base_lp = [base.prompt_logprobs(p) for p in workdir["prompts"]]
+    base = ReferenceModel(server["model"])
+    base_lp = [base.prompt_logprobs(p) for p in server["prompts"]]
     gap = max(abs(a - b) for o, lp in zip(vllm_outputs, base_lp) for a, b in zip(o["prompt_logprobs"][1:], lp[1:]))
     assert gap > 50 * TOL, f"the adapter changed prompt logprobs by only {gap:.2e}: is it applied at all?"
 
 
-def test_vllm_matches_native_engine(vllm_outputs, workdir):
-    _assert_same(vllm_outputs, _native_completions(workdir, workdir["prompts"]), "vLLM vs native engine")
+def test_vllm_matches_native_engine(vllm_outputs, server):
+    _assert_same(vllm_outputs, _native_completions(server, server["prompts"]), "vLLM vs native engine")
 
 
 def test_served_name_and_api_key(server):

@@ -2,8 +2,9 @@
 
 Starts `python -m mtlora_server.vllm_backend` (what `mtlora-serve --engine vllm` runs) on a tiny random LLaMA
 (head_dim 32: vLLM's CPU attention wants >= 32) with a random mtlora adapter (attention + FFN sites, 4 experts,
-4 routing groups) in float32, with tensor parallelism 1 (untied embeddings) and 2 (tied), then checks through the OpenAI API that vLLM gives the same greedy tokens and the same
-prompt logprobs (within 1e-3) as the reference oracle (`mtlora.reference.ReferenceModel`) and the native engine.
+4 routing groups) in float32, with tensor parallelism 1 (untied embeddings) and 2 (tied), then checks through the
+OpenAI API that vLLM gives the same greedy tokens and the same prompt logprobs (within 1e-3) as the reference oracle
+(`mtlora.reference.ReferenceModel`) and the native engine.
 
 The vLLM interpreter comes from $MTLORA_VLLM_PYTHON (default ~/.cache/mtlora-peers/vllm-cpu/bin/python, built by
 /work/shared/peers/vllm_cpu_baseline.sh) and must have mtlora installed (`pip install --no-deps -e <checkout>`);

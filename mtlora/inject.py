@@ -6,7 +6,8 @@ Contract:
   keyed by their native name prefix `layers.{L}.{site}` (e.g. `layers.3.mlp`, `layers.3.self_attn.q_proj`).
 - Native tensor names are `{prefix}.lora_A` [r, d_in], `{prefix}.lora_B` [N, d_out, r], `{prefix}.router`
   [g*N, d_in] (absent when N == 1). `adapter_state_dict` / `load_adapter_state` use exactly these names and
-  `expected_shapes(model_config, adapter_config)` predicts them without building anything.
+  `expected_shapes(model_config, adapter_config)` predicts them without building anything; `site_dims(model_config,
+  site)` gives one site's (in_features, out_features).
 - `detach(model)` restores the original modules. Attaching twice is an error.
 """
 
@@ -29,7 +30,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def _site_dims(model_config, site: str) -> tuple[int, int]:
+def site_dims(model_config, site: str) -> tuple[int, int]:
     """(in_features, out_features) of an adapter site, from the base model's config alone."""
     d = model_config.hidden_size
     heads = model_config.num_attention_heads
@@ -42,7 +43,12 @@ def _site_dims(model_config, site: str) -> tuple[int, int]:
         "self_attn.o_proj": (heads * head_dim, d),
         "mlp.gate_proj": (d, ffn), "mlp.up_proj": (d, ffn), "mlp.down_proj": (ffn, d),
     }
+    if site not in dims:
+        raise ConfigError(f"unknown adapter site {site!r}; expected one of {sorted(dims)}", field="site")
     return dims[site]
+
+
+_site_dims = site_dims  # the engine's lora_ops still imports the old private name
 
 
 def expected_shapes(model_config, config: AdapterConfig) -> dict[str, tuple[int, ...]]:
@@ -50,7 +56,7 @@ def expected_shapes(model_config, config: AdapterConfig) -> dict[str, tuple[int,
     shapes: dict[str, tuple[int, ...]] = {}
     for layer in range(model_config.num_hidden_layers):
         for site in config.sites():
-            d_in, d_out = _site_dims(model_config, site)
+            d_in, d_out = site_dims(model_config, site)
             prefix = f"layers.{layer}.{site}"
             shapes[f"{prefix}.lora_A"] = (config.rank, d_in)
             shapes[f"{prefix}.lora_B"] = (config.num_experts, d_out, config.rank)
@@ -70,7 +76,7 @@ def attach(model: nn.Module, config: AdapterConfig) -> dict[str, MoLoRA]:
             parent_path, _, leaf = site.rpartition(".")
             parent = layer.get_submodule(parent_path) if parent_path else layer
             target = getattr(parent, leaf)
-            d_in, d_out = _site_dims(model.config, site)
+            d_in, d_out = site_dims(model.config, site)
             adapter = MoLoRA(d_in, d_out, config, dtype=ref.dtype, device=ref.device)
             wrapper = AdaptedLinear(target, adapter) if parent_path else AdaptedBlock(target, adapter)
             # New modules start in training mode; follow the wrapped module, or an eval model would apply dropout.

@@ -144,3 +144,10 @@ def test_attach_follows_the_model_training_mode(tiny_model):
     ids = torch.tensor([[4, 5, 6]])
     with torch.no_grad():
         assert torch.equal(tiny_model(input_ids=ids).logits, tiny_model(input_ids=ids).logits)
+
+
+def test_site_dims_names_the_unknown_site():
+    cfg = tiny_llama_config()
+    assert inject.site_dims(cfg, "mlp.down_proj") == (cfg.intermediate_size, cfg.hidden_size)
+    with pytest.raises(ConfigError, match="unknown adapter site 'mlp.bogus'"):
+        inject.site_dims(cfg, "mlp.bogus")

@@ -16,7 +16,7 @@ import torch
 from mtlora.adapters import MoLoRA
 from mtlora.config import AdapterConfig
 from mtlora.errors import AdapterLoadError
-from mtlora.inject import _site_dims
+from mtlora.inject import site_dims
 from mtlora_server.engine.lora_ops import (AdapterSlots, RoutingStats, molora_reference, molora_torch,
                                            segment_tiles)
 
@@ -41,7 +41,7 @@ def _oracles(seed: int = 0) -> dict[int, dict[str, MoLoRA]]:
         mods = {}
         for layer in range(CFG.num_hidden_layers):
             for site in cfg.sites():
-                mod = MoLoRA(*_site_dims(CFG, site), cfg)
+                mod = MoLoRA(*site_dims(CFG, site), cfg)
                 with torch.no_grad():
                     mod.lora_B.normal_(0, 0.5)
                     if mod.router is not None:
@@ -84,7 +84,7 @@ def _oracle_delta(oracles, slot_idx, x, layer, site, d_out) -> torch.Tensor:
                                   "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"])
 def test_batched_equals_reference_equals_module(loaded, site, T, seed):
     slots, oracles = loaded
-    d_in, d_out = _site_dims(CFG, site)
+    d_in, d_out = site_dims(CFG, site)
     slot_idx = _mix(T, seed)
     x = torch.randn(T, d_in, generator=torch.Generator().manual_seed(seed + 100))
     for layer in range(CFG.num_hidden_layers):

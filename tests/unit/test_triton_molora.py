@@ -37,7 +37,7 @@ def _run_cases(device: str, dtype=torch.float32) -> list[dict]:
     """Compare molora_triton with molora_reference (and the stats with the torch path's) for every case."""
     from test_lora_ops import ADAPTERS, CFG, _native, _oracles
 
-    from mtlora.inject import _site_dims
+    from mtlora.inject import site_dims
     from mtlora_server.engine.lora_ops import AdapterSlots, RoutingStats, molora_reference, molora_torch
     from mtlora_server.engine.triton_molora import molora_triton
 
@@ -47,7 +47,7 @@ def _run_cases(device: str, dtype=torch.float32) -> list[dict]:
         slots.load(slot, cfg, _native(oracles[slot]))
     results = []
     for n, (site, idx) in enumerate(CASES):
-        d_in, _ = _site_dims(CFG, site)
+        d_in, _ = site_dims(CFG, site)
         users = torch.tensor([f"layers.0.{site}" in oracles.get(s, {}) for s in range(6)], device=device)
         idx = torch.tensor(idx, device=device)
         eff = torch.where((idx >= 0) & users[idx.clamp_min(0)], idx, -1)

@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "Default: the embedded default base model.")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH|PATH",
                    help="Adapter directory to serve under NAME (or under its folder name); repeatable.")
+    p.add_argument("--engine", choices=["native", "vllm"], default="native",
+                   help="native: mtlora's engine (many adapters of any method in one batch); vllm: vLLM's OpenAI "
+                        "server for ONE mtlora adapter, with --tensor-parallel-size (docs/vllm-backend.md).")
     p.add_argument("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0: every interface).")
     p.add_argument("--port", type=int, default=8000, help="TCP port to listen on.")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -108,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Only adapter directories inside this folder (symlinks resolved) may be loaded at runtime.")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="Logging verbosity.")
+    from mtlora_server.vllm_backend import add_arguments as add_vllm_arguments
+
+    add_vllm_arguments(p)
     return p
 
 
@@ -164,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     adapters = _check_args(parser, ns)
     ns.api_key = ns.api_key or os.environ.get("MTLORA_API_KEY") or None   # not a parser default: --help would show it
+    if ns.engine == "vllm":
+        from mtlora_server.vllm_backend import serve
+
+        return serve(ns)
     try:
         from mtlora_server.engine.engine import Engine
 

@@ -64,3 +64,18 @@ def test_api_key_comes_from_the_environment_but_not_into_help(monkeypatch, capsy
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     assert "s3cret" not in capsys.readouterr().out
+
+
+def test_engine_vllm_dispatches_to_the_vllm_backend_which_refuses_non_mtlora(tmp_path, tiny_model_dir, caplog):
+    """`--engine vllm` goes to the vLLM launcher (never the native engine), whose pre-checks name the field."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1] / "integration"))
+    from serve_helpers import write_adapter
+
+    adapter = write_adapter(tmp_path / "hydra", tiny_model_dir, method="hydralora", rank=4, num_experts=2,
+                            target_modules=["q_proj"])
+    with caplog.at_level("ERROR"):
+        code = cli.main(["--engine", "vllm", "--model", str(tiny_model_dir), "--adapter", f"h={adapter}"])
+    assert code == 1
+    assert "method" in caplog.text and "mtlora" in caplog.text

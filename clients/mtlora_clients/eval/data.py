@@ -138,6 +138,15 @@ def _hub_datasets(what: str, flag_help: str):
     return datasets
 
 
+def _load_hub_config(datasets, repo: str, name: str, layout: str):
+    """`datasets.load_dataset(repo, name)`; any failure becomes a ConfigError saying which --data-dir layout to pass."""
+    try:
+        return datasets.load_dataset(repo, name)
+    except Exception as e:  # network, auth or cache failures all end in the same advice
+        raise ConfigError(f"could not load {repo}/{name} from the hub ({e}); pass --data-dir DIR with {layout}",
+                          field="--data-dir") from e
+
+
 def load_mmlu_hub(subjects: list[str] | None) -> dict[str, MMLUSubject]:
     """cais/mmlu from the hub (one config per subject, splits dev/test, answer as an index)."""
     from .categories import SUBJECT_TO_CATEGORY
@@ -146,11 +155,7 @@ def load_mmlu_hub(subjects: list[str] | None) -> dict[str, MMLUSubject]:
                                      "test/<subject>_test.csv (e.g. /work/shared/data/mmlu)")
     out = {}
     for subject in _select(sorted(SUBJECT_TO_CATEGORY), subjects, "MMLU subjects", "cais/mmlu"):
-        try:
-            ds = datasets.load_dataset("cais/mmlu", subject)
-        except Exception as e:  # network, auth or cache failures all end in the same advice
-            raise ConfigError(f"could not load cais/mmlu/{subject} from the hub ({e}); pass --data-dir DIR with "
-                              "the dev/ and test/ CSV folders", field="--data-dir") from e
+        ds = _load_hub_config(datasets, "cais/mmlu", subject, "the dev/ and test/ CSV folders")
         out[subject] = MMLUSubject(*[[MCQ(r["question"], tuple(r["choices"]), LETTERS[r["answer"]])
                                       for r in ds[split]] for split in ("dev", "test")])
     return out
@@ -162,11 +167,7 @@ def load_bbh_hub(tasks: list[str] | None) -> dict[str, list[Example]]:
                                     "(e.g. /work/shared/data/bbh)")
     out = {}
     for task in _select(list(BBH_TASKS), tasks, "BBH tasks", "lukaemon/bbh"):
-        try:
-            ds = datasets.load_dataset("lukaemon/bbh", task)
-        except Exception as e:
-            raise ConfigError(f"could not load lukaemon/bbh/{task} from the hub ({e}); pass --data-dir DIR with "
-                              "one <task>.json per task", field="--data-dir") from e
+        ds = _load_hub_config(datasets, "lukaemon/bbh", task, "one <task>.json per task")
         out[task] = [Example(r["input"], r["target"]) for r in ds["test"]]
     return out
 

@@ -14,15 +14,15 @@ from fastapi.responses import JSONResponse
 from starlette.requests import Request
 
 from mtlora.errors import InvalidRequestError
-from mtlora_server.api.errors import error_from_exception
 from mtlora_server.api.protocol import ChatCompletionRequest, ChatMessage, random_id
-from mtlora_server.api.serving import DONE, ServingContext, chat_logprob_entries, sse, usage
+from mtlora_server.api.serving import ServingContext, chat_logprob_entries, sse, usage
 from mtlora_server.api.streams import (
     CancellingStreamingResponse,
     close_all,
     merge,
     open_streams,
     run_until_disconnect,
+    sse_events,
 )
 from mtlora_server.engine.types import GenerationRequest
 
@@ -52,8 +52,8 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     streams = await open_streams(ctx.engine, [request], ctx.metrics, ctx.label(adapter))
     model = req.model or ctx.served_name
     if req.stream:
-        return CancellingStreamingResponse(_stream(ctx, req, base_id, model, len(ids), streams),
-                                 media_type="text/event-stream")
+        events = _stream(ctx, req, base_id, model, len(ids), streams)
+        return CancellingStreamingResponse(sse_events(streams, events), media_type="text/event-stream")
     return JSONResponse(await run_until_disconnect(http_request, _collect(ctx, req, base_id, model, len(ids),
                                                                           streams)))
 
@@ -95,23 +95,16 @@ async def _stream(ctx, req, base_id, model, prompt_len, streams):
             body["usage"] = None
         body.update(extra)
         return sse(body)
-    try:
-        for i in range(req.n):
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None}])
-        async for _, out in merge(streams):
-            for d in out.deltas:
-                num_tokens += len(d.token_ids)
-                if not (d.text or d.finish_reason is not None or (req.logprobs and d.token_ids)):
-                    continue                 # tokens that decode to no text yet (a partial UTF-8 character)
-                lps = {"content": chat_logprob_entries(ctx, d.logprobs or [], top_n)} if req.logprobs else None
-                yield chunk([{"index": d.index, "delta": {"content": d.text} if d.text else {}, "logprobs": lps,
-                              "finish_reason": d.finish_reason, "stop_reason": d.stop_reason}])
-        if req.include_usage:
-            yield chunk([], usage=usage(prompt_len, num_tokens))
-        yield DONE
-    except Exception as exc:  # the engine failed mid-stream: tell the client in-band, then end the stream
-        yield sse(error_from_exception(exc)[1])
-        yield DONE
-    finally:
-        await close_all(streams)
+    for i in range(req.n):
+        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None}])
+    async for _, out in merge(streams):
+        for d in out.deltas:
+            num_tokens += len(d.token_ids)
+            if not (d.text or d.finish_reason is not None or (req.logprobs and d.token_ids)):
+                continue                 # tokens that decode to no text yet (a partial UTF-8 character)
+            lps = {"content": chat_logprob_entries(ctx, d.logprobs or [], top_n)} if req.logprobs else None
+            yield chunk([{"index": d.index, "delta": {"content": d.text} if d.text else {}, "logprobs": lps,
+                          "finish_reason": d.finish_reason, "stop_reason": d.stop_reason}])
+    if req.include_usage:
+        yield chunk([], usage=usage(prompt_len, num_tokens))

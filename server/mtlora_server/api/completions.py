@@ -13,15 +13,15 @@ import time
 from fastapi.responses import JSONResponse
 from starlette.requests import Request
 
-from mtlora_server.api.errors import error_from_exception
 from mtlora_server.api.protocol import CompletionRequest, random_id
-from mtlora_server.api.serving import DONE, CompletionLogprobs, ServingContext, sse, usage
+from mtlora_server.api.serving import CompletionLogprobs, ServingContext, sse, usage
 from mtlora_server.api.streams import (
     CancellingStreamingResponse,
     close_all,
     merge,
     open_streams,
     run_until_disconnect,
+    sse_events,
 )
 from mtlora_server.engine.types import GenerationRequest
 
@@ -64,8 +64,8 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, http_re
     streams = await open_streams(ctx.engine, requests, ctx.metrics, ctx.label(adapter))
     model = req.model or ctx.served_name
     if req.stream:
-        return CancellingStreamingResponse(_stream(ctx, req, base_id, model, prompts, streams),
-                                 media_type="text/event-stream")
+        events = _stream(ctx, req, base_id, model, prompts, streams)
+        return CancellingStreamingResponse(sse_events(streams, events), media_type="text/event-stream")
     return JSONResponse(await run_until_disconnect(http_request, _collect(ctx, req, base_id, model, prompts,
                                                                           streams)))
 
@@ -126,33 +126,26 @@ async def _stream(ctx, req, base_id, model, prompts, streams):
         return sse({"id": base_id, "object": "text_completion", "created": created, "model": model,
                     "choices": [{"index": index, "text": text, "logprobs": logprobs,
                                  "finish_reason": finish_reason, "stop_reason": stop_reason}]})
-    try:
-        offsets: dict[int, int] = {}
-        if req.echo:
-            for p, (ids, text) in enumerate(prompts):
-                for s in range(req.n):
-                    echo, logprobs = _echo_part(ctx, req, ids, text, streams[p].first)
-                    offsets[p * req.n + s] = logprobs.offset if logprobs else len(echo)
-                    yield chunk(p * req.n + s, echo, logprobs.as_dict() if logprobs else None)
-        async for p, out in merge(streams):
-            for d in out.deltas:
-                index = p * req.n + d.index
-                completion_tokens += len(d.token_ids)
-                logprobs = None
-                if req.logprobs is not None:
-                    lp = CompletionLogprobs(ctx, offsets.get(index, 0))
-                    for token_id, tlp in zip(d.token_ids, d.logprobs or []):
-                        lp.add(token_id, tlp)
-                    offsets[index] = lp.offset
-                    logprobs = lp.as_dict()
-                if d.text or d.token_ids or d.finish_reason is not None:
-                    yield chunk(index, d.text, logprobs, d.finish_reason, d.stop_reason)
-        if req.include_usage:
-            yield sse({"id": base_id, "object": "text_completion", "created": created, "model": model,
-                       "choices": [], "usage": usage(sum(len(ids) for ids, _ in prompts), completion_tokens)})
-        yield DONE
-    except Exception as exc:  # the engine failed mid-stream: tell the client in-band, then end the stream
-        yield sse(error_from_exception(exc)[1])
-        yield DONE
-    finally:
-        await close_all(streams)
+    offsets: dict[int, int] = {}
+    if req.echo:
+        for p, (ids, text) in enumerate(prompts):
+            for s in range(req.n):
+                echo, logprobs = _echo_part(ctx, req, ids, text, streams[p].first)
+                offsets[p * req.n + s] = logprobs.offset if logprobs else len(echo)
+                yield chunk(p * req.n + s, echo, logprobs.as_dict() if logprobs else None)
+    async for p, out in merge(streams):
+        for d in out.deltas:
+            index = p * req.n + d.index
+            completion_tokens += len(d.token_ids)
+            logprobs = None
+            if req.logprobs is not None:
+                lp = CompletionLogprobs(ctx, offsets.get(index, 0))
+                for token_id, tlp in zip(d.token_ids, d.logprobs or []):
+                    lp.add(token_id, tlp)
+                offsets[index] = lp.offset
+                logprobs = lp.as_dict()
+            if d.text or d.token_ids or d.finish_reason is not None:
+                yield chunk(index, d.text, logprobs, d.finish_reason, d.stop_reason)
+    if req.include_usage:
+        yield sse({"id": base_id, "object": "text_completion", "created": created, "model": model,
+                   "choices": [], "usage": usage(sum(len(ids) for ids, _ in prompts), completion_tokens)})

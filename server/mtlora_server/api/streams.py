@@ -8,6 +8,8 @@ Contract:
   counters) and, on `close()`, closes the engine iterator and aborts the request unless it finished. `close()` is
   shielded from cancellation so a client disconnect still frees the request's KV memory.
 - `merge(streams)` interleaves several streams as `(stream index, output)` in arrival order.
+- `sse_events(streams, events)` frames a route's SSE body: the route's events, then `data: [DONE]`; an exception
+  mid-stream becomes an in-band error event before `[DONE]`; the streams are always closed at the end.
 - `run_until_disconnect(request, coro)` runs a non-streaming handler body and cancels it when the client goes away.
 """
 
@@ -23,7 +25,9 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
+from mtlora_server.api.errors import error_from_exception
 from mtlora_server.api.metrics import Metrics
+from mtlora_server.api.serving import DONE, sse
 from mtlora_server.engine.types import GenerationRequest, RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -146,6 +150,20 @@ async def open_streams(engine, requests: list[GenerationRequest], metrics: Metri
 async def close_all(streams: list[EngineStream]) -> None:
     for stream in streams:
         await stream.close()
+
+
+async def sse_events(streams: list[EngineStream], events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """`events`, then `data: [DONE]`; on an engine failure mid-stream an error event first. Closes `streams`."""
+    try:
+        async for event in events:
+            yield event
+        yield DONE
+    except Exception as exc:  # the engine failed mid-stream: tell the client in-band, then end the stream
+        yield sse(error_from_exception(exc)[1])
+        yield DONE
+    finally:
+        await events.aclose()
+        await close_all(streams)
 
 
 async def merge(streams: list[EngineStream]) -> AsyncIterator[tuple[int, RequestOutput]]:

@@ -61,7 +61,7 @@ class AdapterConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}", field=name)
-        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
             raise ConfigError(f"alpha must be a positive number, got {self.alpha!r}", field="alpha")
         self.alpha = float(self.alpha)
         # Type check first: float("abc") would raise a bare ValueError that names no field.
@@ -69,12 +69,17 @@ class AdapterConfig:
                 or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}", field="dropout")
         if self.routing_group_size is not None and (
-            not isinstance(self.routing_group_size, int) or self.routing_group_size < 1
+            isinstance(self.routing_group_size, bool) or not isinstance(self.routing_group_size, int)
+            or self.routing_group_size < 1
         ):
             raise ConfigError(
                 f"routing_group_size must be a positive integer or null, got {self.routing_group_size!r}",
                 field="routing_group_size",
             )
+        if isinstance(self.format_version, bool) or not isinstance(self.format_version, int) \
+                or self.format_version < 1:
+            raise ConfigError(f"format_version must be a positive integer, got {self.format_version!r}",
+                              field="format_version")
         if self.format_version > FORMAT_VERSION:
             raise ConfigError(
                 f"format_version {self.format_version} is newer than this mtlora supports ({FORMAT_VERSION}); "
@@ -94,6 +99,9 @@ class AdapterConfig:
         else:
             if self.placement is not None:
                 raise ConfigError(f"placement applies to mtlora only, not {self.method}", field="placement")
+            if not isinstance(self.target_modules, (list, tuple)):
+                raise ConfigError(f"target_modules must be a list of projection names, got {self.target_modules!r}",
+                                  field="target_modules")
             if not self.target_modules:
                 raise ConfigError(f"{self.method} needs at least one target module", field="target_modules")
             bad = [m for m in self.target_modules if m not in LINEAR_MODULES]

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from mtlora.config import LINEAR_MODULES, AdapterConfig
-from mtlora.errors import CheckpointError, ConfigError
+from mtlora.errors import CheckpointError, ConfigError, MtloraError
 
 logger = logging.getLogger(__name__)
 
@@ -248,7 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.base_model:
         from transformers import AutoConfig
 
-        model_config = AutoConfig.from_pretrained(args.base_model, local_files_only=True)
+        try:
+            model_config = AutoConfig.from_pretrained(args.base_model, local_files_only=True)
+        except (OSError, ValueError) as exc:  # no config.json, not a model directory, invalid repo id, ...
+            print(f"error: --base-model {args.base_model}: cannot read the base model's config ({exc})",
+                  file=sys.stderr)
+            return 1
     try:
         config, tensors = load_adapter(args.src, model_config=model_config)
         if model_config is not None:
@@ -256,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
 
             config.base_fingerprint = config_fingerprint(model_config)
         save_adapter(args.dst, config, tensors)
-    except (CheckpointError, ConfigError) as exc:
+    except MtloraError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"wrote {config.method} adapter ({len(tensors)} tensors) to {args.dst}")

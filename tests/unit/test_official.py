@@ -262,3 +262,12 @@ def test_cli_records_base_fingerprint(tmp_path, tiny_model_dir):
     config, _ = load_adapter(tmp_path / "native", model_config=MCFG)
     assert config.base_fingerprint == config_fingerprint(MCFG)
     save_adapter(tmp_path / "again", config, load_adapter(tmp_path / "native")[1])   # native stays loadable
+
+
+def test_cli_bad_base_model_is_an_error_naming_the_flag(tmp_path, capsys):
+    write_official(tmp_path / "off", BLOCK, "bin")
+    assert convert_main([str(tmp_path / "off"), str(tmp_path / "native"), "--base-model",
+                         str(tmp_path / "no-such-model")]) == 1
+    err = capsys.readouterr().err
+    assert "--base-model" in err and str(tmp_path / "no-such-model") in err
+    assert not (tmp_path / "native").exists()

@@ -154,6 +154,12 @@ def test_cli_bad_arguments_exit_2_with_message(capsys, tmp_path):
     assert "`tasks` needs --data-dir" in capsys.readouterr().err
     assert cli.main(["bbh", "--base-url", "http://x", "--model", "m", "--limit", "0"]) == 2
     assert "--limit must be positive" in capsys.readouterr().err
+    assert cli.main(["bbh", "--base-url", "http://x", "--model", "m", "--timeout", "0"]) == 2
+    assert "--timeout must be positive" in capsys.readouterr().err
+    assert cli.main(["bbh", "--base-url", "http://x", "--model", "m", "--num-fewshot", "-1"]) == 2
+    assert "--num-fewshot must be >= 0" in capsys.readouterr().err
+    assert cli.main(["bbh", "--base-url", "http://x", "--model", "m", "--max-retries", "-1"]) == 2
+    assert "--max-retries must be >= 0" in capsys.readouterr().err
     help_text = cli.build_parser().format_help()
     for flag in ("--base-url", "--model", "--api-key", "--data-dir", "--protocol", "--num-fewshot", "--tasks",
                  "--limit", "--concurrency", "--output", "--max-new-tokens"):

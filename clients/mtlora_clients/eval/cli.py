@@ -51,16 +51,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_numbers(args: argparse.Namespace) -> str | None:
+    """The first numeric flag out of range, as a message naming it; None when all are fine."""
+    for flag in ("limit", "concurrency", "max_new_tokens", "timeout"):
+        value = getattr(args, flag)
+        if value is not None and not value > 0:
+            return f"--{flag.replace('_', '-')} must be positive, got {value}"
+    for flag in ("max_retries", "num_fewshot"):
+        value = getattr(args, flag)
+        if value is not None and value < 0:
+            return f"--{flag.replace('_', '-')} must be >= 0, got {value}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request drowns the progress bar
-    for flag in ("limit", "concurrency", "max_retries", "max_new_tokens"):
-        value = getattr(args, flag)
-        if value is not None and value < (0 if flag == "max_retries" else 1):
-            print(f"mtlora-eval: --{flag.replace('_', '-')} must be positive, got {value}", file=sys.stderr)
-            return 2
+    problem = _check_numbers(args)
+    if problem:
+        print(f"mtlora-eval: {problem}", file=sys.stderr)
+        return 2
     try:
         results = run_eval(args)
     except MtloraError as e:

@@ -4,7 +4,8 @@
 `mtlora-bench http` contract: N `/v1/completions` requests (models taken round-robin from --model), at most C in
 flight, a synthetic prompt of about L words, M new tokens each (`ignore_eos` asked for, so servers that honour it
 generate exactly M). Reports JSON: req/s, output tokens/s, latency p50/p90/p99 and, with --stream, time to first
-token and inter-token latency; failed requests are counted (never retried: retries would hide overload).
+token and inter-token latency; failed requests are counted (never retried: retries would hide overload). A stream
+fails when it carries an in-band error event or ends without `data: [DONE]`.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ async def _one_plain(http: httpx.AsyncClient, payload: dict, s: Sample, t0: floa
 
 
 async def _one_stream(http: httpx.AsyncClient, payload: dict, s: Sample, t0: float) -> None:
-    chunks, last = 0, None
+    chunks, last, done = 0, None, False
     async with http.stream("POST", "/v1/completions", json=payload) as resp:
         if resp.status_code != 200:
             raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}")
@@ -90,8 +91,11 @@ async def _one_stream(http: httpx.AsyncClient, payload: dict, s: Sample, t0: flo
                 continue
             data = line[5:].strip()
             if data == "[DONE]":
+                done = True
                 break
             event = json.loads(data)
+            if isinstance(event, dict) and event.get("error"):   # the server failed mid-stream and said so in-band
+                raise RuntimeError(f"error event: {str(event['error'])[:200]}")
             if event.get("usage"):
                 s.output_tokens = int(event["usage"].get("completion_tokens", 0))
             if any(c.get("text") for c in event.get("choices") or []):
@@ -101,6 +105,8 @@ async def _one_stream(http: httpx.AsyncClient, payload: dict, s: Sample, t0: flo
                 else:
                     s.itl.append(now - last)
                 last, chunks = now, chunks + 1
+    if not done:
+        raise RuntimeError("stream ended without data: [DONE] (truncated answer)")
     s.latency = time.perf_counter() - t0
     s.output_tokens = s.output_tokens or chunks  # without usage, one chunk per token is the best guess
 
@@ -128,10 +134,12 @@ async def run_http(args, transport: httpx.AsyncBaseTransport | None = None) -> d
             bar.update(1)
 
     t_start = time.perf_counter()
-    async with httpx.AsyncClient(base_url=args.base_url.rstrip("/"), headers=headers, timeout=args.timeout,
-                                 transport=transport, limits=httpx.Limits(max_connections=None)) as http:
-        await asyncio.gather(*(worker(http) for _ in range(max(1, args.concurrency))))
-    bar.close()
+    try:
+        async with httpx.AsyncClient(base_url=args.base_url.rstrip("/"), headers=headers, timeout=args.timeout,
+                                     transport=transport, limits=httpx.Limits(max_connections=None)) as http:
+            await asyncio.gather(*(worker(http) for _ in range(max(1, args.concurrency))))
+    finally:
+        bar.close()
     return _report(args, models, samples, time.perf_counter() - t_start)
 
 
@@ -173,6 +181,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_args(args: argparse.Namespace) -> str | None:
+    """The first `http` flag out of range, as a message naming it; None when all are fine."""
+    for flag in ("requests", "concurrency", "max_tokens", "prompt_len", "timeout"):
+        value = getattr(args, flag)
+        if not value > 0:
+            return f"--{flag.replace('_', '-')} must be positive, got {value}"
+    if not [m for m in args.model.split(",") if m]:
+        return f"--model names no model: {args.model!r}"
+    return None
+
+
 def run_engine(argv: list[str]) -> int:
     """Lazy: the engine bench needs torch and the server package, which `http` must not import."""
     try:
@@ -191,9 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    if args.requests < 1 or args.concurrency < 1 or args.max_tokens < 1 or args.prompt_len < 1:
-        print("mtlora-bench http: --requests, --concurrency, --max-tokens and --prompt-len must be >= 1",
-              file=sys.stderr)
+    problem = _check_args(args)
+    if problem:
+        print(f"mtlora-bench http: {problem}", file=sys.stderr)
         return 2
     result = asyncio.run(run_http(args))
     text = json.dumps(result, indent=2)

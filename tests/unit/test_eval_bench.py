@@ -70,6 +70,35 @@ async def test_http_errors_are_counted_not_hidden():
     assert any("HTTP 500" in e for e in out["error_examples"])
 
 
+def _sse_handler(body_text: str):
+    def handler(request):
+        return httpx.Response(200, content=body_text.encode(), headers={"content-type": "text/event-stream"})
+    return handler
+
+
+@pytest.mark.parametrize("body_text,needle", [
+    # the server died mid-stream and said so in-band (mtlora-serve's error event), then ended the stream
+    ('data: {"choices": [{"text": "x", "index": 0}]}\n\n'
+     'data: {"error": {"message": "engine died", "type": "server_error"}}\n\ndata: [DONE]\n\n', "engine died"),
+    # the connection ended before [DONE]: a truncated answer, not a completed request
+    ('data: {"choices": [{"text": "x", "index": 0}]}\n\n', "[DONE]"),
+])
+async def test_http_stream_failures_are_errors(body_text, needle):
+    out = await bench.run_http(_args(stream=True, requests=2), transport=httpx.MockTransport(_sse_handler(body_text)))
+    assert out["errors"] == 2 and out["completed"] == 0
+    assert any(needle in e for e in out["error_examples"])
+
+
+def test_http_needs_a_model_name(capsys):
+    assert bench.main(["http", "--base-url", "http://x", "--model", ","]) == 2
+    assert "--model" in capsys.readouterr().err
+
+
+def test_http_timeout_must_be_positive(capsys):
+    assert bench.main(["http", "--base-url", "http://x", "--model", "m", "--timeout", "0"]) == 2
+    assert "--timeout" in capsys.readouterr().err
+
+
 def test_engine_slot_without_server_bench_exits_clearly(monkeypatch, capsys):
     import sys
 

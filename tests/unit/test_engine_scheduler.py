@@ -43,9 +43,10 @@ def test_pool_from_budget_and_write_gather():
     k = torch.randn(6, 2, 8)
     slots = torch.tensor([blocks[p // 4] * 4 + p % 4 for p in range(6)])
     pool.write(1, slots, k, -k)
-    keys, values = pool.gather(1, torch.tensor([blocks]), 6)          # [1, kv, 6, hd]
-    torch.testing.assert_close(keys[0].transpose(0, 1), k)
-    torch.testing.assert_close(values[0].transpose(0, 1), -k)
+    keys, values = pool.gather(1, slots[None])                        # [kv, 1, 6, hd]
+    torch.testing.assert_close(keys[:, 0].transpose(0, 1), k)
+    torch.testing.assert_close(values[:, 0].transpose(0, 1), -k)
+    assert pool.gather(0, slots[None])[0].abs().sum() == 0              # other layers untouched
 
 
 def _seq(i, n, computed=0):

@@ -8,12 +8,13 @@ max_model_len for every request and fragment; per-request tensors would allocate
 
 Contract:
 - `KVCachePool(num_layers, num_kv_heads, head_dim, num_blocks, block_size, dtype, device)` allocates K and V
-  `[layers, num_blocks, block_size, kv_heads, head_dim]` once. `KVCachePool.from_budget(...)` sizes it from a byte
+  `[layers, kv_heads, num_blocks * block_size, head_dim]` once: slot s = block * block_size + offset. Heads come
+  first so a gather yields `[kv_heads, B, Kmax, hd]`, which batched matmuls consume without another copy. `KVCachePool.from_budget(...)` sizes it from a byte
   budget (`kv_cache_memory`) or, on CUDA, a fraction of free device memory.
 - `allocate(n) -> list[int]` returns n block ids or raises `KVCacheFullError` (nothing changes);
   `free(blocks)` gives them back; `num_free` / `num_total` / `num_used` count them. Double free raises.
-- `write(layer, slot_mapping [T], k [T, kv, hd], v)` stores new keys/values at flat slots
-  (block * block_size + offset); `gather(layer, block_tables [B, nblk], kmax)` returns K, V `[B, kv, kmax, hd]`.
+- `write(layer, slot_mapping [T], k [T, kv, hd], v)` stores new keys/values at flat slots;
+  `gather(layer, kv_slots [B, Kmax])` returns K, V `[kv, B, Kmax, hd]` (one index_select each).
 """
 
 from __future__ import annotations
@@ -43,12 +44,9 @@ class KVCachePool:
         if block_size < 1:
             raise ConfigError(f"block_size must be positive, got {block_size}", field="block_size")
         self.block_size, self.num_blocks = block_size, num_blocks
-        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        shape = (num_layers, num_kv_heads, num_blocks * block_size, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        # Flat per-layer views [num_blocks * block_size, kv, hd] for slot writes.
-        self._k_flat = self.k.view(num_layers, num_blocks * block_size, num_kv_heads, head_dim)
-        self._v_flat = self.v.view(num_layers, num_blocks * block_size, num_kv_heads, head_dim)
         # LIFO free list: recently freed (cache-warm) blocks are reused first.
         self._free = list(range(num_blocks - 1, -1, -1))
         self._is_free = [True] * num_blocks
@@ -111,12 +109,13 @@ class KVCachePool:
     # -- data ----------------------------------------------------------------------------------------------------
     def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: [T, kv, hd] stored at flat slots [T]."""
-        self._k_flat[layer].index_copy_(0, slot_mapping, k.to(self.k.dtype))
-        self._v_flat[layer].index_copy_(0, slot_mapping, v.to(self.v.dtype))
+        self.k[layer].index_copy_(1, slot_mapping, k.transpose(0, 1).to(self.k.dtype))
+        self.v[layer].index_copy_(1, slot_mapping, v.transpose(0, 1).to(self.v.dtype))
 
-    def gather(self, layer: int, block_tables: torch.Tensor, kmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V: [B, kv, kmax, hd] for each sequence's block table [B, nblk]."""
-        B, nblk = block_tables.shape
-        k = self.k[layer][block_tables].view(B, nblk * self.block_size, *self.k.shape[-2:])[:, :kmax]
-        v = self.v[layer][block_tables].view(B, nblk * self.block_size, *self.v.shape[-2:])[:, :kmax]
-        return k.transpose(1, 2), v.transpose(1, 2)
+    def gather(self, layer: int, kv_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V: [kv, B, Kmax, hd] for each sequence's flat slots kv_slots [B, Kmax]."""
+        B, kmax = kv_slots.shape
+        flat = kv_slots.reshape(-1)
+        k = self.k[layer].index_select(1, flat).view(-1, B, kmax, self.k.shape[-1])
+        v = self.v[layer].index_select(1, flat).view(-1, B, kmax, self.v.shape[-1])
+        return k, v

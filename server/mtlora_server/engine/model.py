@@ -167,10 +167,9 @@ class StepBatch:
     adapter_slots: torch.Tensor   # [T] long: adapter slot per token, -1 = bare base
     q_gather: torch.Tensor        # [B, Qmax] long: flat token index per padded query (T = a zero pad row)
     out_gather: torch.Tensor      # [T] long: index of each flat token in the [B * Qmax] padded layout
-    block_tables: torch.Tensor    # [B, nblk] long: KV blocks of each sequence (padded with 0)
+    kv_slots: torch.Tensor        # [B, Kmax] long: flat KV slot of each key position (padding: slot 0, masked)
     attn_mask: torch.Tensor       # [B, 1, Qmax, Kmax] bool: True = may attend
     logits_index: torch.Tensor    # [L] long: flat tokens whose logits are wanted
-    kmax: int                     # keys per sequence after gathering (<= nblk * block_size)
     any_adapter: bool = True      # False: every token is bare base, skip adapter ops entirely
     sites: frozenset | None = None  # adapter sites used by some token of this step (None: ask the slots)
 
@@ -235,30 +234,32 @@ class LlamaDecoder:
         k = apply_rope(k.reshape(T, cfg.num_key_value_heads, cfg.head_dim), cos, sin)
         v = v.reshape(T, cfg.num_key_value_heads, cfg.head_dim)
         kv.write(idx, b.slot_mapping, k, v)
-        keys, values = kv.gather(idx, b.block_tables, b.kmax)               # [B, KV, Kmax, hd]
+        keys, values = kv.gather(idx, b.kv_slots)                           # [KV, B, Kmax, hd]
         if b.q_gather.shape[1] == 1:                                        # decode-only step: T == B
             out = self._decode_attention(q, keys, values, b.attn_mask)      # [T, H*hd]
         else:
             # Scatter queries into the padded [B, Qmax] layout; index T reads an appended zero row.
             qp = torch.cat([q, q.new_zeros(1, *q.shape[1:])])[b.q_gather]  # [B, Qmax, H, hd]
-            out = F.scaled_dot_product_attention(qp.transpose(1, 2), keys, values, attn_mask=b.attn_mask,
-                                                 scale=self.scale, enable_gqa=True)   # [B, H, Qmax, hd]
+            out = F.scaled_dot_product_attention(qp.transpose(1, 2), keys.transpose(0, 1), values.transpose(0, 1),
+                                                 attn_mask=b.attn_mask, scale=self.scale,
+                                                 enable_gqa=True)           # [B, H, Qmax, hd]
             out = out.transpose(1, 2).reshape(-1, self.q_size)[b.out_gather]  # [T, H*hd]
         o = F.linear(out, w["o"])                                           # [T, d]
         return _component_deltas(o, out, ctx, (("o_proj", cfg.hidden_size),), "self_attn")
 
     def _decode_attention(self, q, keys, values, mask) -> torch.Tensor:
-        """One query per sequence, as two batched matmuls per KV head group. q: [B, H, hd]; keys/values:
-        [B, KV, Kmax, hd]; mask: [B, 1, 1, Kmax]. On CPU this is ~10x faster than SDPA's flash kernel, which is
+        """One query per sequence, as two batched matmuls over (KV head, sequence). q: [B, H, hd]; keys/values:
+        [KV, B, Kmax, hd]; mask: [B, 1, 1, Kmax]. On CPU this is ~10x faster than SDPA's flash kernel, which is
         built for long query blocks. Scores come out of the matmul in the compute dtype (as q and k already are),
         the softmax runs in fp32."""
         B, H, hd = q.shape
-        kvh = keys.shape[1]
-        qg = q.view(B, kvh, H // kvh, hd)                                   # heads of one KV head are adjacent
-        scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * self.scale          # [B, KV, G, Kmax]
-        scores = scores.masked_fill(~mask.view(B, 1, 1, -1), float("-inf"))
+        kvh = keys.shape[0]
+        qg = q.view(B, kvh, H // kvh, hd).transpose(0, 1)                   # [KV, B, G, hd] (GQA: adjacent heads)
+        scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * self.scale          # [KV, B, G, Kmax]
+        scores = scores.masked_fill(~mask.view(1, B, 1, -1), float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(values.dtype)
-        return torch.matmul(probs, values).reshape(B, H * hd)              # [B, H*hd]
+        out = torch.matmul(probs, values)                                   # [KV, B, G, hd]
+        return out.transpose(0, 1).reshape(B, H * hd)                       # [B, H*hd]
 
     def _mlp(self, w, x, ctx) -> torch.Tensor:
         F_ = self.cfg.intermediate_size

@@ -2,7 +2,8 @@
 
 Contract:
 - `build_batch(chunks, logit_positions, block_size, device) -> StepBatch` flattens the chunks into T tokens and
-  builds the padded attention layout (query scatter index [B, Qmax], block tables [B, nblk], causal + length mask)
+  builds the padded attention layout (query scatter index [B, Qmax], flat KV slots [B, Kmax] from the block
+  tables, causal + length mask)
   with tensor ops, plus the flat indices of the rows whose logits are wanted, and (given `slot_sites`) the set of
   adapter sites some token of the step uses, so the model skips ops that would only return zeros.
 - `logit_positions[i]` lists the absolute positions of chunk i whose logits are wanted (prompt logprobs and/or the
@@ -35,17 +36,18 @@ def build_batch(chunks: list[Chunk], logit_positions: list[list[int]], block_siz
     kv_len = start + q_len                                                                   # [B]
     kmax = int(kv_len.max())
     nblk = -(-kmax // block_size)
-    tables = torch.zeros(B, nblk, dtype=torch.long)
+    tables = torch.zeros(B, nblk, dtype=torch.long)                                          # padded with 0
     for b, c in enumerate(chunks):
         used = -(-(c.start + c.length) // block_size)
         tables[b, :used] = torch.tensor(c.seq.blocks[:used], dtype=torch.long)
     slot_mapping = tables[seq_of_tok, positions // block_size] * block_size + positions % block_size
+    kj = torch.arange(kmax)
+    kv_slots = tables[:, kj // block_size] * block_size + kj % block_size                  # [B, Kmax]
     qmax = int(q_len.max())
     qi = torch.arange(qmax)
     valid = qi[None, :] < q_len[:, None]                                                     # [B, Qmax]
     q_gather = torch.where(valid, q_off[:, None] + qi[None, :], torch.full_like(valid, T, dtype=torch.long))
     qpos = start[:, None] + qi[None, :]                                                      # [B, Qmax]
-    kj = torch.arange(kmax)
     # Real queries see keys up to their own position; padded query rows see key 0 only (never an all-False row).
     mask = (kj[None, None, :] <= qpos[:, :, None]) & valid[:, :, None]
     mask |= (~valid[:, :, None]) & (kj[None, None, :] == 0)
@@ -65,10 +67,9 @@ def build_batch(chunks: list[Chunk], logit_positions: list[list[int]], block_siz
         adapter_slots=adapter_slots.to(device),
         q_gather=q_gather.to(device),
         out_gather=(seq_of_tok * qmax + local).to(device),
-        block_tables=tables.to(device),
+        kv_slots=kv_slots.to(device),
         attn_mask=mask[:, None].to(device),
         logits_index=torch.tensor(flat_rows, dtype=torch.long).to(device),
-        kmax=kmax,
         any_adapter=bool((slots >= 0).any()),
         sites=sites,
     )

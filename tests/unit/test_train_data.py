@@ -91,6 +91,22 @@ def test_json_array_file_errors_name_record(tmp_path):
         read_file(f)
 
 
+def test_non_utf8_file_is_a_config_error_naming_the_file(tmp_path, tok):
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(json.dumps({"instruction": "caf\u00e9", "output": "x"}, ensure_ascii=False).encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.jsonl.*UTF-8"):
+        read_file(bad)
+    with pytest.raises(ConfigError, match=r"latin1\.jsonl.*UTF-8"):
+        load_dataset(str(tmp_path), tok, 64, cache_dir=tmp_path / "cache")
+
+
+def test_json_file_that_is_not_an_array_says_so(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"instruction": "a", "output": "b"}, indent=2), encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"d\.json.*JSON array"):
+        read_file(path)
+
+
 def test_cache_reuses_unchanged_and_retokenises_changed_file(tmp_path, tok, caplog):
     data = tmp_path / "data"
     data.mkdir()

@@ -69,9 +69,24 @@ def parse_record(obj: Any, where: str) -> Record:
     return Record(obj["instruction"], inp or "", obj["output"], task)
 
 
-def _iter_file(path: Path) -> Iterator[tuple[str, Any]]:
-    """(location, decoded value) per record; a JSON array file or JSON Lines (any suffix)."""
-    text = path.read_text(encoding="utf-8")
+def _decode(path: Path, data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); re-save the file as UTF-8",
+                          field="dataset_dir") from None
+
+
+def _iter_file(path: Path, text: str) -> Iterator[tuple[str, Any]]:
+    """(location, decoded value) per record of `path`'s `text`; a JSON array file or JSON Lines (any suffix)."""
+    if path.suffix == ".json" and not text.lstrip().startswith("[") and len(text.strip().splitlines()) > 1:
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None                     # JSON Lines in a .json file; read line by line below
+        if isinstance(whole, dict):
+            raise ConfigError(f"{path}: expected a JSON array of records or JSON Lines (one object per line), "
+                              "got one JSON object spanning several lines", field="dataset_dir")
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
             items = json.loads(text)
@@ -89,10 +104,11 @@ def _iter_file(path: Path) -> Iterator[tuple[str, Any]]:
             yield f"{path}:line {lineno}", ConfigError(f"{path}:line {lineno}: invalid JSON: {exc.msg}")
 
 
-def read_file(path: Path, skip_bad_records: bool = False) -> tuple[list[Record], int]:
-    """Records of one file and the number skipped."""
+def read_file(path: Path, skip_bad_records: bool = False, data: bytes | None = None) -> tuple[list[Record], int]:
+    """Records of one file and the number skipped; `data`: the file's bytes when the caller has read them already."""
     records, bad = [], 0
-    for where, value in _iter_file(path):
+    text = _decode(path, path.read_bytes() if data is None else data)
+    for where, value in _iter_file(path, text):
         try:
             if isinstance(value, ConfigError):
                 raise value
@@ -208,7 +224,8 @@ def _cache_key(file_bytes: bytes, tok_fp: str, max_seq_length: int, prompt_forma
 
 def _load_file_cached(path: Path, tokenizer, tok_fp: str, max_seq_length: int, prompt_format: str,
                       skip_bad_records: bool, cache_dir: Path) -> tuple[list[dict], str]:
-    key = _cache_key(path.read_bytes(), tok_fp, max_seq_length, prompt_format, skip_bad_records)
+    data = path.read_bytes()
+    key = _cache_key(data, tok_fp, max_seq_length, prompt_format, skip_bad_records)
     cached = cache_dir / f"{key}.pt"
     if cached.is_file():
         try:
@@ -216,7 +233,7 @@ def _load_file_cached(path: Path, tokenizer, tok_fp: str, max_seq_length: int, p
             return torch.load(cached, weights_only=True), key
         except Exception as exc:  # a torn or foreign cache file is rebuilt, not fatal
             logger.warning("ignoring unreadable cache %s: %s", cached, exc)
-    records, bad = read_file(path, skip_bad_records)
+    records, bad = read_file(path, skip_bad_records, data)
     if bad:
         logger.warning("skipped %d malformed records in %s", bad, path)
     examples = tokenize_records(records, tokenizer, max_seq_length, prompt_format)

@@ -181,3 +181,19 @@ def test_bf16_autocast_with_checkpointing_on_cuda(tiny_model_dir, mixture, tmp_p
     assert all(a.lora_A.dtype == torch.float32 for a in recipe.adapters.values())   # fp32 master weights
     assert all(torch.isfinite(torch.tensor([h["loss"], h["balance"], h["spectral"]])).all() for h in hist)
     assert all(a.router.grad is None or a.router.grad.dtype == torch.float32 for a in recipe.adapters.values())
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("{not json", "unreadable trainer_state.json"),
+    ("[1, 2]", "JSON object"),
+    (json.dumps({"global_step": 3, "epoch": 0}), "batch_in_epoch"),
+])
+def test_damaged_trainer_state_names_file_and_field(tmp_path, content, needle):
+    from mtlora_train import state
+
+    ck = tmp_path / "checkpoint-3"
+    ck.mkdir()
+    (ck / state.STATE_FILE).write_text(content, encoding="utf-8")
+    with pytest.raises(CheckpointError, match=needle) as err:
+        state.read_state(ck)
+    assert str(ck) in str(err.value)

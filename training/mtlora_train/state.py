@@ -4,7 +4,7 @@ Layout of `<output_dir>/checkpoint-<step>/`:
     adapter/             adapter_config.json + adapter_model.safetensors (mtlora.checkpoint.save_adapter; servable)
     optimizer.pt         optimizer.state_dict()
     scheduler.pt         lr scheduler state_dict()
-    rng.pt               python / numpy / torch (CPU and CUDA) generator states
+    rng_<rank>.pt        python / numpy / torch (CPU and CUDA) generator states of each process
     extra.pt             auxiliary-loss state (spectral SVD maps and schedule)
     trainer_state.json   global_step, epoch, batch position in the epoch, data fingerprint, loss history
 
@@ -113,11 +113,23 @@ def resolve_resume(arg: str, output_dir: Path) -> Path:
     return path
 
 
+# What `MtloraRecipe.load_checkpoint` reads from trainer_state.json.
+STATE_KEYS = ("global_step", "epoch", "batch_in_epoch", "data_fingerprint", "num_processes", "history")
+
+
 def read_state(path: Path) -> dict[str, Any]:
+    """trainer_state.json of a checkpoint folder; a damaged file or a missing key is a CheckpointError naming it."""
+    file = path / STATE_FILE
     try:
-        return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+        state = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"unreadable {STATE_FILE}: {exc}", path=str(path)) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"expected a JSON object, got {type(state).__name__}", path=str(file))
+    missing = [k for k in STATE_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"missing field(s) {missing}", path=str(file), field=missing[0])
+    return state
 
 
 def load_torch(path: Path, name: str) -> Any:

@@ -77,6 +77,11 @@ def test_refused_flags_exit_with_usage_error(flags, message, capsys):
     ("--trainable q_proj,wq", "target_modules"),
     ("--spectral_reg_variant other", "spectral_reg_variant"),
     ("--block_adapter_rank 4 --lora_rank 8", "block_adapter_rank"),
+    # a negative limit used to delete every checkpoint, the one just written included
+    ("--save_total_limit -1", "save_total_limit"),
+    ("--dataloader_num_workers -2", "dataloader_num_workers"),
+    ("--warmup_ratio 1.5", "warmup_ratio"),
+    ("--warmup_ratio -0.1", "warmup_ratio"),
 ])
 def test_invalid_values_name_the_field(flags, field):
     with pytest.raises(ConfigError) as exc:
@@ -99,6 +104,17 @@ def test_yaml_config_with_cli_override(tmp_path):
                  "block_adapter_type: both\nlora_rank: 4\ntarget_modules: q_proj,k_proj\n")
     cfg = parse_config(["--config", str(f), "--lora_rank", "8"])
     assert cfg.lora_rank == 8 and cfg.block_adapter_type == "both" and cfg.target_modules == ["q_proj", "k_proj"]
+    for bad, needle in ((b"lora_rank: 4\n# caf\xe9\n", "cannot read"), (None, "cannot read")):
+        if bad is None:
+            f.unlink()
+            f.mkdir()                                   # a folder where the YAML file should be
+        else:
+            f.write_bytes(bad)
+        with pytest.raises(ConfigError, match=needle) as err:
+            parse_config(["--config", str(f)])
+        assert str(f) in str(err.value)
+        if bad is None:
+            f.rmdir()
     f.write_text("lora_rnak: 4\n")
     with pytest.raises(ConfigError, match=r"exp.yaml: unknown option\(s\) \['lora_rnak'\]"):
         parse_config(["--config", str(f)])

@@ -86,7 +86,7 @@ class TrainConfig:
     # -- checkpoints, logging -------------------------------------------------------------------------------------
     save_steps: int = _f("Write a resumable checkpoint every N optimizer steps (0: never).", 500)
     save_strategy: str = _f("steps (every --save_steps), epoch (end of each epoch) or no.", "steps")
-    save_total_limit: int | None = _f("Keep at most this many checkpoints (oldest removed first).")
+    save_total_limit: int | None = _f("Keep at most this many checkpoints (oldest removed first); unset or 0: all.")
     resume_from_checkpoint: str | None = _f("Checkpoint folder to resume from, or 'last' for the newest one "
                                             "in --output_dir.")
     logging_steps: int = _f("Log the loss terms every N optimizer steps.", 10)
@@ -135,9 +135,15 @@ class TrainConfig:
             raise ConfigError("spectral_reg_steps must be >= 1 or unset", field="spectral_reg_steps")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ConfigError("set num_train_epochs > 0 or max_steps > 0", field="num_train_epochs")
-        for name in ("blc_weight", "spectral_reg_lambda", "learning_rate", "weight_decay", "max_grad_norm"):
+        for name in ("blc_weight", "spectral_reg_lambda", "learning_rate", "weight_decay", "max_grad_norm",
+                     "dataloader_num_workers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0", field=name)
+        if self.save_total_limit is not None and self.save_total_limit < 0:
+            raise ConfigError(f"save_total_limit must be >= 1 or unset (0 also keeps all), got "
+                              f"{self.save_total_limit}", field="save_total_limit")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ConfigError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}", field="warmup_ratio")
         self.adapter_config()  # structural checks (target modules, dropout, ...) live in AdapterConfig
         return self
 
@@ -182,6 +188,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError("config file not found", path=str(path)) from None
+    except (OSError, UnicodeDecodeError) as exc:   # a folder, no permission, not UTF-8
+        raise ConfigError(f"cannot read the config file: {exc}", path=str(path)) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"invalid YAML: {exc}", path=str(path)) from None
     if data is None:

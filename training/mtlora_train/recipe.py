@@ -288,8 +288,8 @@ class MtloraRecipe:
         if st["num_processes"] != self.accelerator.num_processes:
             raise CheckpointError(f"saved with {st['num_processes']} processes, now {self.accelerator.num_processes}"
                                   "; the data position would not match", path=str(path))
-        changed = sorted(k for k, v in st.get("config", {}).items()
-                         if k not in _OPERATIONAL and self.cfg.to_dict().get(k) != v)
+        current = self.cfg.to_dict()
+        changed = sorted(k for k, v in st.get("config", {}).items() if k not in _OPERATIONAL and current.get(k) != v)
         if changed:  # allowed (e.g. a longer run), but the continuation is then not the original run's
             logger.warning("resuming with changed options %s; the run will differ from the original", changed)
         _, tensors = load_adapter(path / "adapter", self.accelerator.unwrap_model(self.model).config)

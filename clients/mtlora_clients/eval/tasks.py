@@ -1,4 +1,4 @@
-"""One small Task class per benchmark and protocol.
+r"""One small Task class per benchmark and protocol.
 
 A Task owns its few-shot prompt and its scoring; the runner only schedules `evaluate` calls. Contract:
 - `task.items`: the scored items (few-shot exemplars excluded), in file order, after `--limit`.

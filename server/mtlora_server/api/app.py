@@ -25,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from mtlora.errors import AdapterLoadError, AdapterNotFoundError, InvalidRequestError, MtloraError
 from mtlora_server.api.chat import create_chat_completion, render_chat
 from mtlora_server.api.completions import create_completion
-from mtlora_server.api.errors import ApiError, error_body, error_response, install_error_handlers
+from mtlora_server.api.errors import ApiError, error_body, install_error_handlers
 from mtlora_server.api.metrics import Metrics
 from mtlora_server.api.protocol import (
     ChatCompletionRequest,
@@ -94,14 +94,6 @@ def build_app(engine, args: ServerArgs | None = None, manage_engine: bool = Fals
     ctx = ServingContext(engine=engine, args=args, metrics=Metrics(engine))
     app.state.ctx = ctx
     install_error_handlers(app)
-
-    @app.exception_handler(MtloraError)
-    async def _domain(request: Request, exc: MtloraError):
-        return error_response(exc)
-
-    @app.exception_handler(ApiError)
-    async def _api(request: Request, exc: ApiError):
-        return error_response(exc)
 
     @app.exception_handler(ClientDisconnected)
     async def _gone(request: Request, exc: ClientDisconnected):

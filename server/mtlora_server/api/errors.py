@@ -30,6 +30,7 @@ from mtlora.errors import (
     EngineDeadError,
     EngineOverloadedError,
     InvalidRequestError,
+    MtloraError,
 )
 
 logger = logging.getLogger(__name__)
@@ -93,6 +94,15 @@ def _param_of(loc: tuple) -> str | None:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    """Every failure of `app` answers with `error_body`: domain errors, ApiError, validation, HTTP, anything else."""
+    @app.exception_handler(MtloraError)
+    async def _domain(request: Request, exc: MtloraError):
+        return error_response(exc)
+
+    @app.exception_handler(ApiError)
+    async def _api(request: Request, exc: ApiError):
+        return error_response(exc)
+
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         errors = exc.errors()

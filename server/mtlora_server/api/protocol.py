@@ -190,12 +190,6 @@ class UnloadLoraAdapterRequest(ApiModel):
 
 
 # -- responses ----------------------------------------------------------------------------------------------------
-class UsageInfo(BaseModel):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-
-
 class ModelCard(BaseModel):
     id: str
     object: str = "model"

@@ -30,7 +30,7 @@ def _help(text: str, **kw: Any) -> Any:
 
 @dataclass
 class AdapterConfig:
-    """Hyper-parameters of one adapter. Field help doubles as CLI help in the trainer."""
+    """Hyper-parameters of one adapter; each field's help (dataclass metadata) documents it."""
 
     method: str = _help("Adapter method: 'mtlora' (block level), 'hydralora' (component level) or 'lora'.")
     rank: int = _help("Rank r of the shared down-projection A [r, d_in].", default=16)
@@ -159,7 +159,3 @@ class AdapterConfig:
             raise ConfigError(str(exc), field=exc.field, path=path) from None
         except TypeError as exc:  # wrong types that dataclass construction itself rejects
             raise ConfigError(str(exc), path=path) from None
-
-    @classmethod
-    def field_help(cls) -> dict[str, str]:
-        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}

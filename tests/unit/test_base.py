@@ -239,6 +239,18 @@ def test_all_routes_fail_gives_one_error_listing_each(offline_env):
     assert not (offline_env / "mtlora-cache" / DEFAULT_MODEL_ID).exists()
 
 
+def test_gguf_route_damage_is_listed_with_the_other_routes(offline_env, monkeypatch):
+    def bad_build(out_dir):
+        raise CheckpointError("converted weights sha256 abc != expected def", path=str(out_dir))
+
+    monkeypatch.setattr(base_gguf, "_build", bad_build)
+    with pytest.raises(ModelResolutionError) as err:
+        resolve_model()
+    msg = str(err.value)
+    assert msg.count("\n  - ") == 3 and "HF_HUB_OFFLINE" in msg and "sha256 abc != expected def" in msg
+    assert not (offline_env / "mtlora-cache" / DEFAULT_MODEL_ID).exists()
+
+
 def test_other_hub_id_without_network_tries_cache_and_hub_only(offline_env):
     with pytest.raises(ModelResolutionError) as err:
         resolve_model("someorg/some-model")

@@ -35,6 +35,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from mtlora.checkpoint import read_json
 from mtlora.errors import CheckpointError, ConfigError, ModelResolutionError
 
 logger = logging.getLogger(__name__)
@@ -84,16 +85,6 @@ def parse_dtype(name: str | torch.dtype, device: str | torch.device | None = Non
 
 
 # -- local directory validation -----------------------------------------------------------------------------------
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot read JSON: {exc}", path=str(path)) from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"expected a JSON object, got {type(data).__name__}", path=str(path))
-    return data
-
-
 def _check_llama_config(raw: dict[str, Any], path: Path) -> None:
     """model_type / architectures / head arithmetic of a raw config.json; errors name file and field."""
     model_type = raw.get("model_type")
@@ -118,7 +109,7 @@ def _weight_files(path: Path) -> list[Path]:
     """The safetensors files of a model dir; the sharded index, when present, must match what is on disk."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError("missing or empty 'weight_map'", path=str(index), field="weight_map")
         files = [path / name for name in sorted(set(weight_map.values()))]
@@ -147,7 +138,7 @@ def validate_model_dir(path: str | Path) -> Path:
     config_file = p / "config.json"
     if not config_file.is_file():
         raise CheckpointError("missing config.json in the model directory", path=str(config_file))
-    _check_llama_config(_read_json(config_file), config_file)
+    _check_llama_config(read_json(config_file), config_file)
     for f in _weight_files(p):
         try:
             with safe_open(str(f), framework="pt") as handle:  # header only: cheap even for big files
@@ -166,7 +157,7 @@ def load_config(path: str | Path):
     config_file = p if p.is_file() else p / "config.json"
     if not config_file.is_file():
         raise CheckpointError("missing config.json", path=str(config_file))
-    _check_llama_config(_read_json(config_file), config_file)
+    _check_llama_config(read_json(config_file), config_file)
     try:
         return LlamaConfig.from_pretrained(str(config_file))
     except Exception as exc:  # transformers raises ValueError/TypeError/KeyError for bad fields

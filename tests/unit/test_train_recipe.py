@@ -184,7 +184,7 @@ def test_bf16_autocast_with_checkpointing_on_cuda(tiny_model_dir, mixture, tmp_p
 
 
 @pytest.mark.parametrize("content,needle", [
-    ("{not json", "unreadable trainer_state.json"),
+    ("{not json", "invalid JSON at line 1"),
     ("[1, 2]", "JSON object"),
     (json.dumps({"global_step": 3, "epoch": 0}), "batch_in_epoch"),
 ])

@@ -14,7 +14,6 @@ crash leaves either the previous checkpoints or a complete new one (a leftover `
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mtlora.checkpoint import read_json
 from mtlora.errors import CheckpointError
 
 STATE_FILE = "trainer_state.json"
@@ -120,12 +120,7 @@ STATE_KEYS = ("global_step", "epoch", "batch_in_epoch", "data_fingerprint", "num
 def read_state(path: Path) -> dict[str, Any]:
     """trainer_state.json of a checkpoint folder; a damaged file or a missing key is a CheckpointError naming it."""
     file = path / STATE_FILE
-    try:
-        state = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"unreadable {STATE_FILE}: {exc}", path=str(path)) from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"expected a JSON object, got {type(state).__name__}", path=str(file))
+    state = read_json(file)
     missing = [k for k in STATE_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"missing field(s) {missing}", path=str(file), field=missing[0])

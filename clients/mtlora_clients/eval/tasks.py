@@ -33,7 +33,6 @@ PAPER, HARNESS = "paper", "harness"
 class Task:
     """Base: a named list of items with a prompt per item."""
 
-    suite: str = ""
     default_shots: int = 0
 
     def __init__(self, name: str, items: list, shots: list, limit: int | None = None):
@@ -62,7 +61,7 @@ def _bbh_prompt(shots: list[Example], ex: Example) -> str:
 class BBHPaper(Task):
     """Official mtLoRA BBH: lenient substring match of the target in a 32-token greedy generation."""
 
-    suite, default_shots, max_tokens = "bbh", 3, 32
+    default_shots, max_tokens = 3, 32
 
     def prompt(self, i: int) -> str:
         return _bbh_prompt(self.shots, self.items[i])
@@ -76,7 +75,7 @@ class BBHPaper(Task):
 class BBHHarness(Task):
     """lm-evaluation-harness BBH few-shot, answer only: stop at `Q:`/blank line, exact match after extraction."""
 
-    suite, default_shots, max_tokens = "bbh", 3, 256
+    default_shots, max_tokens = 3, 256
     stop = ["</s>", "Q:", "\n\n"]
 
     def prompt(self, i: int) -> str:
@@ -97,7 +96,7 @@ def _choices(q: MCQ) -> str:
 class MMLUPaper(Task):
     """Official mtLoRA MMLU: 5 dev shots, greedy 1 token, first character of the stripped output."""
 
-    suite, default_shots = "mmlu", 5
+    default_shots = 5
 
     def prompt(self, i: int) -> str:
         shots = "".join(f"Question: {s.question}{_choices(s)}\nAnswer: {s.answer}\n\n" for s in self.shots)
@@ -113,7 +112,7 @@ class MMLUPaper(Task):
 class MMLUHarness(Task):
     """lm-evaluation-harness MMLU: log-likelihood of " A".." D" after a subject header and 5 dev shots."""
 
-    suite, default_shots = "mmlu", 5
+    default_shots = 5
 
     def prompt(self, i: int) -> str:
         header = f"The following are multiple choice questions (with answers) about {self.name.replace('_', ' ')}.\n\n"
@@ -152,7 +151,6 @@ def build_tasks(suite: str, protocol: str, data: dict, num_fewshot: int | None, 
         else:
             shots, items = value[:k], value[k:]  # the first k examples of each file are the shots
         task = cls(name, items, shots, limit)
-        task.suite = suite
         if max_new_tokens is not None and hasattr(task, "max_tokens"):
             task.max_tokens = max_new_tokens
         tasks.append(task)

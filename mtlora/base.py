@@ -20,6 +20,7 @@ Contract:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -218,17 +219,14 @@ def weights_sha256(path: str | Path, progress: bool = False) -> str:
     from safetensors import safe_open
     from tqdm.auto import tqdm
 
-    files = _weight_files(Path(path))
-    where: dict[str, Path] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as handle:
-            where.update({k: f for k in handle.keys()})
     digest = hashlib.sha256()
-    for key in tqdm(sorted(where), desc="hashing weights", unit="tensor", disable=not progress):
-        with safe_open(str(where[key]), framework="pt") as handle:
-            tensor = handle.get_tensor(key).contiguous()
-        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    with contextlib.ExitStack() as stack:       # each shard opened once, not once per tensor
+        handles = [stack.enter_context(safe_open(str(f), framework="pt")) for f in _weight_files(Path(path))]
+        where = {key: handle for handle in handles for key in handle.keys()}
+        for key in tqdm(sorted(where), desc="hashing weights", unit="tensor", disable=not progress):
+            tensor = where[key].get_tensor(key).contiguous()
+            digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -9,6 +9,8 @@ import torch
 from mtlora.errors import AdapterNotFoundError, ContextLengthError, InvalidRequestError
 from mtlora.testing import make_tiny_model_dir
 from mtlora_server.engine.core import EngineCore
+from mtlora_server.engine.request_state import RequestState
+from mtlora_server.engine.scheduler import Sequence
 from mtlora_server.engine.testing import run_to_completion, tiny_engine_args
 from mtlora_server.engine.types import GenerationRequest, SamplingParams
 
@@ -134,3 +136,25 @@ def test_validation_errors(core):
     with pytest.raises(AdapterNotFoundError):
         core.add_request(GenerationRequest("nope", [5], SamplingParams(), adapter="nope"))
     assert not core.has_work() and not core.requests
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_incremental_detokenisation_multibyte_and_split_stop(core, include):
+    """Scripted byte tokens: multi-byte characters split over tokens never leak U+FFFD, and a stop string that
+    spans several tokens is cut (or kept) exactly; nothing after it is emitted."""
+    text = "h\u00e9llo w\u00f6rld \u20acuro stop-here tail"
+    ids = [b + 3 for b in text.encode()]                     # the tiny byte tokenizer: id = byte + 3
+    req = GenerationRequest("d", [5], SamplingParams(max_tokens=100, stop=["stop-here"],
+                                                    include_stop_str_in_output=include))
+    seq = Sequence(0, [5], 1)
+    state = RequestState(req, [seq], core.tokenizer, {2}, 1000)
+    streamed = []
+    for t in ids:
+        done = state.on_token(seq, t, None)
+        out = state.flush()
+        streamed += [d.text for d in out.deltas] if out else []
+        assert "\ufffd" not in "".join(streamed)
+        if done:
+            break
+    assert "".join(streamed) == "h\u00e9llo w\u00f6rld \u20acuro " + ("stop-here" if include else "")
+    assert out.finished and out.deltas[-1].finish_reason == "stop" and out.deltas[-1].stop_reason == "stop-here"

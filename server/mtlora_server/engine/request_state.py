@@ -23,7 +23,11 @@ from .types import GenerationRequest, RequestOutput, SequenceDelta, TokenLogprob
 class _SeqText:
     """Detokenisation and pending-delta state of one sequence."""
 
-    emitted_chars: int = 0                       # characters of the final text already handed out
+    text: str = ""                               # detokenised output committed so far (stop strings cut)
+    prefix_offset: int = 0                       # output ids [prefix_offset, read_offset) give decode context
+    read_offset: int = 0                         # output ids already turned into `text`
+    stop_checked: int = 0                        # `text` searched for stop strings up to here
+    emitted_chars: int = 0                       # characters of `text` already handed out
     pending_ids: list[int] = field(default_factory=list)
     pending_text: str = ""
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -85,25 +89,38 @@ class RequestState:
         st.finish_reason, st.stop_reason, st.text_ids_end = reason, stop_reason, text_end
 
     def _detokenize(self, seq: Sequence, st: _SeqText) -> None:
+        """Incremental: decode only the tokens since the last commit (plus the previous ones as context, so
+        tokenizers that treat a leading space specially decode the same as a full decode)."""
         p = self.params
         out = seq.output_ids
         ids = out if st.text_ids_end is None else out[:st.text_ids_end]
-        full = self.tokenizer.decode(ids, skip_special_tokens=p.skip_special_tokens)
+        finishing = st.finish_reason is not None
+        if len(ids) > st.read_offset:
+            prefix = self._decode(ids[st.prefix_offset:st.read_offset])
+            window = self._decode(ids[st.prefix_offset:])
+            if not window.startswith(prefix):          # tokenizer without a stable prefix: decode everything
+                prefix, window, st.text = "", self._decode(ids), ""
+            # A trailing U+FFFD is a partial UTF-8 character: wait for its next byte unless this is the end.
+            if finishing or not window.endswith("\ufffd"):
+                st.text += window[len(prefix):]
+                st.prefix_offset, st.read_offset = st.read_offset, len(ids)
         if p.stop and st.finish_reason in (None, "length"):
-            hits = [(full.find(s), s) for s in p.stop if s and full.find(s) >= 0]
+            since = max(0, st.stop_checked - (self._max_stop - 1))
+            hits = [(at, s) for s in p.stop if s and (at := st.text.find(s, since)) >= 0]
+            st.stop_checked = len(st.text)
             if hits:
                 at, stop = min(hits)
-                full = full[:at + (len(stop) if p.include_stop_str_in_output else 0)]
+                st.text = st.text[:at + (len(stop) if p.include_stop_str_in_output else 0)]
                 self._finish(st, "stop", stop, text_end=len(out))
-        if st.finish_reason is None:
-            # Hold back text that may still change: a partial UTF-8 character or the start of a stop string.
-            stable = len(full) - (self._max_stop - 1 if self._max_stop else 0)
-            while stable > 0 and full[stable - 1] == "\ufffd":
-                stable -= 1
-            full = full[:max(stable, st.emitted_chars)]
-        if len(full) > st.emitted_chars:
-            st.pending_text += full[st.emitted_chars:]
-            st.emitted_chars = len(full)
+        limit = len(st.text)
+        if st.finish_reason is None and self._max_stop:
+            limit -= self._max_stop - 1                # the start of a stop string must not be emitted yet
+        if limit > st.emitted_chars:
+            st.pending_text += st.text[st.emitted_chars:limit]
+            st.emitted_chars = limit
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.params.skip_special_tokens)
 
     # -- outputs -------------------------------------------------------------------------------------------------
     def flush(self) -> RequestOutput | None:

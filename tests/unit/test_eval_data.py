@@ -164,3 +164,18 @@ def test_cli_bad_arguments_exit_2_with_message(capsys, tmp_path):
     for flag in ("--base-url", "--model", "--api-key", "--data-dir", "--protocol", "--num-fewshot", "--tasks",
                  "--limit", "--concurrency", "--output", "--max-new-tokens"):
         assert flag in help_text
+
+
+def test_appender_ends_a_partial_line_before_appending(tmp_path):
+    from mtlora_clients.eval.runner import _Appender
+
+    path = tmp_path / "m" / "t.jsonl"
+    path.parent.mkdir()
+    path.write_text('{"index": 0, "prompt_sha": "a"}\n{"index": 1, "pro', encoding="utf-8")   # a kill mid-line
+    app = _Appender(path)
+    app.write({"index": 2})
+    app.close()
+    assert path.read_text(encoding="utf-8").splitlines()[1:] == ['{"index": 1, "pro', '{"index": 2}']
+    app = _Appender(path)          # a clean end: nothing added
+    app.close()
+    assert path.read_text(encoding="utf-8").endswith('{"index": 2}\n')

@@ -84,17 +84,19 @@ def write_chart(results: dict[str, Any], path: Path) -> None:
     labels = groups + ["AVERAGE"]
     height = 0.8 / len(models)
     fig, ax = plt.subplots(figsize=(9, 1 + 0.35 * len(labels) * max(1, len(models) / 2)))
-    for k, m in enumerate(models):
-        vals = [100 * (get(m, g) or 0.0) for g in groups] + [100 * (results["models"][m]["average"] or 0.0)]
-        ax.barh([i + k * height for i in range(len(labels))], vals, height=height, label=m)
-    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(labels))], labels, fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlabel("accuracy (%)")
-    ax.set_title(f"{results['suite']} ({results['protocol']} protocol)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        for k, m in enumerate(models):
+            vals = [100 * (get(m, g) or 0.0) for g in groups] + [100 * (results["models"][m]["average"] or 0.0)]
+            ax.barh([i + k * height for i in range(len(labels))], vals, height=height, label=m)
+        ax.set_yticks([i + 0.4 - height / 2 for i in range(len(labels))], labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("accuracy (%)")
+        ax.set_title(f"{results['suite']} ({results['protocol']} protocol)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)    # pyplot keeps every open figure alive; a failed save must not leak one
 
 
 def write_all(results: dict[str, Any], out_dir: Path) -> None:

@@ -67,18 +67,27 @@ def read_done(path: Path, task: Task) -> dict[int, dict]:
     return done
 
 
+def _ends_with_newline(path: Path) -> bool:
+    """Whether the file's last byte is a newline (read without loading the whole file)."""
+    with path.open("rb") as f:
+        f.seek(-1, 2)
+        return f.read(1) == b"\n"
+
+
 class _Appender:
     """Appends JSON lines and flushes each, so a kill loses at most the line being written."""
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
-            with path.open("a", encoding="utf-8") as f:
-                f.write("\n")  # end the partial line a kill left, so the next record starts cleanly
         self.f = path.open("a", encoding="utf-8")
+        if self.f.tell() and not _ends_with_newline(path):
+            self.write_raw("\n")  # end the partial line a kill left, so the next record starts cleanly
 
     def write(self, rec: dict) -> None:
-        self.f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        self.write_raw(json.dumps(rec, ensure_ascii=False) + "\n")
+
+    def write_raw(self, text: str) -> None:
+        self.f.write(text)
         self.f.flush()
 
     def close(self) -> None:

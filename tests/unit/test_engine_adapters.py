@@ -139,3 +139,16 @@ def test_routing_stats_per_adapter(env):
     # Plain lora has one expert and no router: all weight on it, zero entropy (or not reported at all).
     assert stats.expert_usage.get("lora", [1.0]) == [1.0] and stats.routing_entropy.get("lora", 0.0) == 0.0
     assert stats.kv_blocks_used == 0 and stats.generation_tokens_total > 0
+
+
+def test_bf16_engine_tracks_fp32_reference(env):
+    """The serving dtype: bf16 weights, KV and adapters stay close to the fp32 oracle (loose, bf16 tolerance)."""
+    model_dir, paths, _ = env
+    core = EngineCore(tiny_engine_args(model_dir, dtype="bfloat16", adapters={"mt_both": paths["mt_both"]}))
+    assert core.dtype == torch.bfloat16 and core.pool.k.dtype == torch.bfloat16
+    ids = _prompt(8, 40)
+    for adapter in (None, "mt_both"):
+        res = run_to_completion(core, [_req("b", ids, adapter, max_tokens=3, prompt_logprobs=0)])["b"]
+        want = torch.tensor(ReferenceModel(model_dir, paths.get(adapter)).prompt_logprobs(ids)[1:])
+        got = torch.tensor([x.logprob for x in res.prompt_logprobs[1:]])
+        assert (got - want).abs().mean() < 0.01 and (got - want).abs().max() < 0.05

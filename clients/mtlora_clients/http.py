@@ -4,6 +4,7 @@ Contract:
 - `CompletionClient.complete(model, prompt, max_tokens, stop)` -> generated text (greedy, temperature 0).
 - `CompletionClient.loglikelihood(model, context, continuation)` -> sum of the continuation tokens' logprobs,
   scored with `echo=true, max_tokens=0, logprobs=1` on `context + continuation`.
+- `CompletionClient.served_models()` -> the ids of `GET /v1/models`, or None when the server does not list them.
 - 429 (honouring `Retry-After`), 5xx, time-outs and connection errors are retried with exponential backoff;
   other 4xx and malformed replies raise `ServerReplyError` at once (retrying them cannot help).
 - The caller gets either a value or a `ServerReplyError` naming the status and the server's message; nothing is
@@ -127,6 +128,15 @@ class CompletionClient:
             log.debug("retrying %s in %.2fs after %s", path, delay, last)
             await self.sleep(delay)
         raise ServerReplyError(f"gave up after {self.retry.max_retries + 1} attempts; last: {last}")
+
+    async def served_models(self) -> list[str] | None:
+        """The ids `GET /v1/models` lists (one attempt, no retries); None when the server does not say."""
+        try:
+            resp = await self._http.get("/v1/models")
+            data = resp.json().get("data", []) if resp.status_code == 200 else None
+            return None if data is None else [m.get("id") for m in data]
+        except (httpx.HTTPError, ValueError, AttributeError, TypeError):
+            return None
 
     async def complete(self, model: str, prompt: str, max_tokens: int, stop: list[str] | None = None) -> str:
         payload: dict[str, Any] = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0}

@@ -149,11 +149,7 @@ async def evaluate_model(args: Namespace, model: str, tasks: list[Task], transpo
 
 async def _check_model(client: CompletionClient, model: str) -> None:
     """Fail fast on a model name the server does not list (instead of one 404 per question)."""
-    try:
-        resp = await client._http.get("/v1/models")
-        ids = [m.get("id") for m in resp.json().get("data", [])] if resp.status_code == 200 else None
-    except (httpx.HTTPError, ValueError, AttributeError):
-        ids = None
+    ids = await client.served_models()
     if ids is None:
         log.warning("could not list the server's models; going on with %s", model)
     elif model not in ids:

@@ -140,3 +140,31 @@ def test_continuation_logprob_without_covering_token():
     body = _echo(["Answer:"], [None])  # the server did not echo the continuation
     with pytest.raises(ServerReplyError, match="no echoed token"):
         continuation_logprob(body, len("Answer:"), len("Answer: A"))
+
+
+@pytest.mark.parametrize("response,want", [
+    (httpx.Response(200, json={"object": "list", "data": [{"id": "base"}, {"id": "mt"}]}), ["base", "mt"]),
+    (httpx.Response(404, json={"error": {"message": "no such route"}}), None),
+    (httpx.Response(200, content=b"not json"), None),
+    (httpx.Response(200, json=[1, 2]), None),
+])
+async def test_served_models(response, want):
+    c, _ = _client(lambda request: response)
+    async with c:
+        assert await c.served_models() == want
+
+
+async def test_unknown_model_fails_fast_naming_the_flag():
+    from argparse import Namespace
+
+    from mtlora.errors import ConfigError
+    from mtlora_clients.eval.runner import evaluate_model
+
+    def handler(request):
+        assert request.url.path == "/v1/models", "no completion may be sent for a model the server lacks"
+        return httpx.Response(200, json={"data": [{"id": "base"}]})
+
+    args = Namespace(output="unused", max_retries=0, base_url="http://x", api_key=None, timeout=5.0, concurrency=1)
+    with pytest.raises(ConfigError, match="'typo' is not served") as err:
+        await evaluate_model(args, "typo", [], transport=httpx.MockTransport(handler))
+    assert err.value.field == "--model"

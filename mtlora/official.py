@@ -92,6 +92,12 @@ def config_from_official(data: dict, source: str) -> tuple[AdapterConfig, bool]:
     for name in ("r", "lora_alpha", "lora_nums"):
         if f[name] is None:
             raise ConfigError(f"official config needs {name}", field=name, path=source)
+    for name in ("r", "lora_nums", "block_adapter_rank", "routing_group_size"):  # official names in the message
+        value = f[name]
+        if name == "block_adapter_rank" and value == 0:
+            continue                                 # falsy: the block adapter uses r, as in the official code
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}", field=name, path=source)
     checks = [
         (str(f["peft_type"]) in OFFICIAL_PEFT_TYPES, "peft_type", f"must be one of {OFFICIAL_PEFT_TYPES}"),
         (not f["fan_in_fan_out"], "fan_in_fan_out", "must be false for LLaMA linear layers"),

@@ -87,6 +87,20 @@ def test_bad_mmlu_csv_names_file_and_row(tmp_path):
         data.load_mmlu_dir(tmp_path / "dev")
 
 
+def test_non_utf8_benchmark_files_name_the_file(tmp_path):
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "test").mkdir()
+    (tmp_path / "dev" / "s_dev.csv").write_text("q,a,b,c,d,A\n")
+    (tmp_path / "test" / "s_test.csv").write_bytes("caf\u00e9,a,b,c,d,A\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"s_test\.csv.*UTF-8"):
+        data.load_mmlu_dir(tmp_path)
+    bbh = tmp_path / "bbh"
+    bbh.mkdir()
+    (bbh / "t.json").write_bytes('{"examples": [{"input": "caf\u00e9", "target": "x"}]}'.encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"t\.json.*UTF-8"):
+        data.load_bbh_dir(bbh)
+
+
 @pytest.mark.parametrize("content,match", [
     ("{", "not valid JSON"), ('{"rows": []}', "examples"),
     ('{"examples": [{"input": "x"}]}', r"examples\[0\]\.target"), ('{"examples": [{"input": "x", "target": " "}]}',

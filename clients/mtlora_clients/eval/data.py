@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 from dataclasses import dataclass
@@ -65,18 +66,31 @@ def _select(available: list[str], wanted: list[str] | None, what: str, where: st
     return list(wanted)
 
 
+def _read_text(path: Path) -> str:
+    """A benchmark file's text; unreadable or non-UTF-8 files are ConfigErrors naming the file."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"not UTF-8 text (byte {e.start}: {e.reason})", field="--data-dir", path=str(path)) from e
+    except OSError as e:
+        raise ConfigError(f"cannot read: {e}", field="--data-dir", path=str(path)) from e
+
+
 def _read_mmlu_csv(path: Path) -> list[MCQ]:
     rows = []
-    with path.open(newline="", encoding="utf-8") as f:
-        for i, row in enumerate(csv.reader(f)):
-            if len(row) != 6:
-                raise ConfigError(f"row {i + 1} has {len(row)} columns, expected 6 "
-                                  "(question,A,B,C,D,answer)", field=f"row {i + 1}", path=str(path))
-            answer = row[5].strip()
-            if answer not in LETTERS:
-                raise ConfigError(f"row {i + 1}: answer {answer!r} is not one of A/B/C/D",
-                                  field=f"row {i + 1}.answer", path=str(path))
-            rows.append(MCQ(row[0], (row[1], row[2], row[3], row[4]), answer))
+    try:
+        parsed = list(csv.reader(io.StringIO(_read_text(path), newline="")))
+    except csv.Error as e:
+        raise ConfigError(f"not valid CSV: {e}", field="--data-dir", path=str(path)) from e
+    for i, row in enumerate(parsed):
+        if len(row) != 6:
+            raise ConfigError(f"row {i + 1} has {len(row)} columns, expected 6 "
+                              "(question,A,B,C,D,answer)", field=f"row {i + 1}", path=str(path))
+        answer = row[5].strip()
+        if answer not in LETTERS:
+            raise ConfigError(f"row {i + 1}: answer {answer!r} is not one of A/B/C/D",
+                              field=f"row {i + 1}.answer", path=str(path))
+        rows.append(MCQ(row[0], (row[1], row[2], row[3], row[4]), answer))
     return rows
 
 
@@ -99,7 +113,7 @@ def load_mmlu_dir(root: Path, subjects: list[str] | None = None) -> dict[str, MM
 
 def _read_bbh_json(path: Path) -> list[Example]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         raise ConfigError(f"not valid JSON: {e}", path=str(path)) from e
     if not isinstance(data, dict) or not isinstance(data.get("examples"), list):

@@ -51,6 +51,12 @@ def site_dims(model_config, site: str) -> tuple[int, int]:
 _site_dims = site_dims  # the engine's lora_ops still imports the old private name
 
 
+def _site_parent(layer: nn.Module, site: str) -> tuple[nn.Module, str]:
+    """(module holding the site, attribute name): `mlp` -> (layer, "mlp"), `mlp.up_proj` -> (layer.mlp, "up_proj")."""
+    parent_path, _, leaf = site.rpartition(".")
+    return (layer.get_submodule(parent_path) if parent_path else layer), leaf
+
+
 def expected_shapes(model_config, config: AdapterConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor name an adapter for this base must have, with its shape."""
     shapes: dict[str, tuple[int, ...]] = {}
@@ -73,12 +79,11 @@ def attach(model: nn.Module, config: AdapterConfig) -> dict[str, MoLoRA]:
     adapters: dict[str, MoLoRA] = {}
     for idx, layer in enumerate(decoder_layers(model)):
         for site in config.sites():
-            parent_path, _, leaf = site.rpartition(".")
-            parent = layer.get_submodule(parent_path) if parent_path else layer
+            parent, leaf = _site_parent(layer, site)
             target = getattr(parent, leaf)
             d_in, d_out = site_dims(model.config, site)
             adapter = MoLoRA(d_in, d_out, config, dtype=ref.dtype, device=ref.device)
-            wrapper = AdaptedLinear(target, adapter) if parent_path else AdaptedBlock(target, adapter)
+            wrapper = AdaptedLinear(target, adapter) if "." in site else AdaptedBlock(target, adapter)
             # New modules start in training mode; follow the wrapped module, or an eval model would apply dropout.
             wrapper.train(target.training)
             setattr(parent, leaf, wrapper)
@@ -95,8 +100,7 @@ def detach(model: nn.Module) -> None:
         return
     for layer in decoder_layers(model):
         for site in config.sites():
-            parent_path, _, leaf = site.rpartition(".")
-            parent = layer.get_submodule(parent_path) if parent_path else layer
+            parent, leaf = _site_parent(layer, site)
             wrapper = getattr(parent, leaf)
             setattr(parent, leaf, wrapper.base if isinstance(wrapper, AdaptedLinear) else wrapper.block)
     model._mtlora_config = None

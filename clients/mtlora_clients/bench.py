@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import logging
 import math
@@ -178,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.add_parser("engine", help="in-process engine benchmark (mtlora_server.bench_engine); its own flags follow",
                    add_help=False)
+    sub.add_parser("train", help="training step time, mtlora vs hydralora vs lora (mtlora_train.bench); its own "
+                   "flags follow", add_help=False)
     return p
 
 
@@ -192,21 +195,27 @@ def _check_args(args: argparse.Namespace) -> str | None:
     return None
 
 
-def run_engine(argv: list[str]) -> int:
-    """Lazy: the engine bench needs torch and the server package, which `http` must not import."""
+# In-process benchmarks that need torch: subcommand -> (module, install hint). Imported only when asked, since
+# `http` must not import torch.
+IN_PROCESS = {"engine": ("mtlora_server.bench_engine", "pip install -e '.[serve]'"),
+              "train": ("mtlora_train.bench", "pip install -e '.[train]'")}
+
+
+def run_in_process(name: str, argv: list[str]) -> int:
+    module, hint = IN_PROCESS[name]
     try:
-        from mtlora_server.bench_engine import main as engine_main
-    except ImportError as e:
-        print(f"mtlora-bench engine: cannot import mtlora_server.bench_engine:main ({e}). Install the server "
-              "package with its engine (pip install -e '.[serve]') or use `mtlora-bench http`.", file=sys.stderr)
+        bench_main = importlib.import_module(module).main
+    except (ImportError, AttributeError) as e:
+        print(f"mtlora-bench {name}: cannot import {module}:main ({e}). Install it ({hint}) or use "
+              "`mtlora-bench http`.", file=sys.stderr)
         return 2
-    return int(engine_main(argv) or 0)
+    return int(bench_main(argv) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["engine"]:
-        return run_engine(argv[1:])
+    if argv[:1] and argv[0] in IN_PROCESS:
+        return run_in_process(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)

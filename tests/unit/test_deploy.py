@@ -95,3 +95,26 @@ def test_dashboard_panels_cover_the_operational_views():
     for view in ("throughput", "first token", "inter-token", "queue", "kv cache", "by adapter", "expert usage"):
         assert view in titles
     assert any(p["type"] == "heatmap" for p in dash["panels"])
+
+
+def test_dashboard_queries_only_metrics_the_server_exports():
+    """Every metric a Grafana panel queries exists in the server's /metrics output (after one request)."""
+    import sys
+
+    from fastapi.testclient import TestClient
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fakes import FakeEngine
+    from mtlora_server.api import ServerArgs, build_app
+
+    engine = FakeEngine(adapters={"math": "/m"})    # an adapter, so per-adapter routing gauges are exported
+    with TestClient(build_app(engine, ServerArgs(), manage_engine=True)) as client:
+        assert client.post("/v1/completions", json={"model": "math", "prompt": "a", "max_tokens": 2,
+                                                    "stream": True}).status_code == 200
+        exported = {line.split("{")[0].split(" ")[0] for line in client.get("/metrics").text.splitlines()
+                    if line.startswith("mtlora:")}
+    exported |= {re.sub(r"_(bucket|sum|count)$", "", m) for m in exported}
+    missing = _dashboard_metrics() - exported
+    assert not missing, f"dashboard queries metrics the server does not export: {sorted(missing)}"
+    hpa_metric = "mtlora:num_requests_waiting"
+    assert hpa_metric in exported

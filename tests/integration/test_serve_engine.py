@@ -170,3 +170,15 @@ async def test_full_queue_is_429_with_retry_after(tiny_model_dir):
     rejected = next(r for r in rs if r.status_code == 429)
     assert int(rejected.headers["retry-after"]) >= 1 and rejected.json()["error"]["type"] == "RateLimitError"
     assert after.status_code == 200                     # the server recovers once the queue drains
+
+
+async def test_every_embedding_row_is_a_valid_prompt_token(served, tiny_model_dir):
+    """Token ids are bounded by the model's vocabulary (260 rows), not the tokenizer's length (259 ids)."""
+    from transformers import LlamaConfig
+
+    _, _, client = served
+    vocab = LlamaConfig.from_pretrained(tiny_model_dir).vocab_size
+    ok = await client.post("/v1/completions", json={"prompt": [1, vocab - 1], "max_tokens": 1})
+    bad = await client.post("/v1/completions", json={"prompt": [1, vocab], "max_tokens": 1})
+    assert ok.status_code == 200, ok.text
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt"

@@ -35,6 +35,8 @@ class Engine:
         self.core = core
         self.base_model_name = core.base_model_name
         self.max_model_len = core.max_model_len
+        # The model's embedding rows bound valid prompt token ids (the tokenizer may know fewer ids).
+        self.vocab_size = core.model_config.vocab_size
         self.tokenizer = core.tokenizer
         self._inbox: deque[tuple[Callable, asyncio.Future | None]] = deque()
         self._wake = threading.Event()

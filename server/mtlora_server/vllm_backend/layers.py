@@ -22,32 +22,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtlora.adapters import MoLoRA
 from mtlora.config import AdapterConfig
 
 
-class BlockAdapter(nn.Module):
-    """One block-level adapter site: shared A, N expert B's, an optional per-token, per-group router."""
+class BlockAdapter(MoLoRA):
+    """One block-level adapter site: `MoLoRA`'s parameters and shapes, frozen, with a grouped-B forward pass."""
 
     def __init__(self, in_features: int, out_features: int, config: AdapterConfig,
                  dtype: torch.dtype | None = None):
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
-        self.rank = config.rank
-        self.num_experts = config.num_experts
-        self.num_groups = config.groups_for(out_features)
+        super().__init__(in_features, out_features, config, dtype=dtype)
+        self.requires_grad_(False)        # inference only; the checkpoint overwrites every parameter
         self.group_size = out_features // self.num_groups
-        self.scaling = config.scaling
-        # Created empty: the checkpoint always overwrites them (load_weights), so no init is wasted.
-        self.lora_A = nn.Parameter(torch.empty(self.rank, in_features, dtype=dtype),
-                                   requires_grad=False)                                      # [r, d_in]
-        self.lora_B = nn.Parameter(torch.empty(self.num_experts, out_features, self.rank, dtype=dtype),
-                                   requires_grad=False)                                      # [N, d_out, r]
-        if config.has_router:
-            self.router = nn.Parameter(torch.empty(self.num_groups * self.num_experts, in_features, dtype=dtype),
-                                       requires_grad=False)                                  # [g*N, d_in]
-        else:
-            self.register_parameter("router", None)
         # Group-major B with the scaling folded in: [g, gs, N*r]. Not persistent: derived from lora_B.
         self.register_buffer("b_grouped", torch.empty(self.num_groups, self.group_size,
                                                       self.num_experts * self.rank, dtype=dtype), persistent=False)
@@ -76,9 +62,6 @@ class BlockAdapter(nn.Module):
         delta = torch.bmm(hw.transpose(0, 1), self.b_grouped.transpose(1, 2))      # [g, T, gs]
         return delta.transpose(0, 1).reshape(*lead, self.out_features).to(z.dtype)
 
-    def extra_repr(self) -> str:
-        return (f"in={self.in_features}, out={self.out_features}, r={self.rank}, N={self.num_experts}, "
-                f"g={self.num_groups}, scaling={self.scaling:g}")
 
 
 class AdaptedAttention(nn.Module):

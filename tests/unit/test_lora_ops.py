@@ -17,7 +17,7 @@ from mtlora.adapters import MoLoRA
 from mtlora.config import AdapterConfig
 from mtlora.errors import AdapterLoadError
 from mtlora.inject import site_dims
-from mtlora_server.engine.lora_ops import (AdapterSlots, RoutingStats, molora_reference, molora_torch,
+from mtlora_server.engine.lora_ops import (AdapterSlots, RoutingStats, SlotPlan, molora_reference, molora_torch,
                                            segment_tiles)
 
 # d = 48 so that a 16-channel routing group gives g = 3 at block level.
@@ -101,6 +101,52 @@ def test_batched_equals_reference_equals_module(loaded, site, T, seed):
         torch.testing.assert_close(molora_torch(x, eff, A, B, R, mask, groups, scaling), ref,
                                    atol=1e-5, rtol=1e-5)
         assert torch.all(got[slot_idx == -1] == 0) and torch.all(got[slot_idx == 3] == 0)
+
+
+SHARED = {"attn_in": ["self_attn", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+          "mlp_in": ["mlp", "mlp.gate_proj", "mlp.up_proj"], "o_in": ["self_attn.o_proj"],
+          "act_in": ["mlp.down_proj"]}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("T,seed", [(1, 0), (7, 1), (64, 2), (300, 3), (12, -1)])
+@pytest.mark.parametrize("group", list(SHARED))
+def test_planned_fused_path_equals_module_and_stats(loaded, group, T, seed):
+    """apply_shared (per-step SlotPlan, sites sharing an input fused per slot, deltas added in place into column
+    views of one fused output) == the MoLoRA module per token == apply() per site, routing stats included."""
+    slots, oracles = loaded
+    sites = SHARED[group]
+    d_in = site_dims(CFG, sites[0])[0]
+    slot_idx = torch.full((T,), 0) if seed < 0 else _mix(T, seed)                # seed -1: one slot owns all tokens
+    x = torch.randn(T, d_in, generator=torch.Generator().manual_seed(abs(seed) + 7))
+    widths = [site_dims(CFG, site)[1] for site in sites]
+    for layer in range(CFG.num_hidden_layers):
+        fused = torch.randn(T, sum(widths))
+        start, targets = 0, []
+        for site, width in zip(sites, widths):
+            targets.append((site, fused[:, start:start + width]))
+            start += width
+        before = fused.clone()
+        st_plan, st_site = RoutingStats(), RoutingStats()
+        slots.apply_shared(layer, x, targets, slot_idx, stats=st_plan, plan=SlotPlan(slot_idx))
+        start = 0
+        for site, width in zip(sites, widths):
+            want = _oracle_delta(oracles, slot_idx, x, layer, site, width)
+            torch.testing.assert_close(fused[:, start:start + width] - before[:, start:start + width], want,
+                                       atol=1e-5, rtol=1e-5)
+            slots.apply(layer, site, x, slot_idx, st_site)
+            start += width
+        for slot in range(6):
+            (u1, e1), (u2, e2) = st_plan.summary(slot), st_site.summary(slot)
+            assert len(u1) == len(u2) and math.isclose(e1, e2, rel_tol=1e-5, abs_tol=1e-7)
+            torch.testing.assert_close(torch.tensor(u1), torch.tensor(u2), atol=1e-6, rtol=1e-5)
+
+
+def test_slot_plan_segments_once():
+    plan = SlotPlan(torch.tensor([2, -1, 0, 2, 5]))
+    assert {s: r.tolist() for s, r in plan.groups.items()} == {0: [2], 2: [0, 3], 5: [4]}
+    assert SlotPlan(torch.tensor([3, 3])).groups == {3: None}                     # one slot: no gather at all
+    assert SlotPlan(torch.tensor([-1, -1])).groups == {}
 
 
 def test_bf16_input_keeps_dtype_and_is_close(loaded):

@@ -15,6 +15,12 @@ Contract:
       router), expert_mask [S, N_max] bool, groups [S] long (>= 1), scaling [S] float.
 - `molora_reference` is a per-token Python loop (obviously correct, slow); `molora_torch` is the batched CPU path;
   the Triton kernel (`triton_molora.py`) is used when x is on CUDA and triton imports. All three agree.
+- The engine's CPU path is `AdapterSlots.apply_shared(layer, x, targets, slot_idx, plan=SlotPlan)`: the token ->
+  slot segmentation (`SlotPlan`) is computed once per step and reused by every site of every layer, and all sites
+  that read the same input are fused per slot into one shrink matmul (A and router rows of those sites stacked at
+  load time, each slot trimmed to its own r / N / g, so no padding and no expert masking); each site's delta is
+  then added in place into its target (the matching slice of the fused projection output). `molora_torch` stays
+  the batched reference it is checked against.
 - `RoutingStats` accumulates, per slot, the sum of per-token routing weight per expert (averaged over the slot's
   groups), the sum of per-token routing entropy (nats, averaged over groups) and the token count.
 """
@@ -210,6 +216,76 @@ def _tiles_delta(xt, ts, A, B, R, expert_mask, groups, scaling, g_eff):
     return delta * scaling[ts].to(delta.dtype)[:, None, None], w                   # [nt, tile, d_out]
 
 
+
+# -- the per-step plan and the fused per-slot path ---------------------------------------------------------------
+class SlotPlan:
+    """Token -> slot segmentation of one engine step, built once (by the runner) and reused by all sites/layers.
+
+    `slot_idx` [T] long (-1 = base). `groups` maps each adapter slot present to its token rows ([n] long), or to
+    None when that slot owns every token of the step (no gather / scatter needed at all).
+    """
+
+    def __init__(self, slot_idx: torch.Tensor, slots: list[int] | None = None):
+        self.slot_idx = slot_idx
+        self.T = int(slot_idx.shape[0])
+        present = sorted(set(slot_idx.tolist() if slots is None else slots) - {-1})
+        self.groups: dict[int, torch.Tensor | None] = {}
+        for s in present:
+            if s < 0:
+                continue
+            rows = (slot_idx == s).nonzero().squeeze(1)
+            self.groups[s] = None if rows.numel() == self.T else rows
+
+
+class _SlotPack:
+    """One slot's weights for the sites sharing one input: W = [A_site1; R_site1; A_site2; ...] stacked on the
+    output dim (one shrink matmul), then per site (site index, offset of A rows, r, offset of router rows, N, g,
+    B as [N*r, d_out] contiguous, scaling, group index [d_out] or None)."""
+
+    def __init__(self, W: torch.Tensor, parts: list[tuple]):
+        self.W, self.parts = W, parts
+
+
+def _pack_slot(bufs: list[tuple[int, "_SiteBuffers"]], slot: int) -> _SlotPack | None:
+    rows, parts, off = [], [], 0
+    for i, buf in bufs:
+        if slot not in buf.users:
+            continue
+        r, N, g = buf.dims[slot]
+        rows.append(buf.A[slot, :r])
+        a_off, off = off, off + r
+        r_off = -1
+        if N > 1:
+            rows.append(buf.R[slot, :g, :N].reshape(g * N, -1))
+            r_off, off = off, off + g * N
+        d_out = buf.B.shape[3]
+        Bm = buf.B[slot, :N, :r].reshape(N * r, d_out).contiguous()
+        group_of = None
+        if g > 1:
+            group_of = (torch.arange(d_out, device=Bm.device) // (d_out // g)).clamp_max(g - 1)
+        parts.append((i, a_off, r, r_off, N, g, Bm, float(buf.scaling[slot]), group_of))
+    if not parts:
+        return None
+    return _SlotPack(torch.cat(rows).contiguous(), parts)
+
+
+def _pack_delta(hz: torch.Tensor, part: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """hz: [n, rows of the pack] (x @ W^T). Returns (delta [n, d_out] in hz.dtype, routing weights [n, g, N] fp32
+    or None for N == 1)."""
+    _, a_off, r, r_off, N, g, Bm, scaling, group_of = part
+    h = hz[:, a_off:a_off + r]                                                      # [n, r]
+    n = h.shape[0]
+    if N == 1:
+        return torch.mm(h * scaling, Bm), None                                      # [n, d_out]
+    w = torch.softmax(hz[:, r_off:r_off + g * N].float().view(n, g, N), dim=-1)    # [n, g, N] fp32
+    u = (w * scaling).to(h.dtype)[:, :, :, None] * h[:, None, None, :]             # [n, g, N, r]
+    full = torch.mm(u.view(n * g, N * r), Bm)                                       # [n*g, d_out]
+    if g == 1:
+        return full, w
+    full = full.view(n, g, -1)
+    return full.gather(1, group_of.expand(n, 1, -1)).squeeze(1), w                 # own group per channel
+
+
 # -- the stacked slots --------------------------------------------------------------------------------------------
 class _SiteBuffers:
     """The stacked, zero-padded tensors of one (layer, site) for all slots (layout: see module docstring)."""
@@ -257,6 +333,7 @@ class AdapterSlots:
         self.dtype, self.device = dtype, torch.device(device)
         self._sites: dict[tuple[int, str], _SiteBuffers] = {}
         self._configs: dict[int, AdapterConfig] = {}
+        self._packs: dict[tuple, _SlotPack | None] = {}                           # (layer, sites, slot) -> pack
 
     # -- loading -------------------------------------------------------------------------------------------------
     def _check_limits(self, slot: int, config: AdapterConfig) -> dict[str, int]:
@@ -308,6 +385,7 @@ class AdapterSlots:
         groups = self._check_limits(slot, config)
         self._check_tensors(config, tensors)
         self.clear(slot)
+        self._packs.clear()
         r, N = config.rank, config.num_experts
         with torch.no_grad():
             for layer in range(self.num_layers):
@@ -337,6 +415,7 @@ class AdapterSlots:
             for buf in self._sites.values():
                 buf.clear(slot)
         self._configs.pop(slot, None)
+        self._packs.clear()
 
     def active_sites(self, layer: int) -> list[str]:
         return [site for site in SITES if (layer, site) in self._sites and self._sites[(layer, site)].users]
@@ -361,3 +440,45 @@ class AdapterSlots:
             if triton_molora.available():   # full padded sizes: constexprs never change, so no recompiles
                 return triton_molora.molora_triton(x, eff, *buf.tensors(), stats=stats)
         return molora_torch(x, eff, *buf.tensors(), stats=stats, dims=buf.live_dims())
+
+    def apply_shared(self, layer: int, x: torch.Tensor, targets: list[tuple[str, torch.Tensor]],
+                     slot_idx: torch.Tensor, stats: RoutingStats | None = None,
+                     plan: SlotPlan | None = None) -> None:
+        """Add the deltas of several sites that all read `x` [T, d_in], in place: targets = [(site, out [T, d_out])]
+        (out may be a column slice of a fused projection output). Same math as `apply` per site; with a plan on
+        CPU all sites are fused per slot into one shrink matmul, otherwise this is one `apply` per site."""
+        if plan is None or x.is_cuda:
+            for site, out in targets:
+                delta = self.apply(layer, site, x, slot_idx, stats)
+                if delta is not None:
+                    out += delta.to(out.dtype)
+            return
+        bufs = [(i, self._sites.get((layer, site))) for i, (site, _) in enumerate(targets)]
+        bufs = [(i, b) for i, b in bufs if b is not None and b.users]
+        if not bufs:
+            return
+        key_sites = tuple(targets[i][0] for i, _ in bufs)
+        for slot, rows in plan.groups.items():
+            key = (layer, key_sites, slot)
+            if key not in self._packs:
+                self._packs[key] = _pack_slot(bufs, slot)
+            pack = self._packs[key]
+            if pack is None:                                                        # slot adapts none of these
+                continue
+            xs = x if rows is None else x.index_select(0, rows)
+            hz = F.linear(xs.to(pack.W.dtype), pack.W)                              # [n, sum(r + g*N)]
+            for part in pack.parts:
+                delta, w = _pack_delta(hz, part)
+                out = targets[part[0]][1]
+                if rows is None:
+                    out += delta.to(out.dtype)
+                else:
+                    out.index_add_(0, rows, delta.to(out.dtype))
+                if stats is not None:
+                    buf = bufs[[i for i, _ in bufs].index(part[0])][1]
+                    n, N, g = hz.shape[0], part[4], part[5]
+                    if w is None:
+                        w = torch.ones(n, g, 1, device=x.device)
+                    w = F.pad(w, (0, buf.expert_mask.shape[1] - N))
+                    stats.record(torch.full((n,), slot, dtype=torch.long, device=x.device), w, buf.groups,
+                                 buf.expert_mask)

@@ -172,6 +172,7 @@ class StepBatch:
     logits_index: torch.Tensor    # [L] long: flat tokens whose logits are wanted
     any_adapter: bool = True      # False: every token is bare base, skip adapter ops entirely
     sites: frozenset | None = None  # adapter sites used by some token of this step (None: ask the slots)
+    adapter_plan: object | None = None  # lora_ops.SlotPlan: token -> slot segmentation, built once per step
 
 
 class LlamaDecoder:
@@ -208,17 +209,11 @@ class LlamaDecoder:
             sites = adapters.active_sites(idx) if use_adapters else ()
             if b.sites is not None:                                         # skip sites no token of this step uses
                 sites = [s for s in sites if s in b.sites]
-            ctx = (adapters, idx, sites, b.adapter_slots, stats)
+            ctx = (adapters, idx, sites, b.adapter_slots, stats, b.adapter_plan)
             x = rms_norm(h, w["in_norm"], self.cfg.rms_norm_eps)            # x: [T, d]
-            a = self._attention(idx, w, x, cos, sin, b, kv, ctx)
-            if "self_attn" in sites:
-                a = _add(a, adapters.apply(idx, "self_attn", x, b.adapter_slots, stats))
-            h = h + a
+            h = h + self._attention(idx, w, x, cos, sin, b, kv, ctx)
             x = rms_norm(h, w["post_norm"], self.cfg.rms_norm_eps)
-            m = self._mlp(w, x, ctx)
-            if "mlp" in sites:
-                m = _add(m, adapters.apply(idx, "mlp", x, b.adapter_slots, stats))
-            h = h + m
+            h = h + self._mlp(w, x, ctx)
         h = h[b.logits_index]                                               # only rows that need logits
         h = rms_norm(h, self.final_norm, self.cfg.rms_norm_eps)
         return F.linear(h, self.lm_head).float()                            # [L, V]
@@ -227,8 +222,11 @@ class LlamaDecoder:
         cfg = self.cfg
         T = x.shape[0]
         qkv = F.linear(x, w["qkv"])                                         # [T, q + 2kv]
-        qkv = _component_deltas(qkv, x, ctx, (("q_proj", self.q_size), ("k_proj", self.kv_size),
-                                              ("v_proj", self.kv_size)), "self_attn")
+        # Block-level self_attn delta reads the same x as q/k/v: computed in the same fused shrink, added at the end.
+        blk = x.new_zeros(T, cfg.hidden_size) if "self_attn" in ctx[2] else None
+        _adapt(ctx, x, [("self_attn", blk)] + _columns(qkv, "self_attn", (("q_proj", self.q_size),
+                                                                          ("k_proj", self.kv_size),
+                                                                          ("v_proj", self.kv_size))))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = apply_rope(q.reshape(T, cfg.num_attention_heads, cfg.head_dim), cos, sin)
         k = apply_rope(k.reshape(T, cfg.num_key_value_heads, cfg.head_dim), cos, sin)
@@ -245,7 +243,8 @@ class LlamaDecoder:
                                                  enable_gqa=True)           # [B, H, Qmax, hd]
             out = out.transpose(1, 2).reshape(-1, self.q_size)[b.out_gather]  # [T, H*hd]
         o = F.linear(out, w["o"])                                           # [T, d]
-        return _component_deltas(o, out, ctx, (("o_proj", cfg.hidden_size),), "self_attn")
+        _adapt(ctx, out, [("self_attn.o_proj", o)])
+        return o if blk is None else o.add_(blk)
 
     def _decode_attention(self, q, keys, values, mask) -> torch.Tensor:
         """One query per sequence, as two batched matmuls over (KV head, sequence). q: [B, H, hd]; keys/values:
@@ -264,32 +263,32 @@ class LlamaDecoder:
     def _mlp(self, w, x, ctx) -> torch.Tensor:
         F_ = self.cfg.intermediate_size
         gu = F.linear(x, w["gate_up"])                                      # [T, 2F]
-        gu = _component_deltas(gu, x, ctx, (("gate_proj", F_), ("up_proj", F_)), "mlp")
+        blk = x.new_zeros(x.shape[0], self.cfg.hidden_size) if "mlp" in ctx[2] else None
+        _adapt(ctx, x, [("mlp", blk)] + _columns(gu, "mlp", (("gate_proj", F_), ("up_proj", F_))))
         gate, up = gu.split([F_, F_], dim=-1)
         act = F.silu(gate) * up                                             # [T, F]
         out = F.linear(act, w["down"])                                      # [T, d]
-        return _component_deltas(out, act, ctx, (("down_proj", self.cfg.hidden_size),), "mlp")
+        _adapt(ctx, act, [("mlp.down_proj", out)])
+        return out if blk is None else out.add_(blk)
 
 
-def _add(x: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
-    return x if delta is None else x + delta.to(x.dtype)
-
-
-def _component_deltas(fused: torch.Tensor, inp: torch.Tensor, ctx, parts, block: str) -> torch.Tensor:
-    """Add component-level adapter deltas, in place, to the matching column slices of a fused projection output
-    (`fused` is a fresh matmul result, so writing into it is safe and avoids a concatenation)."""
-    adapters, idx, sites, slot_idx, stats = ctx
-    if not sites:
-        return fused
-    start = 0
+def _columns(fused: torch.Tensor, block: str, parts) -> list[tuple[str, torch.Tensor]]:
+    """(site, column slice view) of a fused projection output, e.g. q/k/v of qkv."""
+    out, start = [], 0
     for name, width in parts:
-        site = f"{block}.{name}"
-        if site in sites:
-            delta = adapters.apply(idx, site, inp, slot_idx, stats)
-            if delta is not None:
-                fused[:, start:start + width] += delta.to(fused.dtype)
+        out.append((f"{block}.{name}", fused[:, start:start + width]))
         start += width
-    return fused
+    return out
+
+
+def _adapt(ctx, inp: torch.Tensor, targets: list[tuple[str, torch.Tensor | None]]) -> None:
+    """Add, in place, the deltas of the adapter sites (among those this step uses) that read `inp` into their
+    targets (fresh matmul outputs or column views of them, so writing into them is safe and avoids concatenation).
+    Sites sharing an input go to the slots together, which fuses them into one shrink matmul per slot."""
+    adapters, idx, sites, slot_idx, stats, plan = ctx
+    todo = [(site, out) for site, out in targets if site in sites and out is not None]
+    if todo:
+        adapters.apply_shared(idx, inp, todo, slot_idx, stats=stats, plan=plan)
 
 
 # -- weights -----------------------------------------------------------------------------------------------------

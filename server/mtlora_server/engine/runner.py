@@ -5,7 +5,8 @@ Contract:
   builds the padded attention layout (query scatter index [B, Qmax], flat KV slots [B, Kmax] from the block
   tables, causal + length mask)
   with tensor ops, plus the flat indices of the rows whose logits are wanted, and (given `slot_sites`) the set of
-  adapter sites some token of the step uses, so the model skips ops that would only return zeros.
+  adapter sites some token of the step uses, so the model skips ops that would only return zeros, and (when any
+  token has an adapter) the step's `SlotPlan` (token -> slot segmentation) that every adapter site reuses.
 - `logit_positions[i]` lists the absolute positions of chunk i whose logits are wanted (prompt logprobs and/or the
   last position when the chunk samples); rows come back in that order, chunk after chunk.
 - `ModelRunner.run(chunks, logit_positions, stats)` executes the forward under `torch.inference_mode` and returns
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from .lora_ops import SlotPlan
 from .model import StepBatch
 from .scheduler import Chunk
 
@@ -59,19 +61,21 @@ def build_batch(chunks: list[Chunk], logit_positions: list[list[int]], block_siz
     sites = None
     if slot_sites is not None:
         sites = frozenset(site for slot in set(slot_list) if slot >= 0 for site in slot_sites.get(slot, ()))
-    adapter_slots = slots[seq_of_tok]
+    adapter_slots = slots[seq_of_tok].to(device)
+    any_adapter = bool((slots >= 0).any())
     return StepBatch(
         input_ids=torch.tensor(ids, dtype=torch.long).to(device),
         positions=positions.to(device),
         slot_mapping=slot_mapping.to(device),
-        adapter_slots=adapter_slots.to(device),
+        adapter_slots=adapter_slots,
         q_gather=q_gather.to(device),
         out_gather=(seq_of_tok * qmax + local).to(device),
         kv_slots=kv_slots.to(device),
         attn_mask=mask[:, None].to(device),
         logits_index=torch.tensor(flat_rows, dtype=torch.long).to(device),
-        any_adapter=bool((slots >= 0).any()),
+        any_adapter=any_adapter,
         sites=sites,
+        adapter_plan=SlotPlan(adapter_slots, slot_list) if any_adapter else None,
     )
 
 

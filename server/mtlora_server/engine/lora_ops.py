@@ -240,7 +240,8 @@ class SlotPlan:
 class _SlotPack:
     """One slot's weights for the sites sharing one input: W = [A_site1; R_site1; A_site2; ...] stacked on the
     output dim (one shrink matmul), then per site (site index, offset of A rows, r, offset of router rows, N, g,
-    B as [N*r, d_out] contiguous, scaling, group index [d_out] or None)."""
+    B as [N*r, d_out] contiguous (or [g, N*r, d_out/g] split by channel group), scaling, group index [d_out] for
+    groups that do not divide d_out, else None)."""
 
     def __init__(self, W: torch.Tensor, parts: list[tuple]):
         self.W, self.parts = W, parts
@@ -261,7 +262,9 @@ def _pack_slot(bufs: list[tuple[int, "_SiteBuffers"]], slot: int) -> _SlotPack |
         d_out = buf.B.shape[3]
         Bm = buf.B[slot, :N, :r].reshape(N * r, d_out).contiguous()
         group_of = None
-        if g > 1:
+        if g > 1 and d_out % g == 0:   # channel group j only needs B's columns of group j: [g, N*r, d_out/g]
+            Bm = Bm.view(N * r, g, d_out // g).transpose(0, 1).contiguous()
+        elif g > 1:
             group_of = (torch.arange(d_out, device=Bm.device) // (d_out // g)).clamp_max(g - 1)
         parts.append((i, a_off, r, r_off, N, g, Bm, float(buf.scaling[slot]), group_of))
     if not parts:
@@ -279,6 +282,8 @@ def _pack_delta(hz: torch.Tensor, part: tuple) -> tuple[torch.Tensor, torch.Tens
         return torch.mm(h * scaling, Bm), None                                      # [n, d_out]
     w = torch.softmax(hz[:, r_off:r_off + g * N].float().view(n, g, N), dim=-1)    # [n, g, N] fp32
     u = (w * scaling).to(h.dtype)[:, :, :, None] * h[:, None, None, :]             # [n, g, N, r]
+    if g > 1 and Bm.dim() == 3:   # per group: [g, n, N*r] @ [g, N*r, d_out/g] -> [n, g * d_out/g]
+        return torch.bmm(u.view(n, g, N * r).transpose(0, 1), Bm).transpose(0, 1).reshape(n, -1), w
     full = torch.mm(u.view(n * g, N * r), Bm)                                       # [n*g, d_out]
     if g == 1:
         return full, w

@@ -117,7 +117,8 @@ def test_planned_fused_path_equals_module_and_stats(loaded, group, T, seed):
     slots, oracles = loaded
     sites = SHARED[group]
     d_in = site_dims(CFG, sites[0])[0]
-    slot_idx = torch.full((T,), 0) if seed < 0 else _mix(T, seed)                # seed -1: one slot owns all tokens
+    # seed -1: slots laid out in contiguous runs (the runner's layout: slices, no gather)
+    slot_idx = torch.tensor([0] * 5 + [-1] * 3 + [1] * 2 + [2, 4]) if seed < 0 else _mix(T, seed)
     x = torch.randn(T, d_in, generator=torch.Generator().manual_seed(abs(seed) + 7))
     widths = [site_dims(CFG, site)[1] for site in sites]
     for layer in range(CFG.num_hidden_layers):
@@ -144,8 +145,9 @@ def test_planned_fused_path_equals_module_and_stats(loaded, group, T, seed):
 
 def test_slot_plan_segments_once():
     plan = SlotPlan(torch.tensor([2, -1, 0, 2, 5]))
-    assert {s: r.tolist() for s, r in plan.groups.items()} == {0: [2], 2: [0, 3], 5: [4]}
-    assert SlotPlan(torch.tensor([3, 3])).groups == {3: None}                     # one slot: no gather at all
+    assert plan.groups[2].tolist() == [0, 3]                                     # scattered: index rows
+    assert plan.groups[0] == slice(2, 3) and plan.groups[5] == slice(4, 5)        # contiguous: plain slices
+    assert SlotPlan(torch.tensor([3, 3, -1, 1])).groups == {3: slice(0, 2), 1: slice(3, 4)}
     assert SlotPlan(torch.tensor([-1, -1])).groups == {}
 
 

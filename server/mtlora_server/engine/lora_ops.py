@@ -221,8 +221,9 @@ def _tiles_delta(xt, ts, A, B, R, expert_mask, groups, scaling, g_eff):
 class SlotPlan:
     """Token -> slot segmentation of one engine step, built once (by the runner) and reused by all sites/layers.
 
-    `slot_idx` [T] long (-1 = base). `groups` maps each adapter slot present to its token rows ([n] long), or to
-    None when that slot owns every token of the step (no gather / scatter needed at all).
+    `slot_idx` [T] long (-1 = base). `groups` maps each adapter slot present to its token rows: a `slice` when
+    they are one contiguous range (the runner lays sequences out grouped by slot, so this is the normal case: the
+    ops then read and write views, no gather / scatter), else a [n] long index tensor.
     """
 
     def __init__(self, slot_idx: torch.Tensor, slots: list[int] | None = None):
@@ -234,7 +235,8 @@ class SlotPlan:
             if s < 0:
                 continue
             rows = (slot_idx == s).nonzero().squeeze(1)
-            self.groups[s] = None if rows.numel() == self.T else rows
+            lo, hi = int(rows[0]), int(rows[-1]) + 1
+            self.groups[s] = slice(lo, hi) if hi - lo == rows.numel() else rows
 
 
 class _SlotPack:
@@ -470,13 +472,14 @@ class AdapterSlots:
             pack = self._packs[key]
             if pack is None:                                                        # slot adapts none of these
                 continue
-            xs = x if rows is None else x.index_select(0, rows)
+            contiguous = isinstance(rows, slice)
+            xs = x[rows] if contiguous else x.index_select(0, rows)
             hz = F.linear(xs.to(pack.W.dtype), pack.W)                              # [n, sum(r + g*N)]
             for part in pack.parts:
                 delta, w = _pack_delta(hz, part)
                 out = targets[part[0]][1]
-                if rows is None:
-                    out += delta.to(out.dtype)
+                if contiguous:
+                    out[rows] += delta.to(out.dtype)
                 else:
                     out.index_add_(0, rows, delta.to(out.dtype))
                 if stats is not None:

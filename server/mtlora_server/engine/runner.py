@@ -24,6 +24,13 @@ from .scheduler import Chunk
 
 def build_batch(chunks: list[Chunk], logit_positions: list[list[int]], block_size: int,
                 device: torch.device, slot_sites: dict[int, set[str]] | None = None) -> StepBatch:
+    # Lay the sequences out grouped by adapter slot (stable), so each slot's tokens are one contiguous range and
+    # the adapter ops read / write plain slices instead of gathering and scattering rows. Logit rows still come
+    # back in the callers' chunk order (flat_rows below follows the original order).
+    order = sorted(range(len(chunks)), key=lambda i: chunks[i].seq.adapter_slot)
+    where = {i: k for k, i in enumerate(order)}                                              # original -> laid out
+    wanted_in_order = logit_positions
+    chunks = [chunks[i] for i in order]
     B = len(chunks)
     q_len = torch.tensor([c.length for c in chunks], dtype=torch.long)                       # [B]
     start = torch.tensor([c.start for c in chunks], dtype=torch.long)                        # [B]
@@ -54,8 +61,9 @@ def build_batch(chunks: list[Chunk], logit_positions: list[list[int]], block_siz
     mask = (kj[None, None, :] <= qpos[:, :, None]) & valid[:, :, None]
     mask |= (~valid[:, :, None]) & (kj[None, None, :] == 0)
     flat_rows = []
-    for b, (c, wanted) in enumerate(zip(chunks, logit_positions)):
-        flat_rows.extend(int(q_off[b]) + p - c.start for p in wanted)
+    for i, wanted in enumerate(wanted_in_order):
+        b = where[i]
+        flat_rows.extend(int(q_off[b]) + p - chunks[b].start for p in wanted)
     slot_list = [c.seq.adapter_slot for c in chunks]
     slots = torch.tensor(slot_list, dtype=torch.long)
     sites = None

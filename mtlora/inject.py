@@ -48,7 +48,6 @@ def site_dims(model_config, site: str) -> tuple[int, int]:
     return dims[site]
 
 
-_site_dims = site_dims  # the engine's lora_ops still imports the old private name
 
 
 def _site_parent(layer: nn.Module, site: str) -> tuple[nn.Module, str]:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from mtlora.config import AdapterConfig
 from mtlora.errors import AdapterLoadError, ConfigError
-from mtlora.inject import _site_dims, expected_shapes
+from mtlora.inject import expected_shapes, site_dims
 
 log = logging.getLogger(__name__)
 
@@ -356,7 +356,7 @@ class AdapterSlots:
         groups = {}
         for site in config.sites():
             try:
-                g = config.groups_for(_site_dims(self.model_config, site)[1])
+                g = config.groups_for(site_dims(self.model_config, site)[1])
             except ConfigError as exc:
                 raise AdapterLoadError(f"routing_group_size: {exc}") from None
             if g > self.max_groups:
@@ -381,7 +381,7 @@ class AdapterSlots:
     def _site(self, layer: int, site: str) -> _SiteBuffers:
         key = (layer, site)
         if key not in self._sites:   # lazily, but for every slot at once: later loads never reallocate
-            d_in, d_out = _site_dims(self.model_config, site)
+            d_in, d_out = site_dims(self.model_config, site)
             self._sites[key] = _SiteBuffers(self.max_adapters, self.max_rank, self.max_experts, self.max_groups,
                                             d_in, d_out, self.dtype, self.device)
             log.debug("allocated adapter buffers for layers.%d.%s", layer, site)

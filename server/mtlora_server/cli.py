@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Queued sequences before new requests get 429 + Retry-After.")
     p.add_argument("--seed", type=int, default=0, help="Seed for requests that bring no seed of their own.")
     p.add_argument("--enforce-eager", action="store_true", help="Disable CUDA graphs / compilation.")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="Reuse the KV blocks of prompt prefixes computed before (few-shot prompts, shared system "
+                        "prompts, n > 1); --no-enable-prefix-caching recomputes every prompt.")
     p.add_argument("--enable-adapter-loading", action="store_true",
                    help="Enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (needs --adapter-root).")
     p.add_argument("--adapter-root", default=None,
@@ -138,7 +141,8 @@ def engine_args_from(ns: argparse.Namespace, adapters: dict[str, str]):
                       kv_cache_memory=ns.kv_cache_memory, block_size=ns.block_size, max_adapters=ns.max_adapters,
                       max_lora_rank=ns.max_lora_rank, max_experts=ns.max_experts, max_groups=ns.max_groups,
                       adapters=adapters, served_model_name=ns.served_model_name, max_waiting=ns.max_waiting,
-                      seed=ns.seed, enforce_eager=ns.enforce_eager)
+                      seed=ns.seed, enforce_eager=ns.enforce_eager,
+                      enable_prefix_caching=ns.enable_prefix_caching)
 
 
 def _memory_summary() -> str:

@@ -84,6 +84,26 @@ async def test_models_and_metrics_over_the_real_engine(served):
     assert "mtlora:kv_blocks_used 0.0" in text
 
 
+async def test_shared_prompt_prefix_is_served_from_the_prefix_cache(served):
+    """The same 40-token prompt twice under one adapter: 2 full 16-token blocks are cached; an echo request
+    recomputes the last of them (its logits give the first missing prompt logprob), so 16 tokens hit; the echo
+    logprobs and greedy tokens equal the first request's."""
+    _, _, client = served
+    ids = list(range(20, 60))
+    body = {"model": "moe", "prompt": ids, "max_tokens": 3, "temperature": 0, "echo": True, "logprobs": 1}
+
+    def hits(text):
+        return float(next(line.split()[1] for line in text.splitlines()
+                          if line.startswith("mtlora:prefix_cache_hits_total")))
+
+    first = (await client.post("/v1/completions", json=body)).json()["choices"][0]
+    before = hits((await client.get("/metrics")).text)
+    second = (await client.post("/v1/completions", json=body)).json()["choices"][0]
+    assert hits((await client.get("/metrics")).text) - before == 16
+    assert second["text"] == first["text"]
+    assert second["logprobs"]["token_logprobs"] == pytest.approx(first["logprobs"]["token_logprobs"], abs=1e-5)
+
+
 async def test_context_overflow_and_bad_token_are_400(served):
     _, _, client = served
     r = await client.post("/v1/completions", json={"prompt": "a", "max_tokens": 10_000})

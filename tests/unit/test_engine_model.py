@@ -58,6 +58,26 @@ def test_logits_match_transformers(tmp_path, variant):
     torch.testing.assert_close(second[21:], ref_b, atol=1e-4, rtol=0)
 
 
+def test_mixed_decode_and_prefill_step_matches_transformers(tmp_path):
+    """One step holding two decodes (different lengths), a fresh prompt and a continuing chunk: the decodes and
+    the prefill chunks attend in separate groups, and every row still equals transformers."""
+    model_dir = make_tiny_model_dir(tmp_path, seed=6)
+    runner, pool = _runner(model_dir)
+    gen = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(3, 259, (n,), generator=gen).tolist() for n in (9, 23, 14, 30)]
+    s = [Sequence(i, ids, len(ids), blocks=pool.allocate(2)) for i, ids in enumerate(seqs)]
+    runner.run([Chunk(s[0], 0, 8), Chunk(s[1], 0, 22), Chunk(s[3], 0, 11)], [[], [], []])
+    out = runner.run([Chunk(s[3], 11, 19), Chunk(s[0], 8, 1), Chunk(s[2], 0, 14), Chunk(s[1], 22, 1)],
+                     [list(range(11, 30)), [8], list(range(14)), [22]])
+    hf = _hf(model_dir)
+    with torch.no_grad():
+        ref = [hf(torch.tensor([ids])).logits[0] for ids in seqs]
+    torch.testing.assert_close(out[:19], ref[3][11:], atol=1e-4, rtol=0)
+    torch.testing.assert_close(out[19], ref[0][8], atol=1e-4, rtol=0)
+    torch.testing.assert_close(out[20:34], ref[2], atol=1e-4, rtol=0)
+    torch.testing.assert_close(out[34], ref[1][22], atol=1e-4, rtol=0)
+
+
 def test_decode_steps_match_transformers_cache(tmp_path):
     """Decode one token at a time through the pool; also dynamic NTK beyond max_position_embeddings, where the
     engine's per-position frequencies equal what HF applies in cached decoding."""

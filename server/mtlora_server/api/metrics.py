@@ -12,6 +12,7 @@ time by a custom collector, so they are never stale. The base model's label valu
     mtlora:inter_token_latency_seconds{adapter}       histogram: gap between successive token outputs
     mtlora:num_requests_running / _waiting            gauges (engine)
     mtlora:kv_cache_usage_ratio, mtlora:kv_blocks_used, mtlora:kv_blocks_total
+    mtlora:prefix_cache_queries_total / _hits_total   tokens looked up in / found in the prefix cache (engine)
     mtlora:adapter_expert_routing_weight{adapter,expert}   mean routing weight of each expert
     mtlora:adapter_routing_entropy_nats{adapter}           mean routing entropy
     mtlora:adapters_loaded                            served adapters (engine.list_adapters())
@@ -22,7 +23,7 @@ from __future__ import annotations
 import logging
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,10 @@ class _EngineCollector:
         yield GaugeMetricFamily("mtlora:kv_cache_usage_ratio", "Fraction of KV blocks in use.", value=stats.kv_usage)
         yield GaugeMetricFamily("mtlora:kv_blocks_used", "KV cache blocks in use.", value=stats.kv_blocks_used)
         yield GaugeMetricFamily("mtlora:kv_blocks_total", "KV cache blocks in the pool.", value=stats.kv_blocks_total)
+        yield CounterMetricFamily("mtlora:prefix_cache_queries", "Tokens looked up in the prefix cache at admission.",
+                                  value=getattr(stats, "prefix_cache_queries_total", 0))
+        yield CounterMetricFamily("mtlora:prefix_cache_hits", "Looked-up tokens whose K/V came from the prefix cache.",
+                                  value=getattr(stats, "prefix_cache_hits_total", 0))
         weight = GaugeMetricFamily("mtlora:adapter_expert_routing_weight",
                                    "Mean routing weight of each expert of an adapter.", labels=["adapter", "expert"])
         for adapter, usage in sorted(stats.expert_usage.items()):

@@ -31,6 +31,7 @@ class EngineArgs:
     max_waiting: int = 1024                   # waiting sequences before EngineOverloadedError
     seed: int = 0                             # seeds sampling of requests without their own seed
     enforce_eager: bool = False               # no CUDA graphs / compilation
+    enable_prefix_caching: bool = True        # reuse the K/V blocks of prefixes computed before
 
     def __post_init__(self) -> None:
         positive = ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_adapters", "max_lora_rank",

@@ -29,6 +29,7 @@ from mtlora.errors import (AdapterLoadError, AdapterNotFoundError, ContextLength
 from .args import EngineArgs
 from .kv_cache import KVCachePool
 from .model import LlamaDecoder, ModelConfig
+from .prefix_cache import PrefixCache
 from .ops import AdapterSlots, RoutingStats, apply_min_tokens, logprobs_of, sample
 from .request_state import RequestState
 from .runner import ModelRunner
@@ -68,6 +69,7 @@ class _Adapter:
     slot: int
     config: AdapterConfig
     info: AdapterInfo
+    uid: int = 0                                          # unique per install: the prefix-cache salt
 
 
 class EngineCore:
@@ -89,7 +91,9 @@ class EngineCore:
         self.slots = AdapterSlots(self.hf_config, args.max_adapters, args.max_lora_rank, args.max_experts,
                                   args.max_groups, self.dtype, self.device)
         self.routing_stats = RoutingStats()
-        self.scheduler = Scheduler(self.pool, args.max_num_seqs, args.max_num_batched_tokens, args.max_waiting)
+        self.prefix_cache = PrefixCache(self.pool) if args.enable_prefix_caching else None
+        self.scheduler = Scheduler(self.pool, args.max_num_seqs, args.max_num_batched_tokens, args.max_waiting,
+                                   cache=self.prefix_cache)
         self.slot_sites: dict[int, set[str]] = {}
         self.runner = ModelRunner(self.model, self.pool, self.slots, self.device, self.slot_sites)
         self.eos_ids = set(c.eos_token_ids)
@@ -99,6 +103,7 @@ class EngineCore:
         self.adapters: dict[str, _Adapter] = {}
         self._rng = random.Random(args.seed)
         self._next_seq_id = 0
+        self._next_adapter_uid = 1                        # prefix-cache salt of each installed adapter (base: 0)
         self.step_count = 0
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -110,10 +115,11 @@ class EngineCore:
     def add_request(self, req: GenerationRequest) -> RequestState:
         slot = self._validate(req)
         p = req.sampling
+        salt = next((a.uid for a in self.adapters.values() if a.slot == slot), 0) if slot >= 0 else 0
         seqs = []
         for i in range(p.n):
             seqs.append(Sequence(self._next_seq_id, list(req.prompt_token_ids), len(req.prompt_token_ids),
-                                 adapter_slot=slot, index=i,
+                                 adapter_slot=slot, index=i, cache_salt=salt,
                                  want_prompt_logits=(i == 0 and p.prompt_logprobs is not None)))
             self._next_seq_id += 1
         state = RequestState(req, seqs, self.tokenizer, self.eos_ids, self.max_model_len)
@@ -169,6 +175,10 @@ class EngineCore:
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
+        for c in chunks:                                  # prompt logprobs a prefix-cache hit already supplied
+            cached, c.seq.cached_prompt_logprobs = c.seq.cached_prompt_logprobs, None
+            if cached and c.seq.owner.prompt_logprobs is not None and len(cached) > len(c.seq.owner.prompt_logprobs):
+                c.seq.owner.prompt_logprobs = list(cached)
         positions = [self._logit_positions(c) for c in chunks]
         sample_stats = self.adapters and self.step_count % ROUTING_STATS_EVERY == 0
         logits = self.runner.run(chunks, positions, self.routing_stats if sample_stats else None)   # [L, V]
@@ -187,6 +197,9 @@ class EngineCore:
             if c.samples:
                 to_sample.append((seq, row))
                 row += 1
+            if self.prefix_cache is not None:             # before sampling, which may free finished sequences
+                self.prefix_cache.register(seq, state.prompt_logprobs if seq.want_prompt_logits else None,
+                                           state.params.prompt_logprobs)
         self._sample(to_sample, logits)
         outputs = []
         for state in touched.values():
@@ -269,7 +282,8 @@ class EngineCore:
         info = AdapterInfo(name=name, method=config.method, path=str(path),
                            num_parameters=sum(t.numel() for t in tensors.values()),
                            num_experts=config.num_experts, rank=config.rank)
-        self.adapters[name] = _Adapter(slot, config, info)
+        self.adapters[name] = _Adapter(slot, config, info, uid=self._next_adapter_uid)
+        self._next_adapter_uid += 1
         self.slot_sites[slot] = set(config.sites())
         log.info("adapter %s (%s, N=%d, r=%d) in slot %d", name, config.method, config.num_experts,
                  config.rank, slot)
@@ -292,6 +306,9 @@ class EngineCore:
                          kv_blocks_total=self.pool.num_total, kv_blocks_used=self.pool.num_used,
                          prompt_tokens_total=self.prompt_tokens_total,
                          generation_tokens_total=self.generation_tokens_total)
+        if self.prefix_cache is not None:
+            st.prefix_cache_queries_total = self.prefix_cache.queries
+            st.prefix_cache_hits_total = self.prefix_cache.hits
         for name, a in self.adapters.items():
             usage, entropy = _routing_summary(self.routing_stats, a.slot)
             if usage:

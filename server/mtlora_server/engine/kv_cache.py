@@ -11,8 +11,13 @@ Contract:
   `[layers, kv_heads, num_blocks * block_size, head_dim]` once: slot s = block * block_size + offset. Heads come
   first so a gather yields `[kv_heads, B, Kmax, hd]`, which batched matmuls consume without another copy. `KVCachePool.from_budget(...)` sizes it from a byte
   budget (`kv_cache_memory`) or, on CUDA, a fraction of free device memory.
-- `allocate(n) -> list[int]` returns n block ids or raises `KVCacheFullError` (nothing changes);
-  `free(blocks)` gives them back; `num_free` / `num_total` / `num_used` count them. Double free raises.
+- `allocate(n) -> list[int]` returns n block ids (reference count 1) or raises `KVCacheFullError` (nothing
+  changes); `free(blocks)` drops one reference each; `share(block)` adds one (a prefix-cache hit). A block whose
+  count reaches 0 goes back to the free list, or, when its content is indexed by the prefix cache
+  (`mark_cached`), to an LRU of evictable blocks: it still counts as free, keeps its K/V for later hits, and is
+  reused (oldest first, after the plain free list; `on_evict(block)` is called) only when a fresh block is needed.
+  `num_free` (plain + evictable) / `num_total` / `num_used` (referenced) count blocks. Freeing an unreferenced
+  block raises.
 - `write(layer, slot_mapping [T], k [T, kv, hd], v)` stores new keys/values at flat slots;
   `gather(layer, kv_slots [B, Kmax])` returns K, V `[kv, B, Kmax, hd]` (one index_select each).
 """
@@ -20,6 +25,8 @@ Contract:
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
+from typing import Callable
 
 import torch
 
@@ -49,7 +56,10 @@ class KVCachePool:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         # LIFO free list: recently freed (cache-warm) blocks are reused first.
         self._free = list(range(num_blocks - 1, -1, -1))
-        self._is_free = [True] * num_blocks
+        self._ref = [0] * num_blocks                      # references held by running sequences
+        self._cached = [False] * num_blocks               # content indexed by the prefix cache
+        self._evictable: OrderedDict[int, None] = OrderedDict()   # ref 0 and cached, least recently freed first
+        self.on_evict: Callable[[int], None] | None = None
 
     @staticmethod
     def bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
@@ -78,7 +88,7 @@ class KVCachePool:
     # -- accounting ----------------------------------------------------------------------------------------------
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return len(self._free) + len(self._evictable)
 
     @property
     def num_total(self) -> int:
@@ -86,25 +96,58 @@ class KVCachePool:
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self.num_free
+
+    @property
+    def num_evictable(self) -> int:
+        """Free blocks that still hold cached prefix K/V."""
+        return len(self._evictable)
+
+    def is_evictable(self, block: int) -> bool:
+        return block in self._evictable
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise KVCacheFullError(f"need {n} KV blocks, {len(self._free)} free")
-        blocks = [self._free.pop() for _ in range(n)]
-        for b in blocks:
-            self._is_free[b] = False
+        if n > self.num_free:
+            raise KVCacheFullError(f"need {n} KV blocks, {self.num_free} free")
+        blocks = []
+        for _ in range(n):
+            if self._free:
+                b = self._free.pop()
+            else:                                         # reuse the least recently freed cached block
+                b, _ = self._evictable.popitem(last=False)
+                self._cached[b] = False
+                if self.on_evict is not None:
+                    self.on_evict(b)
+            self._ref[b] = 1
+            blocks.append(b)
         return blocks
 
+    def share(self, block: int) -> None:
+        """One more reference to a cached block (it leaves the evictable LRU if nobody held it)."""
+        if self._ref[block] == 0:
+            if block not in self._evictable:
+                raise RuntimeError(f"KV block {block} is neither referenced nor cached")
+            del self._evictable[block]
+        self._ref[block] += 1
+
+    def mark_cached(self, block: int) -> None:
+        """The prefix cache indexes this (referenced) block's content: keep it when its last reference goes."""
+        self._cached[block] = True
+
     def free(self, blocks: list[int]) -> None:
-        for b in blocks:
-            if self._is_free[b]:
+        # Last block first, so a sequence's tail is evicted before the prefix other requests are likelier to share.
+        for b in reversed(blocks):
+            if self._ref[b] == 0:
                 raise RuntimeError(f"KV block {b} freed twice")
-            self._is_free[b] = True
-            self._free.append(b)
+            self._ref[b] -= 1
+            if self._ref[b] == 0:
+                if self._cached[b]:
+                    self._evictable[b] = None
+                else:
+                    self._free.append(b)
 
     # -- data ----------------------------------------------------------------------------------------------------
     def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -8,8 +8,9 @@ Contract:
   into one weight and gate/up into another at load time (two matmuls fewer per layer).
 - `LlamaDecoder.forward(batch, kv, adapters)` runs one engine step over a flattened token batch `[T]` (prefill
   chunks and decode tokens of many sequences together) and returns fp32 logits only at `batch.logits_index`.
-- Attention is one padded, batched computation per layer: queries scattered into `[B, Qmax]`, K/V gathered from the
-  paged pool by block table into `[B, Kmax]`, causal + length mask; there is no Python loop over sequences.
+- Attention is at most two batched computations per layer: the step's decodes (one query each, two matmuls) and
+  its prefill chunks (queries scattered into `[B, Qmax]`, SDPA with a causal + length mask), K/V gathered from
+  the paged pool by block table into `[B, Kmax]`; there is no Python loop over sequences.
 - Numerics follow transformers' LlamaForCausalLM (RMSNorm in fp32, RoPE tables cast to the compute dtype), so fp32
   logits agree to ~1e-5. Dynamic-NTK RoPE: position p uses the frequencies HF would use for a sequence of length
   max(p + 1, max_position_embeddings), i.e. exactly what HF's cached decoding applies to each new token; this keeps
@@ -155,6 +156,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 # -- batch description -------------------------------------------------------------------------------------------
 @dataclass
+class AttnGroup:
+    """Sequences of one step whose attention runs as one batched computation over G sequences.
+
+    decode: one query per sequence; q_index [G] flat token of each (None: every token of the step, in order).
+    prefill: q_index [G, Qmax] flat token per padded query (T = a zero pad row); scatter = (rows [n], at [n]):
+    the flat token of each real query and its index in the [G * Qmax] padded layout.
+    """
+
+    decode: bool
+    q_index: torch.Tensor | None
+    scatter: tuple[torch.Tensor, torch.Tensor] | None
+    kv_slots: torch.Tensor        # [G, Kmax] long: flat KV slot of each key position (padding: slot 0, masked)
+    mask: torch.Tensor            # [G, 1, Qmax or 1, Kmax] bool: True = may attend
+
+
+@dataclass
 class StepBatch:
     """One step's flattened token batch and the padded attention layout built from it (see runner.build_batch).
 
@@ -165,10 +182,7 @@ class StepBatch:
     positions: torch.Tensor       # [T] long
     slot_mapping: torch.Tensor    # [T] long: flat KV slot (block * block_size + offset) each token writes
     adapter_slots: torch.Tensor   # [T] long: adapter slot per token, -1 = bare base
-    q_gather: torch.Tensor        # [B, Qmax] long: flat token index per padded query (T = a zero pad row)
-    out_gather: torch.Tensor      # [T] long: index of each flat token in the [B * Qmax] padded layout
-    kv_slots: torch.Tensor        # [B, Kmax] long: flat KV slot of each key position (padding: slot 0, masked)
-    attn_mask: torch.Tensor       # [B, 1, Qmax, Kmax] bool: True = may attend
+    attn: list[AttnGroup]         # the step's decodes and its prefill chunks, each attended as one batch
     logits_index: torch.Tensor    # [L] long: flat tokens whose logits are wanted
     any_adapter: bool = True      # False: every token is bare base, skip adapter ops entirely
     sites: frozenset | None = None  # adapter sites used by some token of this step (None: ask the slots)
@@ -232,19 +246,28 @@ class LlamaDecoder:
         k = apply_rope(k.reshape(T, cfg.num_key_value_heads, cfg.head_dim), cos, sin)
         v = v.reshape(T, cfg.num_key_value_heads, cfg.head_dim)
         kv.write(idx, b.slot_mapping, k, v)
-        keys, values = kv.gather(idx, b.kv_slots)                           # [KV, B, Kmax, hd]
-        if b.q_gather.shape[1] == 1:                                        # decode-only step: T == B
-            out = self._decode_attention(q, keys, values, b.attn_mask)      # [T, H*hd]
+        g0 = b.attn[0]
+        if g0.decode and g0.q_index is None:                                # decode-only step: T == B, in order
+            out = self._decode_attention(q, *kv.gather(idx, g0.kv_slots), g0.mask)          # [T, H*hd]
         else:
-            # Scatter queries into the padded [B, Qmax] layout; index T reads an appended zero row.
-            qp = torch.cat([q, q.new_zeros(1, *q.shape[1:])])[b.q_gather]  # [B, Qmax, H, hd]
-            out = F.scaled_dot_product_attention(qp.transpose(1, 2), keys.transpose(0, 1), values.transpose(0, 1),
-                                                 attn_mask=b.attn_mask, scale=self.scale,
-                                                 enable_gqa=True)           # [B, H, Qmax, hd]
-            out = out.transpose(1, 2).reshape(-1, self.q_size)[b.out_gather]  # [T, H*hd]
+            out = q.new_empty(T, self.q_size)                               # every row is written below
+            for g in b.attn:
+                out.index_copy_(0, *self._group_attention(idx, q, g, kv))
         o = F.linear(out, w["o"])                                           # [T, d]
         _adapt(ctx, out, [("self_attn.o_proj", o)])
         return o if blk is None else o.add_(blk)
+
+    def _group_attention(self, idx, q, g: AttnGroup, kv) -> tuple[torch.Tensor, torch.Tensor]:
+        """(flat rows [n], attention output [n, H*hd]) of one group's queries. q: [T, H, hd]."""
+        keys, values = kv.gather(idx, g.kv_slots)                           # [KV, G, Kmax, hd]
+        if g.decode:
+            return g.q_index, self._decode_attention(q[g.q_index], keys, values, g.mask)
+        # Scatter queries into the padded [G, Qmax] layout; index T reads an appended zero row.
+        qp = torch.cat([q, q.new_zeros(1, *q.shape[1:])])[g.q_index]      # [G, Qmax, H, hd]
+        out = F.scaled_dot_product_attention(qp.transpose(1, 2), keys.transpose(0, 1), values.transpose(0, 1),
+                                             attn_mask=g.mask, scale=self.scale, enable_gqa=True)   # [G, H, Qmax, hd]
+        rows, at = g.scatter
+        return rows, out.transpose(1, 2).reshape(-1, self.q_size)[at]       # [n], [n, H*hd]
 
     def _decode_attention(self, q, keys, values, mask) -> torch.Tensor:
         """One query per sequence, as two batched matmuls over (KV head, sequence). q: [B, H, hd]; keys/values:

@@ -2,9 +2,9 @@
 
 Contract:
 - `build_batch(chunks, logit_positions, block_size, device) -> StepBatch` flattens the chunks into T tokens and
-  builds the padded attention layout (query scatter index [B, Qmax], flat KV slots [B, Kmax] from the block
-  tables, causal + length mask)
-  with tensor ops, plus the flat indices of the rows whose logits are wanted, and (given `slot_sites`) the set of
+  builds, with tensor ops, one attention layout for the step's decodes (one query per sequence) and one for its
+  prefill chunks (query scatter index [B, Qmax], causal + length mask), each with flat KV slots [B, Kmax] from
+  the block tables, plus the flat indices of the rows whose logits are wanted, and (given `slot_sites`) the set of
   adapter sites some token of the step uses, so the model skips ops that would only return zeros, and (when any
   token has an adapter) the step's `SlotPlan` (token -> slot segmentation) that every adapter site reuses.
 - `logit_positions[i]` lists the absolute positions of chunk i whose logits are wanted (prompt logprobs and/or the
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .lora_ops import SlotPlan
-from .model import StepBatch
+from .model import AttnGroup, StepBatch
 from .scheduler import Chunk
 
 
@@ -29,7 +29,6 @@ def build_batch(chunks: list[Chunk], logit_positions: list[list[int]], block_siz
     # back in the callers' chunk order (flat_rows below follows the original order).
     order = sorted(range(len(chunks)), key=lambda i: chunks[i].seq.adapter_slot)
     where = {i: k for k, i in enumerate(order)}                                              # original -> laid out
-    wanted_in_order = logit_positions
     chunks = [chunks[i] for i in order]
     B = len(chunks)
     q_len = torch.tensor([c.length for c in chunks], dtype=torch.long)                       # [B]
@@ -40,28 +39,17 @@ def build_batch(chunks: list[Chunk], logit_positions: list[list[int]], block_siz
     for c in chunks:
         ids.extend(c.seq.token_ids[c.start:c.start + c.length])
     seq_of_tok = torch.repeat_interleave(torch.arange(B), q_len)                             # [T]
-    local = torch.arange(T) - q_off[seq_of_tok]                                              # [T] index in chunk
-    positions = start[seq_of_tok] + local                                                    # [T]
-    kv_len = start + q_len                                                                   # [B]
-    kmax = int(kv_len.max())
-    nblk = -(-kmax // block_size)
-    tables = torch.zeros(B, nblk, dtype=torch.long)                                          # padded with 0
-    for b, c in enumerate(chunks):
-        used = -(-(c.start + c.length) // block_size)
-        tables[b, :used] = torch.tensor(c.seq.blocks[:used], dtype=torch.long)
+    positions = start[seq_of_tok] + torch.arange(T) - q_off[seq_of_tok]                     # [T]
+    tables = _block_tables(chunks, block_size)                                               # [B, nblk]
     slot_mapping = tables[seq_of_tok, positions // block_size] * block_size + positions % block_size
-    kj = torch.arange(kmax)
-    kv_slots = tables[:, kj // block_size] * block_size + kj % block_size                  # [B, Kmax]
-    qmax = int(q_len.max())
-    qi = torch.arange(qmax)
-    valid = qi[None, :] < q_len[:, None]                                                     # [B, Qmax]
-    q_gather = torch.where(valid, q_off[:, None] + qi[None, :], torch.full_like(valid, T, dtype=torch.long))
-    qpos = start[:, None] + qi[None, :]                                                      # [B, Qmax]
-    # Real queries see keys up to their own position; padded query rows see key 0 only (never an all-False row).
-    mask = (kj[None, None, :] <= qpos[:, :, None]) & valid[:, :, None]
-    mask |= (~valid[:, :, None]) & (kj[None, None, :] == 0)
+    # Decodes and prefill chunks attend separately: padding one-token decodes up to the longest chunk's query
+    # length would multiply a mixed step's attention work by that length.
+    is_decode = q_len == 1
+    groups = [_attn_group(sel, q_len, start, q_off, tables, block_size, T, decode, B, device)
+              for decode, sel in ((True, is_decode.nonzero().squeeze(1)), (False, (~is_decode).nonzero().squeeze(1)))
+              if sel.numel()]
     flat_rows = []
-    for i, wanted in enumerate(wanted_in_order):
+    for i, wanted in enumerate(logit_positions):
         b = where[i]
         flat_rows.extend(int(q_off[b]) + p - chunks[b].start for p in wanted)
     slot_list = [c.seq.adapter_slot for c in chunks]
@@ -76,15 +64,47 @@ def build_batch(chunks: list[Chunk], logit_positions: list[list[int]], block_siz
         positions=positions.to(device),
         slot_mapping=slot_mapping.to(device),
         adapter_slots=adapter_slots,
-        q_gather=q_gather.to(device),
-        out_gather=(seq_of_tok * qmax + local).to(device),
-        kv_slots=kv_slots.to(device),
-        attn_mask=mask[:, None].to(device),
+        attn=groups,
         logits_index=torch.tensor(flat_rows, dtype=torch.long).to(device),
         any_adapter=any_adapter,
         sites=sites,
         adapter_plan=SlotPlan(adapter_slots, slot_list) if any_adapter else None,
     )
+
+
+def _block_tables(chunks: list[Chunk], block_size: int) -> torch.Tensor:
+    """[B, nblk] block ids of each sequence's first blocks (up to the step's longest), padded with block 0."""
+    used = [-(-(c.start + c.length) // block_size) for c in chunks]
+    tables = torch.zeros(len(chunks), max(used), dtype=torch.long)
+    for b, (c, n) in enumerate(zip(chunks, used)):
+        tables[b, :n] = torch.tensor(c.seq.blocks[:n], dtype=torch.long)
+    return tables
+
+
+def _attn_group(sel, q_len, start, q_off, tables, block_size: int, T: int, decode: bool, B: int,
+                device) -> AttnGroup:
+    """The padded attention layout of the sequences `sel` [G] (indices into the step's laid-out sequences)."""
+    q_len, start, q_off = q_len[sel], start[sel], q_off[sel]                                 # [G]
+    kv_len = start + q_len
+    kmax = int(kv_len.max())
+    kj = torch.arange(kmax)
+    kv_slots = tables[sel][:, kj // block_size] * block_size + kj % block_size             # [G, Kmax]
+    if decode:                                                                               # one query each
+        mask = (kj[None, :] < kv_len[:, None])[:, None, None, :]                             # [G, 1, 1, Kmax]
+        identity = sel.numel() == B                                                          # a decode-only step
+        return AttnGroup(True, None if identity else q_off.to(device), None, kv_slots.to(device), mask.to(device))
+    qmax = int(q_len.max())
+    qi = torch.arange(qmax)
+    valid = qi[None, :] < q_len[:, None]                                                     # [G, Qmax]
+    q_gather = torch.where(valid, q_off[:, None] + qi[None, :], torch.full_like(valid, T, dtype=torch.long))
+    qpos = start[:, None] + qi[None, :]                                                      # [G, Qmax]
+    # Real queries see keys up to their own position; padded query rows see key 0 only (never an all-False row).
+    mask = (kj[None, None, :] <= qpos[:, :, None]) & valid[:, :, None]
+    mask |= (~valid[:, :, None]) & (kj[None, None, :] == 0)
+    rows = q_gather[valid]                                                                   # [n] flat tokens
+    padded_at = valid.reshape(-1).nonzero().squeeze(1)                                       # [n] in [G * Qmax]
+    return AttnGroup(False, q_gather.to(device), (rows.to(device), padded_at.to(device)), kv_slots.to(device),
+                     mask[:, None].to(device))
 
 
 class ModelRunner:

@@ -7,7 +7,10 @@ Contract:
   while the `max_num_batched_tokens` budget and `max_num_seqs` allow. A long prompt is split into chunks that fit
   the remaining budget.
 - Admission control: a waiting sequence is admitted only when the pool has free blocks for all its current
-  tokens; otherwise it (and everything behind it) waits. When a running sequence needs a block and none is free,
+  tokens (less the blocks a prefix-cache hit lends it); otherwise it (and everything behind it) waits.
+- Prefix caching (given a `PrefixCache`): an admitted sequence starts with the cached blocks of its longest known
+  prefix and computes only the rest. A waiting sequence whose next block is being computed by a running sequence
+  right now is passed over for this step (the ones behind it may go first) and admitted once it is indexed. When a running sequence needs a block and none is free,
   the most recently admitted other running sequence is preempted by recompute: its blocks are freed at once and it
   goes back to the head of the waiting queue with its generated tokens kept (re-prefilled later).
 - `add` raises `EngineOverloadedError` when the waiting queue would exceed `max_waiting` sequences.
@@ -42,6 +45,11 @@ class Sequence:
     want_prompt_logits: bool = False      # compute logits at prompt positions (prompt_logprobs), first pass only
     finished: bool = False
     num_preemptions: int = 0
+    cache_salt: int = 0                   # prefix-cache namespace: K/V depend on the adapter (0: bare base)
+    block_digests: list[bytes] = field(default_factory=list)   # prefix-cache digests of full blocks (memo)
+    num_registered: int = 0               # leading blocks already indexed by the prefix cache
+    pending_digests: list[bytes] = field(default_factory=list)  # blocks announced as being computed by this seq
+    cached_prompt_logprobs: list | None = None  # prompt-logprob entries a cache hit supplied (taken by the core)
 
     @property
     def num_tokens(self) -> int:
@@ -71,8 +79,10 @@ class Chunk:
 
 
 class Scheduler:
-    def __init__(self, pool: KVCachePool, max_num_seqs: int, max_num_batched_tokens: int, max_waiting: int):
+    def __init__(self, pool: KVCachePool, max_num_seqs: int, max_num_batched_tokens: int, max_waiting: int,
+                 cache=None):
         self.pool = pool
+        self.cache = cache                        # PrefixCache or None (prefix caching off)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_waiting = max_waiting
@@ -119,16 +129,29 @@ class Scheduler:
         return chunks
 
     def _admit(self, chunks: list[Chunk], budget: list[int]) -> None:
-        while self.waiting and budget[0] > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            if self.pool.num_free < self.pool.blocks_for(seq.num_tokens):
+        i = 0
+        while i < len(self.waiting) and budget[0] > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[i]
+            hit = self.cache.match(seq) if self.cache is not None else None
+            if hit is not None and hit.defer:
+                i += 1                                  # its prefix is being computed: next step it is a hit
+                continue
+            lent = hit.num_blocks if hit is not None else 0
+            free = self.cache.free_after_acquire(hit) if hit is not None else self.pool.num_free
+            if free < self.pool.blocks_for(seq.num_tokens) - lent:
                 break                                   # head of line waits for memory (FCFS)
-            self.waiting.popleft()
-            n = min(seq.num_tokens, budget[0])
-            seq.blocks = self.pool.allocate(self.pool.blocks_for(n))
-            seq.num_computed = 0
+            del self.waiting[i]
+            if hit is not None:
+                self.cache.acquire(seq, hit)
+                seq.cached_prompt_logprobs = hit.logprobs
+            else:
+                seq.blocks, seq.num_computed = [], 0
+            n = min(seq.num_tokens - seq.num_computed, budget[0])
+            seq.blocks.extend(self.pool.allocate(self.pool.blocks_for(seq.num_computed + n) - len(seq.blocks)))
+            if self.cache is not None:
+                self.cache.mark_pending(seq)
             self.running.append(seq)
-            chunks.append(Chunk(seq, 0, n))
+            chunks.append(Chunk(seq, seq.num_computed, n))
             budget[0] -= n
 
     def _reserve(self, seq: Sequence, total_tokens: int, chunks: list[Chunk], budget: list[int]) -> bool:
@@ -157,6 +180,8 @@ class Scheduler:
         log.debug("preempted sequence %d (recompute %d tokens)", seq.seq_id, seq.num_tokens)
 
     def _release(self, seq: Sequence) -> None:
+        if self.cache is not None:
+            self.cache.release(seq)
         if seq.blocks:
             self.pool.free(seq.blocks)
             seq.blocks = []

@@ -125,6 +125,8 @@ class EngineStats:
     kv_blocks_used: int = 0
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
+    prefix_cache_queries_total: int = 0          # prompt tokens looked up in the prefix cache
+    prefix_cache_hits_total: int = 0             # of those, tokens whose K/V came from the cache
     # adapter name -> per-expert mean routing weight (averaged over sites and sampled tokens)
     expert_usage: dict[str, list[float]] = field(default_factory=dict)
     # adapter name -> mean routing entropy (nats) over sampled tokens

@@ -85,9 +85,9 @@ async def test_models_and_metrics_over_the_real_engine(served):
 
 
 async def test_shared_prompt_prefix_is_served_from_the_prefix_cache(served):
-    """The same 40-token prompt twice under one adapter: 2 full 16-token blocks are cached; an echo request
-    recomputes the last of them (its logits give the first missing prompt logprob), so 16 tokens hit; the echo
-    logprobs and greedy tokens equal the first request's."""
+    """The same 40-token prompt twice under one adapter: both full 16-token blocks before the last token come from
+    the cache (echo included: the cached final hidden state of the last one gives the first missing prompt
+    logprob); the echo logprobs and greedy tokens equal the first request's."""
     _, _, client = served
     ids = list(range(20, 60))
     body = {"model": "moe", "prompt": ids, "max_tokens": 3, "temperature": 0, "echo": True, "logprobs": 1}
@@ -99,7 +99,7 @@ async def test_shared_prompt_prefix_is_served_from_the_prefix_cache(served):
     first = (await client.post("/v1/completions", json=body)).json()["choices"][0]
     before = hits((await client.get("/metrics")).text)
     second = (await client.post("/v1/completions", json=body)).json()["choices"][0]
-    assert hits((await client.get("/metrics")).text) - before == 16
+    assert hits((await client.get("/metrics")).text) - before == 32
     assert second["text"] == first["text"]
     assert second["logprobs"]["token_logprobs"] == pytest.approx(first["logprobs"]["token_logprobs"], abs=1e-5)
 

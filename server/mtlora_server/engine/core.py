@@ -175,31 +175,37 @@ class EngineCore:
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
-        for c in chunks:                                  # prompt logprobs a prefix-cache hit already supplied
-            cached, c.seq.cached_prompt_logprobs = c.seq.cached_prompt_logprobs, None
-            if cached and c.seq.owner.prompt_logprobs is not None and len(cached) > len(c.seq.owner.prompt_logprobs):
-                c.seq.owner.prompt_logprobs = list(cached)
+        self._take_cache_hits(chunks)
         positions = [self._logit_positions(c) for c in chunks]
+        keep = [self._block_ends(c) for c in chunks]       # final hidden states the prefix cache keeps
+        tails = [i for i, c in enumerate(chunks) if c.seq.tail_hidden is not None]
+        extra = torch.stack([chunks[i].seq.tail_hidden for i in tails]) if tails else None
         sample_stats = self.adapters and self.step_count % ROUTING_STATS_EVERY == 0
-        logits = self.runner.run(chunks, positions, self.routing_stats if sample_stats else None)   # [L, V]
+        logits, hidden = self.runner.run_step(chunks, positions, self.routing_stats if sample_stats else None,
+                                              keep, extra)                          # [L + E, V], [C, d]
         self.step_count += 1
-        row, to_sample, touched = 0, [], {}
-        for c, pos in zip(chunks, positions):
+        tail_row = dict(zip(tails, range(sum(map(len, positions)), logits.shape[0])))
+        row, hrow, to_sample, touched = 0, 0, [], {}
+        for i, (c, pos) in enumerate(zip(chunks, positions)):
             seq, state = c.seq, c.seq.owner
             seq.num_computed = c.start + c.length
             touched[id(state)] = state
+            if i in tail_row:                             # logprob of the first token after the cached prefix
+                seq.tail_hidden = None
+                state.prompt_logprobs.extend(self._prompt_entries(logits[tail_row[i]:tail_row[i] + 1], seq,
+                                                                  [c.start - 1]))
             n_prompt = len(pos) - (1 if c.samples else 0)
             if n_prompt:
-                targets = torch.tensor([seq.token_ids[p + 1] for p in pos[:n_prompt]])
-                k = state.params.prompt_logprobs
-                state.prompt_logprobs.extend(logprobs_of(logits[row:row + n_prompt], targets, [k] * n_prompt))
+                state.prompt_logprobs.extend(self._prompt_entries(logits[row:row + n_prompt], seq, pos[:n_prompt]))
                 row += n_prompt
             if c.samples:
                 to_sample.append((seq, row))
                 row += 1
             if self.prefix_cache is not None:             # before sampling, which may free finished sequences
                 self.prefix_cache.register(seq, state.prompt_logprobs if seq.want_prompt_logits else None,
-                                           state.params.prompt_logprobs)
+                                           state.params.prompt_logprobs,
+                                           dict(zip(keep[i], hidden[hrow:hrow + len(keep[i])])))
+                hrow += len(keep[i])
         self._sample(to_sample, logits)
         outputs = []
         for state in touched.values():
@@ -209,6 +215,29 @@ class EngineCore:
             if state.finished:
                 self.requests.pop(state.request.request_id, None)
         return outputs
+
+    def _take_cache_hits(self, chunks: list[Chunk]) -> None:
+        """Prompt logprobs that a prefix-cache hit supplied at admission become the request's own."""
+        for c in chunks:
+            cached, c.seq.cached_prompt_logprobs = c.seq.cached_prompt_logprobs, None
+            state = c.seq.owner
+            if cached and state.prompt_logprobs is not None and len(cached) > len(state.prompt_logprobs):
+                state.prompt_logprobs = list(cached)
+
+    @staticmethod
+    def _prompt_entries(logits: torch.Tensor, seq: Sequence, positions: list[int]) -> list:
+        """Prompt-logprob entries of the tokens after `positions`, from their logits rows [n, V]."""
+        targets = torch.tensor([seq.token_ids[p + 1] for p in positions])
+        k = seq.owner.params.prompt_logprobs
+        return logprobs_of(logits, targets, [k] * len(positions))
+
+    def _block_ends(self, c: Chunk) -> list[int]:
+        """Positions of c that end a KV block, for sequences whose blocks get prompt logprobs in the cache (their
+        last hidden state lets a later echo request reuse the whole block; see prefix_cache)."""
+        if self.prefix_cache is None or not c.seq.want_prompt_logits:
+            return []
+        bs = self.pool.block_size
+        return list(range(c.start + (-(c.start + 1)) % bs, c.start + c.length, bs))
 
     def _logit_positions(self, c: Chunk) -> list[int]:
         seq, state = c.seq, c.seq.owner

@@ -184,6 +184,9 @@ class StepBatch:
     adapter_slots: torch.Tensor   # [T] long: adapter slot per token, -1 = bare base
     attn: list[AttnGroup]         # the step's decodes and its prefill chunks, each attended as one batch
     logits_index: torch.Tensor    # [L] long: flat tokens whose logits are wanted
+    hidden_index: torch.Tensor | None = None   # [C] long: flat tokens whose final hidden states are kept
+    extra_hidden: torch.Tensor | None = None   # [E, d]: hidden states from elsewhere whose logits follow the L rows
+    hidden_out: torch.Tensor | None = None     # set by forward: [C, d] the kept final hidden states (pre-norm)
     any_adapter: bool = True      # False: every token is bare base, skip adapter ops entirely
     sites: frozenset | None = None  # adapter sites used by some token of this step (None: ask the slots)
     adapter_plan: object | None = None  # lora_ops.SlotPlan: token -> slot segmentation, built once per step
@@ -215,7 +218,8 @@ class LlamaDecoder:
 
     # -- forward -------------------------------------------------------------------------------------------------
     def forward(self, b: StepBatch, kv, adapters=None, stats=None) -> torch.Tensor:
-        """Logits [L, V] fp32 at b.logits_index. `kv`: KVCachePool; `adapters`: AdapterSlots or None."""
+        """Logits [L + E, V] fp32 at b.logits_index, then for b.extra_hidden. `kv`: KVCachePool; `adapters`:
+        AdapterSlots or None. Sets b.hidden_out when b.hidden_index is given."""
         use_adapters = adapters is not None and b.any_adapter
         h = F.embedding(b.input_ids, self.embed)                            # h: [T, d]
         cos, sin = self.cos[b.positions], self.sin[b.positions]             # [T, hd]
@@ -228,7 +232,11 @@ class LlamaDecoder:
             h = h + self._attention(idx, w, x, cos, sin, b, kv, ctx)
             x = rms_norm(h, w["post_norm"], self.cfg.rms_norm_eps)
             h = h + self._mlp(w, x, ctx)
+        if b.hidden_index is not None:                                      # kept for the prefix cache
+            b.hidden_out = h[b.hidden_index]
         h = h[b.logits_index]                                               # only rows that need logits
+        if b.extra_hidden is not None:                                      # [L + E, d]
+            h = torch.cat([h, b.extra_hidden.to(h.dtype)])
         h = rms_norm(h, self.final_norm, self.cfg.rms_norm_eps)
         return F.linear(h, self.lm_head).float()                            # [L, V]
 

@@ -9,9 +9,9 @@ Contract:
   `hash`. Only full blocks whose every token has K/V (`num_computed`) are indexed; they are immutable from then on.
 - `match(seq)` returns the longest run of indexed leading blocks of `seq.token_ids[:-1]` (the last token is always
   computed, since its logits are needed). For a sequence that wants prompt logprobs, each used block must also
-  carry stored prompt-logprob entries with at least the requested top-k; its K/V are reused for all but the last
-  matched block, whose tokens are recomputed so that the first missing entry (which needs the logits of the last
-  cached position) can be produced. `Hit.defer` is set when the next block is being computed right now by another
+  carry stored prompt-logprob entries with at least the requested top-k, and the first missing entry needs the
+  logits of the last cached position: the block's stored final hidden state (`Hit.tail_hidden`, [d]) gives them
+  through the final norm and lm_head alone; a block without one is recomputed instead. `Hit.defer` is set when the next block is being computed right now by another
   running sequence: waiting one step then turns a miss into a hit.
 - `acquire(hit)` takes a reference on every matched block (`KVCachePool.share`); `mark_pending(seq)` announces the
   full blocks a newly admitted sequence will compute; `register(seq, prompt_logprobs, k)` indexes the blocks that
@@ -28,6 +28,8 @@ from array import array
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import torch
+
 from .kv_cache import KVCachePool
 from .types import TokenLogprob
 
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
 class Hit:
     blocks: list[int] = field(default_factory=list)         # cached blocks to reuse, in order
     logprobs: list[TokenLogprob | None] | None = None       # prompt-logprob entries of the reused tokens
+    tail_hidden: torch.Tensor | None = None                 # [d] final hidden state at the last reused position
     defer: bool = False                                     # the next block is being computed by someone else
 
     @property
@@ -56,6 +59,7 @@ class PrefixCache:
         self._index: dict[bytes, int] = {}                   # digest -> block holding that content
         self._digest_of: dict[int, bytes] = {}               # indexed block -> digest
         self._logprobs: dict[int, tuple[int, list]] = {}     # indexed block -> (top-k, entries of its tokens)
+        self._hidden: dict[int, torch.Tensor] = {}           # indexed block -> [d] final hidden at its last token
         self._pending: dict[bytes, Sequence] = {}            # digest -> running sequence computing it
         self.queries = 0
         self.hits = 0
@@ -92,7 +96,9 @@ class PrefixCache:
             hit.blocks.append(block)
         if want_k is not None:
             hit.logprobs = entries
-            hit.blocks = hit.blocks[:-1]                     # recompute the last block's tokens (see contract)
+            hit.tail_hidden = self._hidden.get(hit.blocks[-1]) if hit.blocks else None
+            if hit.tail_hidden is None:
+                hit.blocks = hit.blocks[:-1]                 # recompute the last block's tokens (see contract)
         return hit
 
     def acquire(self, seq: Sequence, hit: Hit) -> None:
@@ -117,8 +123,10 @@ class PrefixCache:
                 self._pending[d] = seq
                 seq.pending_digests.append(d)
 
-    def register(self, seq: Sequence, prompt_logprobs: list | None, k: int | None) -> None:
-        """Index seq's blocks that are now fully computed; store their prompt-logprob entries when known."""
+    def register(self, seq: Sequence, prompt_logprobs: list | None, k: int | None,
+                 hidden: dict[int, torch.Tensor] | None = None) -> None:
+        """Index seq's blocks that are now fully computed; store their prompt-logprob entries when known, and the
+        final hidden states `hidden` {position: [d]} computed at block ends this step."""
         bs = self.block_size
         done = min(seq.num_computed // bs, len(seq.blocks))
         for j, d in enumerate(self.digests(seq, done)[seq.num_registered:], start=seq.num_registered):
@@ -134,6 +142,8 @@ class PrefixCache:
                 stored = self._logprobs.get(block)
                 if stored is None or stored[0] < k:
                     self._logprobs[block] = (k, prompt_logprobs[j * bs:end])
+            if hidden and end - 1 in hidden and block not in self._hidden:
+                self._hidden[block] = hidden[end - 1].clone()
         seq.num_registered = max(seq.num_registered, done)
 
     def release(self, seq: Sequence) -> None:
@@ -150,6 +160,7 @@ class PrefixCache:
         if d is not None and self._index.get(d) == block:
             del self._index[d]
         self._logprobs.pop(block, None)
+        self._hidden.pop(block, None)
 
     @property
     def num_cached_blocks(self) -> int:

@@ -10,7 +10,9 @@ Contract:
 - `logit_positions[i]` lists the absolute positions of chunk i whose logits are wanted (prompt logprobs and/or the
   last position when the chunk samples); rows come back in that order, chunk after chunk.
 - `ModelRunner.run(chunks, logit_positions, stats)` executes the forward under `torch.inference_mode` and returns
-  logits [L, V] fp32 on the CPU-visible device of the model.
+  logits [L, V] fp32 on the CPU-visible device of the model; `run_step(..., hidden_positions, extra_hidden)` also
+  returns the final hidden states at `hidden_positions` and appends the logits of `extra_hidden` rows (the
+  prefix cache keeps block-end hidden states so an echo request can reuse a whole block).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from .scheduler import Chunk
 
 
 def build_batch(chunks: list[Chunk], logit_positions: list[list[int]], block_size: int,
-                device: torch.device, slot_sites: dict[int, set[str]] | None = None) -> StepBatch:
+                device: torch.device, slot_sites: dict[int, set[str]] | None = None,
+                hidden_positions: list[list[int]] | None = None) -> StepBatch:
     # Lay the sequences out grouped by adapter slot (stable), so each slot's tokens are one contiguous range and
     # the adapter ops read / write plain slices instead of gathering and scattering rows. Logit rows still come
     # back in the callers' chunk order (flat_rows below follows the original order).
@@ -48,10 +51,13 @@ def build_batch(chunks: list[Chunk], logit_positions: list[list[int]], block_siz
     groups = [_attn_group(sel, q_len, start, q_off, tables, block_size, T, decode, B, device)
               for decode, sel in ((True, is_decode.nonzero().squeeze(1)), (False, (~is_decode).nonzero().squeeze(1)))
               if sel.numel()]
-    flat_rows = []
-    for i, wanted in enumerate(logit_positions):
-        b = where[i]
-        flat_rows.extend(int(q_off[b]) + p - chunks[b].start for p in wanted)
+    def flat(per_chunk: list[list[int]]) -> torch.Tensor:   # absolute positions per (original) chunk -> rows
+        rows = []
+        for i, wanted in enumerate(per_chunk):
+            b = where[i]
+            rows.extend(int(q_off[b]) + p - chunks[b].start for p in wanted)
+        return torch.tensor(rows, dtype=torch.long).to(device)
+
     slot_list = [c.seq.adapter_slot for c in chunks]
     slots = torch.tensor(slot_list, dtype=torch.long)
     sites = None
@@ -65,7 +71,8 @@ def build_batch(chunks: list[Chunk], logit_positions: list[list[int]], block_siz
         slot_mapping=slot_mapping.to(device),
         adapter_slots=adapter_slots,
         attn=groups,
-        logits_index=torch.tensor(flat_rows, dtype=torch.long).to(device),
+        logits_index=flat(logit_positions),
+        hidden_index=flat(hidden_positions) if hidden_positions and any(hidden_positions) else None,
         any_adapter=any_adapter,
         sites=sites,
         adapter_plan=SlotPlan(adapter_slots, slot_list) if any_adapter else None,
@@ -116,5 +123,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, chunks: list[Chunk], logit_positions: list[list[int]], stats=None) -> torch.Tensor:
-        batch = build_batch(chunks, logit_positions, self.pool.block_size, self.device, self.slot_sites)
-        return self.model.forward(batch, self.pool, self.adapters, stats)
+        return self.run_step(chunks, logit_positions, stats)[0]
+
+    @torch.inference_mode()
+    def run_step(self, chunks: list[Chunk], logit_positions: list[list[int]], stats=None,
+                 hidden_positions: list[list[int]] | None = None, extra_hidden: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [L + E, V], final hidden states [C, d] at `hidden_positions`): logits of the wanted positions,
+        then of `extra_hidden` [E, d] (final hidden states kept from earlier steps)."""
+        batch = build_batch(chunks, logit_positions, self.pool.block_size, self.device, self.slot_sites,
+                            hidden_positions)
+        batch.extra_hidden = extra_hidden
+        logits = self.model.forward(batch, self.pool, self.adapters, stats)
+        hidden = batch.hidden_out if batch.hidden_out is not None else logits.new_zeros(0, self.model.cfg.hidden_size)
+        return logits, hidden

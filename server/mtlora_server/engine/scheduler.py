@@ -50,6 +50,7 @@ class Sequence:
     num_registered: int = 0               # leading blocks already indexed by the prefix cache
     pending_digests: list[bytes] = field(default_factory=list)  # blocks announced as being computed by this seq
     cached_prompt_logprobs: list | None = None  # prompt-logprob entries a cache hit supplied (taken by the core)
+    tail_hidden: object = None            # [d] final hidden state at the last cached position (echo hits)
 
     @property
     def num_tokens(self) -> int:
@@ -143,7 +144,7 @@ class Scheduler:
             del self.waiting[i]
             if hit is not None:
                 self.cache.acquire(seq, hit)
-                seq.cached_prompt_logprobs = hit.logprobs
+                seq.cached_prompt_logprobs, seq.tail_hidden = hit.logprobs, hit.tail_hidden
             else:
                 seq.blocks, seq.num_computed = [], 0
             n = min(seq.num_tokens - seq.num_computed, budget[0])
@@ -174,6 +175,7 @@ class Scheduler:
         self._release(seq)
         seq.num_computed = 0
         seq.want_prompt_logits = False                  # prompt logprobs were already produced (or never asked)
+        seq.cached_prompt_logprobs = seq.tail_hidden = None
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)

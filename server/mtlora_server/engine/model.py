@@ -8,9 +8,9 @@ Contract:
   into one weight and gate/up into another at load time (two matmuls fewer per layer).
 - `LlamaDecoder.forward(batch, kv, adapters)` runs one engine step over a flattened token batch `[T]` (prefill
   chunks and decode tokens of many sequences together) and returns fp32 logits only at `batch.logits_index`.
-- Attention is at most two batched computations per layer: the step's decodes (one query each, two matmuls) and
-  its prefill chunks (queries scattered into `[B, Qmax]`, SDPA with a causal + length mask), K/V gathered from
-  the paged pool by block table into `[B, Kmax]`; there is no Python loop over sequences.
+- Attention is a few batched computations per layer: the step's decodes (one query each, two matmuls) and its
+  prefill chunks by class of query length (queries scattered into `[B, Qmax]`, SDPA with a causal + length mask),
+  K/V gathered from the paged pool by block table into `[B, Kmax]`; there is no Python loop over sequences.
 - Numerics follow transformers' LlamaForCausalLM (RMSNorm in fp32, RoPE tables cast to the compute dtype), so fp32
   logits agree to ~1e-5. Dynamic-NTK RoPE: position p uses the frequencies HF would use for a sequence of length
   max(p + 1, max_position_embeddings), i.e. exactly what HF's cached decoding applies to each new token; this keeps

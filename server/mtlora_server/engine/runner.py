@@ -2,9 +2,9 @@
 
 Contract:
 - `build_batch(chunks, logit_positions, block_size, device) -> StepBatch` flattens the chunks into T tokens and
-  builds, with tensor ops, one attention layout for the step's decodes (one query per sequence) and one for its
-  prefill chunks (query scatter index [B, Qmax], causal + length mask), each with flat KV slots [B, Kmax] from
-  the block tables, plus the flat indices of the rows whose logits are wanted, and (given `slot_sites`) the set of
+  builds, with tensor ops, one attention layout for the step's decodes (one query per sequence) and one per class
+  of prefill chunks of similar length (query scatter index [B, Qmax], causal + length mask), each with flat KV
+  slots [B, Kmax] from the block tables, plus the flat indices of the rows whose logits are wanted, and (given `slot_sites`) the set of
   adapter sites some token of the step uses, so the model skips ops that would only return zeros, and (when any
   token has an adapter) the step's `SlotPlan` (token -> slot segmentation) that every adapter site reuses.
 - `logit_positions[i]` lists the absolute positions of chunk i whose logits are wanted (prompt logprobs and/or the
@@ -45,12 +45,12 @@ def build_batch(chunks: list[Chunk], logit_positions: list[list[int]], block_siz
     positions = start[seq_of_tok] + torch.arange(T) - q_off[seq_of_tok]                     # [T]
     tables = _block_tables(chunks, block_size)                                               # [B, nblk]
     slot_mapping = tables[seq_of_tok, positions // block_size] * block_size + positions % block_size
-    # Decodes and prefill chunks attend separately: padding one-token decodes up to the longest chunk's query
-    # length would multiply a mixed step's attention work by that length.
-    is_decode = q_len == 1
-    groups = [_attn_group(sel, q_len, start, q_off, tables, block_size, T, decode, B, device)
-              for decode, sel in ((True, is_decode.nonzero().squeeze(1)), (False, (~is_decode).nonzero().squeeze(1)))
-              if sel.numel()]
+    # Decodes attend apart from prefill chunks, and prefill chunks attend in classes of similar query length
+    # (1, 2, 3-4, 5-8, ...): padding every query up to the step's longest chunk would multiply the attention work
+    # of the short ones (decodes; echo requests continuing a cached prefix) by that length.
+    q_class = [(n - 1).bit_length() for n in q_len.tolist()]
+    groups = [_attn_group(torch.tensor([b for b in range(B) if q_class[b] == k]), q_len, start, q_off, tables,
+                          block_size, T, k == 0, B, device) for k in sorted(set(q_class))]
     def flat(per_chunk: list[list[int]]) -> torch.Tensor:   # absolute positions per (original) chunk -> rows
         rows = []
         for i, wanted in enumerate(per_chunk):

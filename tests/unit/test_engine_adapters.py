@@ -10,7 +10,8 @@ from mtlora.errors import AdapterLoadError, AdapterNotFoundError
 from mtlora.reference import ReferenceModel
 from mtlora.testing import make_tiny_model_dir
 from mtlora_server.engine.core import EngineCore
-from mtlora_server.engine.testing import TINY_ADAPTERS, run_to_completion, tiny_engine_args, write_random_adapter
+from mtlora_server.engine.testing import (TINY_ADAPTERS, run_to_completion, tiny_engine_args, write_random_adapter,
+                                         write_tiny_adapters)
 from mtlora_server.engine.types import GenerationRequest, SamplingParams
 
 
@@ -19,8 +20,7 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("engine-adapters")
     model_dir = make_tiny_model_dir(root / "model", seed=5)
     core0 = EngineCore(tiny_engine_args(model_dir))
-    paths = {name: str(write_random_adapter(root / name, core0.hf_config, seed=i, **cfg))
-             for i, (name, cfg) in enumerate(TINY_ADAPTERS.items())}
+    paths = write_tiny_adapters(root, core0.hf_config)
     core = EngineCore(tiny_engine_args(model_dir, adapters=paths))
     return model_dir, paths, core
 

@@ -13,7 +13,7 @@ from mtlora_server.engine.core import EngineCore
 from mtlora_server.engine.kv_cache import KVCacheFullError, KVCachePool
 from mtlora_server.engine.prefix_cache import PrefixCache
 from mtlora_server.engine.scheduler import Sequence
-from mtlora_server.engine.testing import TINY_ADAPTERS, run_to_completion, tiny_engine_args, write_random_adapter
+from mtlora_server.engine.testing import TINY_ADAPTERS, run_to_completion, tiny_engine_args, write_tiny_adapters
 from mtlora_server.engine.types import GenerationRequest, SamplingParams
 
 
@@ -79,8 +79,7 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("prefix-cache")
     model_dir = make_tiny_model_dir(root / "model", seed=3)
     core0 = EngineCore(tiny_engine_args(model_dir))
-    paths = {name: str(write_random_adapter(root / name, core0.hf_config, seed=i, **cfg))
-             for i, (name, cfg) in enumerate(TINY_ADAPTERS.items())}
+    paths = write_tiny_adapters(root, core0.hf_config)
     return model_dir, paths
 
 

@@ -33,6 +33,12 @@ def write_random_adapter(path: str | Path, model_config, seed: int = 0, scale: f
     return save_adapter(path, cfg, random_adapter_tensors(cfg, model_config, seed=seed, scale=scale))
 
 
+def write_tiny_adapters(root: str | Path, model_config) -> dict[str, str]:
+    """One random adapter of every TINY_ADAPTERS kind under `root`; returns name -> directory."""
+    return {name: str(write_random_adapter(Path(root) / name, model_config, seed=i, **cfg))
+            for i, (name, cfg) in enumerate(TINY_ADAPTERS.items())}
+
+
 def tiny_engine_args(model_dir: str | Path, **overrides) -> EngineArgs:
     kw = dict(model=str(model_dir), dtype="float32", device="cpu", kv_cache_memory=1 << 20,
               max_num_batched_tokens=96, max_num_seqs=16, max_groups=8)

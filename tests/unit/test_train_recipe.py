@@ -197,3 +197,31 @@ def test_damaged_trainer_state_names_file_and_field(tmp_path, content, needle):
     with pytest.raises(CheckpointError, match=needle) as err:
         state.read_state(ck)
     assert str(ck) in str(err.value)
+
+
+class _Payload:
+    """An object a weights-only load must refuse (unpickling it would call arbitrary code)."""
+
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+@pytest.mark.parametrize("content", [{"evil": _Payload()}, b"not a zip"])
+def test_checkpoint_files_load_weights_only(tmp_path, content, capsys):
+    from mtlora_train import state
+
+    ck = tmp_path / "checkpoint-1"
+    ck.mkdir()
+    if isinstance(content, bytes):
+        (ck / "optimizer.pt").write_bytes(content)
+    else:
+        torch.save(content, ck / "optimizer.pt")
+    with pytest.raises(CheckpointError, match="weights_only") as err:
+        state.load_torch(ck, "optimizer.pt")
+    assert "optimizer.pt" in str(err.value) and "unpickled!" not in capsys.readouterr().out
+    import numpy as np
+
+    torch.save(state.rng_state(), ck / "rng_0.pt")          # our own RNG states pass the weights-only load
+    draws = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    state.set_rng_state(state.load_torch(ck, "rng_0.pt"))
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == draws

@@ -32,7 +32,11 @@ _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Generator states in types `torch.load(weights_only=True)` accepts (numpy's key array as a tensor)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                   int(has_gauss), float(gauss)),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -40,7 +44,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -128,8 +133,12 @@ def read_state(path: Path) -> dict[str, Any]:
 
 
 def load_torch(path: Path, name: str) -> Any:
+    """A checkpoint's .pt file, read with `weights_only=True`: tensors, numbers, strings and containers only, so
+    a tampered checkpoint cannot run code when it is resumed."""
     f = path / name
     if not f.is_file():
         raise CheckpointError(f"missing {name}", path=str(path))
-    # RNG states hold numpy arrays/tuples, so this file is not weights-only; it is our own checkpoint.
-    return torch.load(f, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, or a pickle with objects weights_only refuses
+        raise CheckpointError(f"cannot load with torch.load(weights_only=True): {exc}", path=str(f)) from None

@@ -132,6 +132,41 @@ def test_without_data_dir_and_without_datasets_says_what_to_pass(monkeypatch):
         load_data(a)
 
 
+class _HubStandIn:
+    """A stand-in for the `datasets` module serving the shared copies in the hub's schemas (cais/mmlu rows:
+    question, choices, answer index; lukaemon/bbh rows: input, target), so the conversion code runs offline."""
+
+    def __init__(self, shared_data):
+        self.mmlu = data.load_mmlu_dir(shared_data / "mmlu", ["anatomy", "virology"])
+        self.bbh = data.load_bbh_dir(shared_data / "bbh", ["snarks"])
+        self.calls = []
+
+    def load_dataset(self, repo, name):
+        self.calls.append((repo, name))
+        if repo == "cais/mmlu":
+            subject = self.mmlu[name]
+            return {split: [{"question": q.question, "subject": name, "choices": list(q.choices),
+                             "answer": "ABCD".index(q.answer)} for q in getattr(subject, split)]
+                    for split in ("dev", "test")}
+        if repo == "lukaemon/bbh":
+            return {"test": [{"input": e.input, "target": e.target} for e in self.bbh[name]]}
+        raise FileNotFoundError(f"{repo}/{name} is not on this stand-in hub")
+
+
+def test_hub_route_converts_the_hub_schemas_to_the_same_items(monkeypatch, shared_data):
+    hub = _HubStandIn(shared_data)
+    monkeypatch.setitem(sys.modules, "datasets", hub)
+    a = default_args()
+    a.suite, a.tasks = "mmlu", "anatomy,virology"
+    assert data.data_hash(load_data(a)) == data.data_hash(hub.mmlu)
+    a.suite, a.tasks = "bbh", "snarks"
+    assert data.data_hash(load_data(a)) == data.data_hash(hub.bbh)
+    assert hub.calls == [("cais/mmlu", "anatomy"), ("cais/mmlu", "virology"), ("lukaemon/bbh", "snarks")]
+    a.suite, a.tasks = "mmlu", "astronomy"                # the stand-in hub fails: say which --data-dir to pass
+    with pytest.raises(ConfigError, match="could not load cais/mmlu/astronomy.*--data-dir DIR with the dev/"):
+        load_data(a)
+
+
 def test_read_done_skips_partial_line_and_changed_prompts(tmp_path):
     ex = [data.Example(f"i{k}", "t") for k in range(6)]
     (t,) = build_tasks("bbh", "paper", {"t": ex}, 1, None)

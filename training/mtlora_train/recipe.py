@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -61,10 +62,17 @@ class MtloraRecipe:
         from accelerate.utils import set_seed
 
         cfg = self.cfg
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        # Without a GPU, accelerate only runs multi-process (gloo DDP) when told `cpu=True`; otherwise every
+        # process of a `torchrun` would train alone on all the data and write the same files.
         self.accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no",
                                        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                                        log_with=self._trackers(), project_dir=cfg.logging_dir or
-                                       str(self.output_dir / "runs"))
+                                       str(self.output_dir / "runs"),
+                                       cpu=world > 1 and not torch.cuda.is_available())
+        if self.accelerator.num_processes != world:
+            raise ConfigError(f"started as {world} processes (WORLD_SIZE) but accelerate runs "
+                              f"{self.accelerator.num_processes}; launch with `accelerate launch` or `torchrun`")
         set_seed(cfg.seed)
         self._load_model(model, tokenizer)
         self._attach()
@@ -221,16 +229,26 @@ class MtloraRecipe:
         self.scheduler.step()
         self.global_step += 1
         entry = {"step": self.global_step, "epoch": self.epoch, "lr": lr}
-        entry.update({("loss" if k == "total" else k): sum(v) / len(v) for k, v in sums.items()})
+        entry.update(self._mean_terms(sums))
         self.history.append(entry)
         bar.update(1)
         bar.set_postfix(loss=f"{entry['loss']:.4f}")
-        if self.global_step % cfg.logging_steps == 0 or self.global_step == 1:
+        if (self.global_step % cfg.logging_steps == 0 or self.global_step == 1) and self.accelerator.is_main_process:
             logger.info("step %d: %s", self.global_step,
                         " ".join(f"{k}={v:.6g}" for k, v in entry.items() if k not in ("step",)))
             self.accelerator.log({f"train/{k}": v for k, v in entry.items() if k != "step"}, step=self.global_step)
         if cfg.save_strategy == "steps" and cfg.save_steps > 0 and self.global_step % cfg.save_steps == 0:
             self.save_checkpoint()
+
+    def _mean_terms(self, sums: dict[str, list[float]]) -> dict[str, float]:
+        """Each loss term averaged over the update's micro-batches and, under DDP, over the processes (so the
+        logged values do not depend on the number of processes)."""
+        means = {("loss" if k == "total" else k): sum(v) / len(v) for k, v in sums.items()}
+        if self.accelerator.num_processes > 1:
+            keys = sorted(means)
+            t = torch.tensor([means[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
+            means = dict(zip(keys, self.accelerator.reduce(t, reduction="mean").tolist()))
+        return means
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def adapter_tensors(self) -> dict[str, torch.Tensor]:

@@ -12,7 +12,8 @@ Contract:
 - `train()` runs to `total_steps` optimizer steps, logs each term separately (logging module, TensorBoard when
   enabled, `history`), writes `checkpoint-<step>` every `save_steps` (atomically, see state.py) and finally the
   adapter with `mtlora.checkpoint.save_adapter` to `<output_dir>/adapter` (config with base_model and
-  base_fingerprint). The data order of an epoch depends only on seed + epoch, so a resumed run replays exactly the
+  base_fingerprint), the loss history (`log_history.jsonl`) and pictures of the run (loss.png, spectrum.png,
+  routing.png; see plots.py). The data order of an epoch depends only on seed + epoch, so a resumed run replays exactly the
   batches, dropout masks and updates the uninterrupted run would have seen.
 """
 
@@ -336,7 +337,27 @@ class MtloraRecipe:
             with open(self.output_dir / "log_history.jsonl", "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(e) + "\n" for e in self.history)
             logger.info("final adapter written to %s", target)
+            self._write_plots(tensors)
         return target
+
+    def _write_plots(self, tensors: dict[str, torch.Tensor]) -> None:
+        """loss.png, spectrum.png and routing.png (routing over the first training batches) in output_dir."""
+        from mtlora_train.plots import routing_usage, write_training_plots
+
+        usage = None
+        if self.accelerator.distributed_type.name != "FSDP":      # a sharded model cannot run on one process
+            with self.accelerator.autocast():
+                usage = routing_usage(self.accelerator.unwrap_model(self.model), self.adapters, self._first_batches())
+        for path in write_training_plots(self.output_dir, self.history, tensors, usage):
+            logger.info("wrote %s", path)
+
+    def _first_batches(self, num_batches: int = 4) -> list[dict[str, torch.Tensor]]:
+        """The dataset's first examples as padded batches on the training device (a fixed sample)."""
+        tok, bs = self.tokenizer, self.cfg.per_device_train_batch_size
+        collate = Collator(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        n = min(len(self.dataset), bs * num_batches)
+        batches = [collate([self.dataset[i] for i in range(j, min(j + bs, n))]) for j in range(0, n, bs)]
+        return [{k: v.to(self.accelerator.device) for k, v in b.items()} for b in batches]
 
 
 def enable_non_reentrant_checkpointing(model) -> None:

@@ -41,8 +41,14 @@ def plot_history(history: list[dict], path: Path) -> Path:
     present = [(k, label) for k, label in TERMS if any(e.get(k) is not None for e in history)]
     fig, axes = plt.subplots(1, len(present) + 1, figsize=(4 * (len(present) + 1), 3.2))
     steps = [e["step"] for e in history]
+    window = max(1, len(history) // 20)
     for ax, (key, label) in zip(axes, present):
-        ax.plot(steps, [e.get(key, float("nan")) for e in history], lw=1)
+        values = [e.get(key, float("nan")) for e in history]
+        ax.plot(steps, values, lw=0.8, alpha=0.45 if window > 1 else 1.0)
+        if window > 1:                                                     # per-step values are noisy
+            smooth = torch.tensor(values, dtype=torch.float64).unfold(0, window, 1).mean(-1)
+            ax.plot(steps[window - 1:], smooth.tolist(), lw=1.6, label=f"mean of {window} steps")
+            ax.legend(fontsize=7)
         ax.set_title(label)
         ax.set_xlabel("step")
     axes[-1].plot(steps, [e["lr"] for e in history], color="tab:gray", lw=1)

@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mtlora-bench engine", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model dir or hub id (default: mtlora.base's default model)")
-    p.add_argument("--dtype", default="bfloat16", help="float32 | bfloat16 | auto (default bfloat16)")
+    p.add_argument("--dtype", default="bfloat16", help="float32 | bfloat16 | auto (the engine's choice for this "
+                   "CPU: bf16 with native bf16 matmuls, else fp32), used by every row (default bfloat16)")
     p.add_argument("--num-prompts", type=int, default=64, help="number of requests (default 64)")
     p.add_argument("--input-len", type=int, default=128, help="prompt tokens per request (default 128)")
     p.add_argument("--output-len", type=int, default=64, help="greedy tokens generated per request (default 64)")
@@ -135,7 +136,7 @@ def run_hf_rows(args, model_dir, paths, prompts, rows) -> dict[str, dict]:
     from mtlora.base import load_base_model
     from mtlora.checkpoint import load_adapter
 
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(args.dtype, torch.bfloat16)
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     model = load_base_model(model_dir, dtype=dtype)
     out = {}
     if "hf_base" in rows:
@@ -182,6 +183,19 @@ def print_table(results: dict[str, dict], rat: dict[str, float]) -> None:
         print(f"{k:<28}{v:>6.2f}x")
 
 
+def _resolve_dtype_name(name: str) -> str:
+    """One dtype for every row (`auto` as the engine resolves it on this CPU); warn when bf16 would be emulated."""
+    from .engine.core import cpu_has_bf16, resolve_dtype
+
+    if name not in ("auto", "float32", "bfloat16"):
+        raise SystemExit(f"--dtype: expected float32, bfloat16 or auto, got {name!r}")
+    dtype = resolve_dtype(name, torch.device("cpu"))
+    if dtype == torch.bfloat16 and not cpu_has_bf16():
+        log.warning("this CPU has no native bf16 (avx512_bf16 / amx): bf16 matmuls are emulated, several times "
+                    "slower than fp32, for every row alike; --dtype float32 measures the fast path")
+    return "bfloat16" if dtype == torch.bfloat16 else "float32"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -191,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = [r for r in rows if r not in ROWS]
     if bad:
         raise SystemExit(f"--rows: unknown row(s) {bad}; expected names from {ROWS}")
+    args.dtype = _resolve_dtype_name(args.dtype)
     from mtlora.base import load_config, resolve_model
 
     model_dir = resolve_model(args.model)

@@ -122,3 +122,27 @@ def test_engine_slot_delegates_remaining_argv(monkeypatch):
     monkeypatch.setitem(sys.modules, "mtlora_server.bench_engine", fake)
     assert bench.main(["engine", "--steps", "3"]) == 0
     assert got["argv"] == ["--steps", "3"]
+
+
+def test_engine_bench_runs_every_row_on_a_tiny_model(tmp_path, capsys):
+    """`mtlora-bench engine` end to end on a tiny model (hidden 96, so g=3 routing groups divide it): every row
+    generates every token, `auto` resolves to one dtype for all rows, and the JSON holds the ratios."""
+    import json
+
+    import torch
+
+    from mtlora.testing import make_tiny_model_dir
+    from mtlora_server import bench_engine
+    from mtlora_server.engine.core import resolve_dtype
+
+    model_dir = make_tiny_model_dir(tmp_path / "m", hidden_size=96, head_dim=24, intermediate_size=160)
+    out = tmp_path / "bench.json"
+    assert bench_engine.main(["--model", str(model_dir), "--dtype", "auto", "--num-prompts", "4",
+                              "--input-len", "6", "--output-len", "3", "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    want = "bfloat16" if resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16 else "float32"
+    assert report["dtype"] == want
+    assert set(report["results"]) == set(bench_engine.ROWS)
+    assert all(r["output_tokens"] == 4 * 3 for r in report["results"].values())
+    assert set(report["ratios"]) >= {"engine_base/hf_base", "engine_mix4/engine_base"}
+    assert "engine_mix4/engine_base" in capsys.readouterr().out

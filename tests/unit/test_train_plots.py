@@ -10,7 +10,8 @@ import torch
 from mtlora import inject
 from mtlora.base import load_base_model
 from mtlora.config import AdapterConfig
-from mtlora_train import plots
+from mtlora.errors import CheckpointError
+from mtlora_train import plots, state
 
 
 def test_expert_spectra_are_the_singular_values_of_each_expert():
@@ -56,10 +57,31 @@ def test_a_training_run_writes_its_plots(tiny_model_dir, tmp_path):
     (tmp_path / "data" / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     cfg = TrainConfig(method="mtlora", model_name_or_path=str(tiny_model_dir), dataset_dir=str(tmp_path / "data"),
                       output_dir=str(tmp_path / "out"), lora_rank=4, lora_nums=3, enable_block_adapter=True,
-                      block_adapter_type="ffn", per_device_train_batch_size=2, max_steps=2, save_steps=0,
+                      block_adapter_type="ffn", per_device_train_batch_size=2, max_steps=2, save_steps=1,
                       enable_blc=True, learning_rate=1e-2, data_cache_dir=str(tmp_path / "cache"))
-    MtloraRecipe(cfg).setup().train()
+    recipe = MtloraRecipe(cfg).setup()
+    recipe.train()
+    out = tmp_path / "out"
     for name in ("loss.png", "spectrum.png", "routing.png"):
-        data = (tmp_path / "out" / name).read_bytes()
+        data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, name
-    assert plots.main([str(tmp_path / "out")]) == 0       # the CLI redraws them from the files
+    assert plots.main([str(out)]) == 0                    # the CLI redraws them from the files
+
+    # --routing rebuilds the run from its saved config: the same numbers as the trained model in memory
+    live = plots.routing_usage(recipe.accelerator.unwrap_model(recipe.model), recipe.adapters, recipe.first_batches())
+    assert state.run_config(out) == cfg.to_dict()
+    (out / state.TRAIN_CONFIG_FILE).unlink()              # an older run: the config inside its newest checkpoint
+    assert state.run_config(out) == cfg.to_dict()
+    rebuilt = plots.run_routing_usage(out)
+    assert list(rebuilt) == list(live)
+    for site in live:
+        torch.testing.assert_close(rebuilt[site], live[site], atol=1e-6, rtol=0)
+    (out / "routing.png").unlink()
+    assert plots.main([str(out), "--routing"]) == 0 and (out / "routing.png").is_file()
+
+
+def test_plots_cli_names_a_folder_that_is_not_a_training_run(tmp_path, capsys):
+    with pytest.raises(CheckpointError, match="not an mtlora-train output folder"):
+        state.run_config(tmp_path)
+    assert plots.main([str(tmp_path)]) == 2
+    assert str(tmp_path) in capsys.readouterr().err

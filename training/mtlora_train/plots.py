@@ -10,7 +10,9 @@ Contract:
   `batches` (eval mode, no grad); `plot_routing(usage, path)`: sites x experts heatmap.
 - `write_training_plots(output_dir, history, tensors, usage=None)` writes loss.png, spectrum.png and (given
   usage) routing.png and returns their paths; without matplotlib it logs why and returns [].
-- `python -m mtlora_train.plots OUTPUT_DIR` draws loss.png and spectrum.png from what a finished run wrote.
+- `python -m mtlora_train.plots OUTPUT_DIR [--routing]` draws loss.png and spectrum.png from what a finished run
+  wrote; `--routing` also draws routing.png by rebuilding the run from its saved config (base model + data) and
+  routing its first training batches through the final adapter, as the run itself does at the end.
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 import torch
+
+from mtlora import inject
 
 logger = logging.getLogger(__name__)
 
@@ -148,17 +153,48 @@ def write_training_plots(output_dir: Path, history: list[dict], tensors: dict[st
     return paths
 
 
+def run_routing_usage(output_dir: Path) -> dict[str, torch.Tensor]:
+    """`routing_usage` of a finished run: its config (mtlora_train.state.run_config), the final adapter, and the
+    first training batches -- the numbers the run's own routing.png shows."""
+    from mtlora.checkpoint import load_adapter
+    from mtlora_train import state
+    from mtlora_train.config import TrainConfig, field_names
+    from mtlora_train.recipe import MtloraRecipe
+
+    saved = state.run_config(output_dir)
+    known = field_names()
+    fields = {k: v for k, v in saved.items() if k in known}
+    fields.update(output_dir=str(output_dir), resume_from_checkpoint=None, report_to="none")
+    cfg = TrainConfig(**fields)
+    recipe = MtloraRecipe(cfg).setup()
+    model = recipe.accelerator.unwrap_model(recipe.model)
+    _, tensors = load_adapter(output_dir / "adapter", model.config)
+    inject.load_adapter_state(model, tensors, source=str(output_dir / "adapter"))
+    with recipe.accelerator.autocast():
+        return routing_usage(model, recipe.adapters, recipe.first_batches())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mtlora_train.plots", description="Draw loss.png and spectrum.png "
                                 "from a finished mtlora-train output folder (log_history.jsonl and adapter/).")
     p.add_argument("output_dir", help="the run's --output_dir")
+    p.add_argument("--routing", action="store_true",
+                   help="also draw routing.png (mean routing weight per site and expert): loads the base model and "
+                        "the training data named in the run's saved config and routes its first batches through "
+                        "the final adapter (run from the directory the training ran in if its paths are relative)")
     ns = p.parse_args(argv)
     from mtlora.checkpoint import load_adapter
+    from mtlora.errors import MtloraError
 
     out = Path(ns.output_dir)
-    history = [json.loads(line) for line in (out / "log_history.jsonl").read_text().splitlines() if line.strip()]
-    _, tensors = load_adapter(out / "adapter")
-    for path in write_training_plots(out, history, tensors):
+    try:
+        history = [json.loads(line) for line in (out / "log_history.jsonl").read_text().splitlines() if line.strip()]
+        _, tensors = load_adapter(out / "adapter")
+        usage = run_routing_usage(out) if ns.routing else None
+    except (MtloraError, OSError) as e:
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
+        return 2
+    for path in write_training_plots(out, history, tensors, usage):
         print(path)
     return 0
 

@@ -336,6 +336,9 @@ class MtloraRecipe:
             save_adapter(target, self.adapter_config, tensors)
             with open(self.output_dir / "log_history.jsonl", "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(e) + "\n" for e in self.history)
+            # what produced the adapter, so `python -m mtlora_train.plots --routing` can rebuild the run
+            (self.output_dir / ckpt.TRAIN_CONFIG_FILE).write_text(json.dumps(self.cfg.to_dict(), indent=1) + "\n",
+                                                             encoding="utf-8")
             logger.info("final adapter written to %s", target)
             self._write_plots(tensors)
         return target
@@ -347,11 +350,11 @@ class MtloraRecipe:
         usage = None
         if self.accelerator.distributed_type.name != "FSDP":      # a sharded model cannot run on one process
             with self.accelerator.autocast():
-                usage = routing_usage(self.accelerator.unwrap_model(self.model), self.adapters, self._first_batches())
+                usage = routing_usage(self.accelerator.unwrap_model(self.model), self.adapters, self.first_batches())
         for path in write_training_plots(self.output_dir, self.history, tensors, usage):
             logger.info("wrote %s", path)
 
-    def _first_batches(self, num_batches: int = 4) -> list[dict[str, torch.Tensor]]:
+    def first_batches(self, num_batches: int = 4) -> list[dict[str, torch.Tensor]]:
         """The dataset's first examples as padded batches on the training device (a fixed sample)."""
         tok, bs = self.tokenizer, self.cfg.per_device_train_batch_size
         collate = Collator(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)

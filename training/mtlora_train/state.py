@@ -10,6 +10,9 @@ Layout of `<output_dir>/checkpoint-<step>/`:
 
 Everything is first written to a hidden temporary folder next to the target, fsynced, then renamed into place, so a
 crash leaves either the previous checkpoints or a complete new one (a leftover `.checkpoint-*.tmp*` is ignored).
+
+A finished run also leaves `<output_dir>/train_config.json` (its TrainConfig); `run_config(output_dir)` reads it,
+or the config inside the newest checkpoint for runs that predate that file.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from mtlora.checkpoint import read_json
 from mtlora.errors import CheckpointError
 
 STATE_FILE = "trainer_state.json"
+TRAIN_CONFIG_FILE = "train_config.json"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -103,6 +107,17 @@ def prune_checkpoints(output_dir: Path, keep: int | None) -> None:
     ckpts = list_checkpoints(output_dir)
     for old in ckpts[: max(0, len(ckpts) - keep)]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def run_config(output_dir: Path) -> dict[str, Any]:
+    """The TrainConfig fields of the run that wrote `output_dir` (see the module docstring)."""
+    if (output_dir / TRAIN_CONFIG_FILE).is_file():
+        return read_json(output_dir / TRAIN_CONFIG_FILE)
+    ckpts = list_checkpoints(output_dir)
+    if ckpts and "config" in (st := read_state(ckpts[-1])):
+        return st["config"]
+    raise CheckpointError(f"neither {TRAIN_CONFIG_FILE} nor a checkpoint with its config: not an mtlora-train "
+                          "output folder", path=str(output_dir))
 
 
 def resolve_resume(arg: str, output_dir: Path) -> Path:

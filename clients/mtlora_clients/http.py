@@ -125,7 +125,7 @@ class CompletionClient:
                 break
             delay = self.retry.delay(attempt, retry_after)
             self.n_retries += 1
-            log.debug("retrying %s in %.2fs after %s", path, delay, last)
+            log.warning("retrying %s in %.2fs after %s", path, delay, last)   # visible: it costs time
             await self.sleep(delay)
         raise ServerReplyError(f"gave up after {self.retry.max_retries + 1} attempts; last: {last}")
 

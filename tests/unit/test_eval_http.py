@@ -48,12 +48,14 @@ async def test_retry_after_is_honoured_and_backoff_doubles():
     assert c.n_requests == 4 and c.n_retries == 3
 
 
-async def test_timeouts_are_retried():
+async def test_timeouts_are_retried_and_each_retry_says_why(caplog):
     handler = _sequence(httpx.ReadTimeout("slow"), httpx.ConnectError("refused"), httpx.Response(200, json=OK))
     c, delays = _client(handler, base_s=0.1)
     async with c:
         assert await c.complete("m", "p", 4) == " yes"
     assert delays == [0.1, 0.2]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2 and "ReadTimeout: slow" in warnings[0] and "ConnectError: refused" in warnings[1]
 
 
 async def test_gives_up_after_max_retries_with_last_error():

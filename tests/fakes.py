@@ -99,11 +99,13 @@ def _letter(*parts) -> int:
 class FakeEngine:
     def __init__(self, base_model_name: str = "tiny-base", max_model_len: int = 128,
                  adapters: dict[str, str] | None = None, token_delay: float = 0.0, max_running: int = 64,
-                 max_waiting: int = 64, kv_blocks_total: int = 512, block_size: int = 16):
+                 max_waiting: int = 64, kv_blocks_total: int = 512, block_size: int = 16,
+                 queue_delay: float = 0.0):
         self.base_model_name = base_model_name
         self.max_model_len = max_model_len
         self.tokenizer = FakeTokenizer()
         self.token_delay = token_delay
+        self.queue_delay = queue_delay            # seconds before the first output (queued behind a full batch)
         self.max_running, self.max_waiting = max_running, max_waiting
         self.kv_blocks_total, self.block_size = kv_blocks_total, block_size
         self.adapters: dict[str, AdapterInfo] = {}
@@ -155,6 +157,7 @@ class FakeEngine:
         self._admit(req)
         sp = req.sampling
         try:
+            await asyncio.sleep(self.queue_delay)
             texts = [""] * sp.n
             done = [sp.max_tokens == 0] * sp.n
             first = RequestOutput(req.request_id, [], prompt_token_ids=list(req.prompt_token_ids),
@@ -256,20 +259,27 @@ def api_client(engine, **server_args):
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
 
 
-async def disconnect_after_first_body(app, path: str, body: dict, timeout: float = 30.0):
-    """Drive the ASGI app directly: send the request, disconnect once the first body chunk arrives."""
+async def disconnect_after_first_body(app, path: str, body: dict, timeout: float = 30.0,
+                                      after_s: float | None = None) -> list[dict]:
+    """Drive the ASGI app directly: send the request, disconnect once the first body chunk arrives (or `after_s`
+    seconds after the request, whichever is first). Returns the ASGI messages the app sent."""
     got_body = asyncio.Event()
     sent = False
+    messages: list[dict] = []
 
     async def receive():
         nonlocal sent
         if not sent:
             sent = True
             return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
-        await got_body.wait()
+        try:
+            await asyncio.wait_for(got_body.wait(), after_s)
+        except asyncio.TimeoutError:
+            pass
         return {"type": "http.disconnect"}
 
     async def send(message):
+        messages.append(message)
         if message["type"] == "http.response.body" and message.get("body"):
             got_body.set()
 
@@ -278,3 +288,4 @@ async def disconnect_after_first_body(app, path: str, body: dict, timeout: float
              "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
              "client": ("127.0.0.1", 1), "server": ("test", 80)}
     await asyncio.wait_for(app(scope, receive, send), timeout=timeout)
+    return messages

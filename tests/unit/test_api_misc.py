@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 
 import pytest
 
@@ -145,6 +146,24 @@ async def test_non_stream_disconnect_aborts_and_frees_kv():
     await asyncio.wait_for(app(scope, receive, send), timeout=10)
     assert seen_disconnect.is_set()
     assert engine.active == {} and len(engine.seen) == 2 and engine.generation_tokens < 200
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", {"prompt": "a", "max_tokens": 0, "echo": True, "logprobs": 1}),   # the harness request
+    ("/v1/completions", {"prompt": ["a", "b"], "max_tokens": 5}),
+    ("/v1/completions", {"prompt": "a", "max_tokens": 5, "stream": True}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "max_tokens": 5}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "max_tokens": 5, "stream": True}),
+])
+async def test_disconnect_while_queued_aborts_before_the_first_output(path, body):
+    engine = FakeEngine(queue_delay=30.0)           # still waiting for a batch slot when the client gives up
+    app = build_app(engine, ServerArgs())
+    t0 = time.monotonic()
+    await disconnect_after_first_body(app, path, body, timeout=10, after_s=0.1)
+    assert time.monotonic() - t0 < 5                # not held until the request would have run
+    assert engine.seen and engine.active == {} and engine.generation_tokens == 0
+    metrics = app.state.ctx.metrics.render().decode()
+    assert f'finish_reason="abort"}} {float(len(engine.seen))}' in metrics
 
 
 async def test_lifespan_starts_and_stops_the_engine():

@@ -49,7 +49,9 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     ctx.check_prompt(ids, max_tokens, "messages")
     request = GenerationRequest(request_id=f"{base_id}-0", prompt_token_ids=ids,
                                 sampling=req.to_sampling_params(max_tokens), adapter=adapter)
-    streams = await open_streams(ctx.engine, [request], ctx.metrics, ctx.label(adapter))
+    # the first output can be long in coming (queued, long prefill): a client that leaves meanwhile aborts it
+    streams = await run_until_disconnect(http_request,
+                                         open_streams(ctx.engine, [request], ctx.metrics, ctx.label(adapter)))
     model = req.model or ctx.served_name
     if req.stream:
         events = _stream(ctx, req, base_id, model, len(ids), streams)

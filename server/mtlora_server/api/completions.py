@@ -61,7 +61,9 @@ def _engine_requests(ctx: ServingContext, req: CompletionRequest, base_id: str):
 async def create_completion(ctx: ServingContext, req: CompletionRequest, http_request: Request):
     base_id = random_id("cmpl")
     adapter, prompts, requests = _engine_requests(ctx, req, base_id)
-    streams = await open_streams(ctx.engine, requests, ctx.metrics, ctx.label(adapter))
+    # the first output can be long in coming (queued, long prefill): a client that leaves meanwhile aborts it
+    streams = await run_until_disconnect(http_request,
+                                         open_streams(ctx.engine, requests, ctx.metrics, ctx.label(adapter)))
     model = req.model or ctx.served_name
     if req.stream:
         events = _stream(ctx, req, base_id, model, prompts, streams)

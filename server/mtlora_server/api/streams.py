@@ -10,7 +10,9 @@ Contract:
 - `merge(streams)` interleaves several streams as `(stream index, output)` in arrival order.
 - `sse_events(streams, events)` frames a route's SSE body: the route's events, then `data: [DONE]`; an exception
   mid-stream becomes an in-band error event before `[DONE]`; the streams are always closed at the end.
-- `run_until_disconnect(request, coro)` runs a non-streaming handler body and cancels it when the client goes away.
+- `run_until_disconnect(request, coro)` runs a handler step and cancels it when the client goes away. Routes wrap
+  `open_streams` in it too: the first output may wait behind a full batch or a long prefill, and a client that
+  times out meanwhile must not leave its request queued (the MMLU harness's 120 s time-outs piled up hundreds).
 """
 
 from __future__ import annotations

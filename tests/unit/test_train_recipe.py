@@ -112,7 +112,7 @@ def test_resumed_run_matches_uninterrupted_run_exactly(tiny_model_dir, mixture, 
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_saved_adapter_reproduces_training_time_logits(tiny_model_dir, mixture, tmp_path):
+def test_saved_adapter_reproduces_training_time_logits_in_core_and_engine(tiny_model_dir, mixture, tmp_path):
     out = tmp_path / "out"
     recipe = MtloraRecipe(_cfg(tiny_model_dir, mixture, out, max_steps=4, lora_dropout=0.1,
                                enable_fine_grained_routing=True, routing_group_size=16)).setup()
@@ -135,6 +135,19 @@ def test_saved_adapter_reproduces_training_time_logits(tiny_model_dir, mixture, 
         got = base.eval()(input_ids=ids).logits
     assert not torch.allclose(bare, want, atol=1e-4)   # training changed the model
     torch.testing.assert_close(got, want)
+
+    # ... and in the serving engine: its prompt logprobs are the training-time model's
+    from mtlora_server.engine.core import EngineCore
+    from mtlora_server.engine.testing import run_to_completion, tiny_engine_args
+    from mtlora_server.engine.types import GenerationRequest, SamplingParams
+
+    core = EngineCore(tiny_engine_args(tiny_model_dir, adapters={"trained": str(out / "adapter")}))
+    prompt = ids[0].tolist()
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+    res = run_to_completion(core, [GenerationRequest("r", prompt, params, adapter="trained")])["r"]
+    served = torch.tensor([lp.logprob for lp in res.prompt_logprobs[1:]])
+    trained_lp = torch.log_softmax(want[0], -1)[torch.arange(len(prompt) - 1), ids[0, 1:]]
+    torch.testing.assert_close(served, trained_lp, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("method,extra,expect", [

@@ -80,7 +80,7 @@ class CompletionClient:
 
     base_url: str
     api_key: str | None = None
-    timeout_s: float = 120.0
+    timeout_s: float = 600.0   # as the openai client: a request may legitimately wait long in a busy queue
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     transport: httpx.AsyncBaseTransport | None = None  # tests pass httpx.MockTransport
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep  # tests record the backoff delays

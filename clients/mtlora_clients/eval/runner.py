@@ -212,4 +212,4 @@ def default_args() -> Namespace:
     """Defaults for every field run_eval reads (the CLI fills the same ones)."""
     return Namespace(suite="bbh", base_url="http://127.0.0.1:8000", model="", api_key=None, data_dir=None,
                      protocol="paper", num_fewshot=None, tasks=None, limit=None, max_new_tokens=None, concurrency=8,
-                     output="eval-results", timeout=120.0, max_retries=5, retry_base_s=0.5)
+                     output="eval-results", timeout=600.0, max_retries=5, retry_base_s=0.5)

@@ -173,7 +173,8 @@ def test_checkpoints_are_complete_pruned_and_refuse_changed_data(tiny_model_dir,
     MtloraRecipe(_cfg(tiny_model_dir, data, out, max_steps=4, per_device_train_batch_size=2, save_steps=1,
                       save_total_limit=2)).setup().train()
     names = sorted(p.name for p in out.iterdir() if not p.name.endswith(".png"))
-    assert names == ["adapter", "checkpoint-3", "checkpoint-4", "log_history.jsonl"]   # no temporary debris
+    assert names == ["adapter", "checkpoint-3", "checkpoint-4", "log_history.jsonl",
+                     "train_config.json"]   # no temporary debris
     files = sorted(p.name for p in (out / "checkpoint-4").iterdir())
     assert files == ["adapter", "extra.pt", "optimizer.pt", "rng_0.pt", "scheduler.pt", "trainer_state.json"]
     _mixture(data, n_per_task=2, seed=1)                                  # same file name, new content

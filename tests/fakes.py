@@ -260,12 +260,11 @@ def api_client(engine, **server_args):
 
 
 async def disconnect_after_first_body(app, path: str, body: dict, timeout: float = 30.0,
-                                      after_s: float | None = None) -> list[dict]:
+                                      after_s: float | None = None) -> None:
     """Drive the ASGI app directly: send the request, disconnect once the first body chunk arrives (or `after_s`
-    seconds after the request, whichever is first). Returns the ASGI messages the app sent."""
+    seconds after the request, whichever is first)."""
     got_body = asyncio.Event()
     sent = False
-    messages: list[dict] = []
 
     async def receive():
         nonlocal sent
@@ -279,7 +278,6 @@ async def disconnect_after_first_body(app, path: str, body: dict, timeout: float
         return {"type": "http.disconnect"}
 
     async def send(message):
-        messages.append(message)
         if message["type"] == "http.response.body" and message.get("body"):
             got_body.set()
 
@@ -288,4 +286,3 @@ async def disconnect_after_first_body(app, path: str, body: dict, timeout: float
              "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
              "client": ("127.0.0.1", 1), "server": ("test", 80)}
     await asyncio.wait_for(app(scope, receive, send), timeout=timeout)
-    return messages

@@ -68,7 +68,7 @@ def test_a_training_run_writes_its_plots(tiny_model_dir, tmp_path):
     assert plots.main([str(out)]) == 0                    # the CLI redraws them from the files
 
     # --routing rebuilds the run from its saved config: the same numbers as the trained model in memory
-    live = plots.routing_usage(recipe.accelerator.unwrap_model(recipe.model), recipe.adapters, recipe.first_batches())
+    live = recipe.routing_usage()
     assert state.run_config(out) == cfg.to_dict()
     (out / state.TRAIN_CONFIG_FILE).unlink()              # an older run: the config inside its newest checkpoint
     assert state.run_config(out) == cfg.to_dict()

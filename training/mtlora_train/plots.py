@@ -25,8 +25,6 @@ from pathlib import Path
 
 import torch
 
-from mtlora import inject
-
 logger = logging.getLogger(__name__)
 
 TERMS = (("ce", "cross-entropy"), ("spectral", "spectral term"), ("balance", "balance term"))
@@ -156,7 +154,6 @@ def write_training_plots(output_dir: Path, history: list[dict], tensors: dict[st
 def run_routing_usage(output_dir: Path) -> dict[str, torch.Tensor]:
     """`routing_usage` of a finished run: its config (mtlora_train.state.run_config), the final adapter, and the
     first training batches -- the numbers the run's own routing.png shows."""
-    from mtlora.checkpoint import load_adapter
     from mtlora_train import state
     from mtlora_train.config import TrainConfig, field_names
     from mtlora_train.recipe import MtloraRecipe
@@ -167,11 +164,8 @@ def run_routing_usage(output_dir: Path) -> dict[str, torch.Tensor]:
     fields.update(output_dir=str(output_dir), resume_from_checkpoint=None, report_to="none")
     cfg = TrainConfig(**fields)
     recipe = MtloraRecipe(cfg).setup()
-    model = recipe.accelerator.unwrap_model(recipe.model)
-    _, tensors = load_adapter(output_dir / "adapter", model.config)
-    inject.load_adapter_state(model, tensors, source=str(output_dir / "adapter"))
-    with recipe.accelerator.autocast():
-        return routing_usage(model, recipe.adapters, recipe.first_batches())
+    recipe.load_adapter_weights(output_dir / "adapter")
+    return recipe.routing_usage()
 
 
 def main(argv: list[str] | None = None) -> int:

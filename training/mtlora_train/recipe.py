@@ -298,7 +298,6 @@ class MtloraRecipe:
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore everything `save_checkpoint` wrote; refuses a checkpoint of other data or another world size."""
-        from mtlora.checkpoint import load_adapter
 
         st = ckpt.read_state(path)
         if st["data_fingerprint"] != self.dataset.fingerprint:
@@ -311,8 +310,7 @@ class MtloraRecipe:
         changed = sorted(k for k, v in st.get("config", {}).items() if k not in _OPERATIONAL and current.get(k) != v)
         if changed:  # allowed (e.g. a longer run), but the continuation is then not the original run's
             logger.warning("resuming with changed options %s; the run will differ from the original", changed)
-        _, tensors = load_adapter(path / "adapter", self.accelerator.unwrap_model(self.model).config)
-        inject.load_adapter_state(self.accelerator.unwrap_model(self.model), tensors, source=str(path / "adapter"))
+        self.load_adapter_weights(path / "adapter")
         self.optimizer.load_state_dict(ckpt.load_torch(path, "optimizer.pt"))
         self.scheduler.load_state_dict(ckpt.load_torch(path, "scheduler.pt"))
         extra = ckpt.load_torch(path, "extra.pt")
@@ -345,14 +343,28 @@ class MtloraRecipe:
 
     def _write_plots(self, tensors: dict[str, torch.Tensor]) -> None:
         """loss.png, spectrum.png and routing.png (routing over the first training batches) in output_dir."""
-        from mtlora_train.plots import routing_usage, write_training_plots
+        from mtlora_train.plots import write_training_plots
 
         usage = None
         if self.accelerator.distributed_type.name != "FSDP":      # a sharded model cannot run on one process
-            with self.accelerator.autocast():
-                usage = routing_usage(self.accelerator.unwrap_model(self.model), self.adapters, self.first_batches())
+            usage = self.routing_usage()
         for path in write_training_plots(self.output_dir, self.history, tensors, usage):
             logger.info("wrote %s", path)
+
+    def load_adapter_weights(self, adapter_dir: Path) -> None:
+        """Adapter tensors saved by `save_adapter` into the attached adapters (checkpoints, finished runs)."""
+        from mtlora.checkpoint import load_adapter
+
+        model = self.accelerator.unwrap_model(self.model)
+        _, tensors = load_adapter(adapter_dir, model.config)
+        inject.load_adapter_state(model, tensors, source=str(adapter_dir))
+
+    def routing_usage(self) -> dict[str, torch.Tensor]:
+        """Mean routing weight per site and expert over `first_batches()` (mtlora_train.plots.routing_usage)."""
+        from mtlora_train.plots import routing_usage
+
+        with self.accelerator.autocast():
+            return routing_usage(self.accelerator.unwrap_model(self.model), self.adapters, self.first_batches())
 
     def first_batches(self, num_batches: int = 4) -> list[dict[str, torch.Tensor]]:
         """The dataset's first examples as padded batches on the training device (a fixed sample)."""

@@ -44,12 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="BBH/tasks generation budget (default: 32 paper, 256 harness); MMLU paper always uses 1")
     p.add_argument("--concurrency", type=int, default=d.concurrency, help="requests in flight at once")
     p.add_argument("--output", default=d.output, help="folder for predictions and reports")
-    p.add_argument("--timeout", type=float, default=d.timeout, help="seconds per HTTP request (time queued on the server included) before it is abandoned and "
-                   "retried; default %(default)s, as the openai client. Too short a limit on a busy server only "
-                   "re-queues the same work")
+    p.add_argument("--timeout", type=float, default=d.timeout,
+                   help="seconds per HTTP request (time queued on the server included) before it is abandoned and "
+                        "retried; default %(default)s, as the openai client. Too short a limit on a busy server "
+                        "only re-queues the same work")
     p.add_argument("--max-retries", type=int, default=d.max_retries,
                    help="retries on 429/5xx/time-outs, exponential backoff from 0.5 s (Retry-After honoured)")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging (each retry)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging (retries are logged as warnings either way)")
     return p
 
 

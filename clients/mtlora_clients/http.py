@@ -84,6 +84,9 @@ class CompletionClient:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     transport: httpx.AsyncBaseTransport | None = None  # tests pass httpx.MockTransport
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep  # tests record the backoff delays
+    # Idle connections are dropped before the server's keep-alive time-out (uvicorn: 5 s, as httpx's default):
+    # with equal times the server could close a connection just as the client reused it (a ReadError retry).
+    keepalive_expiry_s: float = 2.0
     n_requests: int = 0  # HTTP attempts, retries included
     n_retries: int = 0
 
@@ -91,7 +94,8 @@ class CompletionClient:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         self._http = httpx.AsyncClient(
             base_url=self.base_url.rstrip("/"), headers=headers, timeout=self.timeout_s,
-            transport=self.transport, limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+            transport=self.transport, limits=httpx.Limits(max_connections=None, max_keepalive_connections=64,
+                                keepalive_expiry=self.keepalive_expiry_s),
         )
         return self
 

@@ -170,3 +170,13 @@ async def test_unknown_model_fails_fast_naming_the_flag():
     with pytest.raises(ConfigError, match="'typo' is not served") as err:
         await evaluate_model(args, "typo", [], transport=httpx.MockTransport(handler))
     assert err.value.field == "--model"
+
+
+def test_idle_connections_expire_before_the_servers_keepalive_timeout():
+    # Equal times let the server close a connection just as the client reuses it (a ReadError, then a retry).
+    import uvicorn
+
+    server_keepalive = uvicorn.Config(app=None).timeout_keep_alive   # mtlora-serve keeps uvicorn's default
+    client = CompletionClient("http://x")
+    assert client.keepalive_expiry_s < server_keepalive
+    assert httpx.Limits().keepalive_expiry >= server_keepalive   # why httpx's default is not enough

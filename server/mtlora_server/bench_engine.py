@@ -21,6 +21,7 @@ import logging
 import random
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -212,7 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     hf_config = load_config(model_dir)
     prompts = make_prompts(args.num_prompts, args.input_len, hf_config.vocab_size, args.seed)
     with tempfile.TemporaryDirectory(prefix="mtlora-bench-") as tmp:
-        paths = write_adapters(Path(tmp), hf_config, args.seed)
+        # Torch work before the engine rows runs in a thread that ends with it: an OpenMP pool left behind in
+        # this thread would slow the engine's step thread (engine.py's module docstring).
+        with ThreadPoolExecutor(1) as pool:
+            paths = pool.submit(write_adapters, Path(tmp), hf_config, args.seed).result()
         results = asyncio.run(run_engine_rows(args, model_dir, paths, prompts, rows))
         results.update(run_hf_rows(args, model_dir, paths, prompts, rows))
     rat = ratios(results)

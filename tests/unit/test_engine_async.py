@@ -227,3 +227,64 @@ async def test_loop_stays_responsive_during_steps(engine):
     done.set()
     await t
     assert ticks > engine.core.step_count           # the loop ran between (and during) engine steps
+
+
+# -- one thread for every torch op of the engine (engine.py: libgomp keeps an OpenMP pool per thread) --------------
+async def test_the_core_is_built_in_the_thread_that_steps_it(env, monkeypatch):
+    import threading
+
+    from mtlora_server.engine import engine as engine_mod
+
+    seen: dict[str, set[int]] = {"init": set(), "step": set()}
+
+    class Recording(EngineCore):
+        def __init__(self, args):
+            seen["init"].add(threading.get_ident())
+            super().__init__(args)
+
+        def step(self):
+            seen["step"].add(threading.get_ident())
+            return super().step()
+
+    monkeypatch.setattr(engine_mod, "EngineCore", Recording)
+    eng = Engine.from_args(tiny_engine_args(env[0]))
+    try:
+        await eng.start()
+        assert len((await _collect(eng, _req("t"))).tokens[0]) == 8
+    finally:
+        await eng.shutdown()
+    assert len(seen["init"]) == 1 and seen["init"] == seen["step"]
+    assert threading.get_ident() not in seen["init"]
+    assert not eng._thread.is_alive()
+
+
+async def test_a_load_error_reaches_the_caller_and_an_unstarted_engine_shuts_down(env, tmp_path):
+    from mtlora.errors import MtloraError
+
+    with pytest.raises(MtloraError):
+        Engine.from_args(tiny_engine_args(tmp_path / "no-model-here"))
+    eng = Engine.from_args(tiny_engine_args(env[0]))
+    await asyncio.wait_for(eng.shutdown(), timeout=30)           # never started: its thread must not hang
+    assert not eng._thread.is_alive()
+
+
+async def test_run_in_fresh_thread_returns_raises_and_never_reuses_a_thread():
+    import threading
+
+    from mtlora_server.engine.engine import run_in_fresh_thread
+
+    threads = []
+
+    def work(x):
+        threads.append(threading.current_thread())
+        if x < 0:
+            raise ValueError("negative")
+        return 2 * x
+
+    assert await run_in_fresh_thread(work, 21) == 42
+    with pytest.raises(ValueError, match="negative"):
+        await run_in_fresh_thread(work, -1)
+    assert threads[0] is not threads[1] and threading.current_thread() not in threads
+    for t in threads:
+        t.join(timeout=10)
+        assert not t.is_alive()

@@ -9,7 +9,9 @@ the same work), the default model in bf16 on CPU. Rows:
   hf_mix4        transformers generate with the reference adapters attached by mtlora.inject, one batch per
                  adapter (HF cannot mix adapters in a batch)
 Prints a side-by-side table with ratios and writes the JSON report. Timings cover generation only (model and
-adapter loading excluded); a short warm-up run precedes each engine row.
+adapter loading excluded); a short warm-up run precedes the engine rows. With `--repeats K` every row runs K
+times, in rounds (each round runs every row once, so slow spells of a shared machine spread over all rows), and
+the table shows each row's median; the JSON keeps every run's seconds.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="engine token budget per step")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--repeats", type=int, default=1, help="runs per row, in rounds over the rows; the report "
+                   "uses each row's median (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed for prompts and random adapter weights")
     p.add_argument("--output", default="bench_engine.json", help="where to write the JSON report")
     return p
@@ -105,22 +109,29 @@ async def run_engine_rows(args, model_dir, paths, prompts, rows) -> dict[str, di
     names = list(paths)
     plans = {"engine_base": [None] * len(prompts), "engine_mtlora": ["mt_ffn"] * len(prompts),
              "engine_mix4": [names[i % len(names)] for i in range(len(prompts))]}
-    out = {}
+    runs: dict[str, list[dict]] = {}
     try:
         await _drive(eng, prompts[:4], [None, *names[:3]], 4, "warmup")
-        for row in rows:
-            if row not in plans:
-                continue
-            steps0 = eng.core.step_count
-            t0 = time.perf_counter()
-            tokens = await _drive(eng, prompts, plans[row], args.output_len, row)
-            dt = time.perf_counter() - t0
-            out[row] = {"seconds": dt, "output_tokens": tokens, "tokens_per_s": tokens / dt,
-                        "steps": eng.core.step_count - steps0}
-            log.info("%s: %.1f s, %.1f tok/s", row, dt, tokens / dt)
+        for k in range(args.repeats):
+            for row in (r for r in rows if r in plans):
+                steps0 = eng.core.step_count
+                t0 = time.perf_counter()
+                tokens = await _drive(eng, prompts, plans[row], args.output_len, f"{row}-{k}")
+                dt = time.perf_counter() - t0
+                runs.setdefault(row, []).append({"seconds": dt, "output_tokens": tokens,
+                                                 "steps": eng.core.step_count - steps0})
+                log.info("%s (run %d): %.1f s, %.1f tok/s", row, k + 1, dt, tokens / dt)
     finally:
         await eng.shutdown()
-    return out
+    return {row: summarize(r) for row, r in runs.items()}
+
+
+def summarize(runs: list[dict]) -> dict:
+    """One row's report from its runs: the median run's figures (the lower middle one for an even count), plus
+    every run's seconds."""
+    med = sorted(runs, key=lambda r: r["seconds"])[(len(runs) - 1) // 2]
+    return {**med, "tokens_per_s": med["output_tokens"] / med["seconds"],
+            "runs_seconds": [round(r["seconds"], 3) for r in runs]}
 
 
 # -- transformers rows -------------------------------------------------------------------------------------------
@@ -133,34 +144,42 @@ def _hf_generate(model, prompts, output_len: int) -> int:
 
 
 def run_hf_rows(args, model_dir, paths, prompts, rows) -> dict[str, dict]:
-    from mtlora import inject
     from mtlora.base import load_base_model
-    from mtlora.checkpoint import load_adapter
 
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     model = load_base_model(model_dir, dtype=dtype)
-    out = {}
+    runs: dict[str, list[dict]] = {}
     if "hf_base" in rows:
         _hf_generate(model, prompts[:2], 2)                           # warm-up
-        t0 = time.perf_counter()
-        tokens = _hf_generate(model, prompts, args.output_len)
-        dt = time.perf_counter() - t0
-        out["hf_base"] = {"seconds": dt, "output_tokens": tokens, "tokens_per_s": tokens / dt}
-        log.info("hf_base: %.1f s, %.1f tok/s", dt, tokens / dt)
-    if "hf_mix4" in rows:
-        names, total_t, total_tok = list(paths), 0.0, 0
-        for k, name in enumerate(names):
-            config, tensors = load_adapter(paths[name], model_config=model.config, dtype=dtype)
-            inject.attach(model, config)
-            inject.load_adapter_state(model, tensors, source=paths[name])
-            group = [p for i, p in enumerate(prompts) if i % len(names) == k]
+    for k in range(args.repeats):
+        if "hf_base" in rows:
             t0 = time.perf_counter()
-            total_tok += _hf_generate(model, group, args.output_len)
-            total_t += time.perf_counter() - t0
-            inject.detach(model)
-        out["hf_mix4"] = {"seconds": total_t, "output_tokens": total_tok, "tokens_per_s": total_tok / total_t}
-        log.info("hf_mix4: %.1f s, %.1f tok/s", total_t, total_tok / total_t)
-    return out
+            tokens = _hf_generate(model, prompts, args.output_len)
+            runs.setdefault("hf_base", []).append({"seconds": time.perf_counter() - t0, "output_tokens": tokens})
+        if "hf_mix4" in rows:
+            runs.setdefault("hf_mix4", []).append(_hf_mix4(model, paths, prompts, args.output_len, dtype))
+        for row, r in runs.items():
+            log.info("%s (run %d): %.1f s, %.1f tok/s", row, k + 1, r[-1]["seconds"],
+                     r[-1]["output_tokens"] / r[-1]["seconds"])
+    return {row: summarize(r) for row, r in runs.items()}
+
+
+def _hf_mix4(model, paths, prompts, output_len: int, dtype) -> dict:
+    """One batch per adapter (HF cannot mix adapters in a batch); times the generate calls only."""
+    from mtlora import inject
+    from mtlora.checkpoint import load_adapter
+
+    names, total_t, total_tok = list(paths), 0.0, 0
+    for k, name in enumerate(names):
+        config, tensors = load_adapter(paths[name], model_config=model.config, dtype=dtype)
+        inject.attach(model, config)
+        inject.load_adapter_state(model, tensors, source=paths[name])
+        group = [p for i, p in enumerate(prompts) if i % len(names) == k]
+        t0 = time.perf_counter()
+        total_tok += _hf_generate(model, group, output_len)
+        total_t += time.perf_counter() - t0
+        inject.detach(model)
+    return {"seconds": total_t, "output_tokens": total_tok}
 
 
 # -- report ------------------------------------------------------------------------------------------------------
@@ -174,12 +193,13 @@ def ratios(results: dict[str, dict]) -> dict[str, float]:
 
 def print_table(results: dict[str, dict], rat: dict[str, float]) -> None:
     base = results.get("engine_base", {}).get("tokens_per_s")
-    print(f"{'row':<15}{'seconds':>10}{'tokens':>9}{'tok/s':>10}{'x engine_base':>15}")
+    print(f"{'row':<15}{'seconds':>10}{'tokens':>9}{'tok/s':>10}{'x engine_base':>15}  every run (s)")
     for row in ROWS:
         if row in results:
             r = results[row]
             rel = f"{r['tokens_per_s'] / base:.2f}" if base else "-"
-            print(f"{row:<15}{r['seconds']:>10.1f}{r['output_tokens']:>9d}{r['tokens_per_s']:>10.1f}{rel:>15}")
+            every = " ".join(f"{x:.1f}" for x in r.get("runs_seconds", []))
+            print(f"{row:<15}{r['seconds']:>10.1f}{r['output_tokens']:>9d}{r['tokens_per_s']:>10.1f}{rel:>15}  {every}")
     for k, v in rat.items():
         print(f"{k:<28}{v:>6.2f}x")
 
@@ -206,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = [r for r in rows if r not in ROWS]
     if bad:
         raise SystemExit(f"--rows: unknown row(s) {bad}; expected names from {ROWS}")
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats: expected at least 1, got {args.repeats}")
     args.dtype = _resolve_dtype_name(args.dtype)
     from mtlora.base import load_config, resolve_model
 
@@ -223,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(results, rat)
     report = {"model": str(model_dir), "dtype": args.dtype, "num_prompts": args.num_prompts,
               "input_len": args.input_len, "output_len": args.output_len, "threads": torch.get_num_threads(),
+              "repeats": args.repeats,
               "results": results, "ratios": rat}
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.output}")

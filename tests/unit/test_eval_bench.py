@@ -138,11 +138,23 @@ def test_engine_bench_runs_every_row_on_a_tiny_model(tmp_path, capsys):
     model_dir = make_tiny_model_dir(tmp_path / "m", hidden_size=96, head_dim=24, intermediate_size=160)
     out = tmp_path / "bench.json"
     assert bench_engine.main(["--model", str(model_dir), "--dtype", "auto", "--num-prompts", "4",
-                              "--input-len", "6", "--output-len", "3", "--output", str(out)]) == 0
+                              "--input-len", "6", "--output-len", "3", "--repeats", "2", "--output", str(out)]) == 0
     report = json.loads(out.read_text())
     want = "bfloat16" if resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16 else "float32"
     assert report["dtype"] == want
     assert set(report["results"]) == set(bench_engine.ROWS)
     assert all(r["output_tokens"] == 4 * 3 for r in report["results"].values())
+    assert all(len(r["runs_seconds"]) == 2 for r in report["results"].values()) and report["repeats"] == 2
     assert set(report["ratios"]) >= {"engine_base/hf_base", "engine_mix4/engine_base"}
     assert "engine_mix4/engine_base" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("seconds, want", [([3.0], 3.0), ([5.0, 1.0, 3.0], 3.0), ([4.0, 2.0], 2.0),
+                                           ([9.0, 1.0, 2.0, 8.0], 2.0), ([7.0, 7.0, 1.0], 7.0)])
+def test_engine_bench_reports_each_rows_median_run(seconds, want):
+    from mtlora_server.bench_engine import summarize
+
+    row = summarize([{"seconds": s, "output_tokens": 100, "steps": i} for i, s in enumerate(seconds)])
+    assert row["seconds"] == want and row["tokens_per_s"] == 100 / want
+    assert row["runs_seconds"] == seconds                         # every run, in the order they ran
+    assert row["steps"] == seconds.index(want)                    # the median run's own figures

@@ -8,7 +8,8 @@ the same work), the default model in bf16 on CPU. Rows:
   hf_base        transformers generate, all prompts in one batch (the strongest HF baseline)
   hf_mix4        transformers generate with the reference adapters attached by mtlora.inject, one batch per
                  adapter (HF cannot mix adapters in a batch)
-Prints a side-by-side table with ratios and writes the JSON report. Timings cover generation only (model and
+Every engine row and round gets its own random prompts (the prefix cache outlives requests and would serve
+repeated prompts from cache; the report counts any hits). Prints a side-by-side table with ratios and writes the JSON report. Timings cover generation only (model and
 adapter loading excluded); a short warm-up run precedes the engine rows. With `--repeats K` every row runs K
 times, in rounds (each round runs every row once, so slow spells of a shared machine spread over all rows), and
 the table shows each row's median; the JSON keeps every run's seconds.
@@ -98,7 +99,13 @@ async def _drive(engine, prompts, adapters: list[str | None], output_len: int, t
     return sum(await asyncio.gather(*[one(i) for i in range(len(prompts))]))
 
 
-async def run_engine_rows(args, model_dir, paths, prompts, rows) -> dict[str, dict]:
+def row_prompts(args, vocab: int, row: str, round_: int) -> list[list[int]]:
+    """Fresh random prompts for every (row, round): the engine's prefix cache outlives requests, so reusing a
+    prompt set would let later rows and rounds skip prefill (their requests all hit the cache)."""
+    return make_prompts(args.num_prompts, args.input_len, vocab, args.seed + 1 + round_ * len(ROWS) + ROWS.index(row))
+
+
+async def run_engine_rows(args, model_dir, paths, vocab: int, rows) -> dict[str, dict]:
     from mtlora_server.engine.args import EngineArgs
     from mtlora_server.engine.engine import Engine
 
@@ -106,24 +113,31 @@ async def run_engine_rows(args, model_dir, paths, prompts, rows) -> dict[str, di
                                       max_num_seqs=args.max_num_seqs,
                                       max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed))
     await eng.start()
-    names = list(paths)
-    plans = {"engine_base": [None] * len(prompts), "engine_mtlora": ["mt_ffn"] * len(prompts),
-             "engine_mix4": [names[i % len(names)] for i in range(len(prompts))]}
+    names, n = list(paths), args.num_prompts
+    plans = {"engine_base": [None] * n, "engine_mtlora": ["mt_ffn"] * n,
+             "engine_mix4": [names[i % len(names)] for i in range(n)]}
+    cache = eng.core.prefix_cache
     runs: dict[str, list[dict]] = {}
     try:
-        await _drive(eng, prompts[:4], [None, *names[:3]], 4, "warmup")
+        warm = make_prompts(4, args.input_len, vocab, args.seed + 10_000)
+        await _drive(eng, warm, [None, *names[:3]], 4, "warmup")
         for k in range(args.repeats):
             for row in (r for r in rows if r in plans):
-                steps0 = eng.core.step_count
+                prompts = row_prompts(args, vocab, row, k)
+                steps0, hits0 = eng.core.step_count, cache.hits if cache else 0
                 t0 = time.perf_counter()
                 tokens = await _drive(eng, prompts, plans[row], args.output_len, f"{row}-{k}")
                 dt = time.perf_counter() - t0
                 runs.setdefault(row, []).append({"seconds": dt, "output_tokens": tokens,
-                                                 "steps": eng.core.step_count - steps0})
+                                                 "steps": eng.core.step_count - steps0,
+                                                 "prefix_cache_hits": (cache.hits if cache else 0) - hits0})
                 log.info("%s (run %d): %.1f s, %.1f tok/s", row, k + 1, dt, tokens / dt)
     finally:
         await eng.shutdown()
-    return {row: summarize(r) for row, r in runs.items()}
+    out = {row: summarize(r) for row, r in runs.items()}
+    for row, r in runs.items():                 # 0 unless prompts repeat: then the rows would not measure prefill
+        out[row]["prefix_cache_hits_all_runs"] = sum(x["prefix_cache_hits"] for x in r)
+    return out
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -239,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         # this thread would slow the engine's step thread (engine.py's module docstring).
         with ThreadPoolExecutor(1) as pool:
             paths = pool.submit(write_adapters, Path(tmp), hf_config, args.seed).result()
-        results = asyncio.run(run_engine_rows(args, model_dir, paths, prompts, rows))
+        results = asyncio.run(run_engine_rows(args, model_dir, paths, hf_config.vocab_size, rows))
         results.update(run_hf_rows(args, model_dir, paths, prompts, rows))
     rat = ratios(results)
     print_table(results, rat)

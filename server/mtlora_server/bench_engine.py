@@ -9,8 +9,9 @@ the same work), the default model in bf16 on CPU. Rows:
   hf_mix4        transformers generate with the reference adapters attached by mtlora.inject, one batch per
                  adapter (HF cannot mix adapters in a batch)
 Every engine row and round gets its own random prompts (the prefix cache outlives requests and would serve
-repeated prompts from cache; the report counts any hits). Prints a side-by-side table with ratios and writes the JSON report. Timings cover generation only (model and
-adapter loading excluded); a short warm-up run precedes the engine rows. With `--repeats K` every row runs K
+repeated prompts from cache; the report counts any hits). Prints a side-by-side table with ratios and writes
+the JSON report. Timings cover generation only (model and adapter loading excluded); a short warm-up run
+precedes the engine rows. With `--repeats K` every row runs K
 times, in rounds (each round runs every row once, so slow spells of a shared machine spread over all rows), and
 the table shows each row's median; the JSON keeps every run's seconds.
 """
@@ -102,7 +103,8 @@ async def _drive(engine, prompts, adapters: list[str | None], output_len: int, t
 def row_prompts(args, vocab: int, row: str, round_: int) -> list[list[int]]:
     """Fresh random prompts for every (row, round): the engine's prefix cache outlives requests, so reusing a
     prompt set would let later rows and rounds skip prefill (their requests all hit the cache)."""
-    return make_prompts(args.num_prompts, args.input_len, vocab, args.seed + 1 + round_ * len(ROWS) + ROWS.index(row))
+    seed = args.seed + 1 + round_ * len(ROWS) + ROWS.index(row)
+    return make_prompts(args.num_prompts, args.input_len, vocab, seed)
 
 
 async def run_engine_rows(args, model_dir, paths, vocab: int, rows) -> dict[str, dict]:
@@ -134,18 +136,18 @@ async def run_engine_rows(args, model_dir, paths, vocab: int, rows) -> dict[str,
                 log.info("%s (run %d): %.1f s, %.1f tok/s", row, k + 1, dt, tokens / dt)
     finally:
         await eng.shutdown()
-    out = {row: summarize(r) for row, r in runs.items()}
-    for row, r in runs.items():                 # 0 unless prompts repeat: then the rows would not measure prefill
-        out[row]["prefix_cache_hits_all_runs"] = sum(x["prefix_cache_hits"] for x in r)
-    return out
+    return {row: summarize(r) for row, r in runs.items()}
 
 
 def summarize(runs: list[dict]) -> dict:
     """One row's report from its runs: the median run's figures (the lower middle one for an even count), plus
     every run's seconds."""
     med = sorted(runs, key=lambda r: r["seconds"])[(len(runs) - 1) // 2]
-    return {**med, "tokens_per_s": med["output_tokens"] / med["seconds"],
-            "runs_seconds": [round(r["seconds"], 3) for r in runs]}
+    out = {**med, "tokens_per_s": med["output_tokens"] / med["seconds"],
+           "runs_seconds": [round(r["seconds"], 3) for r in runs]}
+    if "prefix_cache_hits" in med:              # engine rows: 0 unless prompts repeat (then prefill was skipped)
+        out["prefix_cache_hits_all_runs"] = sum(r["prefix_cache_hits"] for r in runs)
+    return out
 
 
 # -- transformers rows -------------------------------------------------------------------------------------------

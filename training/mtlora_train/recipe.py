@@ -298,7 +298,6 @@ class MtloraRecipe:
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore everything `save_checkpoint` wrote; refuses a checkpoint of other data or another world size."""
-
         st = ckpt.read_state(path)
         if st["data_fingerprint"] != self.dataset.fingerprint:
             raise CheckpointError("the training data changed since this checkpoint; resuming would not replay the "

@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "only re-queues the same work")
     p.add_argument("--max-retries", type=int, default=d.max_retries,
                    help="retries on 429/5xx/time-outs, exponential backoff from 0.5 s (Retry-After honoured)")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging (retries are logged as warnings either way)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="debug logging (retries are logged as warnings either way)")
     return p
 
 

@@ -64,6 +64,10 @@ class AdapterLoadError(MtloraError):
     """An adapter could not be loaded or unloaded (HTTP 400); the server keeps serving what it had."""
 
 
+class AdapterBusyError(AdapterLoadError):
+    """The adapter cannot be unloaded while requests use it (HTTP 409); retrying after they finish can succeed."""
+
+
 class EngineOverloadedError(MtloraError):
     """The waiting queue is full (HTTP 429/503 with Retry-After)."""
 

@@ -4,12 +4,13 @@ Contract:
 - `EngineCore(args)` loads the base model ONCE (our `LlamaDecoder`), sizes the KV pool, builds the adapter slots,
   and loads `args.adapters`. It is single-threaded: the async `Engine` calls it from its step thread only.
 - `add_request(GenerationRequest) -> RequestState` validates (unknown adapter -> AdapterNotFoundError; empty or
-  out-of-vocabulary prompt -> InvalidRequestError; prompt + max_tokens beyond max_model_len or the KV pool ->
-  ContextLengthError; full queue -> EngineOverloadedError) and expands n into n sequences.
+  out-of-vocabulary prompt or stop_token_ids -> InvalidRequestError; prompt + max_tokens beyond max_model_len or
+  the KV pool -> ContextLengthError; full queue -> EngineOverloadedError) and expands n into n sequences.
 - `step() -> list[RequestOutput]`; `abort(request_id) -> RequestOutput | None` frees the KV blocks at once.
 - Adapters: `install_adapter(name, config, tensors, path)` puts a validated adapter into a free slot (nothing else
   is reallocated or recompiled); `remove_adapter(name)` clears it; failures raise AdapterLoadError and leave the
-  engine serving what it had. `read_adapter(path)` does the file work (safe to run in another thread).
+  engine serving what it had (AdapterBusyError while requests use it). `read_adapter(path)` does the file work
+  (safe to run in another thread).
 - Routing statistics are sampled every `ROUTING_STATS_EVERY` steps; `stats()` returns an EngineStats snapshot.
 """
 
@@ -25,6 +26,7 @@ from mtlora.base import load_config, load_tokenizer, parse_dtype, resolve_model
 from mtlora.config import AdapterConfig
 from mtlora.errors import (AdapterLoadError, AdapterNotFoundError, ContextLengthError, InvalidRequestError,
                            MtloraError)
+from mtlora.errors import AdapterBusyError
 
 from .args import EngineArgs
 from .kv_cache import KVCachePool
@@ -143,9 +145,11 @@ class EngineCore:
         ids = req.prompt_token_ids
         if not ids:
             raise InvalidRequestError("the prompt is empty", param="prompt")
-        if min(ids) < 0 or max(ids) >= self.model_config.vocab_size:
-            raise InvalidRequestError(f"prompt token ids must be in [0, {self.model_config.vocab_size})",
-                                      param="prompt")
+        vocab = self.model_config.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        if any(not 0 <= t < vocab for t in req.sampling.stop_token_ids):    # they index the logits rows
+            raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
         total = len(ids) + req.sampling.max_tokens
         if total > self.max_model_len:
             raise ContextLengthError(f"This model's maximum context length is {self.max_model_len} tokens; the "
@@ -324,7 +328,7 @@ class EngineCore:
         slot = self.adapters[name].slot
         busy = sum(1 for st in self.requests.values() for s in st.seqs if s.adapter_slot == slot)
         if busy:
-            raise AdapterLoadError(f"adapter {name!r} is in use by {busy} running sequence(s); retry later")
+            raise AdapterBusyError(f"adapter {name!r} is in use by {busy} running sequence(s); retry later")
         self.slots.clear(slot)
         del self.adapters[name]
         self.slot_sites.pop(slot, None)

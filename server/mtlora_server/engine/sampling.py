@@ -1,12 +1,13 @@
 """Sampling and logprobs: pure functions on fp32 logits, vectorised over the batch.
 
 Contract:
-- `sample(logits [B, V], params, generators) -> LongTensor [B]` (on logits' device). temperature == 0: argmax.
-  Otherwise logits / temperature, then top_k (0 or -1: off; ties with the k-th value are kept), then top_p (the
-  smallest prefix of the sorted distribution whose mass reaches top_p; the best token always survives), then one
-  categorical draw. A row with its own `torch.Generator` draws only from it, and everything before the draw is
-  row-wise, so a seeded request gets the same tokens whatever else is in the batch. Rows without a generator
-  share one draw from torch's default generator.
+- `sample(logits [B, V], params, generators) -> LongTensor [B]` (on logits' device). A temperature below
+  `MIN_TEMPERATURE` (1e-5 as in vLLM, 0 included: `SamplingParams.greedy`) takes the argmax: logits / 1e-40
+  overflow to inf and the softmax to NaN. Otherwise logits / temperature, then top_k (0 or -1: off; ties with the
+  k-th value are kept), then top_p (the smallest prefix of the sorted distribution whose mass reaches top_p; the
+  best token always survives), then one categorical draw. A row with its own `torch.Generator` draws only from it,
+  and everything before the draw is row-wise, so a seeded request gets the same tokens whatever else is in the
+  batch. Rows without a generator share one draw from torch's default generator.
 - `apply_min_tokens(logits, banned_ids_per_row)` returns a copy with the banned ids (EOS / stop tokens of requests
   still below min_tokens) set to -inf; rows with None or [] are untouched.
 - `logprobs_of(logits, chosen, k)`: log_softmax in fp32; per row the chosen token's logprob plus the top-k
@@ -29,7 +30,7 @@ def _filtered_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> 
     """Temperature, top-k and top-p applied row-wise; removed tokens are -inf. logits: [B, V] fp32."""
     B, V = logits.shape
     dev = logits.device
-    temp = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev)   # [B]
+    temp = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=dev)             # [B]
     top_k = torch.tensor([p.top_k if p.top_k and p.top_k > 0 else V for p in params], device=dev)    # [B]
     top_p = torch.tensor([p.top_p for p in params], device=dev, dtype=torch.float32)                  # [B]
     scaled = logits / temp[:, None]                                                  # [B, V]
@@ -54,7 +55,7 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
                          f"{len(params)} params and {len(generators)} generators")
     logits = logits.float()
     out = torch.argmax(logits, dim=-1)                                               # [B] greedy by default
-    random_rows = [i for i, p in enumerate(params) if p.temperature > 0]
+    random_rows = [i for i, p in enumerate(params) if not p.greedy]
     if not random_rows:
         return out
     rows = torch.tensor(random_rows, device=logits.device)

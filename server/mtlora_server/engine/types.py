@@ -23,6 +23,11 @@ from typing import AsyncIterator, Protocol, Sequence
 from mtlora.errors import InvalidRequestError
 
 FINISH_REASONS = ("stop", "length", "abort")
+# Temperatures below this sample greedily (as vLLM's _SAMPLING_EPS): dividing logits by 1e-40 overflows to inf and
+# the softmax to NaN, which would kill the batch.
+MIN_TEMPERATURE = 1e-5
+MAX_TEMPERATURE = 100.0
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
 
 @dataclass
@@ -50,9 +55,13 @@ class SamplingParams:
             (self.max_tokens >= 0, "max_tokens", "max_tokens must be >= 0"),
             (self.min_tokens >= 0, "min_tokens", "min_tokens must be >= 0"),
             (self.min_tokens <= self.max_tokens, "min_tokens", "min_tokens must be <= max_tokens"),
-            (self.temperature >= 0.0, "temperature", "temperature must be >= 0"),
+            (0.0 <= self.temperature <= MAX_TEMPERATURE, "temperature",   # False for NaN too
+             f"temperature must be in [0, {MAX_TEMPERATURE:g}]"),
             (0.0 < self.top_p <= 1.0, "top_p", "top_p must be in (0, 1]"),
             (self.top_k >= -1, "top_k", "top_k must be -1, 0 (disabled) or positive"),
+            (self.seed is None or SEED_MIN <= self.seed <= SEED_MAX, "seed", "seed must be a 64-bit integer"),
+            (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+             "stop_token_ids must be non-negative integers"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "logprobs must be in [0, 20]"),
             (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs",
              "prompt_logprobs must be in [0, 20]"),
@@ -63,7 +72,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < MIN_TEMPERATURE
 
 
 @dataclass

@@ -3,10 +3,15 @@
 Contract:
 - `error_from_exception(exc)` maps domain exceptions (mtlora.errors) to (HTTP status, body, headers):
   InvalidRequestError / ContextLengthError / AdapterLoadError / ConfigError / CheckpointError -> 400,
-  AdapterNotFoundError -> 404, EngineOverloadedError -> 429 with Retry-After, EngineDeadError -> 503,
-  anything else -> 500 (a server bug, logged with its traceback).
+  AdapterNotFoundError -> 404, AdapterBusyError (unloading an adapter that requests use) -> 409,
+  EngineOverloadedError -> 429 with Retry-After, EngineDeadError -> 503, anything else -> 500 (a server bug,
+  logged with its traceback).
 - `install_error_handlers(app)` routes FastAPI's request-validation errors (normally 422) to 400 naming the
-  offending field, and HTTP errors (404 unknown route, 405, 401) through the same schema.
+  offending field, and HTTP errors (404 unknown route, 405, 401, a body FastAPI cannot parse) through the same
+  schema.
+- `error_body` is the one place every error message passes: it makes message and param encodable as UTF-8 (a lone
+  surrogate a client sent, e.g. in `model`, is written as `\ud800`) and cuts them to `MAX_MESSAGE_CHARS`, so an
+  error response can always be sent.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mtlora.errors import (
+    AdapterBusyError,
     AdapterLoadError,
     AdapterNotFoundError,
     CheckpointError,
@@ -48,8 +54,19 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+MAX_MESSAGE_CHARS = 2000
+
+
+def _encodable(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """`text` as valid UTF-8 (lone surrogates backslash-escaped), at most about `limit` characters."""
+    if len(text) > limit:
+        text = f"{text[:limit]}... ({len(text) - limit} more characters)"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_body(message: str, err_type: str, status: int, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": err_type, "param": param, "code": status}}
+    return {"error": {"message": _encodable(str(message)), "type": err_type,
+                      "param": None if param is None else _encodable(str(param), 200), "code": status}}
 
 
 def error_from_exception(exc: BaseException) -> tuple[int, dict, dict[str, str]]:
@@ -59,6 +76,8 @@ def error_from_exception(exc: BaseException) -> tuple[int, dict, dict[str, str]]
         return exc.status, error_body(str(exc), exc.err_type, exc.status, exc.param), exc.headers
     if isinstance(exc, AdapterNotFoundError):
         status, err_type, param = 404, "NotFoundError", "model"
+    elif isinstance(exc, AdapterBusyError):
+        status, err_type, param = 409, "ConflictError", "lora_name"
     elif isinstance(exc, ContextLengthError):
         status, err_type, param = 400, "BadRequestError", exc.param or "max_tokens"
     elif isinstance(exc, InvalidRequestError):
@@ -93,6 +112,19 @@ def _param_of(loc: tuple) -> str | None:
     return ".".join(parts) or None
 
 
+def _body_parse_failure(cause: BaseException | None) -> str | None:
+    """Why FastAPI could not parse a JSON body (it says only "There was an error parsing the body")."""
+    if isinstance(cause, RecursionError):
+        return "request body is nested too deeply to parse"
+    if isinstance(cause, UnicodeDecodeError):
+        return "request body is not valid UTF-8"
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        return "request body has an integer literal with too many digits"
+    if isinstance(cause, ValueError):
+        return f"request body is not valid JSON: {cause}"
+    return None
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Every failure of `app` answers with `error_body`: domain errors, ApiError, validation, HTTP, anything else."""
     @app.exception_handler(MtloraError)
@@ -121,8 +153,9 @@ def install_error_handlers(app: FastAPI) -> None:
             err_type = HTTPStatus(exc.status_code).phrase.replace(" ", "") + "Error"
         except ValueError:
             err_type = "Error"
-        return JSONResponse(error_body(str(exc.detail), err_type, exc.status_code), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        message = _body_parse_failure(exc.__cause__) if exc.status_code == 400 else None
+        return JSONResponse(error_body(message or str(exc.detail), err_type, exc.status_code),
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _any(request: Request, exc: Exception):

@@ -5,7 +5,12 @@ Contract:
 - `to_sampling_params()` converts a request into the engine's internal `SamplingParams` dataclass; nothing past
   the route handlers sees a pydantic object.
 - Unknown extra fields are ignored (clients such as lm-evaluation-harness send fields we do not use), NaN/Inf
-  floats are rejected.
+  floats are rejected, and `null` for a field with a default means that default (OpenAI documents them nullable).
+- Every field that reaches a tensor is typed strictly and bounded here: booleans are JSON booleans only
+  (`"stream": "yes"` is a 400), integers are JSON integers only (no strings, floats or booleans) within explicit
+  bounds (a huge integer is a 400 naming the field, never an overflow in the engine), floats are finite and in
+  range. A temperature below `MIN_TEMPERATURE` (1e-5, as vLLM) means greedy. Checks that need the vocabulary
+  (prompt ids, stop_token_ids, detokenize ids) are made by `ServingContext.check_token_ids` in the routes.
 Field names and defaults follow OpenAI's API and vLLM's server.
 """
 
@@ -13,18 +18,23 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, field_validator, model_validator
+from pydantic_core import PydanticUndefined
 
 from mtlora.errors import InvalidRequestError
-from mtlora_server.engine.types import SamplingParams
+from mtlora_server.engine.types import MAX_TEMPERATURE, MIN_TEMPERATURE, SEED_MAX, SEED_MIN, SamplingParams
 
 # Bounds that keep one request from exhausting the server; values beyond them are a 400, not an OOM.
 MAX_N = 16
 MAX_STOP = 16
 MAX_LOGPROBS = 20
-INT64_MAX = 2**63 - 1
+INT32_MAX = 2**31 - 1          # token counts and ids: far beyond any context or vocabulary, far below overflow
+
+Float = Annotated[float, Strict()]                  # a JSON number (integers too), never a string or a boolean
+TokenId = Annotated[StrictInt, Field(ge=0, le=INT32_MAX)]
+Count = Annotated[StrictInt, Field(ge=0, le=INT32_MAX)]
 
 
 def random_id(prefix: str) -> str:
@@ -34,9 +44,21 @@ def random_id(prefix: str) -> str:
 class ApiModel(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data):
+        """OpenAI's API documents most fields as nullable: `"stream": null` means the default, not a 400. Fields
+        that take None themselves keep it (completions' `"max_tokens": null` fills the context)."""
+        if isinstance(data, dict):
+            fields = cls.model_fields
+            data = {k: v for k, v in data.items()
+                    if not (v is None and k in fields and fields[k].default is not PydanticUndefined
+                            and type(None) not in get_args(fields[k].annotation))}
+        return data
+
 
 class StreamOptions(ApiModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 def _stop_list(stop: str | list[str] | None) -> list[str]:
@@ -52,18 +74,18 @@ class _SamplingFields(ApiModel):
     """Sampling fields shared by completions and chat completions."""
 
     model: str | None = None
-    n: int = Field(1, ge=1, le=MAX_N)
-    temperature: float | None = Field(None, ge=0.0, le=100.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1, le=1_000_000)
-    min_tokens: int = Field(0, ge=0)
-    seed: int | None = Field(None, ge=-(2**63), le=INT64_MAX)
+    n: StrictInt = Field(1, ge=1, le=MAX_N)
+    temperature: Float | None = Field(None, ge=0.0, le=MAX_TEMPERATURE)
+    top_p: Float | None = Field(None, gt=0.0, le=1.0)
+    top_k: StrictInt | None = Field(None, ge=-1, le=1_000_000)
+    min_tokens: Count = 0
+    seed: StrictInt | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP)
-    ignore_eos: bool = False
-    include_stop_str_in_output: bool = False
-    skip_special_tokens: bool = True
-    stream: bool = False
+    stop_token_ids: list[TokenId] | None = Field(None, max_length=MAX_STOP)
+    ignore_eos: StrictBool = False
+    include_stop_str_in_output: StrictBool = False
+    skip_special_tokens: StrictBool = True
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
 
@@ -74,7 +96,7 @@ class _SamplingFields(ApiModel):
             n=self.n,
             max_tokens=max_tokens,
             min_tokens=min(self.min_tokens, max_tokens),
-            temperature=1.0 if self.temperature is None else self.temperature,
+            temperature=_temperature(self.temperature),
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=0 if self.top_k is None else self.top_k,
             seed=self.seed,
@@ -92,17 +114,28 @@ class _SamplingFields(ApiModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+def _temperature(value: float | None) -> float:
+    """The engine's temperature: 1 when absent, 0 (greedy) below MIN_TEMPERATURE, where logits / T overflows."""
+    if value is None:
+        return 1.0
+    return 0.0 if value < MIN_TEMPERATURE else value
+
+
 # -- completions ------------------------------------------------------------------------------------------------
-PromptType = Union[str, list[str], list[int], list[list[int]]]
+# Token ids are range-checked against the vocabulary by the route (ServingContext.check_token_ids), which names
+# the prompt; any size of integer is fine until then (Python ints). Left to right, token ids first: a million-id
+# prompt validates in milliseconds instead of first collecting a million "not a string" errors.
+PromptType = Annotated[Union[str, list[StrictInt], list[list[StrictInt]], list[str]],
+                       Field(union_mode="left_to_right")]
 
 
 class CompletionRequest(_SamplingFields):
     prompt: PromptType
-    max_tokens: int | None = Field(16, ge=0)
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: bool = False
+    max_tokens: Count | None = 16
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: StrictBool = False
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: StrictInt | None = Field(None, ge=1, le=MAX_N)
 
     @field_validator("prompt")
     @classmethod
@@ -147,11 +180,11 @@ class ChatMessage(ApiModel):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    add_generation_prompt: bool = True
+    max_tokens: StrictInt | None = Field(None, ge=1, le=INT32_MAX)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1, le=INT32_MAX)
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    add_generation_prompt: StrictBool = True
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -169,14 +202,14 @@ class TokenizeRequest(ApiModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = True
-    add_generation_prompt: bool = True
-    return_token_strs: bool = False
+    add_special_tokens: StrictBool = True
+    add_generation_prompt: StrictBool = True
+    return_token_strs: StrictBool = False
 
 
 class DetokenizeRequest(ApiModel):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[StrictInt]              # range-checked against the vocabulary by the route
 
 
 # -- adapter management (vLLM's names) ---------------------------------------------------------------------------

@@ -31,8 +31,11 @@ def test_served_process_answers_over_loopback(tiny_model_dir, adapter_dir, tmp_p
                                               max_tokens=3)
         assert chat.choices[0].finish_reason in ("length", "stop")
         assert httpx.post(url + "/v1/completions", json={"prompt": "a"}).status_code == 401
-        tok = httpx.post(url + "/tokenize", json={"prompt": "ab", "add_special_tokens": False}).json()
-        assert httpx.post(url + "/detokenize", json={"tokens": tok["tokens"]}).json()["prompt"] == "ab"
+        assert httpx.post(url + "/tokenize", json={"prompt": "ab"}).status_code == 401   # it would reveal adapters
+        key = {"Authorization": "Bearer k3y"}
+        tok = httpx.post(url + "/tokenize", json={"prompt": "ab", "add_special_tokens": False}, headers=key).json()
+        assert httpx.post(url + "/detokenize", json={"tokens": tok["tokens"]}, headers=key).json()["prompt"] == "ab"
+        assert httpx.get(url + "/tokenizer_info").status_code == 200
         metrics = httpx.get(url + "/metrics").text
         assert 'mtlora:requests_total{adapter="moe",finish_reason="length"} 1.0' in metrics
 

@@ -3,8 +3,14 @@
 Contract:
 - Routes only parse (pydantic, at the edge), call the serving functions and return; every failure goes through the
   one error schema of `api.errors` (client mistakes are 4xx, never 500).
-- With `args.api_key`, every `/v1/*` route needs `Authorization: Bearer <key>` (compared in constant time);
-  /health, /metrics and the tokenizer routes stay open, as in vLLM.
+- With `args.api_key`, every `/v1/*` route and /tokenize, /detokenize need `Authorization: Bearer <key>` (compared
+  in constant time; the tokenizer routes take a `model` and so would tell which adapters exist); /health, /metrics
+  and /tokenizer_info stay open.
+- Completions and chat check `stop_token_ids` against the model's vocabulary before the engine sees them.
+- Adapter loading (`--enable-adapter-loading --adapter-root DIR`): `lora_path` and every file the loader opens in it
+  (adapter_config.json, adapter_model.safetensors / .bin) must resolve inside the root, so a symlink out of it is a
+  400 naming the file; messages to the client show paths relative to the root (the absolute ones are logged).
+  Unloading an adapter that requests still use is a 409.
 - The engine is started/shut down by the app's lifespan when `manage_engine` is true (the CLI); in-process tests
   that drive the app without a lifespan start the engine themselves.
 """
@@ -22,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from mtlora.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from mtlora.errors import AdapterLoadError, AdapterNotFoundError, InvalidRequestError, MtloraError
 from mtlora_server.api.chat import create_chat_completion, render_chat
 from mtlora_server.api.completions import create_completion
@@ -43,6 +50,10 @@ from mtlora_server.api.streams import ClientDisconnected
 logger = logging.getLogger(__name__)
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,255}$")
+# Every file mtlora.checkpoint.load_adapter may open in an adapter directory (native or official format).
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, "adapter_model.bin")
+# Routes outside /v1 that need the API key when one is set: they resolve `model`, i.e. reveal adapter names.
+KEYED_PATHS = ("/tokenize", "/detokenize")
 
 
 class _AuthAndErrorCount:
@@ -56,7 +67,9 @@ class _AuthAndErrorCount:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if self.key is not None and scope["path"].startswith("/v1") and not self._authorized(scope):
+        path = scope["path"]
+        keyed = path.startswith("/v1") or path.rstrip("/") in KEYED_PATHS
+        if self.key is not None and keyed and not self._authorized(scope):
             self.metrics.errors.labels("401").inc()
             body = json.dumps(error_body("invalid or missing API key (send 'Authorization: Bearer <key>')",
                                          "AuthenticationError", 401)).encode()
@@ -118,10 +131,12 @@ def _add_openai_routes(app: FastAPI, ctx: ServingContext) -> None:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
+        ctx.check_token_ids(body.stop_token_ids or [], "stop_token_ids")
         return await create_completion(ctx, body, request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
+        ctx.check_token_ids(body.stop_token_ids or [], "stop_token_ids")
         return await create_chat_completion(ctx, body, request)
 
 
@@ -160,48 +175,76 @@ def _add_tokenizer_routes(app: FastAPI, ctx: ServingContext) -> None:
         return info
 
 
-def _adapter_path(ctx: ServingContext, raw: str) -> Path:
-    """Resolve `raw` (absolute, or relative to --adapter-root) and require it to stay inside the root."""
-    root = Path(ctx.args.adapter_root).resolve()
-    try:
-        path = (root / raw).resolve()
-    except (OSError, RuntimeError, ValueError) as exc:
-        raise InvalidRequestError(f"cannot resolve lora_path: {exc}", param="lora_path") from None
-    if not path.is_relative_to(root):
-        raise InvalidRequestError(f"lora_path must be inside the adapter root {root}", param="lora_path")
-    try:
-        is_dir = path.is_dir()
-    except OSError:                     # e.g. a name too long for the file system
-        is_dir = False
-    if not is_dir:
-        raise InvalidRequestError(f"lora_path {raw[:200]!r} is not an adapter directory", param="lora_path")
-    return path
+class _AdapterRoot:
+    """--adapter-root: resolves client paths inside it and keeps its absolute location out of client messages."""
+
+    def __init__(self, root: str):
+        self.raw = str(Path(root).absolute())
+        self.path = Path(root).resolve()
+
+    def relative(self, path: Path) -> str:
+        return path.relative_to(self.path).as_posix() if path != self.path else "."
+
+    def scrub(self, text: str) -> str:
+        """`text` with the root's absolute location replaced by paths relative to it."""
+        for root in sorted({str(self.path), self.raw}, key=len, reverse=True):
+            text = text.replace(root + "/", "").replace(root, ".")
+        return text
+
+    def adapter_dir(self, raw: str) -> Path:
+        """Resolve `raw` (absolute, or relative to the root); it and every adapter file in it must stay inside."""
+        try:
+            path = (self.path / raw).resolve()
+        except (OSError, RuntimeError, ValueError):     # a symlink loop, a NUL byte, ...
+            raise InvalidRequestError(f"cannot resolve lora_path {self.scrub(raw[:200])!r}",
+                                      param="lora_path") from None
+        if not path.is_relative_to(self.path):
+            raise InvalidRequestError("lora_path must be inside the adapter root (--adapter-root)", param="lora_path")
+        try:
+            is_dir = path.is_dir()
+        except OSError:                     # e.g. a name too long for the file system
+            is_dir = False
+        if not is_dir:
+            raise InvalidRequestError(f"lora_path {self.scrub(raw[:200])!r} is not an adapter directory",
+                                      param="lora_path")
+        for name in ADAPTER_FILES:
+            shown = f"{self.relative(path)}/{name}"
+            try:
+                target = (path / name).resolve()
+            except (OSError, RuntimeError):             # a symlink loop
+                raise InvalidRequestError(f"{shown} cannot be resolved", param="lora_path") from None
+            if not target.is_relative_to(self.path):
+                raise InvalidRequestError(f"{shown} links outside the adapter root (--adapter-root); copy the file "
+                                          "into the adapter directory instead", param="lora_path")
+        return path
 
 
 def _add_adapter_routes(app: FastAPI, ctx: ServingContext) -> None:
-    def require_enabled():
+    def require_enabled() -> _AdapterRoot:
         if not (ctx.args.enable_adapter_loading and ctx.args.adapter_root):
             raise ApiError(404, "adapter loading is disabled; start mtlora-serve with --enable-adapter-loading "
                            "--adapter-root DIR", "NotFoundError")
+        return _AdapterRoot(ctx.args.adapter_root)
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: LoadLoraAdapterRequest):
-        require_enabled()
+        root = require_enabled()
         name = body.lora_name
         if not ADAPTER_NAME.match(name) or name in ctx.base_names():
             raise InvalidRequestError(f"invalid adapter name {name!r}", param="lora_name")
         if name in ctx.adapter_names():
             raise InvalidRequestError(f"an adapter named {name!r} is already loaded", param="lora_name")
-        path = _adapter_path(ctx, body.lora_path)
+        path = root.adapter_dir(body.lora_path)
         try:
             info = await ctx.engine.load_adapter(name, str(path))
-        except MtloraError as exc:
-            if isinstance(exc, (InvalidRequestError, AdapterNotFoundError)):
-                raise
-            raise AdapterLoadError(f"could not load adapter {name!r} from {path}: {exc}") from None
+        except (InvalidRequestError, AdapterNotFoundError):
+            raise
         except Exception as exc:  # the engine must keep serving whatever went wrong with this one adapter
-            logger.exception("loading adapter %s from %s failed", name, path)
-            raise AdapterLoadError(f"could not load adapter {name!r} from {path}: {exc}") from None
+            detail = str(exc) if isinstance(exc, MtloraError) else f"{type(exc).__name__}: {exc}"
+            logger.warning("loading adapter %s from %s failed: %s", name, path, detail,
+                           exc_info=not isinstance(exc, MtloraError))
+            raise AdapterLoadError(f"could not load adapter {name!r} from {root.relative(path)}: "
+                                   f"{root.scrub(detail)}") from None
         logger.info("loaded adapter %s (%s, %d parameters) from %s", info.name, info.method,
                     info.num_parameters, info.path)
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
@@ -210,8 +253,8 @@ def _add_adapter_routes(app: FastAPI, ctx: ServingContext) -> None:
     async def unload_lora_adapter(body: UnloadLoraAdapterRequest):
         require_enabled()
         if body.lora_name not in ctx.adapter_names():
-            raise AdapterNotFoundError(body.lora_name)
-        await ctx.engine.unload_adapter(body.lora_name)
+            raise ApiError(404, str(AdapterNotFoundError(body.lora_name)), "NotFoundError", param="lora_name")
+        await ctx.engine.unload_adapter(body.lora_name)     # AdapterBusyError (409) while requests use it
         logger.info("unloaded adapter %s", body.lora_name)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 

@@ -4,7 +4,8 @@ Contract: names are prefixed `mtlora:`. Counters and histograms are fed by the r
 gauges (running/waiting requests, KV usage, per-adapter expert routing) are read from `engine.stats()` at scrape
 time by a custom collector, so they are never stale. The base model's label value is its served name.
 
-    mtlora:requests_total{adapter,finish_reason}      one per finished sequence (choice)
+    mtlora:requests_total{adapter,finish_reason}      one per finished sequence (choice) of an admitted request
+    mtlora:requests_rejected_total{adapter,reason}    requests refused at admission; reason "queue_full" (the 429s)
     mtlora:request_errors_total{code}                 error responses by HTTP status
     mtlora:prompt_tokens_total{adapter}               prompt tokens of accepted requests
     mtlora:generation_tokens_total{adapter}           generated tokens
@@ -81,6 +82,8 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self.requests = Counter("mtlora:requests", "Finished sequences by adapter and finish reason.",
                                 ["adapter", "finish_reason"], registry=self.registry)
+        self.rejected = Counter("mtlora:requests_rejected", "Requests refused at admission, by adapter and reason.",
+                                ["adapter", "reason"], registry=self.registry)
         self.errors = Counter("mtlora:request_errors", "Error responses by HTTP status code.", ["code"],
                               registry=self.registry)
         self.prompt_tokens = Counter("mtlora:prompt_tokens", "Prompt tokens by adapter.", ["adapter"],

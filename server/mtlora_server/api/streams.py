@@ -6,7 +6,9 @@ Contract:
   sent; on such an error the already-started requests are closed (aborted) again.
 - An `EngineStream` yields the request's outputs, feeds the metrics (TTFT, inter-token latency, token and finish
   counters) and, on `close()`, closes the engine iterator and aborts the request unless it finished. `close()` is
-  shielded from cancellation so a client disconnect still frees the request's KV memory.
+  shielded from cancellation so a client disconnect still frees the request's KV memory. A request the engine
+  refused at admission (queue full: 429, bad input) never ran, so it is not counted as finish_reason "abort";
+  queue-full refusals count in `mtlora:requests_rejected_total{reason="queue_full"}`.
 - `merge(streams)` interleaves several streams as `(stream index, output)` in arrival order.
 - `sse_events(streams, events)` frames a route's SSE body: the route's events, then `data: [DONE]`; an exception
   mid-stream becomes an in-band error event before `[DONE]`; the streams are always closed at the end.
@@ -27,6 +29,7 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
+from mtlora.errors import EngineOverloadedError
 from mtlora_server.api.errors import error_from_exception
 from mtlora_server.api.metrics import Metrics
 from mtlora_server.api.serving import DONE, sse
@@ -75,16 +78,25 @@ class EngineStream:
         self.label = adapter_label
         self.first: RequestOutput | None = None
         self.finished = False
+        self.refused = False              # the engine refused it at admission: it never ran
         self._gen = None
         self._last_token_time: float | None = None
         self._finished_seqs = 0
 
     async def start(self) -> RequestOutput:
-        gen = self.engine.generate(self.request)
-        if inspect.isawaitable(gen):        # an engine may implement generate as a coroutine returning the iterator
-            gen = await gen
-        self._gen = gen
-        self.first = await gen.__anext__()
+        try:
+            gen = self.engine.generate(self.request)
+            if inspect.isawaitable(gen):    # an engine may implement generate as a coroutine returning the iterator
+                gen = await gen
+            self._gen = gen
+            self.first = await gen.__anext__()
+        except EngineOverloadedError:
+            self.refused = True
+            self.metrics.rejected.labels(self.label, "queue_full").inc()
+            raise
+        except Exception:                   # bad input, dead engine: refused before it ran (not cancellation)
+            self.refused = True
+            raise
         self.metrics.prompt_tokens.labels(self.label).inc(len(self.request.prompt_token_ids))
         self._observe(self.first)
         return self.first
@@ -126,7 +138,7 @@ class EngineStream:
                 except Exception:
                     logger.exception("closing engine stream %s failed", self.request.request_id)
             if not self.finished:
-                unfinished = self.request.sampling.n - self._finished_seqs
+                unfinished = 0 if self.refused else self.request.sampling.n - self._finished_seqs
                 if unfinished > 0:       # client went away or the stream failed: these sequences were aborted
                     self.metrics.requests.labels(self.label, "abort").inc(unfinished)
                 try:

@@ -25,6 +25,8 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
+from .http import server_root
+
 log = logging.getLogger(__name__)
 
 
@@ -136,7 +138,7 @@ async def run_http(args, transport: httpx.AsyncBaseTransport | None = None) -> d
 
     t_start = time.perf_counter()
     try:
-        async with httpx.AsyncClient(base_url=args.base_url.rstrip("/"), headers=headers, timeout=args.timeout,
+        async with httpx.AsyncClient(base_url=server_root(args.base_url), headers=headers, timeout=args.timeout,
                                      transport=transport, limits=httpx.Limits(max_connections=None)) as http:
             await asyncio.gather(*(worker(http) for _ in range(max(1, args.concurrency))))
     finally:
@@ -166,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mtlora-bench", description="Load generators for mtlora-serve.")
     sub = p.add_subparsers(dest="command", required=True)
     h = sub.add_parser("http", help="drive a running OpenAI-compatible server over HTTP")
-    h.add_argument("--base-url", required=True, help="server root, e.g. http://127.0.0.1:8000")
+    h.add_argument("--base-url", required=True, help="server root, e.g. http://127.0.0.1:8000 "
+                   "(a trailing /v1 is accepted)")
     h.add_argument("--model", required=True, help="model/adapter names, comma-separated; used round-robin")
     h.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY'")
     h.add_argument("--requests", type=int, default=100, help="total requests to send")

@@ -9,6 +9,8 @@ Contract:
   other 4xx and malformed replies raise `ServerReplyError` at once (retrying them cannot help).
 - The caller gets either a value or a `ServerReplyError` naming the status and the server's message; nothing is
   ever turned into a silent empty answer.
+- `base_url` may be the server root (`http://host:8000`) or, as OpenAI clients spell it, end in `/v1`
+  (`server_root` strips it); the request paths always carry `/v1` themselves.
 """
 
 from __future__ import annotations
@@ -64,6 +66,12 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+def server_root(base_url: str) -> str:
+    """`http://h:8000/v1/` -> `http://h:8000`: accept the OpenAI spelling of a base URL as well as the root."""
+    url = base_url.strip().rstrip("/")
+    return url[: -len("/v1")] if url.endswith("/v1") else url
+
+
 def _error_message(resp: httpx.Response) -> str:
     try:
         body = resp.json()
@@ -93,7 +101,7 @@ class CompletionClient:
     async def __aenter__(self) -> "CompletionClient":
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         self._http = httpx.AsyncClient(
-            base_url=self.base_url.rstrip("/"), headers=headers, timeout=self.timeout_s,
+            base_url=server_root(self.base_url), headers=headers, timeout=self.timeout_s,
             transport=self.transport, limits=httpx.Limits(max_connections=None, max_keepalive_connections=64,
                                 keepalive_expiry=self.keepalive_expiry_s),
         )

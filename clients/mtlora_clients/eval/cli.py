@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "HTTP API. Results go to OUTPUT/results.json, report.md and, with several models, "
                                 "comparison.png; predictions to OUTPUT/<model>/<task>.jsonl (reruns resume).")
     p.add_argument("suite", choices=list(SUITES), help="; ".join(f"{k}: {v}" for k, v in SUITES.items()))
-    p.add_argument("--base-url", required=True, help="server root, e.g. http://127.0.0.1:8000 (no /v1)")
+    p.add_argument("--base-url", required=True, help="server root, e.g. http://127.0.0.1:8000; the OpenAI spelling "
+                   "http://127.0.0.1:8000/v1 works too")
     p.add_argument("--model", required=True, help="served model or adapter name; comma-separated to compare")
     p.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY' when given")
     p.add_argument("--data-dir", default=None, help="benchmark folder in its standard layout; without it MMLU/BBH "

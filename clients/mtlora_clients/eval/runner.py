@@ -8,6 +8,8 @@ Contract:
   requests only for the rest (a line cut short by a kill is ignored and redone).
 - A failed item (HTTP error after retries, malformed reply) is logged with its task and index, listed under
   `errors` and excluded from the accuracy; it is not written to the .jsonl, so a rerun retries it.
+- A 404 stops the whole run at once with a ConfigError naming --base-url and --model: the route or the model is
+  missing, so every other question would fail the same way (items already scored stay in the .jsonl files).
 - Writes `results.json`, `report.md` and (several models) `comparison.png` into `<output>`.
 """
 
@@ -104,6 +106,10 @@ async def _worker(queue, client, model, appenders, records, errors, bar, req_s) 
         try:
             rec = await task.evaluate(client, model, i)
         except ServerReplyError as e:
+            if e.status == 404:
+                raise ConfigError(f"the server at {client.base_url} answered 404 ({e}); check --base-url (the "
+                                  "server root, e.g. http://127.0.0.1:8000, or the same with /v1) and --model",
+                                  field="--base-url") from None
             errors.append({"task": task.name, "index": i, "error": str(e)})
             log.error("model %s task %s index %d: %s", model, task.name, i, e)
         else:
@@ -134,9 +140,15 @@ async def evaluate_model(args: Namespace, model: str, tasks: list[Task], transpo
     try:
         async with CompletionClient(args.base_url, args.api_key, args.timeout, policy, transport) as client:
             await _check_model(client, model)
-            workers = [_worker(queue, client, model, appenders, records, errors, bar, req_s)
+            workers = [asyncio.ensure_future(_worker(queue, client, model, appenders, records, errors, bar, req_s))
                        for _ in range(max(1, args.concurrency))]
-            await asyncio.gather(*workers)
+            try:
+                await asyncio.gather(*workers)
+            except BaseException:           # one worker hit a fatal error (a 404): stop the others too
+                for w in workers:
+                    w.cancel()
+                await asyncio.gather(*workers, return_exceptions=True)
+                raise
             n_requests, n_retries = client.n_requests, client.n_retries
     finally:
         bar.close()

@@ -1,7 +1,8 @@
 """`mtlora-eval {mmlu,bbh,tasks}`: command-line entry point (see docs/eval.md).
 
 Exit codes: 0 all items scored; 1 some items failed (server error or malformed reply: see report.md);
-2 bad arguments or data (the message names the flag or file).
+2 bad arguments or data (the message names the flag or file), including a server that answers 404 (no such route
+or model: check --base-url and --model), which stops the run at once.
 """
 
 from __future__ import annotations

@@ -186,9 +186,9 @@ class _AdapterRoot:
         return path.relative_to(self.path).as_posix() if path != self.path else "."
 
     def scrub(self, text: str) -> str:
-        """`text` with the root's absolute location replaced by paths relative to it."""
-        for root in sorted({str(self.path), self.raw}, key=len, reverse=True):
-            text = text.replace(root + "/", "").replace(root, ".")
+        """`text` with the root's absolute location replaced by paths relative to it ("/srv/ad/x" -> "x")."""
+        for root in sorted({str(self.path), self.raw} - {"/"}, key=len, reverse=True):
+            text = re.sub(re.escape(root) + r"(/|(?![\w-]|\.\w))", lambda m: "" if m.group(1) else ".", text)
         return text
 
     def adapter_dir(self, raw: str) -> Path:

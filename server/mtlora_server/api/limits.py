@@ -4,8 +4,8 @@ Contract:
 - `BodySizeLimit(app, max_bytes)`: an HTTP request whose `Content-Length` exceeds `max_bytes` gets 413 at once,
   without a byte of its body being read (a client sending `Expect: 100-continue` never uploads it). A body of
   unknown length (chunked transfer encoding, or no valid Content-Length) is read and counted first; once it
-  passes `max_bytes` the request gets 413 and the rest is not read. A body within the limit reaches the app unchanged (a counted chunked body
-  as one message); later `receive()` calls (disconnects) go straight to the server.
+  passes `max_bytes` the request gets 413 and the rest is not read. A body within the limit reaches the app
+  unchanged (a counted body as one message); later `receive()` calls (disconnects) go straight to the server.
 - The 413 carries `api.errors.error_body` (type `RequestTooLargeError`, the limit named in the message) and
   `Connection: close`, since the unread rest of the body cannot be told apart from a next request.
 - Exactly `max_bytes` bytes are allowed. Non-HTTP scopes (lifespan) pass through.

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from mtlora.errors import MtloraError
+from mtlora_server.api.limits import DEFAULT_MAX_REQUEST_BODY_SIZE
 
 logger = logging.getLogger("mtlora_server.cli")
 
@@ -112,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (needs --adapter-root).")
     p.add_argument("--adapter-root", default=None,
                    help="Only adapter directories inside this folder (symlinks resolved) may be loaded at runtime.")
+    p.add_argument("--max-request-body-size", type=parse_size, default=DEFAULT_MAX_REQUEST_BODY_SIZE,
+                   metavar="SIZE",
+                   help="Largest HTTP request body accepted, e.g. 8MiB or 20MB; bigger ones get 413 before they are "
+                        "read or parsed. The default holds e.g. 64 prompts of 8192 token ids; JSON parsing "
+                        "of a body runs on the event loop (~5 ms per MB of text), so raise it with care. Native engine "
+                        "only (--engine vllm has no such limit).")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="Logging verbosity.")
     from mtlora_server.vllm_backend import add_arguments as add_vllm_arguments
@@ -193,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     from mtlora_server.api import ServerArgs, build_app
 
     server_args = ServerArgs(served_model_name=ns.served_model_name, api_key=ns.api_key,
-                             enable_adapter_loading=ns.enable_adapter_loading, adapter_root=ns.adapter_root)
+                             enable_adapter_loading=ns.enable_adapter_loading, adapter_root=ns.adapter_root,
+                             max_request_body_size=ns.max_request_body_size)
     app = build_app(engine, server_args, manage_engine=True)
     logger.info("serving on http://%s:%d (API key %s)", ns.host, ns.port, "required" if ns.api_key else "off")
     config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.log_level, timeout_graceful_shutdown=5)

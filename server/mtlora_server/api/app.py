@@ -11,6 +11,9 @@ Contract:
   (adapter_config.json, adapter_model.safetensors / .bin) must resolve inside the root, so a symlink out of it is a
   400 naming the file; messages to the client show paths relative to the root (the absolute ones are logged).
   Unloading an adapter that requests still use is a 409.
+- A request body over `args.max_request_body_size` bytes gets 413 before any route reads it (api.limits).
+- Tokenizer work of the routes (/tokenize, /detokenize included) runs off the event loop once an input is more
+  than small (api.tokenization), so one huge request does not hold up /health or anyone else.
 - The engine is started/shut down by the app's lifespan when `manage_engine` is true (the CLI); in-process tests
   that drive the app without a lifespan start the engine themselves.
 """
@@ -33,6 +36,7 @@ from mtlora.errors import AdapterLoadError, AdapterNotFoundError, InvalidRequest
 from mtlora_server.api.chat import create_chat_completion, render_chat
 from mtlora_server.api.completions import create_completion
 from mtlora_server.api.errors import ApiError, error_body, install_error_handlers
+from mtlora_server.api.limits import BodySizeLimit
 from mtlora_server.api.metrics import Metrics
 from mtlora_server.api.protocol import (
     ChatCompletionRequest,
@@ -116,6 +120,7 @@ def build_app(engine, args: ServerArgs | None = None, manage_engine: bool = Fals
     _add_tokenizer_routes(app, ctx)
     _add_adapter_routes(app, ctx)
     _add_ops_routes(app, ctx)
+    app.add_middleware(BodySizeLimit, max_bytes=args.max_request_body_size)   # inside: its 413s are counted
     app.add_middleware(_AuthAndErrorCount, api_key=args.api_key, metrics=ctx.metrics)
     return app
 
@@ -147,21 +152,18 @@ def _add_tokenizer_routes(app: FastAPI, ctx: ServingContext) -> None:
         if (body.prompt is None) == (body.messages is None):
             raise InvalidRequestError("give exactly one of prompt or messages", param="prompt")
         if body.messages is not None:
-            text = render_chat(ctx, body.messages, body.add_generation_prompt)
-            ids = ctx.encode(text, add_special_tokens=False, param="messages")
+            text = await render_chat(ctx, body.messages, body.add_generation_prompt)
+            content = await ctx.tokenize_json(text, False, "messages", bool(body.return_token_strs))
         else:
-            ids = ctx.encode(body.prompt, add_special_tokens=body.add_special_tokens)
-        token_strs = None
-        if body.return_token_strs:
-            token_strs = [str(t) for t in ctx.engine.tokenizer.convert_ids_to_tokens(ids)]
-        return {"count": len(ids), "max_model_len": ctx.engine.max_model_len, "tokens": ids,
-                "token_strs": token_strs}
+            content = await ctx.tokenize_json(body.prompt, body.add_special_tokens, "prompt",
+                                              bool(body.return_token_strs))
+        return Response(content, media_type="application/json")     # rendered off the loop when big
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
         ctx.resolve_model(body.model)
-        ctx.check_token_ids(body.tokens, "tokens")
-        return {"prompt": ctx.decode(body.tokens)}
+        await ctx.tokens.run_ids(body.tokens, ctx.check_token_ids, body.tokens, "tokens")
+        return {"prompt": await ctx.decode(body.tokens)}
 
     @app.get("/tokenizer_info")
     async def tokenizer_info():

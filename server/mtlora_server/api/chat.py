@@ -1,7 +1,9 @@
 """POST /v1/chat/completions: messages rendered with the base tokenizer's chat template -> `chat.completion`.
 
 Contract: the prompt is `tokenizer.apply_chat_template(messages, add_generation_prompt=True)` encoded without
-extra special tokens (the template adds its own); a template error is a 400 naming `messages`. Without
+extra special tokens (the template adds its own); a template error is a 400 naming `messages`. Templating and
+tokenisation run off the event loop once the messages are more than small (api.tokenization); a prompt longer
+than the context is refused from its token count. Without
 max_tokens / max_completion_tokens the completion may fill the remaining context. Streams send the assistant
 role first, then content deltas, then a finish chunk per choice, an optional usage chunk and `data: [DONE]`.
 """
@@ -27,10 +29,21 @@ from mtlora_server.api.streams import (
 from mtlora_server.engine.types import GenerationRequest
 
 
-def render_chat(ctx: ServingContext, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
+def _text_size(value) -> int:
+    """Characters of text in a rendered message (strings inside content parts included)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_text_size(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_text_size(v) for v in value)
+    return 0
+
+
+async def render_chat(ctx: ServingContext, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
+    rendered = [m.rendered() for m in messages]
     try:
-        text = ctx.engine.tokenizer.apply_chat_template([m.rendered() for m in messages], tokenize=False,
-                                                        add_generation_prompt=add_generation_prompt)
+        text = await ctx.tokens.render_chat(rendered, add_generation_prompt, _text_size(rendered))
     except Exception as exc:  # jinja TemplateError, no template at all, ...
         raise InvalidRequestError(f"the chat template rejected these messages: {exc}", param="messages") from None
     if not isinstance(text, str):
@@ -41,11 +54,11 @@ def render_chat(ctx: ServingContext, messages: list[ChatMessage], add_generation
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, http_request: Request):
     base_id = random_id("chatcmpl")
     adapter = ctx.resolve_model(req.model)
-    ids = ctx.encode(render_chat(ctx, req.messages, req.add_generation_prompt), add_special_tokens=False,
-                     param="messages")
     max_tokens = req.requested_max_tokens
+    ids = await ctx.encode_prompt(await render_chat(ctx, req.messages, req.add_generation_prompt), max_tokens,
+                                  "messages", add_special_tokens=False)
     if max_tokens is None:
-        max_tokens = ctx.default_max_tokens(ids)
+        max_tokens = ctx.default_max_tokens(len(ids))
     ctx.check_prompt(ids, max_tokens, "messages")
     request = GenerationRequest(request_id=f"{base_id}-0", prompt_token_ids=ids,
                                 sampling=req.to_sampling_params(max_tokens), adapter=adapter)

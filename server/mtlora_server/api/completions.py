@@ -4,6 +4,9 @@ Contract: each prompt of a batch is one engine request with n sequences; choice 
 Errors in the input surface before any byte is sent (see `streams.open_streams`). `echo` prepends the prompt text
 (and, with `logprobs`, the prompt's logprobs, the first being null); `usage` is always reported (in streams as a
 final chunk when `stream_options.include_usage`, else absent from chunks as in OpenAI's API).
+Tokenisation runs off the event loop once a prompt is more than small (api.tokenization); a prompt longer than the
+context is refused from its token count before anything else is done per token, and a token-id prompt is only
+decoded when `echo` needs its text.
 """
 
 from __future__ import annotations
@@ -26,33 +29,36 @@ from mtlora_server.api.streams import (
 from mtlora_server.engine.types import GenerationRequest
 
 
-def _prompts(ctx: ServingContext, req: CompletionRequest) -> list[tuple[list[int], str]]:
-    """[(token ids, prompt text)] for every prompt of the request."""
+def _items(req: CompletionRequest) -> list:
     prompt = req.prompt
     if isinstance(prompt, str):
-        items: list = [prompt]
-    elif prompt and isinstance(prompt[0], int):
-        items = [prompt]
-    else:
-        items = list(prompt)
-    out = []
+        return [prompt]
+    if prompt and isinstance(prompt[0], int):
+        return [prompt]
+    return list(prompt)
+
+
+async def _prompt(ctx: ServingContext, req: CompletionRequest, item, param: str) -> tuple[list[int], str]:
+    """(token ids, prompt text) of one prompt, its length checked before any per-token work."""
+    if isinstance(item, str):
+        return await ctx.encode_prompt(item, req.max_tokens, param), item
+    ids = list(item)
+    if ids:
+        ctx.check_length(len(ids), req.max_tokens, param)
+    ctx.check_token_ids(ids, param)
+    return ids, (await ctx.decode(ids) if req.echo else "")      # the text only serves echo
+
+
+async def _engine_requests(ctx: ServingContext, req: CompletionRequest, base_id: str):
+    adapter = ctx.resolve_model(req.model)
+    items = _items(req)
+    prompts, requests = [], []
     for i, item in enumerate(items):
         param = "prompt" if len(items) == 1 else f"prompt.{i}"
-        if isinstance(item, str):
-            out.append((ctx.encode(item, param=param), item))
-        else:
-            ctx.check_token_ids(list(item), param)
-            out.append((list(item), ctx.decode(item)))
-    return out
-
-
-def _engine_requests(ctx: ServingContext, req: CompletionRequest, base_id: str):
-    adapter = ctx.resolve_model(req.model)
-    prompts = _prompts(ctx, req)
-    requests = []
-    for i, (ids, _) in enumerate(prompts):
-        max_tokens = req.max_tokens if req.max_tokens is not None else ctx.default_max_tokens(ids, "prompt")
-        ctx.check_prompt(ids, max_tokens, "prompt" if len(prompts) == 1 else f"prompt.{i}")
+        ids, text = await _prompt(ctx, req, item, param)
+        prompts.append((ids, text))
+        max_tokens = req.max_tokens if req.max_tokens is not None else ctx.default_max_tokens(len(ids), param)
+        ctx.check_prompt(ids, max_tokens, param)
         requests.append(GenerationRequest(request_id=f"{base_id}-{i}", prompt_token_ids=ids,
                                           sampling=req.to_sampling_params(max_tokens), adapter=adapter))
     return adapter, prompts, requests
@@ -60,7 +66,7 @@ def _engine_requests(ctx: ServingContext, req: CompletionRequest, base_id: str):
 
 async def create_completion(ctx: ServingContext, req: CompletionRequest, http_request: Request):
     base_id = random_id("cmpl")
-    adapter, prompts, requests = _engine_requests(ctx, req, base_id)
+    adapter, prompts, requests = await _engine_requests(ctx, req, base_id)
     # the first output can be long in coming (queued, long prefill): a client that leaves meanwhile aborts it
     streams = await run_until_disconnect(http_request,
                                          open_streams(ctx.engine, requests, ctx.metrics, ctx.label(adapter)))

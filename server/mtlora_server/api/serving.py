@@ -3,8 +3,12 @@
 Contract:
 - `ServingContext.resolve_model(name)` maps the request's `model` to an adapter name (None for the base model)
   or raises AdapterNotFoundError (404).
-- `check_prompt(ids, max_tokens)` raises InvalidRequestError for token ids outside the vocabulary and
-  ContextLengthError when prompt + max_tokens exceed the context; `default_max_tokens` fills in an absent value.
+- `check_prompt(ids, max_tokens)` raises ContextLengthError when prompt + max_tokens exceed the context (checked
+  first: it costs nothing) and InvalidRequestError for token ids outside the vocabulary; `default_max_tokens`
+  fills in an absent value.
+- Tokenizer work goes through `ctx.tokens` (api.tokenization: off the event loop once an input is more than
+  small): `await encode_prompt(text, max_tokens, param)` refuses a prompt that cannot fit from its token count
+  alone, `await encode(...)`, `await decode(...)`. A text the tokenizer cannot encode is a 400 naming `param`.
 - `sse(obj)` frames one server-sent event; streams end with `data: [DONE]`.
 """
 
@@ -15,7 +19,9 @@ import time
 from dataclasses import dataclass, field
 
 from mtlora.errors import AdapterNotFoundError, ContextLengthError, InvalidRequestError
+from mtlora_server.api.limits import DEFAULT_MAX_REQUEST_BODY_SIZE
 from mtlora_server.api.metrics import Metrics
+from mtlora_server.api.tokenization import Encoded, TokenizerWork
 from mtlora_server.engine.types import TokenLogprob
 
 DONE = "data: [DONE]\n\n"
@@ -33,6 +39,7 @@ class ServerArgs:
     api_key: str | None = None
     enable_adapter_loading: bool = False
     adapter_root: str | None = None
+    max_request_body_size: int = DEFAULT_MAX_REQUEST_BODY_SIZE
 
 
 @dataclass
@@ -41,6 +48,10 @@ class ServingContext:
     args: ServerArgs
     metrics: Metrics
     created: int = field(default_factory=lambda: int(time.time()))
+    tokens: TokenizerWork = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tokens = TokenizerWork(self.engine.tokenizer)
 
     @property
     def served_name(self) -> str:
@@ -70,14 +81,32 @@ class ServingContext:
             size = len(self.engine.tokenizer)
         return int(size)
 
-    def encode(self, text: str, add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
+    async def _encode(self, text: str, add_special_tokens: bool, param: str, limit: int | None) -> Encoded:
         try:
-            return list(self.engine.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+            return await self.tokens.encode(text, add_special_tokens, limit)
         except Exception as exc:  # e.g. lone surrogates the tokenizer cannot encode
             raise InvalidRequestError(f"{param} cannot be tokenized: {exc}", param=param) from None
 
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        return self.engine.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+    async def encode(self, text: str, add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
+        return (await self._encode(text, add_special_tokens, param, None)).ids
+
+    async def encode_prompt(self, text: str, max_tokens: int | None, param: str = "prompt",
+                            add_special_tokens: bool = True) -> list[int]:
+        """The prompt's ids; a prompt longer than the context is refused from its count (ids never built)."""
+        encoded = await self._encode(text, add_special_tokens, param, self.engine.max_model_len)
+        if encoded.ids is None:
+            self.check_length(encoded.count, max_tokens, param)
+        return encoded.ids
+
+    async def tokenize_json(self, text: str, add_special_tokens: bool, param: str, token_strs: bool) -> bytes:
+        """The /tokenize response body for `text` (rendered off the loop when big)."""
+        try:
+            return await self.tokens.tokenize_json(text, add_special_tokens, self.engine.max_model_len, token_strs)
+        except Exception as exc:  # e.g. lone surrogates the tokenizer cannot encode
+            raise InvalidRequestError(f"{param} cannot be tokenized: {exc}", param=param) from None
+
+    async def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return await self.tokens.decode(list(ids), skip_special_tokens)
 
     def check_token_ids(self, ids: list[int], param: str) -> None:
         vocab = self.vocab_size
@@ -85,25 +114,33 @@ class ServingContext:
         if bad:
             raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param=param)
 
+    def check_length(self, count: int, max_tokens: int | None, param: str = "prompt") -> None:
+        """ContextLengthError when `count` prompt tokens + max_tokens (None: at least one) exceed the context."""
+        if max_tokens is None:
+            self.default_max_tokens(count, param)
+            return
+        limit = self.engine.max_model_len
+        if count + max_tokens > limit:
+            raise ContextLengthError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{count + max_tokens} tokens ({count} in the prompt, {max_tokens} for the completion). "
+                "Please reduce the prompt or max_tokens.",
+                param="max_tokens" if count < limit else param,
+            )
+
     def check_prompt(self, ids: list[int], max_tokens: int, param: str = "prompt") -> None:
         if not ids:
             raise InvalidRequestError("the prompt is empty", param=param)
+        self.check_length(len(ids), max_tokens, param)
         self.check_token_ids(ids, param)
-        limit = self.engine.max_model_len
-        if len(ids) + max_tokens > limit:
-            raise ContextLengthError(
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{len(ids) + max_tokens} tokens ({len(ids)} in the prompt, {max_tokens} for the completion). "
-                "Please reduce the prompt or max_tokens.",
-                param="max_tokens" if len(ids) < limit else param,
-            )
 
-    def default_max_tokens(self, ids: list[int], param: str = "messages") -> int:
-        room = self.engine.max_model_len - len(ids)
+    def default_max_tokens(self, count: int, param: str = "messages") -> int:
+        """The room the context leaves after `count` prompt tokens (ContextLengthError when none)."""
+        room = self.engine.max_model_len - count
         if room < 1:
             raise ContextLengthError(
                 f"This model's maximum context length is {self.engine.max_model_len} tokens; the prompt alone has "
-                f"{len(ids)}.", param=param)
+                f"{count}.", param=param)
         return room
 
     def token_str(self, token_id: int) -> str:

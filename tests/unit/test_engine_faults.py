@@ -231,13 +231,20 @@ async def test_http_health_and_new_requests_are_503_while_draining(engine):
 
 
 async def test_drain_lets_running_requests_finish_then_aborts_the_rest(engine):
+    gate = threading.Event()
+    engine._submit(gate.wait, want_result=False)       # hold the step thread: nothing runs before the drain
     short = asyncio.create_task(_collect(engine, _req("short", max_tokens=4)))
     long_ = asyncio.create_task(_collect(engine, _req("long", max_tokens=230, n_prompt=20)))
-    while "long" not in engine.core.requests:
-        await asyncio.sleep(0.005)
-    aborted = await engine.drain(60.0, give_up=lambda: short.done())    # the deadline: once "short" is done
-    assert aborted == 1
+    while len(engine._inbox) < 2:
+        await asyncio.sleep(0.001)
+    drain = asyncio.create_task(engine.drain(600.0, give_up=short.done))   # "the deadline": once short is done
+    await asyncio.sleep(0.01)
+    with pytest.raises(EngineDeadError, match="shutting down"):           # EngineDrainingError: new requests
+        await _collect(engine, _req("new"))
+    assert not engine.is_healthy()
+    gate.set()
+    assert await drain == 1
     done_short, done_long = await short, await long_
-    assert done_short.finish_reason == {0: "length"}
-    assert done_long.finish_reason == {0: "abort"} and done_long.finished
-    assert engine.core.pool.num_used == 0
+    assert done_short.finish_reason == {0: "length"} and len(done_short.tokens[0]) == 4
+    assert done_long.finish_reason == {0: "abort"} and done_long.finished and len(done_long.tokens[0]) < 230
+    assert engine.core.pool.num_used == 0 and not engine.core.requests

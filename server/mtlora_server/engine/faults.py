@@ -71,5 +71,8 @@ def check(site: str, requests: Iterable) -> None:
 def arm_from_env() -> None:
     spec = os.environ.get(ENV_VAR, "").strip()
     for site in filter(None, (s.strip() for s in spec.split(","))):
-        inject(site)
+        try:
+            inject(site)
+        except ValueError as exc:
+            raise ValueError(f"{ENV_VAR}={spec!r}: {exc}") from None
         log.warning("testing hook %s: every %s step raises an injected fault", ENV_VAR, site)

@@ -77,4 +77,12 @@ class EngineOverloadedError(MtloraError):
 
 
 class EngineDeadError(MtloraError):
-    """The engine loop died; the server answers 503 until restarted."""
+    """The engine loop died (HTTP 503); mtlora-serve then exits non-zero so that its supervisor restarts it."""
+
+
+class EngineDrainingError(EngineDeadError):
+    """The server is shutting down and admits no new requests (HTTP 503, like a dead engine: retry elsewhere)."""
+
+
+class RequestFailedError(MtloraError):
+    """The engine failed while serving this one request (HTTP 500); the other requests and the server carry on."""

@@ -6,6 +6,12 @@ Contract:
   adapter that does not fit the base model ends the process with exit status 2 (usage) or 1 (load failure) and
   a message naming the flag, file or field at fault.
 - Startup logs the base model, each adapter (method, experts, rank, parameter count) and the memory in use.
+- SIGTERM / SIGINT shut down gracefully (`server.EngineServer`): new requests get 503, running ones may finish for
+  up to `--shutdown-timeout` seconds, the rest are aborted (streams still end with a finish_reason and
+  `data: [DONE]`); the exit status is then 0. When the engine dies (repeated step failures) the process exits with
+  status 3 (`EXIT_ENGINE_DIED`) so that its supervisor restarts it.
+- Testing hook: `MTLORA_TEST_FAULTS=forward` (or sample, detokenize; comma-separated) makes every such engine step
+  raise (engine/faults.py); never set it in production.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from mtlora.errors import MtloraError
 from mtlora_server.api.limits import DEFAULT_MAX_REQUEST_BODY_SIZE
 
 logger = logging.getLogger("mtlora_server.cli")
+
+SHUTDOWN_FLUSH_S = 5          # after the drain: how long uvicorn waits for the last responses to be written
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?(?:[eE]\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -56,6 +64,16 @@ def parse_adapters(specs: list[str]) -> dict[str, str]:
             raise ValueError(f"--adapter {spec!r}: the name {name!r} is used twice")
         adapters[name] = path
     return adapters
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text!r}")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -119,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "read or parsed. The default holds e.g. 64 prompts of 8192 token ids; JSON parsing "
                         "of a body runs on the event loop (~5 ms per MB of text), so raise it with care. Native engine "
                         "only (--engine vllm has no such limit).")
+    p.add_argument("--shutdown-timeout", type=_seconds, default=20.0, metavar="SECONDS",
+                   help="Graceful shutdown on SIGTERM/SIGINT: new requests get 503 at once, running requests may "
+                        "finish for up to SECONDS, then the rest are aborted (streams end with finish_reason "
+                        "'abort' and [DONE]; non-streaming requests get their JSON). Exit status 0. Keep it a few "
+                        "seconds below the supervisor's grace period (Kubernetes terminationGracePeriodSeconds, "
+                        "compose stop_grace_period). If the engine dies instead, the exit status is 3. Native engine only.")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="Logging verbosity.")
     from mtlora_server.vllm_backend import add_arguments as add_vllm_arguments
@@ -186,7 +210,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return serve(ns)
     try:
+        from mtlora_server.engine import faults
         from mtlora_server.engine.engine import Engine
+
+        faults.arm_from_env()
 
         engine_args = engine_args_from(ns, adapters)
         engine = Engine.from_args(engine_args)
@@ -198,15 +225,21 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from mtlora_server.api import ServerArgs, build_app
+    from mtlora_server.server import EXIT_ENGINE_DIED, EngineServer
 
     server_args = ServerArgs(served_model_name=ns.served_model_name, api_key=ns.api_key,
                              enable_adapter_loading=ns.enable_adapter_loading, adapter_root=ns.adapter_root,
                              max_request_body_size=ns.max_request_body_size)
     app = build_app(engine, server_args, manage_engine=True)
     logger.info("serving on http://%s:%d (API key %s)", ns.host, ns.port, "required" if ns.api_key else "off")
-    config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.log_level, timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    # uvicorn's graceful timeout starts after the engine's drain (EngineServer.shutdown): it only bounds the writing
+    # of the last chunks, so the whole shutdown takes at most --shutdown-timeout + ABORT_GRACE_S + this.
+    config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.log_level,
+                            timeout_graceful_shutdown=SHUTDOWN_FLUSH_S)
+    server = EngineServer(config, engine, ns.shutdown_timeout)
     server.run()
+    if server.engine_died or engine.dead:             # engine.dead: it died during the drain
+        return EXIT_ENGINE_DIED
     return 0 if server.started else 1
 
 

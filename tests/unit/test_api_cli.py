@@ -41,6 +41,8 @@ def test_parse_adapters_rejects(tmp_path, specs, message):
     (["--kv-cache-memory", "lots"], "invalid size"),
     (["--max-num-seqs", "0"], "positive integer"),
     (["--dtype", "int3"], "invalid choice"),
+    (["--shutdown-timeout", "-1"], "--shutdown-timeout: expected a finite number of seconds >= 0"),
+    (["--shutdown-timeout", "soon"], "--shutdown-timeout: expected a number of seconds"),
 ])
 def test_bad_flags_exit_2_before_loading(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -16,6 +16,8 @@ Contract:
   than small (api.tokenization), so one huge request does not hold up /health or anyone else.
 - The engine is started/shut down by the app's lifespan when `manage_engine` is true (the CLI); in-process tests
   that drive the app without a lifespan start the engine themselves.
+- /health answers 200 while the engine serves, else 503 in the error schema with the engine's reason (draining
+  for shutdown, or dead). New generation requests during a drain get 503 from the engine (EngineDrainingError).
 """
 
 from __future__ import annotations
@@ -264,9 +266,11 @@ def _add_adapter_routes(app: FastAPI, ctx: ServingContext) -> None:
 def _add_ops_routes(app: FastAPI, ctx: ServingContext) -> None:
     @app.get("/health")
     async def health():
+        """200 while serving; 503 with the reason while draining for shutdown or once the engine died."""
         if ctx.engine.is_healthy():
             return Response(status_code=200)
-        return JSONResponse(error_body("engine is not healthy", "ServiceUnavailableError", 503), status_code=503)
+        problem = getattr(ctx.engine, "health_problem", lambda: None)() or "engine is not healthy"
+        return JSONResponse(error_body(problem, "ServiceUnavailableError", 503), status_code=503)
 
     @app.get("/metrics")
     async def metrics():

@@ -4,8 +4,9 @@ Contract:
 - `error_from_exception(exc)` maps domain exceptions (mtlora.errors) to (HTTP status, body, headers):
   InvalidRequestError / ContextLengthError / AdapterLoadError / ConfigError / CheckpointError -> 400,
   AdapterNotFoundError -> 404, AdapterBusyError (unloading an adapter that requests use) -> 409,
-  EngineOverloadedError -> 429 with Retry-After, EngineDeadError -> 503, anything else -> 500 (a server bug,
-  logged with its traceback).
+  EngineOverloadedError -> 429 with Retry-After, EngineDeadError (and its EngineDrainingError) -> 503,
+  RequestFailedError -> 500 with its message (the engine logged the traceback), anything else -> 500 (a server
+  bug, logged with its traceback).
 - `install_error_handlers(app)` routes FastAPI's request-validation errors (normally 422) to 400 naming the
   offending field, and HTTP errors (404 unknown route, 405, 401, a body FastAPI cannot parse) through the same
   schema.
@@ -37,6 +38,7 @@ from mtlora.errors import (
     EngineOverloadedError,
     InvalidRequestError,
     MtloraError,
+    RequestFailedError,
 )
 
 logger = logging.getLogger(__name__)
@@ -90,6 +92,8 @@ def error_from_exception(exc: BaseException) -> tuple[int, dict, dict[str, str]]
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
     elif isinstance(exc, EngineDeadError):
         status, err_type, param = 503, "ServiceUnavailableError", None
+    elif isinstance(exc, RequestFailedError):
+        status, err_type, param = 500, "InternalServerError", None
     else:
         logger.error("internal error while serving a request", exc_info=exc)
         return 500, error_body("internal server error", "InternalServerError", 500), headers

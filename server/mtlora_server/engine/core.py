@@ -6,7 +6,15 @@ Contract:
 - `add_request(GenerationRequest) -> RequestState` validates (unknown adapter -> AdapterNotFoundError; empty or
   out-of-vocabulary prompt or stop_token_ids -> InvalidRequestError; prompt + max_tokens beyond max_model_len or
   the KV pool -> ContextLengthError; full queue -> EngineOverloadedError) and expands n into n sequences.
-- `step() -> list[RequestOutput]`; `abort(request_id) -> RequestOutput | None` frees the KV blocks at once.
+- `step() -> list[RequestOutput]`; `abort(request_id) -> RequestOutput | None` frees the KV blocks at once;
+  `abort_all()` aborts every request (their final outputs carry finish_reason "abort").
+- Fault isolation: an exception in one request's own work during a step (prompt logprobs, prefix-cache
+  registration, sampling, detokenising, flushing) fails that request alone: its KV blocks are freed, it is
+  forgotten, and `take_failures()` hands its `RequestFailedError` (HTTP 500, message naming the failed stage and
+  the exception) to the caller. Batched sampling that raises is retried row by row from the generator states it
+  started with, so only rows that raise on their own fail. An exception while preparing or running the batched
+  forward fails every request with a chunk in the step and is re-raised (the caller counts failed steps).
+  `faults.check` marks the fault-injection sites (forward, sample, detokenize) the tests use.
 - Adapters: `install_adapter(name, config, tensors, path)` puts a validated adapter into a free slot (nothing else
   is reallocated or recompiled); `remove_adapter(name)` clears it; failures raise AdapterLoadError and leave the
   engine serving what it had (AdapterBusyError while requests use it). `read_adapter(path)` does the file work
@@ -24,10 +32,10 @@ import torch
 
 from mtlora.base import load_config, load_tokenizer, parse_dtype, resolve_model
 from mtlora.config import AdapterConfig
-from mtlora.errors import (AdapterLoadError, AdapterNotFoundError, ContextLengthError, InvalidRequestError,
-                           MtloraError)
-from mtlora.errors import AdapterBusyError
+from mtlora.errors import (AdapterBusyError, AdapterLoadError, AdapterNotFoundError, ContextLengthError,
+                           InvalidRequestError, MtloraError, RequestFailedError)
 
+from . import faults
 from .args import EngineArgs
 from .kv_cache import KVCachePool
 from .model import LlamaDecoder, ModelConfig
@@ -102,6 +110,7 @@ class EngineCore:
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         self.requests: dict[str, RequestState] = {}
+        self._failures: dict[str, RequestFailedError] = {}   # failed since the last take_failures()
         self.adapters: dict[str, _Adapter] = {}
         self._rng = random.Random(args.seed)
         self._next_seq_id = 0
@@ -171,54 +180,110 @@ class EngineCore:
                 state.finish_seq(seq, "abort")
         return state.flush()
 
+    def abort_all(self) -> list[RequestOutput]:
+        """Abort every request (shutdown deadline): their final outputs, finish_reason "abort"."""
+        outputs = [self.abort(rid) for rid in list(self.requests)]
+        return [out for out in outputs if out is not None]
+
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
     # -- one step ------------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One engine step. A failure in one request's own work (prompt logprobs, prefix-cache registration,
+        sampling, detokenising) fails that request alone (`take_failures`). A failure while preparing or running
+        the batched forward fails every request with a chunk in the step and is re-raised, so the caller can count
+        consecutive failed steps. Either way the failed requests' KV blocks are freed."""
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
-        self._take_cache_hits(chunks)
-        positions = [self._logit_positions(c) for c in chunks]
-        keep = [self._block_ends(c) for c in chunks]       # final hidden states the prefix cache keeps
-        tails = [i for i, c in enumerate(chunks) if c.seq.tail_hidden is not None]
-        extra = torch.stack([chunks[i].seq.tail_hidden for i in tails]) if tails else None
-        sample_stats = self.adapters and self.step_count % ROUTING_STATS_EVERY == 0
-        logits, hidden = self.runner.run_step(chunks, positions, self.routing_stats if sample_stats else None,
-                                              keep, extra)                          # [L + E, V], [C, d]
+        try:
+            self._take_cache_hits(chunks)
+            positions = [self._logit_positions(c) for c in chunks]
+            keep = [self._block_ends(c) for c in chunks]       # final hidden states the prefix cache keeps
+            logits, hidden, tail_row = self._forward(chunks, positions, keep)
+        except Exception as exc:
+            for state in {id(c.seq.owner): c.seq.owner for c in chunks}.values():
+                self._fail(state, exc, "running the batched model forward")
+            raise
         self.step_count += 1
-        tail_row = dict(zip(tails, range(sum(map(len, positions)), logits.shape[0])))
         row, hrow, to_sample, touched = 0, 0, [], {}
         for i, (c, pos) in enumerate(zip(chunks, positions)):
-            seq, state = c.seq, c.seq.owner
-            seq.num_computed = c.start + c.length
+            state = c.seq.owner
             touched[id(state)] = state
-            if i in tail_row:                             # logprob of the first token after the cached prefix
-                seq.tail_hidden = None
-                state.prompt_logprobs.extend(self._prompt_entries(logits[tail_row[i]:tail_row[i] + 1], seq,
-                                                                  [c.start - 1]))
-            n_prompt = len(pos) - (1 if c.samples else 0)
-            if n_prompt:
-                state.prompt_logprobs.extend(self._prompt_entries(logits[row:row + n_prompt], seq, pos[:n_prompt]))
-                row += n_prompt
-            if c.samples:
-                to_sample.append((seq, row))
-                row += 1
-            if self.prefix_cache is not None:             # before sampling, which may free finished sequences
-                self.prefix_cache.register(seq, state.prompt_logprobs if seq.want_prompt_logits else None,
-                                           state.params.prompt_logprobs,
-                                           dict(zip(keep[i], hidden[hrow:hrow + len(keep[i])])))
-                hrow += len(keep[i])
+            if not self._failed(state):
+                try:
+                    if self._after_forward(c, pos, keep[i], logits, hidden, row, hrow, tail_row.get(i)):
+                        to_sample.append((c.seq, row + len(pos) - 1))
+                except Exception as exc:
+                    self._fail(state, exc, "recording prompt logprobs / prefix-cache blocks")
+            row += len(pos)
+            hrow += len(keep[i])
         self._sample(to_sample, logits)
         outputs = []
         for state in touched.values():
-            out = state.flush()
+            if self._failed(state):
+                continue
+            try:
+                out = state.flush()
+            except Exception as exc:
+                self._fail(state, exc, "flushing its output")
+                continue
             if out is not None:
                 outputs.append(out)
             if state.finished:
                 self.requests.pop(state.request.request_id, None)
         return outputs
+
+    def _forward(self, chunks: list[Chunk], positions: list[list[int]], keep: list[list[int]]):
+        """The batched forward: (logits [L + E, V], hidden [C, d], chunk index -> logits row of its tail)."""
+        faults.check("forward", [c.seq.owner.request for c in chunks])
+        tails = [i for i, c in enumerate(chunks) if c.seq.tail_hidden is not None]
+        extra = torch.stack([chunks[i].seq.tail_hidden for i in tails]) if tails else None
+        sample_stats = self.adapters and self.step_count % ROUTING_STATS_EVERY == 0
+        logits, hidden = self.runner.run_step(chunks, positions, self.routing_stats if sample_stats else None,
+                                              keep, extra)                          # [L + E, V], [C, d]
+        return logits, hidden, dict(zip(tails, range(sum(map(len, positions)), logits.shape[0])))
+
+    def _after_forward(self, c: Chunk, pos: list[int], keep: list[int], logits: torch.Tensor,
+                       hidden: torch.Tensor, row: int, hrow: int, tail_row: int | None) -> bool:
+        """One chunk's bookkeeping after the forward (its logits rows start at `row`); True when it samples."""
+        seq, state = c.seq, c.seq.owner
+        seq.num_computed = c.start + c.length
+        if tail_row is not None:                          # logprob of the first token after the cached prefix
+            seq.tail_hidden = None
+            state.prompt_logprobs.extend(self._prompt_entries(logits[tail_row:tail_row + 1], seq, [c.start - 1]))
+        n_prompt = len(pos) - (1 if c.samples else 0)
+        if n_prompt:
+            state.prompt_logprobs.extend(self._prompt_entries(logits[row:row + n_prompt], seq, pos[:n_prompt]))
+        if self.prefix_cache is not None:                 # before sampling, which may free finished sequences
+            self.prefix_cache.register(seq, state.prompt_logprobs if seq.want_prompt_logits else None,
+                                       state.params.prompt_logprobs,
+                                       dict(zip(keep, hidden[hrow:hrow + len(keep)])))
+        return c.samples
+
+    # -- per-request failures --------------------------------------------------------------------------------------
+    def _fail(self, state: RequestState, exc: BaseException, doing: str) -> None:
+        """Fail one request: free its sequences' KV blocks, forget it, queue its error for `take_failures`."""
+        rid = state.request.request_id
+        if rid in self._failures:
+            return
+        log.error("request %s failed while %s; the engine carries on", rid, doing, exc_info=exc)
+        for seq in state.seqs:
+            if not seq.finished:
+                self.scheduler.abort(seq)
+        self.requests.pop(rid, None)
+        state.finished = True
+        self._failures[rid] = RequestFailedError(f"the engine failed while {doing} for this request: "
+                                                 f"{type(exc).__name__}: {exc}")
+
+    def _failed(self, state: RequestState) -> bool:
+        return state.request.request_id in self._failures
+
+    def take_failures(self) -> dict[str, RequestFailedError]:
+        """request id -> error of the requests failed since the last call (their consumers get the error)."""
+        failures, self._failures = self._failures, {}
+        return failures
 
     def _take_cache_hits(self, chunks: list[Chunk]) -> None:
         """Prompt logprobs that a prefix-cache hit supplied at admission become the request's own."""
@@ -256,6 +321,8 @@ class EngineCore:
     def _sample(self, to_sample: list[tuple[Sequence, int]], logits: torch.Tensor) -> None:
         live = []
         for seq, row in to_sample:
+            if self._failed(seq.owner):                   # a sibling sequence (n > 1) failed its bookkeeping
+                continue
             if seq.owner.params.max_tokens == 0:          # prompt-only request (e.g. prompt logprobs / echo)
                 seq.owner.finish_seq(seq, "length")
                 self.scheduler.finish(seq)
@@ -263,6 +330,45 @@ class EngineCore:
                 live.append((seq, row))
         if not live:
             return
+        for seq, token, lp in self._choose_isolated(live, logits):
+            if self._failed(seq.owner):                   # a sibling sequence (n > 1) failed
+                continue
+            self.generation_tokens_total += 1
+            try:
+                faults.check("detokenize", [seq.owner.request])
+                if seq.owner.on_token(seq, token, lp):
+                    self.scheduler.finish(seq)
+            except Exception as exc:
+                self._fail(seq.owner, exc, "recording / detokenising a sampled token")
+
+    def _choose_isolated(self, live: list[tuple[Sequence, int]], logits: torch.Tensor):
+        """[(seq, token, logprob)] for the rows `live`, sampled in one batch. If the batch raises, the rows are
+        sampled one by one from the generator states they had before it, and only the rows that raise again fail
+        their requests (so one request's bad row never costs the others a token or a reproducible draw)."""
+        drawn = [(g, g.get_state()) for seq, _ in live if seq.owner.params.temperature > 0
+                 for g in (seq.owner.generators[seq.index],)]
+        try:
+            return self._choose(live, logits)
+        except Exception as exc:
+            if len(live) == 1:
+                self._fail(live[0][0].owner, exc, "sampling")
+                return []
+            log.warning("batched sampling of %d rows failed (%s: %s); sampling them one by one", len(live),
+                        type(exc).__name__, exc)
+        for gen, state in drawn:
+            gen.set_state(state)
+        chosen = []
+        for one in live:
+            if self._failed(one[0].owner):
+                continue
+            try:
+                chosen.extend(self._choose([one], logits))
+            except Exception as exc:
+                self._fail(one[0].owner, exc, "sampling")
+        return chosen
+
+    def _choose(self, live: list[tuple[Sequence, int]], logits: torch.Tensor):
+        """[(seq, token, logprob or None)]: one sampled token per row of `live` (seq, logits row)."""
         raw = logits[torch.tensor([r for _, r in live], device=logits.device)]          # [S, V]
         banned = []                                           # forbid ending before min_tokens
         for seq, _ in live:
@@ -273,13 +379,11 @@ class EngineCore:
         params = [seq.owner.params for seq, _ in live]
         gens = [seq.owner.generators[seq.index] for seq, _ in live]
         chosen = sample(rows, params, gens).cpu()
+        faults.check("sample", [seq.owner.request for seq, _ in live])   # after the draws: the worst case
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
         lps = dict(zip(want, logprobs_of(raw[want], chosen[want], [params[i].logprobs for i in want]))) \
             if want else {}
-        for i, (seq, _) in enumerate(live):
-            self.generation_tokens_total += 1
-            if seq.owner.on_token(seq, int(chosen[i]), lps.get(i)):
-                self.scheduler.finish(seq)
+        return [(seq, int(chosen[i]), lps.get(i)) for i, (seq, _) in enumerate(live)]
 
     # -- adapters ------------------------------------------------------------------------------------------------
     def read_adapter(self, path: str) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:

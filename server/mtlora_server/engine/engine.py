@@ -16,7 +16,14 @@ Contract (see types.py for the generate() protocol):
   `loop.call_soon_threadsafe`.
 - A consumer that stops iterating (task cancelled, `aclose()`) aborts its request; the abort is the first thing
   the step thread does after the current step, which frees the KV blocks at once.
-- If the step thread dies, every waiting consumer gets `EngineDeadError` and `is_healthy()` turns False.
+- Fault isolation (see core.py): a request whose own work fails in a step gets `RequestFailedError` (500) and
+  the engine steps on. A failed step (batched forward) fails that step's requests and the loop continues;
+  `MAX_CONSECUTIVE_FAILED_STEPS` failed steps in a row (no successful step between) declare the engine dead.
+- If the step thread dies (that, or any crash), every waiting consumer gets `EngineDeadError` (503), `dead` and
+  `health_problem()` say so and `is_healthy()` turns False; `mtlora-serve` then exits non-zero.
+- `drain(timeout)` (graceful shutdown): new `generate()` calls raise `EngineDrainingError` (503) and the engine
+  is unhealthy; running requests may finish until the deadline, then all are aborted and their consumers get a
+  final output with finish_reason "abort".
 - `stats()` returns the snapshot the step thread publishes after each step (no cross-thread reads of live state).
 """
 
@@ -29,13 +36,17 @@ import threading
 from collections import deque
 from typing import AsyncIterator, Callable
 
-from mtlora.errors import EngineDeadError
+from mtlora.errors import EngineDeadError, EngineDrainingError
 
 from .args import EngineArgs
 from .core import EngineCore
 from .types import AdapterInfo, EngineStats, GenerationRequest, RequestOutput
 
 log = logging.getLogger(__name__)
+
+MAX_CONSECUTIVE_FAILED_STEPS = 3      # this many failed steps in a row (no successful one between) kill the engine
+DRAIN_POLL_S = 0.05                   # how often drain() looks whether the requests in flight have finished
+ABORT_GRACE_S = 5.0                   # how long drain() waits for consumers to take their final "abort" output
 
 
 class Engine:
@@ -53,6 +64,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._dead: BaseException | None = None
+        self._draining = False                            # drain() began: new requests are refused
         self._stats = core.stats()
         self._go: threading.Event | None = None           # set when from_args pre-started the step thread
 
@@ -104,25 +116,86 @@ class Engine:
             q.put_nowait(EngineDeadError("the engine is shutting down"))
 
     def is_healthy(self) -> bool:
-        return self._dead is None and not self._stopping and (self._thread is None or self._thread.is_alive())
+        return self.health_problem() is None
+
+    def health_problem(self) -> str | None:
+        """Why the engine cannot serve new requests (dead, draining, stopped), or None when it can."""
+        if self.dead:
+            return str(self._dead_error())
+        if self._draining or self._stopping:
+            return "the server is shutting down"
+        return None
+
+    @property
+    def dead(self) -> bool:
+        """The step loop died (repeated step failures or a crash): nothing will be served any more."""
+        return self._dead is not None or (self._thread is not None and not self._thread.is_alive()
+                                          and not self._stopping)
+
+    def _dead_error(self) -> EngineDeadError:
+        if isinstance(self._dead, EngineDeadError):
+            return EngineDeadError(f"the engine died: {self._dead}")
+        return EngineDeadError(f"the engine loop died: {self._dead!r}")
+
+    async def drain(self, timeout: float, give_up: Callable[[], bool] = lambda: False) -> int:
+        """Graceful stop: refuse new requests (EngineDrainingError, 503), let the running ones finish for up to
+        `timeout` seconds (or until `give_up()`), then abort the rest: their consumers get a final output with
+        finish_reason "abort". Waits (at most ABORT_GRACE_S) for the consumers to take it; returns how many
+        requests were aborted."""
+        self._draining = True
+        loop = asyncio.get_running_loop()
+        log.info("draining: %d request(s) in flight, deadline %.1f s", len(self._queues), timeout)
+        deadline = loop.time() + timeout
+        while self._queues and not self.dead and loop.time() < deadline and not give_up():
+            await asyncio.sleep(DRAIN_POLL_S)
+        if not self._queues or self.dead or self._loop is None:
+            return 0
+        try:
+            outputs = await self._submit(self.core.abort_all)
+        except EngineDeadError:                           # it died meanwhile: its consumers got the error
+            return 0
+        self._deliver(outputs)
+        log.warning("shutdown deadline: aborted %d request(s) still running", len(outputs))
+        deadline = loop.time() + ABORT_GRACE_S
+        while self._queues and loop.time() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        return len(outputs)
 
     # -- step thread ---------------------------------------------------------------------------------------------
     def _run(self) -> None:
+        failed_steps = 0
         try:
             while not self._stopping:
                 self._drain_inbox()
                 if self.core.has_work():
-                    outputs = self.core.step()
-                    self._stats = self.core.stats()
-                    if outputs:
-                        self._loop.call_soon_threadsafe(self._deliver, outputs)
+                    failed_steps = self._step(failed_steps)
                 else:
                     self._wake.wait()
                     self._wake.clear()
         except BaseException as exc:  # noqa: BLE001 - any crash must reach the consumers, not vanish
-            log.exception("engine step loop died")
+            log.critical("engine step loop died: %r", exc, exc_info=exc)
             self._dead = exc
             self._loop.call_soon_threadsafe(self._fail_all, exc)
+
+    def _step(self, failed_steps: int) -> int:
+        """One core step; returns the number of consecutive failed steps so far (raises once it is too many)."""
+        outputs: list[RequestOutput] = []
+        try:
+            outputs = self.core.step()
+            failed_steps = 0
+        except Exception as exc:                          # the step's requests failed; the others carry on
+            failed_steps += 1
+            log.error("engine step failed (%d in a row; the engine dies at %d): %s: %s", failed_steps,
+                      MAX_CONSECUTIVE_FAILED_STEPS, type(exc).__name__, exc, exc_info=exc)
+            if failed_steps >= MAX_CONSECUTIVE_FAILED_STEPS:
+                raise EngineDeadError(f"{failed_steps} engine steps failed in a row, the last with "
+                                      f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            failures = self.core.take_failures()
+            self._stats = self.core.stats()
+            if outputs or failures:
+                self._loop.call_soon_threadsafe(self._deliver, outputs, failures)
+        return failed_steps
 
     def _drain_inbox(self) -> None:
         while self._inbox:
@@ -135,14 +208,18 @@ class Engine:
             if fut is not None:
                 self._loop.call_soon_threadsafe(_settle, fut, result, error)
 
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
+    def _deliver(self, outputs: list[RequestOutput], failures: dict[str, BaseException] | None = None) -> None:
         for out in outputs:
             q = self._queues.get(out.request_id)
             if q is not None:
                 q.put_nowait(out)
+        for rid, error in (failures or {}).items():
+            q = self._queues.get(rid)
+            if q is not None:
+                q.put_nowait(error)
 
     def _fail_all(self, exc: BaseException) -> None:
-        err = EngineDeadError(f"the engine loop died: {exc!r}")
+        err = self._dead_error()
         for q in self._queues.values():
             q.put_nowait(err)
         while self._inbox:
@@ -152,7 +229,7 @@ class Engine:
 
     def _submit(self, fn: Callable, want_result: bool = True) -> asyncio.Future | None:
         if self._dead is not None:
-            raise EngineDeadError(f"the engine loop died: {self._dead!r}")
+            raise self._dead_error()
         fut = self._loop.create_future() if want_result else None
         self._inbox.append((fn, fut))
         self._wake.set()
@@ -160,6 +237,9 @@ class Engine:
 
     # -- EngineClient ----------------------------------------------------------------------------------------------
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        if self._draining:
+            raise EngineDrainingError("the server is shutting down and accepts no new requests; retry on "
+                                      "another replica or after the restart")
         await self.start()
         rid = request.request_id
         if rid in self._queues:

@@ -127,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="Reuse the KV blocks of prompt prefixes computed before (few-shot prompts, shared system "
                         "prompts, n > 1); --no-enable-prefix-caching recomputes every prompt.")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="Batch-invariant numerics: a greedy or seeded request gets bit-identical tokens and "
+                        "logprobs whatever else is in its batch, however its prompt is chunked and whether its "
+                        "prefix came from the cache (docs/serving.md). Costs some speed; recommended for "
+                        "reproducible evaluation scores.")
     p.add_argument("--enable-adapter-loading", action="store_true",
                    help="Enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (needs --adapter-root).")
     p.add_argument("--adapter-root", default=None,
@@ -173,7 +178,7 @@ def engine_args_from(ns: argparse.Namespace, adapters: dict[str, str]):
                       max_lora_rank=ns.max_lora_rank, max_experts=ns.max_experts, max_groups=ns.max_groups,
                       adapters=adapters, served_model_name=ns.served_model_name, max_waiting=ns.max_waiting,
                       seed=ns.seed, enforce_eager=ns.enforce_eager,
-                      enable_prefix_caching=ns.enable_prefix_caching)
+                      enable_prefix_caching=ns.enable_prefix_caching, batch_invariant=ns.batch_invariant)
 
 
 def _memory_summary() -> str:

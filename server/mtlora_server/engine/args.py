@@ -32,6 +32,7 @@ class EngineArgs:
     seed: int = 0                             # seeds sampling of requests without their own seed
     enforce_eager: bool = False               # no CUDA graphs / compilation
     enable_prefix_caching: bool = True        # reuse the K/V blocks of prefixes computed before
+    batch_invariant: bool = False             # a request's numbers never depend on its batch (engine/invariant.py)
 
     def __post_init__(self) -> None:
         positive = ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_adapters", "max_lora_rank",

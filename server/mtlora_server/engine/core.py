@@ -100,6 +100,8 @@ class EngineCore:
                                             args.block_size, self.dtype, self.device, args.kv_cache_memory)
         self.slots = AdapterSlots(self.hf_config, args.max_adapters, args.max_lora_rank, args.max_experts,
                                   args.max_groups, self.dtype, self.device)
+        if args.batch_invariant:
+            self.slots.row_tile = self.model.enable_batch_invariance(args.max_num_batched_tokens)
         self.routing_stats = RoutingStats()
         self.prefix_cache = PrefixCache(self.pool) if args.enable_prefix_caching else None
         self.scheduler = Scheduler(self.pool, args.max_num_seqs, args.max_num_batched_tokens, args.max_waiting,

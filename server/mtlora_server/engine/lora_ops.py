@@ -37,6 +37,8 @@ from mtlora.config import AdapterConfig
 from mtlora.errors import AdapterLoadError, ConfigError
 from mtlora.inject import expected_shapes, site_dims
 
+from .invariant import pad_rows
+
 log = logging.getLogger(__name__)
 
 SITES = ("self_attn", "mlp", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -341,6 +343,7 @@ class AdapterSlots:
         self._sites: dict[tuple[int, str], _SiteBuffers] = {}
         self._configs: dict[int, AdapterConfig] = {}
         self._packs: dict[tuple, _SlotPack | None] = {}                           # (layer, sites, slot) -> pack
+        self.row_tile = 0              # batch-invariant mode: each slot's rows padded to a multiple (invariant.py)
 
     # -- loading -------------------------------------------------------------------------------------------------
     def _check_limits(self, slot: int, config: AdapterConfig) -> dict[str, int]:
@@ -474,9 +477,11 @@ class AdapterSlots:
                 continue
             contiguous = isinstance(rows, slice)
             xs = x[rows] if contiguous else x.index_select(0, rows)
-            hz = F.linear(xs.to(pack.W.dtype), pack.W)                              # [n, sum(r + g*N)]
+            n = xs.shape[0]
+            hz = F.linear(pad_rows(xs, self.row_tile).to(pack.W.dtype), pack.W)    # [n (+ pad), sum(r + g*N)]
             for part in pack.parts:
                 delta, w = _pack_delta(hz, part)
+                delta, w = delta[:n], (None if w is None else w[:n])
                 out = targets[part[0]][1]
                 if contiguous:
                     out[rows] += delta.to(out.dtype)
@@ -484,7 +489,7 @@ class AdapterSlots:
                     out.index_add_(0, rows, delta.to(out.dtype))
                 if stats is not None:
                     buf = bufs[[i for i, _ in bufs].index(part[0])][1]
-                    n, N, g = hz.shape[0], part[4], part[5]
+                    N, g = part[4], part[5]
                     if w is None:
                         w = torch.ones(n, g, 1, device=x.device)
                     w = F.pad(w, (0, buf.expert_mask.shape[1] - N))

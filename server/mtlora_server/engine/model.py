@@ -11,6 +11,9 @@ Contract:
 - Attention is a few batched computations per layer: the step's decodes (one query each, two matmuls) and its
   prefill chunks by class of query length (queries scattered into `[B, Qmax]`, SDPA with a causal + length mask),
   K/V gathered from the paged pool by block table into `[B, Kmax]`; there is no Python loop over sequences.
+- Batch-invariant mode (`enable_batch_invariance`, engine flag `batch_invariant`): token-row matmuls padded to the
+  row tile probed on this machine and one attention computation for decodes and prefill chunks alike
+  (`invariant.invariant_attention`), so a token's numbers do not depend on the rest of the step (invariant.py).
 - Numerics follow transformers' LlamaForCausalLM (RMSNorm in fp32, RoPE tables cast to the compute dtype), so fp32
   logits agree to ~1e-5. Dynamic-NTK RoPE: position p uses the frequencies HF would use for a sequence of length
   max(p + 1, max_position_embeddings), i.e. exactly what HF's cached decoding applies to each new token; this keeps
@@ -28,6 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from mtlora.errors import CheckpointError, ConfigError
+
+from . import invariant
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
@@ -207,6 +212,19 @@ class LlamaDecoder:
         self.q_size = cfg.num_attention_heads * cfg.head_dim
         self.kv_size = cfg.num_key_value_heads * cfg.head_dim
         self.scale = cfg.head_dim ** -0.5
+        self.row_tile = 0            # > 0: batch-invariant mode, the row tile (invariant.py); see below
+
+    def enable_batch_invariance(self, max_rows: int) -> int:
+        """Switch to batch-invariant numerics after probing this machine's matmuls on the model's own shapes
+        (raises ConfigError where they cannot be made invariant). Returns the row tile chosen."""
+        w = self.layers[0]
+        shapes = {"qkv_proj": w["qkv"], "o_proj": w["o"], "gate_up_proj": w["gate_up"], "down_proj": w["down"],
+                  "lm_head": self.lm_head}
+        self.row_tile = invariant.probe_row_tile(shapes, self.cfg.head_dim, self.dtype, self.device, max_rows)
+        return self.row_tile
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return invariant.linear(x, weight, self.row_tile) if self.row_tile else F.linear(x, weight)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, dtype: torch.dtype = torch.float32,
@@ -238,12 +256,12 @@ class LlamaDecoder:
         if b.extra_hidden is not None:                                      # [L + E, d]
             h = torch.cat([h, b.extra_hidden.to(h.dtype)])
         h = rms_norm(h, self.final_norm, self.cfg.rms_norm_eps)
-        return F.linear(h, self.lm_head).float()                            # [L, V]
+        return self._linear(h, self.lm_head).float()                        # [L, V]
 
     def _attention(self, idx, w, x, cos, sin, b: StepBatch, kv, ctx) -> torch.Tensor:
         cfg = self.cfg
         T = x.shape[0]
-        qkv = F.linear(x, w["qkv"])                                         # [T, q + 2kv]
+        qkv = self._linear(x, w["qkv"])                                     # [T, q + 2kv]
         # Block-level self_attn delta reads the same x as q/k/v: computed in the same fused shrink, added at the end.
         blk = x.new_zeros(T, cfg.hidden_size) if "self_attn" in ctx[2] else None
         _adapt(ctx, x, [("self_attn", blk)] + _columns(qkv, "self_attn", (("q_proj", self.q_size),
@@ -255,13 +273,17 @@ class LlamaDecoder:
         v = v.reshape(T, cfg.num_key_value_heads, cfg.head_dim)
         kv.write(idx, b.slot_mapping, k, v)
         g0 = b.attn[0]
-        if g0.decode and g0.q_index is None:                                # decode-only step: T == B, in order
+        if self.row_tile:                                                   # batch-invariant: one computation
+            out = q.new_empty(T, self.q_size)
+            for g in b.attn:
+                out.index_copy_(0, *self._invariant_attention(idx, q, g, kv))
+        elif g0.decode and g0.q_index is None:                              # decode-only step: T == B, in order
             out = self._decode_attention(q, *kv.gather(idx, g0.kv_slots), g0.mask)          # [T, H*hd]
         else:
             out = q.new_empty(T, self.q_size)                               # every row is written below
             for g in b.attn:
                 out.index_copy_(0, *self._group_attention(idx, q, g, kv))
-        o = F.linear(out, w["o"])                                           # [T, d]
+        o = self._linear(out, w["o"])                                       # [T, d]
         _adapt(ctx, out, [("self_attn.o_proj", o)])
         return o if blk is None else o.add_(blk)
 
@@ -276,6 +298,18 @@ class LlamaDecoder:
                                              attn_mask=g.mask, scale=self.scale, enable_gqa=True)   # [G, H, Qmax, hd]
         rows, at = g.scatter
         return rows, out.transpose(1, 2).reshape(-1, self.q_size)[at]       # [n], [n, H*hd]
+
+    def _invariant_attention(self, idx, q, g: AttnGroup, kv) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_group_attention` in batch-invariant mode: decodes and prefill chunks through the same computation."""
+        keys, values = kv.gather(idx, g.kv_slots)                           # [KV, G, Kmax, hd]
+        if g.decode:
+            rows = g.q_index if g.q_index is not None else torch.arange(q.shape[0], device=q.device)
+            out = invariant.invariant_attention(q[rows][:, None], keys, values, g.mask, self.scale, self.row_tile)
+            return rows, out.reshape(-1, self.q_size)                       # [G], [G, H*hd]
+        qp = torch.cat([q, q.new_zeros(1, *q.shape[1:])])[g.q_index]      # [G, Qmax, H, hd]
+        out = invariant.invariant_attention(qp, keys, values, g.mask, self.scale, self.row_tile)
+        rows, at = g.scatter
+        return rows, out.reshape(-1, self.q_size)[at]                       # [n], [n, H*hd]
 
     def _decode_attention(self, q, keys, values, mask) -> torch.Tensor:
         """One query per sequence, as two batched matmuls over (KV head, sequence). q: [B, H, hd]; keys/values:
@@ -293,12 +327,12 @@ class LlamaDecoder:
 
     def _mlp(self, w, x, ctx) -> torch.Tensor:
         F_ = self.cfg.intermediate_size
-        gu = F.linear(x, w["gate_up"])                                      # [T, 2F]
+        gu = self._linear(x, w["gate_up"])                                  # [T, 2F]
         blk = x.new_zeros(x.shape[0], self.cfg.hidden_size) if "mlp" in ctx[2] else None
         _adapt(ctx, x, [("mlp", blk)] + _columns(gu, "mlp", (("gate_proj", F_), ("up_proj", F_))))
         gate, up = gu.split([F_, F_], dim=-1)
         act = F.silu(gate) * up                                             # [T, F]
-        out = F.linear(act, w["down"])                                      # [T, d]
+        out = self._linear(act, w["down"])                                  # [T, d]
         _adapt(ctx, act, [("mlp.down_proj", out)])
         return out if blk is None else out.add_(blk)
 

@@ -49,5 +49,6 @@ def test_the_default_limit_refuses_a_10mb_body_with_413(tiny_model_dir):
             assert r.status_code == 413, r.text
             assert r.json()["error"]["type"] == "RequestTooLargeError"
         assert httpx.get(url + "/health").status_code == 200
-        ok = httpx.post(url + "/tokenize", json={"prompt": "ab", "add_special_tokens": False})
+        ok = httpx.post(url + "/tokenize", json={"prompt": "ab", "add_special_tokens": False},
+                        headers={"authorization": "Bearer k"})      # with --api-key the tokenizer routes need it
         assert ok.json()["tokens"] == [100, 101]            # byte tokens: 3 + byte value

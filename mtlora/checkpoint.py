@@ -5,7 +5,8 @@ Contract:
   then renames it into place; an existing directory at `path` is swapped out atomically (Linux `renameat2`
   RENAME_EXCHANGE; elsewhere rename-aside-then-rename), so a reader sees the old adapter or the new one, never a mix.
 - `load_adapter(path, model_config=None, dtype=None, device="cpu") -> (AdapterConfig, {native name: tensor})`
-  detects checkpoints written by the official mtLoRA code (see `mtlora.official`) and converts them, then validates
+  detects standard PEFT LoRA adapters (see `mtlora.peft_format`) and checkpoints written by the official mtLoRA
+  code (see `mtlora.official`) and converts them into the native layout, then validates
   everything before returning anything: the files exist and parse, the config is valid, every tensor is finite,
   the tensor set and shapes agree with the config (and with `inject.expected_shapes(model_config, config)` when a
   base model config is given), and `base_fingerprint` matches `mtlora.base.config_fingerprint(model_config)` when
@@ -113,16 +114,20 @@ def _rename_exchange(a: Path, b: Path) -> bool:
 # -- loading -------------------------------------------------------------------------------------------------------
 def load_adapter(path: str | Path, model_config=None, dtype: torch.dtype | None = None,
                  device: str | torch.device = "cpu") -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
-    """Load and fully validate an adapter directory (native or official format); see the module docstring."""
+    """Load and fully validate an adapter directory (native, PEFT LoRA or official format); see the module docstring."""
     path = Path(path)
     if not path.is_dir():
         what = "is not a directory" if path.exists() else "adapter directory not found"
         raise CheckpointError(what, path=str(path))
     cfg_file = path / CONFIG_NAME
     data = read_json(cfg_file)
-    from mtlora import official  # local import: official imports this module
+    from mtlora import official, peft_format  # local import: both import this module
 
-    if official.is_official_config(data):
+    if peft_format.is_peft_config(data):
+        logger.info("%s is a PEFT LoRA adapter; converting", path)
+        weights_file = official.weights_file(path)
+        config, tensors = peft_format.convert_peft(path, data, model_config=model_config, file=weights_file)
+    elif official.is_official_config(data):
         logger.info("%s is an official mtLoRA checkpoint; converting", path)
         weights_file = official.weights_file(path)
         config, tensors = official.convert_official(path, data, model_config=model_config, file=weights_file)

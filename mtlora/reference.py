@@ -3,7 +3,7 @@
 Contract (`ReferenceModel(model_dir_or_model, adapter=None, dtype=torch.float32)`):
 - builds `LlamaForCausalLM` from a local directory (never downloads) or deep-copies a given model (the caller's
   model is left untouched), in `dtype`, eager attention, eval mode;
-- `adapter` is a checkpoint directory (native or official; loaded and validated against the base by
+- `adapter` is a checkpoint directory (native, PEFT LoRA or official; loaded and validated against the base by
   `load_adapter`) or None for the bare base model;
 - `logits(ids) -> [T, V]` float32; `prompt_logprobs(ids) -> [None, lp_1, ...]` (logprob of token t given < t);
 - `greedy(ids, n, eos)` recomputes the whole sequence for every new token (no cache, the definition);

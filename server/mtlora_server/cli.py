@@ -94,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="Base model: a local Hugging Face directory or a hub id. "
                    "Default: the embedded default base model.")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH|PATH",
-                   help="Adapter directory to serve under NAME (or under its folder name); repeatable.")
+                   help="Adapter directory to serve under NAME (or under its folder name); repeatable. Native "
+                        "mtlora adapters, Hugging Face PEFT LoRA adapters and official mtLoRA checkpoints are "
+                        "detected and accepted (docs/checkpoint-format.md).")
     p.add_argument("--engine", choices=["native", "vllm"], default="native",
                    help="native: mtlora's engine (many adapters of any method in one batch); vllm: vLLM's OpenAI "
                         "server for ONE mtlora adapter, with --tensor-parallel-size (docs/vllm-backend.md).")

@@ -56,7 +56,7 @@ from mtlora_server.api.streams import ClientDisconnected
 logger = logging.getLogger(__name__)
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,255}$")
-# Every file mtlora.checkpoint.load_adapter may open in an adapter directory (native or official format).
+# Every file mtlora.checkpoint.load_adapter may open in an adapter directory (native, PEFT LoRA or official format).
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, "adapter_model.bin")
 # Routes outside /v1 that need the API key when one is set: they resolve `model`, i.e. reveal adapter names.
 KEYED_PATHS = ("/tokenize", "/detokenize")

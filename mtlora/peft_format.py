@@ -341,11 +341,14 @@ def _dims(config: AdapterConfig, plan, keys, state, model_config, source: str) -
 
 
 def _checked_pair(state, pair: tuple[str, str], r: int, dims: tuple[int, int], source: str):
+    """The (A, B) tensors of one module, shapes checked: a wrong rank contradicts the config, a wrong width the base."""
     a, b = state[pair[0]], state[pair[1]]
-    for key, t, want in ((pair[0], a, (r, dims[0])), (pair[1], b, (dims[1], r))):
-        if tuple(t.shape) != want:
-            cls = IncompatibleAdapterError if t.dim() == 2 and (t.shape[0] if key == pair[0] else t.shape[1]) == r \
-                else CheckpointError
-            raise cls(f"tensor {key} has shape {tuple(t.shape)}, expected {want} (rank {r} from r / rank_pattern; "
-                      "dimensions from the base model)", path=source, field=key)
+    for key, t, want, rank_axis in ((pair[0], a, (r, dims[0]), 0), (pair[1], b, (dims[1], r), 1)):
+        if tuple(t.shape) == want:
+            continue
+        if t.dim() == 2 and t.shape[rank_axis] == r:
+            raise IncompatibleAdapterError(f"tensor {key} has shape {tuple(t.shape)}, this base model needs {want} "
+                                           "(adapter trained for another base?)", path=source, field=key)
+        raise CheckpointError(f"tensor {key} has shape {tuple(t.shape)}, expected {want} (rank {r} from r / "
+                              "rank_pattern of adapter_config.json)", path=source, field=key)
     return a, b

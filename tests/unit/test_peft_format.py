@@ -39,8 +39,10 @@ def want_logits(peft_dirs, tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def core(peft_dirs, tiny_model_dir, tmp_path_factory):
+    from transformers import AutoConfig
+
     root = tmp_path_factory.mktemp("native")
-    cfg = EngineCore(tiny_engine_args(tiny_model_dir)).hf_config
+    cfg = AutoConfig.from_pretrained(tiny_model_dir)
     native = {name: str(write_random_adapter(root / name, cfg, seed=7 + i, **TINY_ADAPTERS[name]))
               for i, name in enumerate(("mt_both", "hydra"))}
     adapters = {**{name: str(p) for name, p in peft_dirs.items()}, **native}
@@ -211,3 +213,16 @@ def test_convert_help_explains_every_flag(capsys):
     out = " ".join(capsys.readouterr().out.split())         # argparse wraps lines
     for text in ("PEFT LoRA", "official mtLoRA", "--base-model", "--dtype", "layers_to_transform"):
         assert text in out
+
+
+def test_adapter_for_another_base_is_incompatible(tmp_path, tiny_model_dir):
+    from transformers import AutoConfig
+
+    from mtlora.errors import IncompatibleAdapterError
+    from mtlora.testing import make_tiny_model_dir
+
+    wider = make_tiny_model_dir(tmp_path / "wider", hidden_size=96, intermediate_size=160)
+    path = write_peft_adapter(tmp_path / "a", wider, **PEFT_CASES["qv"])
+    with pytest.raises(IncompatibleAdapterError, match="another base") as exc:
+        load_adapter(path, model_config=AutoConfig.from_pretrained(tiny_model_dir))
+    assert exc.value.field.endswith("lora_A.weight")

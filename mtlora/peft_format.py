@@ -165,6 +165,11 @@ def peft_lora_config(data: dict, source: str) -> PeftLora:
     elif not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
         raise err("target_modules", "expected a non-empty list of module names or a regex string")
     exclude = data.get("exclude_modules")
+    for name in ("exclude_modules", "layers_pattern"):
+        value = data.get(name)
+        if not (value is None or isinstance(value, str) or
+                isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise err(name, "expected a string or a list of strings")
     if isinstance(exclude, str):
         _compile(exclude, "exclude_modules", source)
     layers = data.get("layers_to_transform")

@@ -130,6 +130,7 @@ REFUSED = [  # (config overrides, field the error must name)
     (dict(future_field=1), "future_field"), (dict(target_modules=["q_proj", "lm_head"]), "target_modules"),
     (dict(target_modules=["embed_tokens"]), "target_modules"), (dict(target_modules=r".*\.mlp"), "target_modules"),
     (dict(target_modules=["nothing_here"]), "target_modules"), (dict(r=0), "r"), (dict(lora_alpha=-1), "lora_alpha"),
+    (dict(exclude_modules=3), "exclude_modules"), (dict(layers_to_transform="1"), "layers_to_transform"),
     (dict(rank_pattern={"v_proj": 0}), "rank_pattern"), (dict(alpha_pattern={"(": 2}), "alpha_pattern"),
 ]
 

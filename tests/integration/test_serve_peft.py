@@ -8,7 +8,6 @@ import json
 import shutil
 
 import httpx
-import pytest
 import torch
 
 from peft_helpers import PEFT_CASES, peft_logits, write_peft_adapter

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.requests import Request
 
 from mtlora.errors import InvalidRequestError
+from mtlora_server.api.guided import compile_guided, guided_decoding
 from mtlora_server.api.protocol import ChatCompletionRequest, ChatMessage, random_id
 from mtlora_server.api.serving import ServingContext, chat_logprob_entries, sse, usage
 from mtlora_server.api.streams import (
@@ -61,7 +62,8 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         max_tokens = ctx.default_max_tokens(len(ids))
     ctx.check_prompt(ids, max_tokens, "messages")
     request = GenerationRequest(request_id=f"{base_id}-0", prompt_token_ids=ids,
-                                sampling=req.to_sampling_params(max_tokens), adapter=adapter)
+                                sampling=req.to_sampling_params(max_tokens), adapter=adapter,
+                                grammar=await compile_guided(ctx, guided_decoding(req)))
     # the first output can be long in coming (queued, long prefill): a client that leaves meanwhile aborts it
     streams = await run_until_disconnect(http_request,
                                          open_streams(ctx.engine, [request], ctx.metrics, ctx.label(adapter)))

@@ -16,6 +16,7 @@ import time
 from fastapi.responses import JSONResponse
 from starlette.requests import Request
 
+from mtlora_server.api.guided import compile_guided, guided_decoding
 from mtlora_server.api.protocol import CompletionRequest, random_id
 from mtlora_server.api.serving import CompletionLogprobs, ServingContext, sse, usage
 from mtlora_server.api.streams import (
@@ -51,6 +52,7 @@ async def _prompt(ctx: ServingContext, req: CompletionRequest, item, param: str)
 
 async def _engine_requests(ctx: ServingContext, req: CompletionRequest, base_id: str):
     adapter = ctx.resolve_model(req.model)
+    grammar = await compile_guided(ctx, guided_decoding(req))      # one compiled constraint for every prompt
     items = _items(req)
     prompts, requests = [], []
     for i, item in enumerate(items):
@@ -60,7 +62,8 @@ async def _engine_requests(ctx: ServingContext, req: CompletionRequest, base_id:
         max_tokens = req.max_tokens if req.max_tokens is not None else ctx.default_max_tokens(len(ids), param)
         ctx.check_prompt(ids, max_tokens, param)
         requests.append(GenerationRequest(request_id=f"{base_id}-{i}", prompt_token_ids=ids,
-                                          sampling=req.to_sampling_params(max_tokens), adapter=adapter))
+                                          sampling=req.to_sampling_params(max_tokens), adapter=adapter,
+                                          grammar=grammar))
     return adapter, prompts, requests
 
 

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt
 from pydantic_core import PydanticUndefined
 
 from mtlora.errors import InvalidRequestError
+from mtlora_server.api.guided import GuidedFields, ResponseFormat
 from mtlora_server.engine.types import MAX_TEMPERATURE, MIN_TEMPERATURE, SEED_MAX, SEED_MIN, SamplingParams
 
 # Bounds that keep one request from exhausting the server; values beyond them are a 400, not an OOM.
@@ -70,7 +71,7 @@ def _stop_list(stop: str | list[str] | None) -> list[str]:
     return stops
 
 
-class _SamplingFields(ApiModel):
+class _SamplingFields(ApiModel, GuidedFields):
     """Sampling fields shared by completions and chat completions."""
 
     model: str | None = None
@@ -185,6 +186,7 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: StrictBool = True
+    response_format: ResponseFormat | None = None
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -44,6 +44,7 @@ from .ops import AdapterSlots, RoutingStats, apply_min_tokens, logprobs_of, samp
 from .request_state import RequestState
 from .runner import ModelRunner
 from .scheduler import Chunk, Scheduler, Sequence
+from .structured import GrammarBackend, GrammarState, mask_rows
 from .types import AdapterInfo, EngineStats, GenerationRequest, RequestOutput
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,7 @@ class EngineCore:
         self.eos_ids = set(c.eos_token_ids)
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
+        self.grammar = GrammarBackend(self.tokenizer, c.vocab_size, sorted(self.eos_ids))   # structured outputs
         self.requests: dict[str, RequestState] = {}
         self._failures: dict[str, RequestFailedError] = {}   # failed since the last take_failures()
         self.adapters: dict[str, _Adapter] = {}
@@ -138,6 +140,8 @@ class EngineCore:
         state = RequestState(req, seqs, self.tokenizer, self.eos_ids, self.max_model_len)
         seed_base = p.seed if p.seed is not None else self._rng.randrange(2**62)
         state.generators = [torch.Generator(self.device).manual_seed(seed_base + i) for i in range(p.n)]
+        if req.grammar is not None:                       # one matcher per sequence (structured outputs)
+            state.grammars = [GrammarState(req.grammar) for _ in range(p.n)]
         for s in seqs:
             s.owner = state
         self.scheduler.add(seqs)                     # may raise EngineOverloadedError: nothing registered yet
@@ -338,6 +342,9 @@ class EngineCore:
             self.generation_tokens_total += 1
             try:
                 faults.check("detokenize", [seq.owner.request])
+                grammar = _grammar_of(seq)
+                if grammar is not None and not grammar.accept(token):
+                    raise RuntimeError(f"the output grammar rejected token {token}")
                 if seq.owner.on_token(seq, token, lp):
                     self.scheduler.finish(seq)
             except Exception as exc:
@@ -378,6 +385,13 @@ class EngineCore:
             below = len(seq.output_ids) < p.min_tokens
             banned.append(list(p.stop_token_ids) + ([] if p.ignore_eos else sorted(self.eos_ids)) if below else None)
         rows = apply_min_tokens(raw, banned) if any(banned) else raw
+        grammars = [_grammar_of(seq) for seq, _ in live]
+        if any(g is not None for g in grammars):          # structured outputs: the grammar's mask on its rows
+            rows = rows.clone() if rows is raw else rows
+            mask_rows(rows, grammars)
+            for i in torch.isneginf(rows).all(-1).nonzero().flatten().tolist():
+                rows[i] = raw[i]                          # min_tokens forbade the only token the grammar allows
+                mask_rows(rows[i:i + 1], [grammars[i]])
         params = [seq.owner.params for seq, _ in live]
         gens = [seq.owner.generators[seq.index] for seq, _ in live]
         chosen = sample(rows, params, gens).cpu()
@@ -454,6 +468,11 @@ class EngineCore:
                 st.expert_usage[name] = usage
                 st.routing_entropy[name] = entropy
         return st
+
+
+def _grammar_of(seq: Sequence) -> GrammarState | None:
+    grammars = seq.owner.grammars
+    return grammars[seq.index] if grammars else None
 
 
 def _routing_summary(stats, slot: int) -> tuple[list[float], float]:

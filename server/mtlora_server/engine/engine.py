@@ -57,6 +57,7 @@ class Engine:
         # The model's embedding rows bound valid prompt token ids (the tokenizer may know fewer ids).
         self.vocab_size = core.model_config.vocab_size
         self.tokenizer = core.tokenizer
+        self.grammar = core.grammar                       # structured outputs: compiled by the API, off the loop
         self._inbox: deque[tuple[Callable, asyncio.Future | None]] = deque()
         self._wake = threading.Event()
         self._queues: dict[str, asyncio.Queue] = {}

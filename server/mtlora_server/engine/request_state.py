@@ -47,6 +47,7 @@ class RequestState:
             [None] if self.params.prompt_logprobs is not None else None)
         self.sent_first = False
         self.generators: list = []                  # one torch.Generator per sequence (set by the core)
+        self.grammars: list | None = None           # one structured.GrammarState per sequence, or None
         self.finished = False
         self._max_stop = max((len(s) for s in self.params.stop), default=0)
 

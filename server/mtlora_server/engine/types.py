@@ -82,6 +82,7 @@ class GenerationRequest:
     sampling: SamplingParams
     adapter: str | None = None        # None: the bare base model
     arrival_time: float = field(default_factory=time.monotonic)
+    grammar: object | None = None     # a compiled output constraint (structured.GrammarBackend.compile), or None
 
 
 @dataclass

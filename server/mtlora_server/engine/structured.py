@@ -1,0 +1,122 @@
+"""Structured outputs: grammar-constrained decoding with xgrammar (the grammar engine vLLM uses).
+
+Contract:
+- `GuidedDecoding(kind, value)` is the plain-data constraint a request carries in `SamplingParams.guided`:
+  kind "json" (a JSON schema as a JSON string), "json_object" (any JSON object), "regex", "choice" (a JSON list of
+  strings) or "grammar" (EBNF / GBNF, as vLLM's `guided_grammar`).
+- `GrammarBackend(tokenizer, vocab_size, stop_token_ids)` owns one xgrammar compiler for the engine's tokenizer
+  (its cache keyed by the constraint). `compile(guided)` returns a compiled grammar or raises InvalidRequestError
+  naming the request field (`param`), so a bad schema or regex is a 400 before the request reaches the engine; the
+  API calls it off the event loop. It is thread-safe (xgrammar's compiler is), holds no torch state.
+- `GrammarState(compiled)`: one matcher per sequence. `mask_rows(logits [S, V], states)` sets the logits of tokens
+  a row's grammar forbids to -inf, in place, for the rows with a state (one bitmask for the whole batch, filled row
+  by row by xgrammar, applied in one call); rows without a state are untouched, so constrained and free requests
+  share batches. `GrammarState.accept(token)` advances the matcher after the draw; `done` is true once the grammar
+  is complete and nothing else may follow (the sequence then finishes with finish_reason "stop").
+- Row-wise throughout: a request's constraint never changes another row's logits (seeded sampling and the
+  batch-invariant mode keep their guarantees).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from mtlora.errors import InvalidRequestError
+
+log = logging.getLogger(__name__)
+
+KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class GuidedDecoding:
+    """One request's output constraint (plain data; `param` is the request field it came from, for errors)."""
+
+    kind: str
+    value: str = ""
+    param: str = "guided"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise InvalidRequestError(f"unknown structured-output kind {self.kind!r}; expected one of {KINDS}",
+                                      param=self.param)
+
+
+class GrammarBackend:
+    """xgrammar compiler for one tokenizer (created lazily: servers that never see a constraint never pay for it)."""
+
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int]):
+        self.tokenizer, self.vocab_size, self.stop_token_ids = tokenizer, vocab_size, sorted(stop_token_ids)
+        self._compiler = None
+        self._lock = threading.Lock()
+
+    def _get_compiler(self):
+        with self._lock:
+            if self._compiler is None:
+                import xgrammar as xgr
+
+                info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
+                                                          stop_token_ids=self.stop_token_ids or None)
+                self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+            return self._compiler
+
+    def compile(self, guided: GuidedDecoding):
+        """The compiled grammar of `guided`; InvalidRequestError (400, naming `guided.param`) if it is invalid."""
+        compiler = self._get_compiler()
+        try:
+            if guided.kind == "json":
+                return compiler.compile_json_schema(guided.value, any_whitespace=False, strict_mode=True)
+            if guided.kind == "json_object":
+                return compiler.compile_builtin_json_grammar()
+            if guided.kind == "regex":
+                return compiler.compile_regex(guided.value)
+            if guided.kind == "choice":
+                choices = json.loads(guided.value)
+                return compiler.compile_regex("|".join(_regex_literal(c) for c in choices))
+            return compiler.compile_grammar(guided.value)
+        except InvalidRequestError:
+            raise
+        except Exception as exc:  # xgrammar raises RuntimeError / ValueError subclasses with a reason
+            raise InvalidRequestError(f"invalid {guided.kind} constraint: {str(exc)[:500]}",
+                                      param=guided.param) from None
+
+
+def _regex_literal(text: str) -> str:
+    """`text` as a regex that matches exactly it."""
+    specials = set("\\.^$|?*+()[]{}")
+    return "".join("\\" + ch if ch in specials else ch for ch in text)
+
+
+class GrammarState:
+    """The matcher of one sequence."""
+
+    def __init__(self, compiled):
+        import xgrammar as xgr
+
+        self.matcher = xgr.GrammarMatcher(compiled)
+
+    def accept(self, token: int) -> bool:
+        """Advance by the sampled token; False if the grammar rejects it (it was masked, so only after a bug)."""
+        return bool(self.matcher.accept_token(token))
+
+    @property
+    def done(self) -> bool:
+        return bool(self.matcher.is_terminated())
+
+
+def mask_rows(logits: torch.Tensor, states: list[GrammarState | None]) -> None:
+    """In place: each constrained row's forbidden tokens -> -inf. logits: [S, V] float on the CPU."""
+    rows = [i for i, s in enumerate(states) if s is not None]
+    if not rows:
+        return
+    import xgrammar as xgr
+
+    bitmask = xgr.allocate_token_bitmask(len(states), logits.shape[-1])           # [S, ceil(V / 32)] int32
+    for i in rows:
+        states[i].matcher.fill_next_token_bitmask(bitmask, i)
+    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)

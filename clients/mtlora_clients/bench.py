@@ -69,6 +69,9 @@ def _payload(args, model: str, i: int) -> dict[str, Any]:
          "temperature": 0.0, "ignore_eos": True}
     if args.stream:
         p.update(stream=True, stream_options={"include_usage": True})
+    if args.extra_body:                 # e.g. a structured-output constraint, which ends outputs itself (no ignore_eos)
+        p.pop("ignore_eos")
+        p.update(json.loads(args.extra_body))
     return p
 
 
@@ -178,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--max-tokens", type=int, default=64, help="new tokens per request")
     h.add_argument("--stream", action="store_true", help="stream (SSE) to measure TTFT and inter-token latency")
     h.add_argument("--timeout", type=float, default=300.0, help="seconds per request before it counts as an error")
+    h.add_argument("--extra-body", default=None, metavar="JSON",
+                   help="JSON object merged into every request, e.g. '{\"guided_json\": {...}}' to measure "
+                        "structured outputs (ignore_eos is then not sent)")
     h.add_argument("--output", default=None, help="also write the JSON report to this file")
     h.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.add_parser("engine", help="in-process engine benchmark (mtlora_server.bench_engine); its own flags follow",
@@ -195,6 +201,12 @@ def _check_args(args: argparse.Namespace) -> str | None:
             return f"--{flag.replace('_', '-')} must be positive, got {value}"
     if not [m for m in args.model.split(",") if m]:
         return f"--model names no model: {args.model!r}"
+    if args.extra_body is not None:
+        try:
+            if not isinstance(json.loads(args.extra_body), dict):
+                return "--extra-body must be a JSON object"
+        except ValueError as exc:
+            return f"--extra-body is not valid JSON: {exc}"
     return None
 
 

@@ -21,7 +21,7 @@ def test_percentile_interpolates():
 
 def _args(**kw):
     base = dict(base_url="http://x", model="a,b", api_key=None, requests=10, concurrency=3, prompt_len=5,
-                max_tokens=4, stream=False, timeout=5.0, output=None, quiet=True)
+                max_tokens=4, stream=False, timeout=5.0, output=None, quiet=True, extra_body=None)
     return Namespace(**{**base, **kw})
 
 
@@ -87,6 +87,20 @@ async def test_http_stream_failures_are_errors(body_text, needle):
     out = await bench.run_http(_args(stream=True, requests=2), transport=httpx.MockTransport(_sse_handler(body_text)))
     assert out["errors"] == 2 and out["completed"] == 0
     assert any(needle in e for e in out["error_examples"])
+
+
+async def test_http_extra_body_is_merged_into_every_request():
+    seen: list[dict] = []
+    body = '{"guided_choice": ["yes", "no"], "temperature": 0.5}'
+    await bench.run_http(_args(requests=3, extra_body=body), transport=httpx.MockTransport(_handler(seen)))
+    assert all(b["guided_choice"] == ["yes", "no"] and b["temperature"] == 0.5 and "ignore_eos" not in b
+               for b in seen) and len(seen) == 3
+
+
+@pytest.mark.parametrize("value", ["[1]", "{not json"])
+def test_http_extra_body_must_be_a_json_object(capsys, value):
+    assert bench.main(["http", "--base-url", "http://x", "--model", "m", "--extra-body", value]) == 2
+    assert "--extra-body" in capsys.readouterr().err
 
 
 def test_http_needs_a_model_name(capsys):

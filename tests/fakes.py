@@ -6,7 +6,8 @@ Behaviour (deterministic, so tests can assert exact outputs):
 - Generation: sequence j of a request emits lowercase letters; the letter at step t is a function of the adapter,
   the prompt, j, t and (when sampling with temperature > 0) the seed, so different adapters give different text.
   Stop strings, max_tokens ("length"), logprobs (chosen token first, alternatives after) and prompt logprobs
-  (position 0 is None) follow the engine contract. `token_delay` seconds pass between steps.
+  (position 0 is None) follow the engine contract; the first output reports the queue_delay as queue_time and no
+  cached prompt tokens. `token_delay` seconds pass between steps.
 - Admission: raises AdapterNotFoundError / InvalidRequestError / ContextLengthError / EngineOverloadedError before
   the first output like the real engine; `fail_after` makes the engine die (EngineDeadError) mid-stream.
 - KV accounting: a request holds ceil((prompt + max_tokens) / block_size) * n blocks from admission until it
@@ -20,6 +21,7 @@ import hashlib
 import json
 import math
 import random
+import time
 from pathlib import Path
 
 from mtlora.errors import (
@@ -161,7 +163,8 @@ class FakeEngine:
             texts = [""] * sp.n
             done = [sp.max_tokens == 0] * sp.n
             first = RequestOutput(req.request_id, [], prompt_token_ids=list(req.prompt_token_ids),
-                                  prompt_logprobs=self._prompt_logprobs(req))
+                                  prompt_logprobs=self._prompt_logprobs(req),
+                                  queue_time=max(0.0, time.monotonic() - req.arrival_time))
             if all(done):
                 first.deltas = [SequenceDelta(j, [], "", [] if sp.logprobs is not None else None, "length")
                                 for j in range(sp.n)]

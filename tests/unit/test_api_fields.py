@@ -200,7 +200,8 @@ async def test_values_that_ask_for_nothing_pass(route, extra):
     ("h", {"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "r", "tool_call_id": "1"}]},
      "messages.1.tool_call_id"),
     ("h", {"messages": [{"role": "user", "content": "a", "colour": "red"}]}, "messages.0.colour"),
-    ("h", {"stream": True, "stream_options": {"continuous_usage_stats": True}}, "stream_options.continuous_usage_stats"),
+    ("h", {"stream": True, "stream_options": {"continuous_usage_stats": True}},
+     "stream_options.continuous_usage_stats"),
     ("c", {"stream": True, "stream_options": {"include_usage": True, "extra": 1}}, "stream_options.extra"),
 ])
 async def test_unknown_and_nested_fields_are_named(route, body, param):

@@ -2,9 +2,9 @@
 
 Contract: each prompt of a batch is one engine request with n sequences; choice index = prompt_index * n + seq.
 Errors in the input surface before any byte is sent (see `streams.open_streams`). `echo` prepends the prompt text
-(and, with `logprobs`, the prompt's logprobs, the first being null); `text_offset` locates each token in the returned
-text (a BOS the echoed prompt does not show has no width: serving.align_offsets); `usage` is always reported (in streams as a
-final chunk when `stream_options.include_usage`, else absent from chunks as in OpenAI's API).
+(and, with `logprobs`, the prompt's logprobs, the first being null); `text_offset` locates each token in the
+returned text (a BOS the echoed prompt does not show has no width: serving.align_offsets); `usage` is always
+reported (in streams as a final chunk when `stream_options.include_usage`, else absent from chunks as in OpenAI's API).
 Tokenisation runs off the event loop once a prompt is more than small (api.tokenization); a prompt longer than the
 context is refused from its token count before anything else is done per token, and a token-id prompt is only
 decoded when `echo` needs its text. The response id is `cmpl-<X-Request-Id>`; `usage.prompt_tokens_details.

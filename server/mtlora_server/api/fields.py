@@ -23,7 +23,8 @@ from mtlora.errors import InvalidRequestError
 # Fields that cannot change what is generated or returned: routing, billing, tracing and caching hints.
 PASSTHROUGH = frozenset({
     "user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
-    "prompt_cache_retention", "prompt_cache_options", "prediction",             # a latency hint: the output is the same without it
+    "prompt_cache_retention", "prompt_cache_options",
+    "prediction",                                        # a latency hint: the output is the same without it
     "parallel_tool_calls",                               # only meaningful with `tools`, which are refused
     "request_id",                                        # vLLM's; the X-Request-Id header names requests here
 })

@@ -5,8 +5,8 @@ Contract:
   bad input (unknown adapter, context too long, queue full) surfaces as an exception *before* any response byte is
   sent; on such an error the already-started requests are closed (aborted) again.
 - An `EngineStream` yields the request's outputs, feeds the metrics (TTFT, inter-token latency, queue time,
-  end-to-end latency of requests the engine finished, token and finish counters) and, on `close()`, closes the engine iterator and aborts the request unless it finished. `close()` is
-  shielded from cancellation so a client disconnect still frees the request's KV memory. A request the engine
+  end-to-end latency of requests the engine finished, token and finish counters) and, on `close()`, closes the
+  engine iterator and aborts the request unless it finished. `close()` is shielded from cancellation so a client disconnect still frees the request's KV memory. A request the engine
   refused at admission (queue full: 429, bad input) never ran, so it is not counted as finish_reason "abort";
   queue-full refusals count in `mtlora:requests_rejected_total{reason="queue_full"}`.
 - `merge(streams)` interleaves several streams as `(stream index, output)` in arrival order.

@@ -6,7 +6,8 @@ Behaviour (deterministic, so tests can assert exact outputs):
 - Generation: sequence j of a request emits lowercase letters; the letter at step t is a function of the adapter,
   the prompt, j, t and (when sampling with temperature > 0) the seed, so different adapters give different text.
   Stop strings, max_tokens ("length"), logprobs (chosen token first, alternatives after) and prompt logprobs
-  (position 0 is None) follow the engine contract. `token_delay` seconds pass between steps.
+  (position 0 is None) follow the engine contract; the first output reports the queue_delay as queue_time and no
+  cached prompt tokens. `token_delay` seconds pass between steps.
 - Admission: raises AdapterNotFoundError / InvalidRequestError / ContextLengthError / EngineOverloadedError before
   the first output like the real engine; `fail_after` makes the engine die (EngineDeadError) mid-stream.
 - KV accounting: a request holds ceil((prompt + max_tokens) / block_size) * n blocks from admission until it
@@ -20,6 +21,7 @@ import hashlib
 import json
 import math
 import random
+import time
 from pathlib import Path
 
 from mtlora.errors import (
@@ -96,6 +98,13 @@ def _letter(*parts) -> int:
     return 3 + ord("a") + digest[0] % 26
 
 
+class FakeGrammar:
+    """Stands in for structured.GrammarBackend: every constraint compiles (the fake engine ignores grammars)."""
+
+    def compile(self, guided):
+        return guided
+
+
 class FakeEngine:
     def __init__(self, base_model_name: str = "tiny-base", max_model_len: int = 128,
                  adapters: dict[str, str] | None = None, token_delay: float = 0.0, max_running: int = 64,
@@ -104,6 +113,7 @@ class FakeEngine:
         self.base_model_name = base_model_name
         self.max_model_len = max_model_len
         self.tokenizer = FakeTokenizer()
+        self.grammar = FakeGrammar()
         self.token_delay = token_delay
         self.queue_delay = queue_delay            # seconds before the first output (queued behind a full batch)
         self.max_running, self.max_waiting = max_running, max_waiting
@@ -161,7 +171,8 @@ class FakeEngine:
             texts = [""] * sp.n
             done = [sp.max_tokens == 0] * sp.n
             first = RequestOutput(req.request_id, [], prompt_token_ids=list(req.prompt_token_ids),
-                                  prompt_logprobs=self._prompt_logprobs(req))
+                                  prompt_logprobs=self._prompt_logprobs(req),
+                                  queue_time=max(0.0, time.monotonic() - req.arrival_time))
             if all(done):
                 first.deltas = [SequenceDelta(j, [], "", [] if sp.logprobs is not None else None, "length")
                                 for j in range(sp.n)]

@@ -2,6 +2,8 @@
 
 Contract:
 - Every flag is explained by `--help`. `--adapter NAME=PATH` or `--adapter PATH` (named after its folder), repeatable.
+- vLLM's flags for the same settings are accepted too (`vllm_flags`: --lora-modules, --max-loras, --dtype half,
+  --chat-template, CORS, TLS, ...); the API key is --api-key, else $MTLORA_API_KEY, else $VLLM_API_KEY.
 - Everything is loaded and checked *before* the port is opened: a missing adapter directory, an invalid value or an
   adapter that does not fit the base model ends the process with exit status 2 (usage) or 1 (load failure) and
   a message naming the flag, file or field at fault.
@@ -18,17 +20,18 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 import resource
 import sys
 from pathlib import Path
 
 from mtlora.errors import MtloraError
+from mtlora_server import vllm_flags
 from mtlora_server.api.limits import DEFAULT_MAX_REQUEST_BODY_SIZE
 
 logger = logging.getLogger("mtlora_server.cli")
 
+DEFAULT_MAX_ADAPTERS = 8
 SHUTDOWN_FLUSH_S = 5          # after the drain: how long uvicorn waits for the last responses to be written
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?(?:[eE]\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
@@ -102,11 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "server for ONE mtlora adapter, with --tensor-parallel-size (docs/vllm-backend.md).")
     p.add_argument("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0: every interface).")
     p.add_argument("--port", type=int, default=8000, help="TCP port to listen on.")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="Weight/activation dtype; auto: bfloat16 where the hardware has fast bf16, else float32.")
+    p.add_argument("--dtype", default="auto", choices=vllm_flags.DTYPE_CHOICES,
+                   help="Weight/activation dtype; auto: bfloat16 where the hardware has fast bf16, else float32 "
+                        "(half = float16, float = float32, as vLLM spells them).")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N.")
     p.add_argument("--api-key", default=None,
-                   help="Require 'Authorization: Bearer KEY' on /v1/* routes (default: $MTLORA_API_KEY; unset: open).")
+                   help="Require 'Authorization: Bearer KEY' on /v1/* routes (default: $MTLORA_API_KEY, else "
+                        "$VLLM_API_KEY; neither set: open).")
     p.add_argument("--served-model-name", default=None,
                    help="Name of the bare base model in the API (default: the model folder's name).")
     p.add_argument("--max-num-seqs", type=_positive, default=64, help="Sequences decoded at once.")
@@ -117,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-memory", type=parse_size, default=None,
                    help="Memory for the KV cache, e.g. 2GiB or 512MB (default: 1 GiB on CPU, most free GPU memory).")
     p.add_argument("--block-size", type=_positive, default=16, help="Tokens per KV cache block.")
-    p.add_argument("--max-adapters", type=_positive, default=8,
+    p.add_argument("--max-adapters", type=_positive, default=DEFAULT_MAX_ADAPTERS,
                    help="Adapter slots (startup adapters + dynamically loaded ones).")
     p.add_argument("--max-lora-rank", type=_positive, default=16, help="Largest adapter rank a slot holds.")
     p.add_argument("--max-experts", type=_positive, default=16, help="Largest number of experts a slot holds.")
@@ -152,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "compose stop_grace_period). If the engine dies instead, the exit status is 3. Native engine only.")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="Logging verbosity.")
+    vllm_flags.add_arguments(p)
     from mtlora_server.vllm_backend import add_arguments as add_vllm_arguments
 
     add_vllm_arguments(p)
@@ -165,10 +171,16 @@ def _check_args(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> dict
         parser.error(f"--adapter-root {ns.adapter_root}: not a directory")
     if not 0 <= ns.port <= 65535:
         parser.error(f"--port {ns.port}: must be in [0, 65535]")
+    lora_modules = vllm_flags.apply(parser, ns, DEFAULT_MAX_ADAPTERS)
     try:
-        return parse_adapters(ns.adapter)
+        adapters = parse_adapters(ns.adapter)
     except ValueError as exc:
         parser.error(str(exc))
+    for name, path in lora_modules.items():
+        if name in adapters:
+            parser.error(f"--lora-modules {name}={path}: the name {name!r} is also given by --adapter")
+        adapters[name] = path
+    return adapters
 
 
 def engine_args_from(ns: argparse.Namespace, adapters: dict[str, str]):
@@ -180,7 +192,8 @@ def engine_args_from(ns: argparse.Namespace, adapters: dict[str, str]):
                       max_lora_rank=ns.max_lora_rank, max_experts=ns.max_experts, max_groups=ns.max_groups,
                       adapters=adapters, served_model_name=ns.served_model_name, max_waiting=ns.max_waiting,
                       seed=ns.seed, enforce_eager=ns.enforce_eager,
-                      enable_prefix_caching=ns.enable_prefix_caching, batch_invariant=ns.batch_invariant)
+                      enable_prefix_caching=ns.enable_prefix_caching, batch_invariant=ns.batch_invariant,
+                      gpu_memory_utilization=ns.gpu_memory_utilization)
 
 
 def _memory_summary() -> str:
@@ -206,12 +219,27 @@ def log_startup(engine) -> None:
     logger.info("memory: %s", _memory_summary())
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[str, str]]:
+    """Parsed and checked flags (vLLM's folded in, the API key resolved) and the adapters to load; exits with
+    status 2 on a bad flag."""
     parser = build_parser()
     ns = parser.parse_args(argv)
-    logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     adapters = _check_args(parser, ns)
-    ns.api_key = ns.api_key or os.environ.get("MTLORA_API_KEY") or None   # not a parser default: --help would show it
+    ns.api_key = ns.api_key or vllm_flags.api_key_from_env()   # not a parser default: --help would show it
+    return ns, adapters
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(request_tag)s%(message)s")
+    from mtlora_server.api.app import RequestIdLogFilter
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RequestIdLogFilter())       # "[<X-Request-Id>] " on lines logged while serving one
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns, adapters = parse_args(argv)
+    _setup_logging(ns.log_level)
     if ns.engine == "vllm":
         from mtlora_server.vllm_backend import serve
 
@@ -227,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     except MtloraError as exc:
         logger.error("refusing to start: %s", exc)
         return 1
+    if ns.chat_template_text is not None:
+        engine.tokenizer.chat_template = ns.chat_template_text     # every route renders with the tokenizer's
+        logger.info("chat template from --chat-template (%d characters)", len(ns.chat_template_text))
+    vllm_flags.log_notes(ns, engine.core.device.type)
     log_startup(engine)
 
     import uvicorn
@@ -236,13 +268,18 @@ def main(argv: list[str] | None = None) -> int:
 
     server_args = ServerArgs(served_model_name=ns.served_model_name, api_key=ns.api_key,
                              enable_adapter_loading=ns.enable_adapter_loading, adapter_root=ns.adapter_root,
-                             max_request_body_size=ns.max_request_body_size)
+                             max_request_body_size=ns.max_request_body_size, allowed_origins=ns.allowed_origins,
+                             allow_credentials=ns.allow_credentials, allowed_methods=ns.allowed_methods,
+                             allowed_headers=ns.allowed_headers)
     app = build_app(engine, server_args, manage_engine=True)
-    logger.info("serving on http://%s:%d (API key %s)", ns.host, ns.port, "required" if ns.api_key else "off")
+    logger.info("serving on %s://%s:%d (API key %s, CORS origins %s)", "https" if ns.ssl_certfile else "http",
+                ns.host, ns.port, "required" if ns.api_key else "off", ns.allowed_origins or "none")
     # uvicorn's graceful timeout starts after the engine's drain (EngineServer.shutdown): it only bounds the writing
     # of the last chunks, so the whole shutdown takes at most --shutdown-timeout + ABORT_GRACE_S + this.
-    config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.log_level,
-                            timeout_graceful_shutdown=SHUTDOWN_FLUSH_S)
+    config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.uvicorn_log_level or ns.log_level,
+                            timeout_graceful_shutdown=SHUTDOWN_FLUSH_S, ssl_keyfile=ns.ssl_keyfile,
+                            ssl_certfile=ns.ssl_certfile, ssl_ca_certs=ns.ssl_ca_certs,
+                            ssl_cert_reqs=ns.ssl_cert_reqs)
     server = EngineServer(config, engine, ns.shutdown_timeout)
     server.run()
     if server.engine_died or engine.dead:             # engine.dead: it died during the drain

@@ -1,8 +1,8 @@
 """Helpers for the serving integration tests: random adapters for a model dir, free ports, a served subprocess.
 
 Contract: `write_adapter(dir, model_dir, **config)` writes a valid, non-trivial (all B non-zero) adapter for the
-model in `model_dir`; `serve_process(args)` starts `mtlora-serve` on 127.0.0.1 and a free port, waits for
-/health and yields the base URL, and always stops the process (and reports its log on failure).
+model in `model_dir`; `serve_process(args)` starts `mtlora-serve` on 127.0.0.1 and a free port (HTTPS with
+`tls_ca`), waits for /health and yields the base URL, and always stops the process (and reports its log on failure).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -51,20 +52,23 @@ def serve_command() -> list[str]:
 
 
 @contextlib.contextmanager
-def serve_process(args: list[str], startup_timeout: float = 120.0, env: dict | None = None):
-    """Run mtlora-serve with `args` (plus --host/--port); yield the base URL once /health answers."""
+def serve_process(args: list[str], startup_timeout: float = 120.0, env: dict | None = None,
+                  tls_ca: str | None = None):
+    """Run mtlora-serve with `args` (plus --host/--port); yield the base URL once /health answers. `tls_ca`: the
+    server speaks HTTPS (--ssl-* in `args`); its certificate is verified against this file."""
     port = free_port()
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
     cmd = serve_command() + args + ["--host", "127.0.0.1", "--port", str(port)]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    url = f"http://127.0.0.1:{port}"
+    url = f"{'https' if tls_ca else 'http'}://127.0.0.1:{port}"
+    verify = ssl.create_default_context(cafile=tls_ca) if tls_ca else True
     try:
         deadline = time.monotonic() + startup_timeout
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"mtlora-serve exited with {proc.returncode}:\n{Path(log.name).read_text()}")
             try:
-                if httpx.get(url + "/health", timeout=1.0).status_code == 200:
+                if httpx.get(url + "/health", timeout=1.0, verify=verify).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass

@@ -138,9 +138,35 @@ async def test_streaming_echo_logprobs_offsets_continue():
     events = sse_events(r.text)
     offsets = [o for ev in events for o in ev["choices"][0]["logprobs"]["text_offset"]]
     tokens = [t for ev in events for t in ev["choices"][0]["logprobs"]["tokens"]]
+    text = "".join(ev["choices"][0]["text"] for ev in events)
     assert events[0]["choices"][0]["text"] == "ab"
     assert tokens[:3] == ["<s>", "a", "b"] and len(tokens) == 5
-    assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    assert offsets == [0, 0, 1, 2, 3]             # the BOS the echoed text does not show has no width
+    assert all(text[o:].startswith(t) for o, t in zip(offsets[1:], tokens[1:]))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_text_offset_lines_up_with_the_echoed_prompt_when_the_tokenizer_adds_bos(stream):
+    """Issue 14 item 7: the fake tokenizer prepends <s>, which the echoed prompt does not contain."""
+    prompt = "hello world"
+    body = {"prompt": prompt, "max_tokens": 3, "logprobs": 0, "echo": True, "temperature": 0, "stream": stream}
+    r = await post(FakeEngine(), body)
+    assert r.status_code == 200, r.text
+    if stream:
+        events = sse_events(r.text)
+        text = "".join(ev["choices"][0]["text"] for ev in events)
+        tokens = [t for ev in events for t in ev["choices"][0]["logprobs"]["tokens"]]
+        offsets = [o for ev in events for o in ev["choices"][0]["logprobs"]["text_offset"]]
+    else:
+        choice = r.json()["choices"][0]
+        text, tokens, offsets = choice["text"], choice["logprobs"]["tokens"], choice["logprobs"]["text_offset"]
+    assert tokens[0] == "<s>" and offsets[0] == 0 and text.startswith(prompt)
+    assert len(tokens) == len(prompt) + 1 + 3
+    for token, offset in zip(tokens[1:], offsets[1:]):        # every other token sits where its text is
+        assert text[offset:offset + len(token)] == token
+    assert offsets[len(prompt) + 1] == len(prompt)             # the completion starts right after the prompt
+    # mtlora-eval's scoring of a continuation by character span now covers exactly its tokens
+    assert [t for t, o in zip(tokens, offsets) if 6 <= o < 11] == list("world")
 
 
 async def test_seeded_sampling_is_reproducible():

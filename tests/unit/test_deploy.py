@@ -84,7 +84,7 @@ def _dashboard_metrics() -> set[str]:
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
     names = set()
     for expr in exprs:
-        for name in re.findall(r"mtlora:[a-z_]+", expr):
+        for name in re.findall(r"mtlora:[a-z0-9_]+", expr):
             names.add(re.sub(r"_(bucket|sum|count)$", "", name))
     return names
 
@@ -93,7 +93,7 @@ def test_dashboard_panels_cover_the_operational_views():
     dash = json.loads((DEPLOY / "grafana" / "dashboards" / "mtlora.json").read_text())
     titles = " | ".join(p["title"].lower() for p in dash["panels"])
     for view in ("throughput", "first token", "inter-token", "queue", "kv cache", "by adapter", "expert usage",
-                 "prefix cache"):
+                 "prefix cache", "end-to-end", "queue time", "rejected"):
         assert view in titles
     assert any(p["type"] == "heatmap" for p in dash["panels"])
 
@@ -112,6 +112,8 @@ def test_dashboard_queries_only_metrics_the_server_exports():
     with TestClient(build_app(engine, ServerArgs(), manage_engine=True)) as client:
         assert client.post("/v1/completions", json={"model": "math", "prompt": "a", "max_tokens": 2,
                                                     "stream": True}).status_code == 200
+        engine.max_running = engine.max_waiting = 0       # one queue-full refusal: requests_rejected_total
+        assert client.post("/v1/completions", json={"model": "math", "prompt": "a"}).status_code == 429
         exported = {line.split("{")[0].split(" ")[0] for line in client.get("/metrics").text.splitlines()
                     if line.startswith("mtlora:")}
     exported |= {re.sub(r"_(bucket|sum|count)$", "", m) for m in exported}

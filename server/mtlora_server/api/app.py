@@ -16,6 +16,11 @@ Contract:
   than small (api.tokenization), so one huge request does not hold up /health or anyone else.
 - The engine is started/shut down by the app's lifespan when `manage_engine` is true (the CLI); in-process tests
   that drive the app without a lifespan start the engine themselves.
+- Every HTTP response carries `X-Request-Id`: the client's own (printable ASCII, at most 128 characters) or a
+  fresh one. It names the request in logs (`request_id_var`, shown by mtlora-serve's log format) and in the
+  response `id` (`cmpl-<id>`, `chatcmpl-<id>`, as vLLM); engine request ids start with it.
+- CORS (`args.allowed_origins` non-empty): Starlette's CORSMiddleware outside the API-key check, so preflight
+  requests need no key and error responses carry the CORS headers too. /version is open: {"version": ...}.
 - /health answers 200 while the engine serves, else 503 in the error schema with the engine's reason (draining
   for shutdown, or dead). New generation requests during a drain get 503 from the engine (EngineDrainingError).
 """
@@ -26,12 +31,17 @@ import hmac
 import json
 import logging
 import re
+import uuid
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.middleware.cors import CORSMiddleware
+
+import mtlora
 
 from mtlora.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from mtlora.errors import AdapterLoadError, AdapterNotFoundError, InvalidRequestError, MtloraError
@@ -60,6 +70,49 @@ ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,255}$")
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, "adapter_model.bin")
 # Routes outside /v1 that need the API key when one is set: they resolve `model`, i.e. reveal adapter names.
 KEYED_PATHS = ("/tokenize", "/detokenize")
+
+
+# Printable ASCII without spaces: safe in a log line and a response header.
+_CLIENT_REQUEST_ID = re.compile(rb"^[\x21-\x7e]{1,128}$")
+request_id_var: ContextVar[str | None] = ContextVar("mtlora_request_id", default=None)
+
+
+class _RequestId:
+    """Pure ASGI middleware: the request's id (client's X-Request-Id or a fresh one) in scope["state"]
+    ("request_id", "request_id_given"), in `request_id_var` for logs, and echoed as X-Request-Id."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = next((v for k, v in scope.get("headers") or [] if k == b"x-request-id"), None)
+        ok = given is not None and _CLIENT_REQUEST_ID.match(given) is not None
+        rid = given.decode("ascii") if ok else uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"], state["request_id_given"] = rid, ok
+        token = request_id_var.set(rid)
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                headers = [h for h in message.get("headers") or [] if h[0].lower() != b"x-request-id"]
+                message = {**message, "headers": [*headers, (b"x-request-id", rid.encode("ascii"))]}
+            await send(message)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            request_id_var.reset(token)
+
+
+class RequestIdLogFilter(logging.Filter):
+    """Adds `request_tag` ("[<id>] " inside a request, else "") to log records, for a format such as
+    "%(name)s: %(request_tag)s%(message)s"."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        rid = request_id_var.get()
+        record.request_tag = f"[{rid}] " if rid else ""
+        return True
 
 
 class _AuthAndErrorCount:
@@ -124,6 +177,11 @@ def build_app(engine, args: ServerArgs | None = None, manage_engine: bool = Fals
     _add_ops_routes(app, ctx)
     app.add_middleware(BodySizeLimit, max_bytes=args.max_request_body_size)   # inside: its 413s are counted
     app.add_middleware(_AuthAndErrorCount, api_key=args.api_key, metrics=ctx.metrics)
+    if args.allowed_origins:                     # outside the key check: preflights carry no Authorization
+        app.add_middleware(CORSMiddleware, allow_origins=args.allowed_origins,
+                           allow_credentials=args.allow_credentials, allow_methods=args.allowed_methods,
+                           allow_headers=args.allowed_headers, expose_headers=["X-Request-Id"])
+    app.add_middleware(_RequestId)               # outermost: every response (401, 413, CORS) gets the id
     return app
 
 
@@ -271,6 +329,10 @@ def _add_ops_routes(app: FastAPI, ctx: ServingContext) -> None:
             return Response(status_code=200)
         problem = getattr(ctx.engine, "health_problem", lambda: None)() or "engine is not healthy"
         return JSONResponse(error_body(problem, "ServiceUnavailableError", 503), status_code=503)
+
+    @app.get("/version")
+    async def version():
+        return {"version": mtlora.__version__}
 
     @app.get("/metrics")
     async def metrics():

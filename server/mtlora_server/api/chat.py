@@ -6,6 +6,8 @@ tokenisation run off the event loop once the messages are more than small (api.t
 than the context is refused from its token count. Without
 max_tokens / max_completion_tokens the completion may fill the remaining context. Streams send the assistant
 role first, then content deltas, then a finish chunk per choice, an optional usage chunk and `data: [DONE]`.
+The response id is `chatcmpl-<X-Request-Id>`; usage.prompt_tokens_details.cached_tokens counts the prompt tokens
+the prefix cache supplied.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from starlette.requests import Request
 
 from mtlora.errors import InvalidRequestError
 from mtlora_server.api.guided import compile_guided, guided_decoding
-from mtlora_server.api.protocol import ChatCompletionRequest, ChatMessage, random_id
-from mtlora_server.api.serving import ServingContext, chat_logprob_entries, sse, usage
+from mtlora_server.api.protocol import ChatCompletionRequest, ChatMessage
+from mtlora_server.api.serving import ServingContext, chat_logprob_entries, request_ids, sse, usage
 from mtlora_server.api.streams import (
     CancellingStreamingResponse,
     close_all,
@@ -53,15 +55,15 @@ async def render_chat(ctx: ServingContext, messages: list[ChatMessage], add_gene
 
 
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, http_request: Request):
-    base_id = random_id("chatcmpl")
+    base_id, engine_id = request_ids(http_request, "chatcmpl")
     adapter = ctx.resolve_model(req.model)
     max_tokens = req.requested_max_tokens
     ids = await ctx.encode_prompt(await render_chat(ctx, req.messages, req.add_generation_prompt), max_tokens,
-                                  "messages", add_special_tokens=False)
+                                  "messages", add_special_tokens=req.add_special_tokens)
     if max_tokens is None:
         max_tokens = ctx.default_max_tokens(len(ids))
     ctx.check_prompt(ids, max_tokens, "messages")
-    request = GenerationRequest(request_id=f"{base_id}-0", prompt_token_ids=ids,
+    request = GenerationRequest(request_id=f"{engine_id}-0", prompt_token_ids=ids,
                                 sampling=req.to_sampling_params(max_tokens), adapter=adapter,
                                 grammar=await compile_guided(ctx, guided_decoding(req)))
     # the first output can be long in coming (queued, long prefill): a client that leaves meanwhile aborts it
@@ -97,7 +99,7 @@ async def _collect(ctx, req, base_id, model, prompt_len, streams) -> dict:
                 "logprobs": {"content": logprobs[i]} if req.logprobs else None,
                 "finish_reason": finish[i], "stop_reason": stop_reason[i]} for i in range(req.n)]
     return {"id": base_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": choices, "usage": usage(prompt_len, num_tokens)}
+            "choices": choices, "usage": usage(prompt_len, num_tokens, streams[0].first.num_cached_tokens)}
 
 
 async def _stream(ctx, req, base_id, model, prompt_len, streams):
@@ -124,4 +126,4 @@ async def _stream(ctx, req, base_id, model, prompt_len, streams):
             yield chunk([{"index": d.index, "delta": {"content": d.text} if d.text else {}, "logprobs": lps,
                           "finish_reason": d.finish_reason, "stop_reason": d.stop_reason}])
     if req.include_usage:
-        yield chunk([], usage=usage(prompt_len, num_tokens))
+        yield chunk([], usage=usage(prompt_len, num_tokens, streams[0].first.num_cached_tokens))

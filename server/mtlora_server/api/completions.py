@@ -2,11 +2,13 @@
 
 Contract: each prompt of a batch is one engine request with n sequences; choice index = prompt_index * n + seq.
 Errors in the input surface before any byte is sent (see `streams.open_streams`). `echo` prepends the prompt text
-(and, with `logprobs`, the prompt's logprobs, the first being null); `usage` is always reported (in streams as a
-final chunk when `stream_options.include_usage`, else absent from chunks as in OpenAI's API).
+(and, with `logprobs`, the prompt's logprobs, the first being null); `text_offset` locates each token in the
+returned text (a BOS the echoed prompt does not show has no width: serving.align_offsets); `usage` is always
+reported (in streams as a final chunk when `stream_options.include_usage`, else absent from chunks as in OpenAI's API).
 Tokenisation runs off the event loop once a prompt is more than small (api.tokenization); a prompt longer than the
 context is refused from its token count before anything else is done per token, and a token-id prompt is only
-decoded when `echo` needs its text.
+decoded when `echo` needs its text. The response id is `cmpl-<X-Request-Id>`; `usage.prompt_tokens_details.
+cached_tokens` counts the prompt tokens the prefix cache supplied.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from fastapi.responses import JSONResponse
 from starlette.requests import Request
 
 from mtlora_server.api.guided import compile_guided, guided_decoding
-from mtlora_server.api.protocol import CompletionRequest, random_id
-from mtlora_server.api.serving import CompletionLogprobs, ServingContext, sse, usage
+from mtlora_server.api.protocol import CompletionRequest
+from mtlora_server.api.serving import CompletionLogprobs, ServingContext, request_ids, sse, usage
 from mtlora_server.api.streams import (
     CancellingStreamingResponse,
     close_all,
@@ -42,7 +44,7 @@ def _items(req: CompletionRequest) -> list:
 async def _prompt(ctx: ServingContext, req: CompletionRequest, item, param: str) -> tuple[list[int], str]:
     """(token ids, prompt text) of one prompt, its length checked before any per-token work."""
     if isinstance(item, str):
-        return await ctx.encode_prompt(item, req.max_tokens, param), item
+        return await ctx.encode_prompt(item, req.max_tokens, param, req.add_special_tokens), item
     ids = list(item)
     if ids:
         ctx.check_length(len(ids), req.max_tokens, param)
@@ -50,7 +52,7 @@ async def _prompt(ctx: ServingContext, req: CompletionRequest, item, param: str)
     return ids, (await ctx.decode(ids) if req.echo else "")      # the text only serves echo
 
 
-async def _engine_requests(ctx: ServingContext, req: CompletionRequest, base_id: str):
+async def _engine_requests(ctx: ServingContext, req: CompletionRequest, engine_id: str):
     adapter = ctx.resolve_model(req.model)
     grammar = await compile_guided(ctx, guided_decoding(req))      # one compiled constraint for every prompt
     items = _items(req)
@@ -61,15 +63,15 @@ async def _engine_requests(ctx: ServingContext, req: CompletionRequest, base_id:
         prompts.append((ids, text))
         max_tokens = req.max_tokens if req.max_tokens is not None else ctx.default_max_tokens(len(ids), param)
         ctx.check_prompt(ids, max_tokens, param)
-        requests.append(GenerationRequest(request_id=f"{base_id}-{i}", prompt_token_ids=ids,
+        requests.append(GenerationRequest(request_id=f"{engine_id}-{i}", prompt_token_ids=ids,
                                           sampling=req.to_sampling_params(max_tokens), adapter=adapter,
                                           grammar=grammar))
     return adapter, prompts, requests
 
 
 async def create_completion(ctx: ServingContext, req: CompletionRequest, http_request: Request):
-    base_id = random_id("cmpl")
-    adapter, prompts, requests = await _engine_requests(ctx, req, base_id)
+    base_id, engine_id = request_ids(http_request, "cmpl")
+    adapter, prompts, requests = await _engine_requests(ctx, req, engine_id)
     # the first output can be long in coming (queued, long prefill): a client that leaves meanwhile aborts it
     streams = await run_until_disconnect(http_request,
                                          open_streams(ctx.engine, requests, ctx.metrics, ctx.label(adapter)))
@@ -123,9 +125,11 @@ async def _collect(ctx, req, base_id, model, prompts, streams) -> dict:
     ordered = [choices[i] for i in sorted(choices)]
     return {
         "id": base_id, "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": c.index, "text": c.text, "logprobs": c.logprobs.as_dict() if c.logprobs else None,
+        "choices": [{"index": c.index, "text": c.text,
+                     "logprobs": c.logprobs.as_dict(c.text) if c.logprobs else None,
                      "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in ordered],
-        "usage": usage(sum(len(ids) for ids, _ in prompts), sum(c.num_tokens for c in ordered)),
+        "usage": usage(sum(len(ids) for ids, _ in prompts), sum(c.num_tokens for c in ordered),
+                       _cached(streams)),
     }
 
 
@@ -142,21 +146,27 @@ async def _stream(ctx, req, base_id, model, prompts, streams):
         for p, (ids, text) in enumerate(prompts):
             for s in range(req.n):
                 echo, logprobs = _echo_part(ctx, req, ids, text, streams[p].first)
-                offsets[p * req.n + s] = logprobs.offset if logprobs else len(echo)
-                yield chunk(p * req.n + s, echo, logprobs.as_dict() if logprobs else None)
+                offsets[p * req.n + s] = len(echo)
+                yield chunk(p * req.n + s, echo, logprobs.as_dict(echo) if logprobs else None)
     async for p, out in merge(streams):
         for d in out.deltas:
             index = p * req.n + d.index
             completion_tokens += len(d.token_ids)
             logprobs = None
             if req.logprobs is not None:
-                lp = CompletionLogprobs(ctx, offsets.get(index, 0))
+                lp = CompletionLogprobs(ctx)
                 for token_id, tlp in zip(d.token_ids, d.logprobs or []):
                     lp.add(token_id, tlp)
-                offsets[index] = lp.offset
-                logprobs = lp.as_dict()
+                logprobs = lp.as_dict(d.text, offsets.get(index, 0))
+            offsets[index] = offsets.get(index, 0) + len(d.text)
             if d.text or d.token_ids or d.finish_reason is not None:
                 yield chunk(index, d.text, logprobs, d.finish_reason, d.stop_reason)
     if req.include_usage:
         yield sse({"id": base_id, "object": "text_completion", "created": created, "model": model,
-                   "choices": [], "usage": usage(sum(len(ids) for ids, _ in prompts), completion_tokens)})
+                   "choices": [], "usage": usage(sum(len(ids) for ids, _ in prompts), completion_tokens,
+                                                 _cached(streams))})
+
+
+def _cached(streams) -> int:
+    """Prompt tokens of these engine requests that the prefix cache supplied."""
+    return sum(s.first.num_cached_tokens for s in streams if s.first is not None)

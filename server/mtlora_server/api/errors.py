@@ -8,8 +8,8 @@ Contract:
   RequestFailedError -> 500 with its message (the engine logged the traceback), anything else -> 500 (a server
   bug, logged with its traceback).
 - `install_error_handlers(app)` routes FastAPI's request-validation errors (normally 422) to 400 naming the
-  offending field, and HTTP errors (404 unknown route, 405, 401, a body FastAPI cannot parse) through the same
-  schema.
+  offending field (an InvalidRequestError raised inside a model validator keeps its own message and param), and
+  HTTP errors (404 unknown route, 405, 401, a body FastAPI cannot parse) through the same schema.
 - `error_body` is the one place every error message passes: it makes message and param encodable as UTF-8 (a lone
   surrogate a client sent, e.g. in `model`, is written as `\ud800`) and cuts them to `MAX_MESSAGE_CHARS`, so an
   error response can always be sent.
@@ -143,6 +143,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation(request: Request, exc: RequestValidationError):
         errors = exc.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        cause = (first.get("ctx") or {}).get("error")
+        if isinstance(cause, InvalidRequestError):      # raised by a model validator: it names its field itself
+            return error_response(cause)
         param = _param_of(tuple(first.get("loc", ())))
         message = first.get("msg", "invalid request")
         if first.get("type") == "json_invalid":

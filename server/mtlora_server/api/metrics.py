@@ -11,6 +11,9 @@ time by a custom collector, so they are never stale. The base model's label valu
     mtlora:generation_tokens_total{adapter}           generated tokens
     mtlora:time_to_first_token_seconds{adapter}       histogram: arrival -> first generated token
     mtlora:inter_token_latency_seconds{adapter}       histogram: gap between successive token outputs
+    mtlora:e2e_request_latency_seconds{adapter}       histogram: arrival -> last output, per engine request that
+                                                      finished (stop, length, or aborted by the engine at shutdown)
+    mtlora:request_queue_time_seconds{adapter}        histogram: arrival -> first scheduled by the engine
     mtlora:num_requests_running / _waiting            gauges (engine)
     mtlora:kv_cache_usage_ratio, mtlora:kv_blocks_used, mtlora:kv_blocks_total
     mtlora:prefix_cache_queries_total / _hits_total   tokens looked up in / found in the prefix cache (engine)
@@ -29,6 +32,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 logger = logging.getLogger(__name__)
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0)
+E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0)
+QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0)
 
 
@@ -94,6 +99,11 @@ class Metrics:
                               ["adapter"], buckets=TTFT_BUCKETS, registry=self.registry)
         self.itl = Histogram("mtlora:inter_token_latency_seconds", "Gap between successive token outputs.",
                              ["adapter"], buckets=ITL_BUCKETS, registry=self.registry)
+        self.e2e = Histogram("mtlora:e2e_request_latency_seconds", "Arrival to the last output of a finished request.",
+                             ["adapter"], buckets=E2E_BUCKETS, registry=self.registry)
+        self.queue_time = Histogram("mtlora:request_queue_time_seconds",
+                                    "Arrival to the first scheduling by the engine.", ["adapter"],
+                                    buckets=QUEUE_BUCKETS, registry=self.registry)
         self.registry.register(_EngineCollector(engine))
 
     def render(self) -> bytes:

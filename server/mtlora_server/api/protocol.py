@@ -4,8 +4,11 @@ Contract:
 - Request models validate shapes and ranges; anything invalid becomes HTTP 400 naming the field (see `errors`).
 - `to_sampling_params()` converts a request into the engine's internal `SamplingParams` dataclass; nothing past
   the route handlers sees a pydantic object.
-- Unknown extra fields are ignored (clients such as lm-evaluation-harness send fields we do not use), NaN/Inf
-  floats are rejected, and `null` for a field with a default means that default (OpenAI documents them nullable).
+- Completions and chat are strict (api.fields): a field that is neither implemented (declared here) nor a harmless
+  passthrough (`user`, `metadata`, ...) is a 400 naming it, also inside messages and stream_options; known fields
+  that are not implemented say so ("structured outputs are not supported yet"). Other request models ignore
+  unknown fields. NaN/Inf floats are rejected, and `null` for a field with a default means that default (OpenAI
+  documents them nullable).
 - Every field that reaches a tensor is typed strictly and bounded here: booleans are JSON booleans only
   (`"stream": "yes"` is a 400), integers are JSON integers only (no strings, floats or booleans) within explicit
   bounds (a huge integer is a 400 naming the field, never an overflow in the engine), floats are finite and in
@@ -25,6 +28,13 @@ from pydantic_core import PydanticUndefined
 
 from mtlora.errors import InvalidRequestError
 from mtlora_server.api.guided import GuidedFields, ResponseFormat
+from mtlora_server.api.fields import (
+    MESSAGE_PASSTHROUGH,
+    MESSAGE_UNSUPPORTED,
+    STREAM_OPTIONS_PASSTHROUGH,
+    STREAM_OPTIONS_UNSUPPORTED,
+    check_fields,
+)
 from mtlora_server.engine.types import MAX_TEMPERATURE, MIN_TEMPERATURE, SEED_MAX, SEED_MIN, SamplingParams
 
 # Bounds that keep one request from exhausting the server; values beyond them are a 400, not an OOM.
@@ -59,6 +69,7 @@ class ApiModel(BaseModel):
 
 
 class StreamOptions(ApiModel):
+    model_config = ConfigDict(extra="forbid")          # the parent's check names the key (api.fields)
     include_usage: StrictBool = False
 
 
@@ -88,7 +99,20 @@ class _SamplingFields(ApiModel, GuidedFields):
     skip_special_tokens: StrictBool = True
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _strict(cls, data):
+        """Unknown and unimplemented fields are a 400 naming them (api.fields), nested objects included."""
+        data = check_fields(data, cls.model_fields)
+        if isinstance(data, dict) and isinstance(data.get("stream_options"), dict):
+            data["stream_options"] = check_fields(data["stream_options"], StreamOptions.model_fields,
+                                                  "stream_options.", STREAM_OPTIONS_PASSTHROUGH,
+                                                  STREAM_OPTIONS_UNSUPPORTED)
+        if isinstance(data, dict) and isinstance(data.get("messages"), list):
+            data["messages"] = [check_fields(m, ChatMessage.model_fields, f"messages.{i}.", MESSAGE_PASSTHROUGH,
+                                             MESSAGE_UNSUPPORTED) for i, m in enumerate(data["messages"])]
+        return data
 
     def _sampling(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
         if self.stream_options is not None and not self.stream:
@@ -135,7 +159,7 @@ class CompletionRequest(_SamplingFields):
     max_tokens: Count | None = 16
     logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: StrictBool = False
-    suffix: str | None = None
+    add_special_tokens: StrictBool = True          # vLLM's: BOS etc. before a text prompt
     best_of: StrictInt | None = Field(None, ge=1, le=MAX_N)
 
     @field_validator("prompt")
@@ -149,8 +173,6 @@ class CompletionRequest(_SamplingFields):
 
     def to_sampling_params(self, max_tokens: int) -> SamplingParams:
         """Internal sampling parameters; semantic errors raise InvalidRequestError naming the field."""
-        if self.suffix:
-            raise InvalidRequestError("suffix is not supported", param="suffix")
         if self.best_of is not None and self.best_of != self.n:
             raise InvalidRequestError("best_of is not supported (use n)", param="best_of")
         if max_tokens == 0 and not self.echo:
@@ -161,11 +183,13 @@ class CompletionRequest(_SamplingFields):
 
 # -- chat completions -------------------------------------------------------------------------------------------
 class ContentPart(ApiModel):
+    model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(ApiModel):
+    model_config = ConfigDict(extra="forbid")          # ChatCompletionRequest's check names the key (api.fields)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -176,7 +200,10 @@ class ChatMessage(ApiModel):
         if isinstance(content, list):
             content = "".join(part.text for part in content)
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": content or ""}
+        rendered = {"role": role, "content": content or ""}
+        if self.name is not None:
+            rendered["name"] = self.name                 # templates that know it render it
+        return rendered
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -187,6 +214,7 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: StrictBool = True
     response_format: ResponseFormat | None = None
+    add_special_tokens: StrictBool = False         # vLLM's: the chat template writes its own special tokens
 
     @property
     def requested_max_tokens(self) -> int | None:

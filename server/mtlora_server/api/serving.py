@@ -10,12 +10,17 @@ Contract:
   small): `await encode_prompt(text, max_tokens, param)` refuses a prompt that cannot fit from its token count
   alone, `await encode(...)`, `await decode(...)`. A text the tokenizer cannot encode is a 400 naming `param`.
 - `sse(obj)` frames one server-sent event; streams end with `data: [DONE]`.
+- `request_ids(http_request, prefix)`: the response `id` is `<prefix>-<X-Request-Id>` (api.app's middleware
+  supplies the id); engine request ids start with it, plus a random part when the client chose the id (two
+  clients may send the same one).
+- `usage(...)` carries `prompt_tokens_details.cached_tokens`: prompt tokens whose K/V came from the prefix cache.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import uuid
 from dataclasses import dataclass, field
 
 from mtlora.errors import AdapterNotFoundError, ContextLengthError, InvalidRequestError
@@ -40,6 +45,10 @@ class ServerArgs:
     enable_adapter_loading: bool = False
     adapter_root: str | None = None
     max_request_body_size: int = DEFAULT_MAX_REQUEST_BODY_SIZE
+    allowed_origins: list[str] = field(default_factory=list)    # CORS; empty: no CORS middleware
+    allow_credentials: bool = False
+    allowed_methods: list[str] = field(default_factory=lambda: ["*"])
+    allowed_headers: list[str] = field(default_factory=lambda: ["*"])
 
 
 @dataclass
@@ -147,27 +156,55 @@ class ServingContext:
         return self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def request_ids(http_request, prefix: str) -> tuple[str, str]:
+    """(response id, engine request id base) for a request of the route `prefix` ("cmpl", "chatcmpl")."""
+    state = http_request.scope.get("state") or {}
+    rid = state.get("request_id")
+    if rid is None:                                 # no id middleware (not built by build_app)
+        rid = uuid.uuid4().hex
+    response_id = f"{prefix}-{rid}"
+    if state.get("request_id_given"):
+        return response_id, f"{response_id}.{uuid.uuid4().hex[:8]}"
+    return response_id, response_id
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+ALIGN_SLACK = 16      # characters a token's text may start after the previous token's end (dropped spaces, ...)
+
+
+def align_offsets(tokens: list[str], text: str, base: int = 0) -> list[int]:
+    """Where each token's string starts in `text` (plus `base`), left to right. A token whose string is not found
+    within ALIGN_SLACK characters of the previous token's end (a BOS the echoed prompt does not show, one byte of a
+    multi-byte character) is zero-width there, so offsets never run past the text or out of order."""
+    pos, offsets = 0, []
+    for token in tokens:
+        at = text.find(token, pos, pos + len(token) + ALIGN_SLACK) if token else -1
+        offsets.append(base + (at if at >= 0 else pos))
+        if at >= 0:
+            pos = at + len(token)
+    return offsets
 
 
 class CompletionLogprobs:
-    """OpenAI's legacy logprobs object; text_offset counts characters from the start of the returned text."""
+    """OpenAI's legacy logprobs object. `as_dict(text, base)`: text_offset[i] is where token i starts in the
+    returned text, found by aligning the token strings with `text` (which starts at character `base` of the
+    choice's whole text) rather than by adding up token lengths: a special token the echoed prompt does not show
+    (BOS) takes no room."""
 
-    def __init__(self, ctx: ServingContext, offset: int = 0):
+    def __init__(self, ctx: ServingContext):
         self.ctx = ctx
-        self.offset = offset
         self.tokens: list[str] = []
         self.token_logprobs: list[float | None] = []
         self.top_logprobs: list[dict[str, float] | None] = []
-        self.text_offset: list[int] = []
 
     def add(self, token_id: int, lp: TokenLogprob | None) -> None:
         text = self.ctx.token_str(token_id)
         self.tokens.append(text)
-        self.text_offset.append(self.offset)
-        self.offset += len(text)
         if lp is None:                      # the first prompt token has no logprob
             self.token_logprobs.append(None)
             self.top_logprobs.append(None)
@@ -179,9 +216,9 @@ class CompletionLogprobs:
         top.setdefault(text, lp.logprob)     # like OpenAI/vLLM: the sampled token is always present
         self.top_logprobs.append(top)
 
-    def as_dict(self) -> dict:
+    def as_dict(self, text: str, base: int = 0) -> dict:
         return {"tokens": self.tokens, "token_logprobs": self.token_logprobs,
-                "top_logprobs": self.top_logprobs, "text_offset": self.text_offset}
+                "top_logprobs": self.top_logprobs, "text_offset": align_offsets(self.tokens, text, base)}
 
 
 def chat_logprob_entries(ctx: ServingContext, logprobs: list[TokenLogprob], top_n: int) -> list[dict]:

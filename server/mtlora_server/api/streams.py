@@ -4,9 +4,9 @@ Contract:
 - `open_streams(engine, requests, ...)` starts every request and waits for each one's first `RequestOutput`, so
   bad input (unknown adapter, context too long, queue full) surfaces as an exception *before* any response byte is
   sent; on such an error the already-started requests are closed (aborted) again.
-- An `EngineStream` yields the request's outputs, feeds the metrics (TTFT, inter-token latency, token and finish
-  counters) and, on `close()`, closes the engine iterator and aborts the request unless it finished. `close()` is
-  shielded from cancellation so a client disconnect still frees the request's KV memory. A request the engine
+- An `EngineStream` yields the request's outputs, feeds the metrics (TTFT, inter-token latency, queue time,
+  end-to-end latency of requests the engine finished, token and finish counters) and, on `close()`, closes the
+  engine iterator and aborts the request unless it finished. `close()` is shielded from cancellation so a client disconnect still frees the request's KV memory. A request the engine
   refused at admission (queue full: 429, bad input) never ran, so it is not counted as finish_reason "abort";
   queue-full refusals count in `mtlora:requests_rejected_total{reason="queue_full"}`.
 - `merge(streams)` interleaves several streams as `(stream index, output)` in arrival order.
@@ -98,6 +98,8 @@ class EngineStream:
             self.refused = True
             raise
         self.metrics.prompt_tokens.labels(self.label).inc(len(self.request.prompt_token_ids))
+        if self.first.queue_time is not None:
+            self.metrics.queue_time.labels(self.label).observe(self.first.queue_time)
         self._observe(self.first)
         return self.first
 
@@ -117,6 +119,7 @@ class EngineStream:
                 self.metrics.requests.labels(self.label, delta.finish_reason).inc()
         if out.finished:
             self.finished = True
+            self.metrics.e2e.labels(self.label).observe(max(0.0, now - self.request.arrival_time))
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
         assert self.first is not None, "start() first"

@@ -2,7 +2,7 @@
 
 `Engine.from_args(EngineArgs(...))` builds an engine; `dtype="auto"` means bf16 on CUDA, bf16 on a CPU with native
 bf16 matmuls (avx512_bf16 / amx), else fp32. `kv_cache_memory` is a byte budget for the KV pool (None: 1 GiB on
-CPU, a fraction of free memory on CUDA).
+CPU, `gpu_memory_utilization` (default 0.85) of the memory free after loading on CUDA).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ class EngineArgs:
     enforce_eager: bool = False               # no CUDA graphs / compilation
     enable_prefix_caching: bool = True        # reuse the K/V blocks of prefixes computed before
     batch_invariant: bool = False             # a request's numbers never depend on its batch (engine/invariant.py)
+    gpu_memory_utilization: float | None = None   # CUDA: KV cache share of the memory free after loading (0, 1]
 
     def __post_init__(self) -> None:
         positive = ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_adapters", "max_lora_rank",
@@ -50,6 +51,9 @@ class EngineArgs:
                               field="dtype")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"unknown device {self.device!r}; expected auto, cpu, cuda or cuda:N", field="device")
+        g = self.gpu_memory_utilization
+        if g is not None and (not isinstance(g, (int, float)) or isinstance(g, bool) or not 0 < g <= 1):
+            raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {g!r}", field="gpu_memory_utilization")
         if not isinstance(self.adapters, dict):
             raise ConfigError("adapters must map names to adapter directories", field="adapters")
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from dataclasses import dataclass
 
 import torch
@@ -98,7 +99,8 @@ class EngineCore:
         self.model = LlamaDecoder.from_dir(model_dir, self.dtype, self.device, max_len=self.max_model_len)
         c = self.model_config
         self.pool = KVCachePool.from_budget(c.num_hidden_layers, c.num_key_value_heads, c.head_dim,
-                                            args.block_size, self.dtype, self.device, args.kv_cache_memory)
+                                            args.block_size, self.dtype, self.device, args.kv_cache_memory,
+                                            gpu_fraction=args.gpu_memory_utilization)
         self.slots = AdapterSlots(self.hf_config, args.max_adapters, args.max_lora_rank, args.max_experts,
                                   args.max_groups, self.dtype, self.device)
         if args.batch_invariant:
@@ -292,8 +294,11 @@ class EngineCore:
         return failures
 
     def _take_cache_hits(self, chunks: list[Chunk]) -> None:
-        """Prompt logprobs that a prefix-cache hit supplied at admission become the request's own."""
+        """Prompt logprobs that a prefix-cache hit supplied at admission become the request's own; the request
+        state learns when it was first scheduled and how many prompt tokens the cache supplied."""
+        now = time.monotonic()
         for c in chunks:
+            c.seq.owner.on_scheduled(c.start, now)        # the first one: queue time, cached prompt tokens
             cached, c.seq.cached_prompt_logprobs = c.seq.cached_prompt_logprobs, None
             state = c.seq.owner
             if cached and state.prompt_logprobs is not None and len(cached) > len(state.prompt_logprobs):

@@ -69,13 +69,15 @@ class KVCachePool:
 
     @classmethod
     def from_budget(cls, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
-                    device: torch.device, budget_bytes: int | None, max_blocks: int | None = None) -> "KVCachePool":
-        """Size the pool from `budget_bytes`, else (CUDA) a fraction of free memory, else a CPU default."""
+                    device: torch.device, budget_bytes: int | None, max_blocks: int | None = None,
+                    gpu_fraction: float | None = None) -> "KVCachePool":
+        """Size the pool from `budget_bytes`, else (CUDA) `gpu_fraction` (default DEFAULT_GPU_FRACTION) of free
+        memory, else a CPU default."""
         per_block = cls.bytes_per_block(num_layers, num_kv_heads, head_dim, block_size, dtype)
         if budget_bytes is None:
             if device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info(device)
-                budget_bytes = int(free * DEFAULT_GPU_FRACTION)
+                budget_bytes = int(free * (gpu_fraction or DEFAULT_GPU_FRACTION))
             else:
                 budget_bytes = DEFAULT_CPU_BUDGET
         num_blocks = budget_bytes // per_block

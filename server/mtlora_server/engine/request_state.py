@@ -8,7 +8,10 @@ Contract:
   partial UTF-8 character) and cannot be the start of a stop string; a stop string is cut from the output unless
   include_stop_str_in_output. Stop / EOS token text is never emitted.
 - `flush() -> RequestOutput | None` returns what is new since the last flush (None when nothing is, or while the
-  prompt logprobs are still incomplete). The first output carries prompt_token_ids and prompt_logprobs.
+  prompt logprobs are still incomplete). The first output carries prompt_token_ids, prompt_logprobs and what
+  `on_scheduled` recorded (cached prompt tokens, queue time).
+- `on_scheduled(start, now)`: called by the core for each scheduled chunk; the first call records the queue time
+  (arrival -> now) and `start` as the number of prompt tokens the prefix cache supplied.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ class RequestState:
         self.generators: list = []                  # one torch.Generator per sequence (set by the core)
         self.grammars: list | None = None           # one structured.GrammarState per sequence, or None
         self.finished = False
+        self.first_scheduled: float | None = None   # monotonic time of the first scheduling
+        self.num_cached_tokens = 0                  # prompt tokens the prefix cache supplied at the first scheduling
         self._max_stop = max((len(s) for s in self.params.stop), default=0)
 
     @property
@@ -60,6 +65,11 @@ class RequestState:
 
     def all_finished(self) -> bool:
         return all(t.finish_reason is not None for t in self.text.values())
+
+    def on_scheduled(self, start: int, now: float) -> None:
+        if self.first_scheduled is None:
+            self.first_scheduled = now
+            self.num_cached_tokens = min(start, self.prompt_len)
 
     # -- tokens --------------------------------------------------------------------------------------------------
     def on_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> bool:
@@ -147,6 +157,9 @@ class RequestState:
         if not self.sent_first:
             out.prompt_token_ids = list(self.request.prompt_token_ids)
             out.prompt_logprobs = self.prompt_logprobs
+            out.num_cached_tokens = self.num_cached_tokens
+            if self.first_scheduled is not None:
+                out.queue_time = max(0.0, self.first_scheduled - self.request.arrival_time)
             self.sent_first = True
         self.finished = done
         return out

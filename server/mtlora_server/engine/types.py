@@ -5,7 +5,8 @@ engine only through `EngineClient`, so API tests can run against a fake engine. 
 
 Contract of `EngineClient.generate(request)`:
 - returns an async iterator of `RequestOutput`; the first item carries `prompt_token_ids` (and `prompt_logprobs`
-  when asked); each item carries only what is new since the previous one (`deltas`, one per sequence that advanced);
+  when asked), `num_cached_tokens` (prompt tokens whose K/V came from the prefix cache) and `queue_time` (seconds
+  from `arrival_time` to the request's first scheduling; None if it was never scheduled); each item carries only what is new since the previous one (`deltas`, one per sequence that advanced);
 - the last item has `finished=True`; every sequence has exactly one delta with a `finish_reason`
   ("stop", "length" or "abort");
 - raises `AdapterNotFoundError`, `InvalidRequestError`/`ContextLengthError` before the first item for bad input,
@@ -113,6 +114,8 @@ class RequestOutput:
     finished: bool = False
     prompt_token_ids: list[int] | None = None                  # first output only
     prompt_logprobs: list[TokenLogprob | None] | None = None   # first output only; position 0 is None
+    num_cached_tokens: int = 0                                 # first output only: prompt tokens from the cache
+    queue_time: float | None = None                            # first output only: arrival -> first scheduled (s)
 
 
 @dataclass

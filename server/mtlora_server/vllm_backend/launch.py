@@ -76,14 +76,26 @@ def build_command(args: argparse.Namespace, model_dir: str, adapter_path: str, s
            "--tensor-parallel-size", str(getattr(args, "tensor_parallel_size", 1)),
            "--seed", str(getattr(args, "seed", 0)),
            "--max-num-seqs", str(getattr(args, "max_num_seqs", 64)),
-           "--uvicorn-log-level", getattr(args, "log_level", "info")]
+           "--uvicorn-log-level", getattr(args, "uvicorn_log_level", None) or getattr(args, "log_level", "info")]
     # --block-size is not forwarded: mtlora-serve always sets it (default 16) and vLLM's attention backends need
     # their own (the CPU one a multiple of 32); pass --vllm-arg=--block-size=N to choose it.
     optional = [("--max-model-len", "max_model_len"), ("--max-num-batched-tokens", "max_num_batched_tokens"),
-                ("--kv-cache-memory-bytes", "kv_cache_memory")]
+                ("--kv-cache-memory-bytes", "kv_cache_memory"),
+                # vLLM's own flags, given to mtlora-serve (mtlora_server.vllm_flags): passed on as they came
+                ("--gpu-memory-utilization", "gpu_memory_utilization"), ("--chat-template", "chat_template"),
+                ("--ssl-keyfile", "ssl_keyfile"), ("--ssl-certfile", "ssl_certfile"),
+                ("--ssl-ca-certs", "ssl_ca_certs")]
     for flag, attr in optional:
         if getattr(args, attr, None) is not None:
             cmd += [flag, str(getattr(args, attr))]
+    if getattr(args, "ssl_cert_reqs", 0):
+        cmd += ["--ssl-cert-reqs", str(args.ssl_cert_reqs)]
+    if getattr(args, "allowed_origins", None) is not None:       # also [], or vLLM would allow every origin
+        cmd += ["--allowed-origins", json.dumps(args.allowed_origins),
+                "--allowed-methods", json.dumps(args.allowed_methods),
+                "--allowed-headers", json.dumps(args.allowed_headers)]
+        if args.allow_credentials:
+            cmd.append("--allow-credentials")
     if getattr(args, "enforce_eager", False):
         cmd.append("--enforce-eager")
     return cmd + list(getattr(args, "vllm_arg", None) or [])

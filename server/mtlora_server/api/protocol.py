@@ -16,6 +16,7 @@ Field names and defaults follow OpenAI's API and vLLM's server.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal, Union, get_args
@@ -25,6 +26,7 @@ from pydantic_core import PydanticUndefined
 
 from mtlora.errors import InvalidRequestError
 from mtlora_server.api.guided import GuidedFields, ResponseFormat
+from mtlora_server.api.tools import ToolCallIn, ToolChoice, ToolSpec
 from mtlora_server.engine.types import MAX_TEMPERATURE, MIN_TEMPERATURE, SEED_MAX, SEED_MIN, SamplingParams
 
 # Bounds that keep one request from exhausting the server; values beyond them are a 400, not an OOM.
@@ -169,14 +171,32 @@ class ChatMessage(ApiModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None          # assistant: calls it made (replayed history)
+    tool_call_id: str | None = None                      # tool: which call this message answers
 
     def rendered(self) -> dict[str, Any]:
-        """The message as the chat template expects it: role + plain-text content."""
+        """The message as the chat template expects it: role + plain-text content, and tool calls / the answered
+        call's id in transformers' convention (arguments as a dict when they are a JSON object)."""
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text for part in content)
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": content or ""}
+        out: dict[str, Any] = {"role": role, "content": content or ""}
+        if self.tool_calls:
+            out["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.function.name, "arguments": _arguments(c.function.arguments)}}
+                                 for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+def _arguments(text: str):
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, dict) else text
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -187,6 +207,9 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: StrictBool = True
     response_format: ResponseFormat | None = None
+    tools: list[ToolSpec] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = None
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -40,6 +40,8 @@ class ServerArgs:
     enable_adapter_loading: bool = False
     adapter_root: str | None = None
     max_request_body_size: int = DEFAULT_MAX_REQUEST_BODY_SIZE
+    tool_call_parser: str | None = None      # with enable_auto_tool_choice: how "auto" tool calls are read
+    enable_auto_tool_choice: bool = False
 
 
 @dataclass

@@ -139,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "logprobs whatever else is in its batch, however its prompt is chunked and whether its "
                         "prefix came from the cache (docs/serving.md). Costs some speed; recommended for "
                         "reproducible evaluation scores.")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="Let chat requests with tools use tool_choice 'auto' (the default with tools): the model's "
+                        "free output is read with --tool-call-parser and calls found become tool_calls. Named and "
+                        "'required' tool choices need neither flag (they are grammar-constrained).")
+    p.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
+                   help="How tool calls are read from the output for tool_choice 'auto': hermes "
+                        "(<tool_call>{...}</tool_call> blocks: Qwen, Hermes, SmolLM3, ...) or llama3_json "
+                        "({\"name\": ..., \"parameters\": ...}). Needed by --enable-auto-tool-choice.")
     p.add_argument("--enable-adapter-loading", action="store_true",
                    help="Enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (needs --adapter-root).")
     p.add_argument("--adapter-root", default=None,
@@ -167,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_args(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> dict[str, str]:
     if ns.enable_adapter_loading and not ns.adapter_root:
         parser.error("--enable-adapter-loading needs --adapter-root DIR")
+    if ns.enable_auto_tool_choice and not ns.tool_call_parser:
+        parser.error("--enable-auto-tool-choice needs --tool-call-parser NAME")
     if ns.adapter_root and not Path(ns.adapter_root).is_dir():
         parser.error(f"--adapter-root {ns.adapter_root}: not a directory")
     if not 0 <= ns.port <= 65535:
@@ -270,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
                              enable_adapter_loading=ns.enable_adapter_loading, adapter_root=ns.adapter_root,
                              max_request_body_size=ns.max_request_body_size, allowed_origins=ns.allowed_origins,
                              allow_credentials=ns.allow_credentials, allowed_methods=ns.allowed_methods,
-                             allowed_headers=ns.allowed_headers)
+                             allowed_headers=ns.allowed_headers,
+                             enable_auto_tool_choice=ns.enable_auto_tool_choice, tool_call_parser=ns.tool_call_parser)
     app = build_app(engine, server_args, manage_engine=True)
     logger.info("serving on %s://%s:%d (API key %s, CORS origins %s)", "https" if ns.ssl_certfile else "http",
                 ns.host, ns.port, "required" if ns.api_key else "off", ns.allowed_origins or "none")

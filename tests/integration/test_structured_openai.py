@@ -1,6 +1,7 @@
-"""Structured outputs through the official `openai` client against a real `mtlora-serve` process (tiny random
-model): 20 JSON schemas via chat `response_format`, every reply parses and validates; vLLM's `guided_choice` /
-`guided_regex` on completions via `extra_body`; a bad schema is a 400 the client raises as BadRequestError."""
+"""Structured outputs and tool calling through the official `openai` client against a real `mtlora-serve` process
+(tiny random model): 20 JSON schemas via chat `response_format`, every reply parses and validates; vLLM's
+`guided_choice` / `guided_regex` on completions via `extra_body`; a bad schema is a 400 the client raises as
+BadRequestError; named and "required" tool choices return calls the client parses, streamed ones too."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from structured_cases import SCHEMAS
 @pytest.fixture(scope="module")
 def client(tiny_model_dir):
     with serve_process(["--model", str(tiny_model_dir), "--served-model-name", "tiny-llama", "--dtype", "float32",
-                        "--kv-cache-memory", "4MiB"]) as url:
+                        "--kv-cache-memory", "4MiB", "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]) as url:
         yield openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
@@ -54,3 +55,30 @@ def test_a_bad_schema_is_a_400(client):
                                            "name": "bad", "schema": {"type": "object", "properties": {"a": {
                                                "type": "nope"}}}}})
     assert err.value.body["param"] == "response_format.json_schema"
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}}, "required": ["city"],
+    "additionalProperties": False}}}
+
+
+def test_tool_calls_through_the_openai_client(client):
+    msgs = [{"role": "user", "content": "Weather in Oslo?"}]
+    named = client.chat.completions.create(model="tiny-llama", messages=msgs, tools=[WEATHER], max_tokens=64,
+                                           tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    call = named.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments)["city"] in ("Paris", "Oslo")
+    required = client.chat.completions.create(model="tiny-llama", messages=msgs, tools=[WEATHER], max_tokens=64,
+                                              tool_choice="required", temperature=0.7, seed=1,
+                                              parallel_tool_calls=False)
+    assert required.choices[0].finish_reason == "tool_calls" and required.choices[0].message.tool_calls
+    history = msgs + [named.choices[0].message.model_dump(exclude_none=True),
+                      {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
+    follow = client.chat.completions.create(model="tiny-llama", messages=history, tools=[WEATHER], max_tokens=4,
+                                            tool_choice="auto")
+    assert follow.choices[0].message.content is not None or follow.choices[0].message.tool_calls
+    stream = client.chat.completions.create(model="tiny-llama", messages=msgs, tools=[WEATHER], max_tokens=64,
+                                            stream=True, tool_choice="required", parallel_tool_calls=False)
+    deltas = [c.choices[0].delta for c in stream if c.choices]
+    streamed = [t for d in deltas if d.tool_calls for t in d.tool_calls]
+    assert streamed and streamed[0].function.name == "get_weather"

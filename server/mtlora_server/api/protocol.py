@@ -19,6 +19,7 @@ Field names and defaults follow OpenAI's API and vLLM's server.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal, Union, get_args
@@ -35,6 +36,7 @@ from mtlora_server.api.fields import (
     STREAM_OPTIONS_UNSUPPORTED,
     check_fields,
 )
+from mtlora_server.api.tools import ToolCallIn, ToolChoice, ToolSpec
 from mtlora_server.engine.types import MAX_TEMPERATURE, MIN_TEMPERATURE, SEED_MAX, SEED_MIN, SamplingParams
 
 # Bounds that keep one request from exhausting the server; values beyond them are a 400, not an OOM.
@@ -193,17 +195,34 @@ class ChatMessage(ApiModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None          # assistant: calls it made (replayed history)
+    tool_call_id: str | None = None                      # tool: which call this message answers
 
     def rendered(self) -> dict[str, Any]:
-        """The message as the chat template expects it: role + plain-text content."""
+        """The message as the chat template expects it: role + plain-text content, and tool calls / the answered
+        call's id in transformers' convention (arguments as a dict when they are a JSON object)."""
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text for part in content)
         role = "system" if self.role == "developer" else self.role
-        rendered = {"role": role, "content": content or ""}
+        out: dict[str, Any] = {"role": role, "content": content or ""}
+        if self.tool_calls:
+            out["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.function.name, "arguments": _arguments(c.function.arguments)}}
+                                 for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
         if self.name is not None:
-            rendered["name"] = self.name                 # templates that know it render it
-        return rendered
+            out["name"] = self.name                      # templates that know it render it
+        return out
+
+
+def _arguments(text: str):
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, dict) else text
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -215,6 +234,9 @@ class ChatCompletionRequest(_SamplingFields):
     add_generation_prompt: StrictBool = True
     response_format: ResponseFormat | None = None
     add_special_tokens: StrictBool = False         # vLLM's: the chat template writes its own special tokens
+    tools: list[ToolSpec] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = None
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -49,6 +49,8 @@ class ServerArgs:
     allow_credentials: bool = False
     allowed_methods: list[str] = field(default_factory=lambda: ["*"])
     allowed_headers: list[str] = field(default_factory=lambda: ["*"])
+    tool_call_parser: str | None = None      # with enable_auto_tool_choice: how "auto" tool calls are read
+    enable_auto_tool_choice: bool = False
 
 
 @dataclass

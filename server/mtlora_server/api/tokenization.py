@@ -117,11 +117,12 @@ class TokenizerWork:
         return await self._run(len(ids) * self.inline_chars // INLINE_IDS, fn, *args)
 
     # -- chat templates ------------------------------------------------------------------------------------------
-    async def render_chat(self, messages: list[dict], add_generation_prompt: bool, size: int) -> Any:
-        """`apply_chat_template(..., tokenize=False)`; `size` is the messages' text length (jinja is pure Python,
-        so in a thread it shares the GIL with the loop every switch interval)."""
+    async def render_chat(self, messages: list[dict], add_generation_prompt: bool, size: int,
+                          tools: list[dict] | None = None) -> Any:
+        """`apply_chat_template(..., tokenize=False)` (with `tools` when given); `size` is the messages' text
+        length (jinja is pure Python, so in a thread it shares the GIL with the loop every switch interval)."""
         return await self._run(size, lambda: self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt))
+            messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt))
 
     # -- /tokenize -----------------------------------------------------------------------------------------------
     def _tokenize_json(self, text: str, add_special_tokens: bool, max_model_len: int, token_strs: bool) -> bytes:

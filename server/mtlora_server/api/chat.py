@@ -61,7 +61,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         max_tokens = ctx.default_max_tokens(len(ids))
     ctx.check_prompt(ids, max_tokens, "messages")
     request = GenerationRequest(request_id=f"{base_id}-0", prompt_token_ids=ids,
-                                sampling=req.to_sampling_params(max_tokens), adapter=adapter)
+                                sampling=await ctx.sampling_params(req, max_tokens), adapter=adapter)
     # the first output can be long in coming (queued, long prefill): a client that leaves meanwhile aborts it
     streams = await run_until_disconnect(http_request,
                                          open_streams(ctx.engine, [request], ctx.metrics, ctx.label(adapter)))

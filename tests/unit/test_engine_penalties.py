@@ -8,7 +8,6 @@ import itertools
 from collections import Counter
 
 import pytest
-import torch
 
 from mtlora.errors import InvalidRequestError
 from mtlora.testing import make_tiny_model_dir
@@ -107,11 +106,12 @@ def _check_counts(core) -> None:
     for state in core.requests.values():
         for seq in state.seqs:
             st = seq.sampler_state
-            if st is not None and st.output_counts is not None:
+            if st is not None and st.seen_ids is not None:
                 counted = seq.output_ids[:st.num_counted]
                 assert st.num_counted <= len(seq.output_ids)
-                want = torch.bincount(torch.tensor(counted, dtype=torch.long), minlength=st.output_counts.numel())
-                assert torch.equal(st.output_counts, want.float())
+                got = dict(zip(st.seen_ids[:st.size].tolist(), st.seen_counts[:st.size].tolist()))
+                assert {t: c for t, c in got.items() if c} == dict(Counter(counted))
+                assert set(got) == set(seq.token_ids[:seq.prompt_len]) | set(counted)
 
 
 def test_a_sampling_retry_counts_no_token_twice(core):

@@ -88,7 +88,7 @@ def _states(params, prompts, outputs, vocab=V):
     for p, prompt, out in zip(params, prompts, outputs):
         st = None
         if p.has_penalties or p.logit_bias:
-            st = SamplerState(p, prompt, vocab, torch.device("cpu"))
+            st = SamplerState(p, prompt, torch.device("cpu"))
             st.update(prompt + out, len(prompt))
         states.append(st)
     return states
@@ -181,21 +181,32 @@ def test_min_p_one_samples_only_the_best_token():
 
 
 # -- state -----------------------------------------------------------------------------------------------------------
+def dense_counts(st: SamplerState, vocab: int = V) -> tuple[torch.Tensor, set[int]]:
+    """(output counts [V], set of seen tokens) from a SamplerState's sparse buffers."""
+    ids, counts = st.seen_ids[:st.size], st.seen_counts[:st.size]
+    assert ids.unique().numel() == st.size                                  # each seen token once
+    assert all(st.slot_of[int(t)] == j for j, t in enumerate(ids))
+    return torch.zeros(vocab).index_add_(0, ids, counts), set(ids.tolist())
+
+
 def test_sampler_state_counts_incrementally_and_idempotently():
     p = SamplingParams(frequency_penalty=1.0, logit_bias={3: 1.0})
     prompt = [4, 4, 6]
-    st = SamplerState(p, prompt, V, torch.device("cpu"))
+    st = SamplerState(p, prompt, torch.device("cpu"))
     tokens = list(prompt)
-    for tok in [9, 9, 4, 12, 9]:
+    for tok in [9, 9, 4, 12, 9] + list(range(20, 60)):                      # past the first capacity: it grows
         tokens.append(tok)
         st.update(tokens, len(prompt))
         st.update(tokens, len(prompt))                  # a retry counts nothing twice
-        want = torch.bincount(torch.tensor(tokens[len(prompt):]), minlength=V).float()
-        assert torch.equal(st.output_counts, want)
-    assert st.prompt_mask.nonzero().flatten().tolist() == [4, 6]
+        counts, seen = dense_counts(st)
+        assert torch.equal(counts, torch.bincount(torch.tensor(tokens[len(prompt):]), minlength=V).float())
+        assert seen == set(tokens)
+    tokens += [61, 61, 4]                                # several new tokens at once (after a preemption, say)
+    st.update(tokens, len(prompt))
+    assert torch.equal(dense_counts(st)[0], torch.bincount(torch.tensor(tokens[3:]), minlength=V).float())
     assert st.bias_ids.tolist() == [3] and st.bias_values.tolist() == [1.0]
-    bias_only = SamplerState(SamplingParams(logit_bias={1: 2.0}), prompt, V, torch.device("cpu"))
-    assert bias_only.output_counts is None and bias_only.prompt_mask is None   # no [V] state without penalties
+    bias_only = SamplerState(SamplingParams(logit_bias={1: 2.0}), prompt, torch.device("cpu"))
+    assert bias_only.seen_ids is None                    # no token state without penalties
 
 
 # -- validation ------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ Contract:
   `faults.check` marks the fault-injection sites (forward, sample, detokenize) the tests use.
 - Sampling: min_tokens bans, then `sampling.process_logits` (bad words, logit_bias, penalties) for the rows that
   ask for them, then `sampling.sample`; logprobs are the model's (raw logits). Penalised / biased sequences keep a
-  `SamplerState` (token counts on the device) updated incrementally; the default request touches none of it.
+  `SamplerState` (sparse token counts on the device) updated incrementally; the default request touches none of it.
 - Adapters: `install_adapter(name, config, tensors, path)` puts a validated adapter into a free slot (nothing else
   is reallocated or recompiled); `remove_adapter(name)` clears it; failures raise AdapterLoadError and leave the
   engine serving what it had (AdapterBusyError while requests use it). `read_adapter(path)` does the file work
@@ -388,7 +388,7 @@ class EngineCore:
         rows = apply_min_tokens(raw, banned) if any(banned) else raw
         params = [seq.owner.params for seq, _ in live]
         if any(p.processes_logits for p in params):       # the default request skips this entirely
-            rows = process_logits(rows, params, *processing_inputs([s for s, _ in live], raw.shape[1], raw.device))
+            rows = process_logits(rows, params, *processing_inputs([s for s, _ in live], raw.device))
         gens = [seq.owner.generators[seq.index] for seq, _ in live]
         chosen = sample(rows, params, gens).cpu()
         faults.check("sample", [seq.owner.request for seq, _ in live])   # after the draws: the worst case

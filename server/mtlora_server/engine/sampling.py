@@ -30,9 +30,11 @@ Contract:
   loops run over rows, bias entries and bad words, never over the vocabulary); all of it is row-wise, so
   batch-invariant mode and the seeded contract hold.
 - `SamplerState` is the only state, one per sequence that has logit_bias or penalties (`processing_inputs`
-  builds it when the sequence first samples): its bias as (ids, values) tensors, its prompt tokens as a [V] mask
-  and its output token counts as a [V] fp32 vector on the logits' device, brought up to date incrementally
-  (`update`: O(new tokens), idempotent, so the core's row-by-row sampling retry counts nothing twice).
+  builds it when the sequence first samples): its bias as (ids, values) tensors and, with penalties, the distinct
+  tokens seen in its prompt or output with their output counts, on the logits' device. It is sparse (O(distinct
+  tokens), never O(vocabulary)) and brought up to date incrementally (`update`: O(new tokens), idempotent, so the
+  core's row-by-row sampling retry counts nothing twice). Penalties touch only those seen tokens (every other
+  token is left as it is by all three penalties), gathered for the whole batch into one flat tensor.
 - `apply_min_tokens(logits, banned_ids_per_row)` returns a copy with the banned ids (EOS / stop tokens of requests
   still below min_tokens) set to -inf; rows with None or [] are untouched.
 - `logprobs_of(logits, chosen, k)`: log_softmax in fp32; per row the chosen token's logprob plus the top-k
@@ -118,42 +120,60 @@ def apply_min_tokens(logits: torch.Tensor, banned_ids_per_row: Sequence[Sequence
 
 
 class SamplerState:
-    """One sequence's logits-processing state on the logits' device, built once when it first samples:
-    its logit_bias as (ids, values) tensors, and when it has penalties its prompt tokens as a [V] bool mask and
-    its output token counts as a [V] fp32 vector (exact up to 2**24 occurrences)."""
+    """One sequence's logits-processing state on the logits' device, built once when it first samples: its
+    logit_bias as (ids, values) tensors and, when it has penalties, the distinct tokens it has seen (prompt or
+    output) with their output counts: `seen_ids[:size]` / `seen_counts[:size]` (fp32, exact up to 2**24), slot
+    of each token in `slot_of`. Sparse: O(distinct tokens) memory and work, never O(vocabulary)."""
 
-    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int], vocab_size: int, device):
+    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int], device):
         self.bias_ids = self.bias_values = None
         if params.logit_bias:
             self.bias_ids = torch.tensor(list(params.logit_bias), dtype=torch.long, device=device)           # [n]
             self.bias_values = torch.tensor(list(params.logit_bias.values()), dtype=torch.float32, device=device)
-        self.prompt_mask = self.output_counts = None
         self.num_counted = 0
+        self.size = 0
+        self.slot_of: dict[int, int] = {}
+        self.seen_ids = self.seen_counts = None
         if params.has_penalties:
-            self.prompt_mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)                     # [V]
-            self.prompt_mask[torch.tensor(list(prompt_ids), dtype=torch.long, device=device)] = True
-            self.output_counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)                # [V]
+            distinct = list(dict.fromkeys(int(t) for t in prompt_ids))
+            self.seen_ids = torch.zeros(max(16, 2 * len(distinct)), dtype=torch.long, device=device)        # [cap]
+            self.seen_counts = torch.zeros(self.seen_ids.numel(), dtype=torch.float32, device=device)       # [cap]
+            self._append(distinct)
+
+    def _append(self, tokens: list[int]) -> None:
+        """New distinct tokens (count 0) at the end, growing the buffers by doubling."""
+        need = self.size + len(tokens)
+        if need > self.seen_ids.numel():
+            cap = max(need, 2 * self.seen_ids.numel())
+            self.seen_ids = torch.cat([self.seen_ids, self.seen_ids.new_zeros(cap - self.seen_ids.numel())])
+            self.seen_counts = torch.cat([self.seen_counts,
+                                          self.seen_counts.new_zeros(cap - self.seen_counts.numel())])
+        if tokens:
+            self.seen_ids[self.size:need] = torch.tensor(tokens, dtype=torch.long, device=self.seen_ids.device)
+            self.slot_of.update((t, self.size + i) for i, t in enumerate(tokens))
+            self.size = need
 
     def update(self, token_ids: Sequence[int], prompt_len: int) -> None:
         """Count the output tokens (token_ids[prompt_len:], which only ever grows) appended since the last call:
         O(new tokens). Idempotent, so a sampling retry counts nothing twice."""
-        new = list(token_ids[prompt_len + self.num_counted:])
-        if self.output_counts is None or not new:
+        new = [int(t) for t in token_ids[prompt_len + self.num_counted:]]
+        if self.seen_ids is None or not new:
             return
-        dev = self.output_counts.device
-        self.output_counts.index_add_(0, torch.tensor(new, dtype=torch.long, device=dev),
-                                      torch.ones(len(new), dtype=torch.float32, device=dev))
+        self._append(list(dict.fromkeys(t for t in new if t not in self.slot_of)))
+        slots = torch.tensor([self.slot_of[t] for t in new], dtype=torch.long, device=self.seen_ids.device)
+        self.seen_counts.index_add_(0, slots, torch.ones(len(new), dtype=torch.float32, device=slots.device))
         self.num_counted += len(new)
 
 
-def apply_penalties(logits: torch.Tensor, output_counts: torch.Tensor, prompt_mask: torch.Tensor,
-                    presence: torch.Tensor, frequency: torch.Tensor, repetition: torch.Tensor) -> torch.Tensor:
-    """Repetition (prompt or output; > 0: divide, else multiply), then frequency and presence (output only).
-    logits, output_counts: [b, V] fp32; prompt_mask: [b, V] bool; presence, frequency, repetition: [b]."""
-    output_mask = output_counts > 0                                                  # [b, V]
-    rep = torch.where(prompt_mask | output_mask, repetition[:, None], 1.0)          # [b, V] 1 where unseen
-    logits = torch.where(logits > 0, logits / rep, logits * rep)
-    return logits - frequency[:, None] * output_counts - presence[:, None] * output_mask
+def apply_penalties(logits: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor,
+                    presence: torch.Tensor, frequency: torch.Tensor, repetition: torch.Tensor) -> None:
+    """In place, on the seen tokens only: logits[rows[j], ids[j]] for each seen (row, token) pair j, whose output
+    count is counts[j] (0: seen in the prompt only) and whose row's penalties are presence[j], frequency[j] and
+    repetition[j]. Repetition first (> 0: divide, else multiply), then frequency and presence. All [n]; (row,
+    token) pairs distinct. Tokens never seen are untouched, which is what every penalty does to them."""
+    vals = logits[rows, ids]                                                         # [n]
+    vals = torch.where(vals > 0, vals / repetition, vals * repetition)
+    logits[rows, ids] = vals - frequency * counts - presence * (counts > 0)
 
 
 def bad_word_bans(bad_words_ids: Sequence[Sequence[int]], output_ids: Sequence[int]) -> list[int]:
@@ -190,6 +210,23 @@ def _add_bias(logits: torch.Tensor, states: Sequence[SamplerState | None]) -> No
     logits[rows, ids] = logits[rows, ids] + values                                   # ids unique per row
 
 
+def _penalise(logits: torch.Tensor, params: Sequence[SamplingParams], states: Sequence[SamplerState | None]) -> None:
+    """In place: every penalised row's seen tokens, gathered into one flat batch (a fixed number of ops)."""
+    rows = [i for i, p in enumerate(params) if p.has_penalties]
+    if not rows:
+        return
+    dev = logits.device
+    sel = [states[i] for i in rows]
+    sizes = torch.tensor([st.size for st in sel], device=dev)                        # [b]
+    per_row = torch.tensor([[i, params[i].presence_penalty, params[i].frequency_penalty,
+                             params[i].repetition_penalty] for i in rows], dtype=torch.float64, device=dev)
+    flat = torch.repeat_interleave(per_row, sizes, dim=0)                          # [n, 4]
+    ids = torch.cat([st.seen_ids[:st.size] for st in sel])                          # [n]
+    counts = torch.cat([st.seen_counts[:st.size] for st in sel])                    # [n]
+    apply_penalties(logits, flat[:, 0].long(), ids, counts, flat[:, 1].float(), flat[:, 2].float(),
+                    flat[:, 3].float())
+
+
 def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams], output_ids: Sequence[Sequence[int]],
                    states: Sequence[SamplerState | None]) -> torch.Tensor:
     """Copy of logits [B, V] (fp32) with bad words, logit_bias and penalties applied, in that order (vLLM's).
@@ -202,20 +239,11 @@ def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams], outpu
     _set_banned(out, [bad_word_bans(p.bad_words_ids, ids) if p.bad_words_ids else None
                       for p, ids in zip(params, output_ids)])
     _add_bias(out, states)
-    rows = [i for i, p in enumerate(params) if p.has_penalties]
-    if rows:
-        dev = out.device
-        idx = torch.tensor(rows, device=dev)
-        sel = [states[i] for i in rows]
-        vals = [[params[i].presence_penalty, params[i].frequency_penalty, params[i].repetition_penalty]
-                for i in rows]
-        presence, frequency, repetition = torch.tensor(vals, dtype=torch.float32, device=dev).unbind(1)  # [b] x 3
-        out[idx] = apply_penalties(out[idx], torch.stack([st.output_counts for st in sel]),
-                                   torch.stack([st.prompt_mask for st in sel]), presence, frequency, repetition)
+    _penalise(out, params, states)
     return out
 
 
-def processing_inputs(seqs: Sequence, vocab_size: int, device: torch.device) -> tuple[list, list]:
+def processing_inputs(seqs: Sequence, device: torch.device) -> tuple[list, list]:
     """(output ids, SamplerState or None) per engine sequence (scheduler.Sequence) for `process_logits`. A
     sequence's state is built when it first samples and brought up to date here (only new tokens are counted)."""
     outputs, states = [], []
@@ -226,7 +254,7 @@ def processing_inputs(seqs: Sequence, vocab_size: int, device: torch.device) -> 
             states.append(None)
             continue
         if seq.sampler_state is None:
-            seq.sampler_state = SamplerState(p, seq.token_ids[:seq.prompt_len], vocab_size, device)
+            seq.sampler_state = SamplerState(p, seq.token_ids[:seq.prompt_len], device)
         seq.sampler_state.update(seq.token_ids, seq.prompt_len)
         states.append(seq.sampler_state)
     return outputs, states

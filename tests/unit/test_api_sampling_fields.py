@@ -44,7 +44,7 @@ async def test_absent_or_null_fields_are_the_defaults(path):
 BAD = [
     ("presence_penalty", 2.5), ("presence_penalty", -2.01), ("presence_penalty", "1"),
     ("frequency_penalty", 3), ("frequency_penalty", True),
-    ("repetition_penalty", 0), ("repetition_penalty", -1.0),
+    ("repetition_penalty", 0), ("repetition_penalty", -1.0), ("repetition_penalty", 1e-9), ("repetition_penalty", 1e7),
     ("min_p", 1.01), ("min_p", -0.5),
     ("logit_bias", {"abc": 1}), ("logit_bias", {"-1": 1}), ("logit_bias", {"1.5": 1}), ("logit_bias", {"": 1}),
     ("logit_bias", {"1" * 11: 1}), ("logit_bias", {"5": 100.5}), ("logit_bias", {"5": -101}),
@@ -67,7 +67,7 @@ async def test_bad_values_are_400_naming_the_field(path, field, value):
 
 async def test_edge_values_are_accepted():
     r, engine = await _post("/v1/completions", {"presence_penalty": -2, "frequency_penalty": 2,
-                                                "repetition_penalty": 0.01, "min_p": 1, "min_p": 0,
+                                                "repetition_penalty": 1e6, "min_p": 1,
                                                 "logit_bias": {"0": -100, "258": 100, "007": 1}})
     assert r.status_code == 200, r.text
     assert engine.seen[0].sampling.logit_bias == {0: -100.0, 258: 100.0, 7: 1.0}

@@ -89,6 +89,10 @@ MIXED = dict(
     rep=dict(repetition_penalty=1.8, temperature=0.8, seed=11),
     freq=dict(frequency_penalty=1.2, presence_penalty=0.5, temperature=1.0, seed=12, top_k=20),
     words=dict(bad_words_ids=[[72], [75, 76]], min_p=0.05, temperature=1.2, seed=13),
+    extreme=dict(repetition_penalty=1e-6, presence_penalty=-2.0, frequency_penalty=-2.0, temperature=100.0,
+                 logit_bias={66: 100.0, 67: -100.0}, min_p=0.5, seed=14),
+    extreme2=dict(repetition_penalty=1e6, presence_penalty=2.0, frequency_penalty=2.0, temperature=1e-5,
+                  logit_bias={66: -100.0}),
 )
 PLAIN = dict(g=dict(), s=dict(temperature=0.9, seed=21, top_p=0.9), s2=dict(temperature=1.1, seed=22))
 

@@ -24,8 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt
 from pydantic_core import PydanticUndefined
 
 from mtlora.errors import InvalidRequestError
-from mtlora_server.engine.types import (MAX_LOGIT_BIAS, MAX_PENALTY, MAX_TEMPERATURE, MIN_TEMPERATURE, SEED_MAX,
-                                       SEED_MIN, SamplingParams)
+from mtlora_server.engine.types import (MAX_LOGIT_BIAS, MAX_PENALTY, MAX_REPETITION_PENALTY, MAX_TEMPERATURE,
+                                       MIN_REPETITION_PENALTY, MIN_TEMPERATURE, SEED_MAX, SEED_MIN, SamplingParams)
 
 # Bounds that keep one request from exhausting the server; values beyond them are a 400, not an OOM.
 MAX_N = 16
@@ -94,7 +94,7 @@ class _SamplingFields(ApiModel):
     # vocabulary and bad_words tokenised by ServingContext.sampling_params
     presence_penalty: Float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
     frequency_penalty: Float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
-    repetition_penalty: Float = Field(1.0, gt=0.0)
+    repetition_penalty: Float = Field(1.0, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)
     logit_bias: dict[str, Any] | None = None
     min_p: Float = Field(0.0, ge=0.0, le=1.0)
     bad_words: list[str] | None = Field(None, max_length=MAX_BAD_WORDS)

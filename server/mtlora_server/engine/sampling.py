@@ -8,7 +8,7 @@ Contract:
 - Definitions (vLLM's and OpenAI's, exactly):
   * presence / frequency penalty in [-2, 2], on the tokens of the OUTPUT so far (OpenAI's formula):
     logits[t] -= frequency * count[t] + presence * (count[t] > 0).
-  * repetition penalty > 0 (1 = off), as in vLLM / Hugging Face, on every token seen in the prompt OR the output:
+  * repetition penalty in [1e-6, 1e6] (1 = off; vLLM asks > 0, fp32 needs the bounds), as in vLLM / Hugging Face, on every token seen in the prompt OR the output:
     a logit > 0 is divided by it, any other logit multiplied by it. Applied before frequency / presence.
   * logit_bias: token id -> bias in [-100, 100], added to the logit.
   * bad words (token sequences, tokenised at the API edge): a word's last token is banned (-inf) when the word's
@@ -205,8 +205,9 @@ def _add_bias(logits: torch.Tensor, states: Sequence[SamplerState | None]) -> No
     dev = logits.device
     ids = torch.cat([st.bias_ids for _, st in biased])                              # [n]
     values = torch.cat([st.bias_values for _, st in biased])                        # [n]
-    rows = torch.repeat_interleave(torch.tensor([i for i, _ in biased], device=dev),
-                                   torch.tensor([st.bias_ids.numel() for _, st in biased], device=dev))
+    sizes = [st.bias_ids.numel() for _, st in biased]
+    rows = torch.repeat_interleave(torch.tensor([i for i, _ in biased], device=dev), torch.tensor(sizes, device=dev),
+                                   output_size=sum(sizes))      # no device sync for the output size
     logits[rows, ids] = logits[rows, ids] + values                                   # ids unique per row
 
 
@@ -220,7 +221,7 @@ def _penalise(logits: torch.Tensor, params: Sequence[SamplingParams], states: Se
     sizes = torch.tensor([st.size for st in sel], device=dev)                        # [b]
     per_row = torch.tensor([[i, params[i].presence_penalty, params[i].frequency_penalty,
                              params[i].repetition_penalty] for i in rows], dtype=torch.float64, device=dev)
-    flat = torch.repeat_interleave(per_row, sizes, dim=0)                          # [n, 4]
+    flat = torch.repeat_interleave(per_row, sizes, dim=0, output_size=sum(st.size for st in sel))   # [n, 4]
     ids = torch.cat([st.seen_ids[:st.size] for st in sel])                          # [n]
     counts = torch.cat([st.seen_counts[:st.size] for st in sel])                    # [n]
     apply_penalties(logits, flat[:, 0].long(), ids, counts, flat[:, 1].float(), flat[:, 2].float(),

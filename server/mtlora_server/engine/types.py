@@ -30,6 +30,8 @@ MAX_TEMPERATURE = 100.0
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 MAX_PENALTY = 2.0                 # presence / frequency penalty bounds (OpenAI's and vLLM's)
 MAX_LOGIT_BIAS = 100.0            # |bias| bound (OpenAI's)
+# repetition_penalty bounds: vLLM asks only > 0, but in fp32 a value near 0 or huge turns logits into inf / NaN
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-6, 1e6
 
 
 @dataclass
@@ -53,7 +55,7 @@ class SamplingParams:
     # Logits processing, with vLLM's (and OpenAI's) definitions; see engine.sampling for the order and formulas.
     presence_penalty: float = 0.0     # [-2, 2]: subtracted once from each token already in the OUTPUT
     frequency_penalty: float = 0.0    # [-2, 2]: subtracted per occurrence of the token in the OUTPUT
-    repetition_penalty: float = 1.0   # > 0, 1 = off: tokens in prompt or output, logit > 0 divided, else multiplied
+    repetition_penalty: float = 1.0   # > 0 (1e-6..1e6), 1 = off: tokens in prompt or output, logit > 0 divided, else multiplied
     logit_bias: dict[int, float] = field(default_factory=dict)   # token id -> bias in [-100, 100], added
     min_p: float = 0.0                # [0, 1]: drop tokens with prob < min_p * max prob (after temperature)
     bad_words_ids: list[list[int]] = field(default_factory=list)  # token sequences never generated (`bad_words`)
@@ -87,8 +89,8 @@ class SamplingParams:
              f"presence_penalty must be in [{-MAX_PENALTY:g}, {MAX_PENALTY:g}]"),
             (-MAX_PENALTY <= self.frequency_penalty <= MAX_PENALTY, "frequency_penalty",
              f"frequency_penalty must be in [{-MAX_PENALTY:g}, {MAX_PENALTY:g}]"),
-            (0.0 < self.repetition_penalty < float("inf"), "repetition_penalty",
-             "repetition_penalty must be a finite number > 0 (1 = off)"),
+            (MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY, "repetition_penalty",
+             f"repetition_penalty must be in [{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}] (1 = off)"),
             (all(isinstance(t, int) and t >= 0 and -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS
                  for t, b in self.logit_bias.items()), "logit_bias",
              f"logit_bias maps token ids (>= 0) to biases in [{-MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"),

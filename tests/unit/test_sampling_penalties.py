@@ -228,8 +228,9 @@ def test_out_of_range_values_name_the_field(field, value):
 
 
 def test_edge_values_are_accepted_and_only_real_settings_process_logits():
-    SamplingParams(presence_penalty=-2.0, frequency_penalty=2.0, repetition_penalty=1e-3, min_p=1.0,
+    SamplingParams(presence_penalty=-2.0, frequency_penalty=2.0, repetition_penalty=1e-6, min_p=1.0,
                    logit_bias={0: -100.0, 1: 100.0})
+    SamplingParams(presence_penalty=2.0, frequency_penalty=-2.0, repetition_penalty=1e6, min_p=0.0)
     assert not SamplingParams().processes_logits
     assert not SamplingParams(min_p=0.5, temperature=0.3, top_k=3).processes_logits   # min_p: in the sampler
     assert SamplingParams(repetition_penalty=1.01).has_penalties

@@ -8,8 +8,9 @@ Contract:
 - Definitions (vLLM's and OpenAI's, exactly):
   * presence / frequency penalty in [-2, 2], on the tokens of the OUTPUT so far (OpenAI's formula):
     logits[t] -= frequency * count[t] + presence * (count[t] > 0).
-  * repetition penalty in [1e-6, 1e6] (1 = off; vLLM asks > 0, fp32 needs the bounds), as in vLLM / Hugging Face, on every token seen in the prompt OR the output:
-    a logit > 0 is divided by it, any other logit multiplied by it. Applied before frequency / presence.
+  * repetition penalty in [1e-6, 1e6] (1 = off; vLLM asks only > 0, fp32 needs the bounds), as in vLLM and
+    Hugging Face, on every token seen in the prompt OR the output: a logit > 0 is divided by it, any other logit
+    multiplied by it. Applied before frequency / presence.
   * logit_bias: token id -> bias in [-100, 100], added to the logit.
   * bad words (token sequences, tokenised at the API edge): a word's last token is banned (-inf) when the word's
     other tokens equal the end of the output so far; a one-token word is always banned (vLLM's rule).
@@ -24,9 +25,10 @@ Contract:
   same tokens whatever else is in the batch. Rows without a generator share one draw from torch's default
   generator. `filter_logits(logits, params)` is that chain up to the draw (temperature, min_p, top_k, top_p;
   removed tokens -inf), for the rows given.
-- `process_logits(logits, params, output_ids, counts)` returns a copy with bad words, logit_bias and penalties
-  applied to the rows that ask for them; `counts[i]` is row i's `TokenCounts` (needed when
-  `params[i].has_penalties`, else None). Every step is a fixed number of tensor ops for the whole batch (Python
+- `process_logits(logits, params, output_ids, states)` returns a copy with bad words, logit_bias and penalties
+  applied to the rows that ask for them; `output_ids[i]` is row i's output so far (read for bad words) and
+  `states[i]` its up-to-date `SamplerState` (rows with logit_bias or penalties, else None); `processing_inputs`
+  builds both from the engine's sequences. Every step is a fixed number of tensor ops for the whole batch (Python
   loops run over rows, bias entries and bad words, never over the vocabulary); all of it is row-wise, so
   batch-invariant mode and the seeded contract hold.
 - `SamplerState` is the only state, one per sequence that has logit_bias or penalties (`processing_inputs`
@@ -54,7 +56,7 @@ from .types import SamplingParams, TokenLogprob
 
 
 def filter_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """Temperature, top-k and top-p applied row-wise; removed tokens are -inf. logits: [B, V] fp32."""
+    """Temperature, min_p, top-k and top-p applied row-wise; removed tokens are -inf. logits: [B, V] fp32."""
     B, V = logits.shape
     dev = logits.device
     temp = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=dev)             # [B]
@@ -114,7 +116,7 @@ def apply_min_tokens(logits: torch.Tensor, banned_ids_per_row: Sequence[Sequence
     if len(banned_ids_per_row) != logits.shape[0]:
         raise ValueError(f"apply_min_tokens: {len(banned_ids_per_row)} rows of banned ids for "
                          f"{logits.shape[0]} logits rows")
-    out = logits.clone()
+    out = logits.clone(memory_format=torch.contiguous_format)
     _set_banned(out, banned_ids_per_row)
     return out
 
@@ -165,15 +167,16 @@ class SamplerState:
         self.num_counted += len(new)
 
 
-def apply_penalties(logits: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor,
-                    presence: torch.Tensor, frequency: torch.Tensor, repetition: torch.Tensor) -> None:
-    """In place, on the seen tokens only: logits[rows[j], ids[j]] for each seen (row, token) pair j, whose output
-    count is counts[j] (0: seen in the prompt only) and whose row's penalties are presence[j], frequency[j] and
-    repetition[j]. Repetition first (> 0: divide, else multiply), then frequency and presence. All [n]; (row,
-    token) pairs distinct. Tokens never seen are untouched, which is what every penalty does to them."""
-    vals = logits[rows, ids]                                                         # [n]
+def apply_penalties(logits: torch.Tensor, flat_idx: torch.Tensor, counts: torch.Tensor, presence: torch.Tensor,
+                    frequency: torch.Tensor, repetition: torch.Tensor) -> None:
+    """In place, on the seen tokens only. logits: [B, V] contiguous; flat_idx: [n] distinct positions
+    row * V + token of the seen (row, token) pairs, whose output counts are counts [n] (0: seen in the prompt
+    only) and whose rows' penalties are presence, frequency, repetition [n]. Repetition first (> 0: divide, else
+    multiply), then frequency and presence. Tokens never seen are untouched, as every penalty leaves them."""
+    flat = logits.view(-1)
+    vals = flat.index_select(0, flat_idx)                                            # [n]
     vals = torch.where(vals > 0, vals / repetition, vals * repetition)
-    logits[rows, ids] = vals - frequency * counts - presence * (counts > 0)
+    flat.index_copy_(0, flat_idx, vals - frequency * counts - presence * (counts > 0))
 
 
 def bad_word_bans(bad_words_ids: Sequence[Sequence[int]], output_ids: Sequence[int]) -> list[int]:
@@ -189,26 +192,28 @@ def bad_word_bans(bad_words_ids: Sequence[Sequence[int]], output_ids: Sequence[i
 
 
 def _set_banned(logits: torch.Tensor, banned_ids_per_row: Sequence[Sequence[int] | None]) -> None:
-    """In place: each row's banned ids -> -inf (one indexing op for the batch)."""
-    rows = [i for i, ids in enumerate(banned_ids_per_row) if ids for _ in ids]
-    if rows:
-        cols = [t for ids in banned_ids_per_row if ids for t in ids]
-        dev = logits.device
-        logits[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)] = float("-inf")
+    """In place: each row's banned ids -> -inf (one indexing op for the batch). logits: [B, V] contiguous."""
+    V = logits.shape[1]
+    flat_idx = [i * V + t for i, ids in enumerate(banned_ids_per_row) if ids for t in ids]
+    if flat_idx:
+        logits.view(-1).index_fill_(0, torch.tensor(flat_idx, device=logits.device), float("-inf"))
+
+
+def _row_offsets(rows: list[int], sizes: list[int], V: int, device) -> torch.Tensor:
+    """[sum(sizes)]: row * V repeated sizes[j] times for rows[j] (no device sync: the output size is given)."""
+    return torch.repeat_interleave(torch.tensor(rows, device=device) * V, torch.tensor(sizes, device=device),
+                                   output_size=sum(sizes))
 
 
 def _add_bias(logits: torch.Tensor, states: Sequence[SamplerState | None]) -> None:
-    """In place: each row's logit_bias added (one gather and one scatter for the batch)."""
+    """In place: each row's logit_bias added (one index_add_ for the batch). logits: [B, V] contiguous."""
     biased = [(i, st) for i, st in enumerate(states) if st is not None and st.bias_ids is not None]
     if not biased:
         return
-    dev = logits.device
-    ids = torch.cat([st.bias_ids for _, st in biased])                              # [n]
-    values = torch.cat([st.bias_values for _, st in biased])                        # [n]
-    sizes = [st.bias_ids.numel() for _, st in biased]
-    rows = torch.repeat_interleave(torch.tensor([i for i, _ in biased], device=dev), torch.tensor(sizes, device=dev),
-                                   output_size=sum(sizes))      # no device sync for the output size
-    logits[rows, ids] = logits[rows, ids] + values                                   # ids unique per row
+    offsets = _row_offsets([i for i, _ in biased], [st.bias_ids.numel() for _, st in biased], logits.shape[1],
+                           logits.device)
+    flat_idx = torch.cat([st.bias_ids for _, st in biased]) + offsets                 # [n]
+    logits.view(-1).index_add_(0, flat_idx, torch.cat([st.bias_values for _, st in biased]))
 
 
 def _penalise(logits: torch.Tensor, params: Sequence[SamplingParams], states: Sequence[SamplerState | None]) -> None:
@@ -218,14 +223,14 @@ def _penalise(logits: torch.Tensor, params: Sequence[SamplingParams], states: Se
         return
     dev = logits.device
     sel = [states[i] for i in rows]
-    sizes = torch.tensor([st.size for st in sel], device=dev)                        # [b]
-    per_row = torch.tensor([[i, params[i].presence_penalty, params[i].frequency_penalty,
-                             params[i].repetition_penalty] for i in rows], dtype=torch.float64, device=dev)
-    flat = torch.repeat_interleave(per_row, sizes, dim=0, output_size=sum(st.size for st in sel))   # [n, 4]
-    ids = torch.cat([st.seen_ids[:st.size] for st in sel])                          # [n]
+    sizes = [st.size for st in sel]
+    per_row = torch.tensor([[params[i].presence_penalty, params[i].frequency_penalty, params[i].repetition_penalty]
+                            for i in rows], dtype=torch.float32, device=dev)         # [b, 3]
+    presence, frequency, repetition = torch.repeat_interleave(
+        per_row, torch.tensor(sizes, device=dev), dim=0, output_size=sum(sizes)).unbind(1)          # [n] x 3
+    flat_idx = torch.cat([st.seen_ids[:st.size] for st in sel]) + _row_offsets(rows, sizes, logits.shape[1], dev)
     counts = torch.cat([st.seen_counts[:st.size] for st in sel])                    # [n]
-    apply_penalties(logits, flat[:, 0].long(), ids, counts, flat[:, 1].float(), flat[:, 2].float(),
-                    flat[:, 3].float())
+    apply_penalties(logits, flat_idx, counts, presence, frequency, repetition)
 
 
 def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams], output_ids: Sequence[Sequence[int]],
@@ -236,7 +241,7 @@ def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams], outpu
     if not logits.shape[0] == len(params) == len(output_ids) == len(states):
         raise ValueError(f"process_logits: logits {tuple(logits.shape)} need one params, output and state per "
                          f"row, got {len(params)}, {len(output_ids)} and {len(states)}")
-    out = logits.float().clone()
+    out = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)      # [B, V]
     _set_banned(out, [bad_word_bans(p.bad_words_ids, ids) if p.bad_words_ids else None
                       for p, ids in zip(params, output_ids)])
     _add_bias(out, states)

@@ -55,7 +55,7 @@ class SamplingParams:
     # Logits processing, with vLLM's (and OpenAI's) definitions; see engine.sampling for the order and formulas.
     presence_penalty: float = 0.0     # [-2, 2]: subtracted once from each token already in the OUTPUT
     frequency_penalty: float = 0.0    # [-2, 2]: subtracted per occurrence of the token in the OUTPUT
-    repetition_penalty: float = 1.0   # > 0 (1e-6..1e6), 1 = off: tokens in prompt or output, logit > 0 divided, else multiplied
+    repetition_penalty: float = 1.0   # [1e-6, 1e6], 1 = off: on prompt + output tokens, logit > 0 divided, else times
     logit_bias: dict[int, float] = field(default_factory=dict)   # token id -> bias in [-100, 100], added
     min_p: float = 0.0                # [0, 1]: drop tokens with prob < min_p * max prob (after temperature)
     bad_words_ids: list[list[int]] = field(default_factory=list)  # token sequences never generated (`bad_words`)

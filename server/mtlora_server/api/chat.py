@@ -74,7 +74,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         max_tokens = ctx.default_max_tokens(len(ids))
     ctx.check_prompt(ids, max_tokens, "messages")
     request = GenerationRequest(request_id=f"{engine_id}-0", prompt_token_ids=ids,
-                                sampling=req.to_sampling_params(max_tokens), adapter=adapter,
+                                sampling=await ctx.sampling_params(req, max_tokens), adapter=adapter,
                                 grammar=await compile_guided(ctx, plan.guided or guided))
     # the first output can be long in coming (queued, long prefill): a client that leaves meanwhile aborts it
     streams = await run_until_disconnect(http_request,

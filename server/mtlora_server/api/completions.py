@@ -64,7 +64,7 @@ async def _engine_requests(ctx: ServingContext, req: CompletionRequest, engine_i
         max_tokens = req.max_tokens if req.max_tokens is not None else ctx.default_max_tokens(len(ids), param)
         ctx.check_prompt(ids, max_tokens, param)
         requests.append(GenerationRequest(request_id=f"{engine_id}-{i}", prompt_token_ids=ids,
-                                          sampling=req.to_sampling_params(max_tokens), adapter=adapter,
+                                          sampling=await ctx.sampling_params(req, max_tokens), adapter=adapter,
                                           grammar=grammar))
     return adapter, prompts, requests
 

@@ -37,12 +37,14 @@ from mtlora_server.api.fields import (
     check_fields,
 )
 from mtlora_server.api.tools import ToolCallIn, ToolChoice, ToolSpec
-from mtlora_server.engine.types import MAX_TEMPERATURE, MIN_TEMPERATURE, SEED_MAX, SEED_MIN, SamplingParams
+from mtlora_server.engine.types import (MAX_LOGIT_BIAS, MAX_PENALTY, MAX_REPETITION_PENALTY, MAX_TEMPERATURE,
+                                       MIN_REPETITION_PENALTY, MIN_TEMPERATURE, SEED_MAX, SEED_MIN, SamplingParams)
 
 # Bounds that keep one request from exhausting the server; values beyond them are a 400, not an OOM.
 MAX_N = 16
 MAX_STOP = 16
 MAX_LOGPROBS = 20
+MAX_BAD_WORDS = 256
 INT32_MAX = 2**31 - 1          # token counts and ids: far beyond any context or vocabulary, far below overflow
 
 Float = Annotated[float, Strict()]                  # a JSON number (integers too), never a string or a boolean
@@ -101,6 +103,34 @@ class _SamplingFields(ApiModel, GuidedFields):
     skip_special_tokens: StrictBool = True
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
+    # logits processing (vLLM's / OpenAI's definitions: engine.sampling); token ids are checked against the
+    # vocabulary and bad_words tokenised by ServingContext.sampling_params
+    presence_penalty: Float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    frequency_penalty: Float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    repetition_penalty: Float = Field(1.0, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)
+    logit_bias: dict[str, Any] | None = None
+    min_p: Float = Field(0.0, ge=0.0, le=1.0)
+    bad_words: list[str] | None = Field(None, max_length=MAX_BAD_WORDS)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, bias: dict[str, Any] | None) -> dict[str, Any] | None:
+        """OpenAI's shape: token ids as JSON object keys (strings of digits) -> a number in [-100, 100]."""
+        for key, value in (bias or {}).items():
+            if not (key.isascii() and key.isdigit() and len(key) <= len(str(INT32_MAX))):
+                raise ValueError(f"key {key[:50]!r} is not a token id (a string of at most 10 digits)")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not \
+                    -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:     # False for NaN too
+                raise ValueError(f"the bias of token {key} must be a number in [{-MAX_LOGIT_BIAS:g}, "
+                                 f"{MAX_LOGIT_BIAS:g}]")
+        return bias
+
+    @field_validator("bad_words")
+    @classmethod
+    def _bad_words(cls, words: list[str] | None) -> list[str] | None:
+        if any(not w.strip() for w in words or []):
+            raise ValueError("bad words must not be empty or only whitespace")
+        return words
 
     @model_validator(mode="before")
     @classmethod
@@ -134,6 +164,11 @@ class _SamplingFields(ApiModel, GuidedFields):
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            logit_bias={int(k): float(v) for k, v in (self.logit_bias or {}).items()},
+            min_p=self.min_p,
         )
 
     @property

@@ -9,6 +9,10 @@ Contract:
 - Tokenizer work goes through `ctx.tokens` (api.tokenization: off the event loop once an input is more than
   small): `await encode_prompt(text, max_tokens, param)` refuses a prompt that cannot fit from its token count
   alone, `await encode(...)`, `await decode(...)`. A text the tokenizer cannot encode is a 400 naming `param`.
+- `await sampling_params(req, max_tokens)`: the request's SamplingParams with what needs the tokenizer: logit_bias
+  ids inside the vocabulary (else 400 naming logit_bias), and `bad_words` tokenised as vLLM does (each word
+  stripped of leading spaces, encoded without special tokens, and again with one leading space when that gives a
+  different first token and as many tokens) into `bad_words_ids`.
 - `sse(obj)` frames one server-sent event; streams end with `data: [DONE]`.
 - `request_ids(http_request, prefix)`: the response `id` is `<prefix>-<X-Request-Id>` (api.app's middleware
   supplies the id); engine request ids start with it, plus a random part when the client chose the id (two
@@ -18,6 +22,7 @@ Contract:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -27,7 +32,7 @@ from mtlora.errors import AdapterNotFoundError, ContextLengthError, InvalidReque
 from mtlora_server.api.limits import DEFAULT_MAX_REQUEST_BODY_SIZE
 from mtlora_server.api.metrics import Metrics
 from mtlora_server.api.tokenization import Encoded, TokenizerWork
-from mtlora_server.engine.types import TokenLogprob
+from mtlora_server.engine.types import SamplingParams, TokenLogprob
 
 DONE = "data: [DONE]\n\n"
 
@@ -118,6 +123,29 @@ class ServingContext:
 
     async def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return await self.tokens.decode(list(ids), skip_special_tokens)
+
+    async def sampling_params(self, req, max_tokens: int) -> SamplingParams:
+        """`req.to_sampling_params(max_tokens)` plus the checks and tokenisation that need the tokenizer."""
+        params = req.to_sampling_params(max_tokens)
+        self.check_token_ids(list(params.logit_bias), "logit_bias")
+        if not req.bad_words:
+            return params
+        return dataclasses.replace(params, bad_words_ids=await self.bad_words_ids(req.bad_words))
+
+    async def bad_words_ids(self, words: list[str]) -> list[list[int]]:
+        """vLLM's tokenisation of `bad_words` (SamplingParams.update_from_tokenizer): with and without a leading
+        space, so a word is banned both at the start of the text and inside it."""
+        out: list[list[int]] = []
+        for i, word in enumerate(words):
+            plain = await self.encode(word.lstrip(), add_special_tokens=False, param="bad_words")
+            if not plain:
+                raise InvalidRequestError(f"bad_words.{i} ({word[:50]!r}) tokenises to no tokens", param="bad_words")
+            out.append(plain)
+            spaced = await self.encode(" " + word.lstrip(), add_special_tokens=False, param="bad_words")
+            if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
+                out.append(spaced)
+        self.check_token_ids([t for ids in out for t in ids], "bad_words")
+        return out
 
     def check_token_ids(self, ids: list[int], param: str) -> None:
         vocab = self.vocab_size

@@ -15,6 +15,9 @@ Contract:
   started with, so only rows that raise on their own fail. An exception while preparing or running the batched
   forward fails every request with a chunk in the step and is re-raised (the caller counts failed steps).
   `faults.check` marks the fault-injection sites (forward, sample, detokenize) the tests use.
+- Sampling: min_tokens bans, then `sampling.process_logits` (bad words, logit_bias, penalties) for the rows that
+  ask for them, then `sampling.sample`; logprobs are the model's (raw logits). Penalised / biased sequences keep a
+  `SamplerState` (sparse token counts on the device) updated incrementally; the default request touches none of it.
 - Adapters: `install_adapter(name, config, tensors, path)` puts a validated adapter into a free slot (nothing else
   is reallocated or recompiled); `remove_adapter(name)` clears it; failures raise AdapterLoadError and leave the
   engine serving what it had (AdapterBusyError while requests use it). `read_adapter(path)` does the file work
@@ -42,6 +45,7 @@ from .kv_cache import KVCachePool
 from .model import LlamaDecoder, ModelConfig
 from .prefix_cache import PrefixCache
 from .ops import AdapterSlots, RoutingStats, apply_min_tokens, logprobs_of, sample
+from .sampling import process_logits, processing_inputs
 from .request_state import RequestState
 from .runner import ModelRunner
 from .scheduler import Chunk, Scheduler, Sequence
@@ -167,6 +171,10 @@ class EngineCore:
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
         if any(not 0 <= t < vocab for t in req.sampling.stop_token_ids):    # they index the logits rows
             raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
+        if any(not 0 <= t < vocab for t in req.sampling.logit_bias):
+            raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab})", param="logit_bias")
+        if any(not 0 <= t < vocab for word in req.sampling.bad_words_ids for t in word):
+            raise InvalidRequestError(f"bad_words token ids must be in [0, {vocab})", param="bad_words")
         total = len(ids) + req.sampling.max_tokens
         if total > self.max_model_len:
             raise ContextLengthError(f"This model's maximum context length is {self.max_model_len} tokens; the "
@@ -398,6 +406,8 @@ class EngineCore:
                 rows[i] = raw[i]                          # min_tokens forbade the only token the grammar allows
                 mask_rows(rows[i:i + 1], [grammars[i]])
         params = [seq.owner.params for seq, _ in live]
+        if any(p.processes_logits for p in params):       # the default request skips this entirely
+            rows = process_logits(rows, params, *processing_inputs([s for s, _ in live], raw.device))
         gens = [seq.owner.generators[seq.index] for seq, _ in live]
         chosen = sample(rows, params, gens).cpu()
         faults.check("sample", [seq.owner.request for seq, _ in live])   # after the draws: the worst case

@@ -51,6 +51,7 @@ class Sequence:
     pending_digests: list[bytes] = field(default_factory=list)  # blocks announced as being computed by this seq
     cached_prompt_logprobs: list | None = None  # prompt-logprob entries a cache hit supplied (taken by the core)
     tail_hidden: object = None            # [d] final hidden state at the last cached position (echo hits)
+    sampler_state: object = None          # sampling.SamplerState (logit_bias / penalty counts), built by the core
 
     @property
     def num_tokens(self) -> int:

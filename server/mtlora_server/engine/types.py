@@ -29,6 +29,10 @@ FINISH_REASONS = ("stop", "length", "abort")
 MIN_TEMPERATURE = 1e-5
 MAX_TEMPERATURE = 100.0
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+MAX_PENALTY = 2.0                 # presence / frequency penalty bounds (OpenAI's and vLLM's)
+MAX_LOGIT_BIAS = 100.0            # |bias| bound (OpenAI's)
+# repetition_penalty bounds: vLLM asks only > 0, but in fp32 a value near 0 or huge turns logits into inf / NaN
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-6, 1e6
 
 
 @dataclass
@@ -49,6 +53,13 @@ class SamplingParams:
     logprobs: int | None = None       # None: no logprobs; k >= 0: sampled token's logprob + top-k alternatives
     prompt_logprobs: int | None = None  # None: none; k >= 0: per prompt position (first is None) + top-k
     skip_special_tokens: bool = True
+    # Logits processing, with vLLM's (and OpenAI's) definitions; see engine.sampling for the order and formulas.
+    presence_penalty: float = 0.0     # [-2, 2]: subtracted once from each token already in the OUTPUT
+    frequency_penalty: float = 0.0    # [-2, 2]: subtracted per occurrence of the token in the OUTPUT
+    repetition_penalty: float = 1.0   # [1e-6, 1e6], 1 = off: on prompt + output tokens, logit > 0 divided, else times
+    logit_bias: dict[int, float] = field(default_factory=dict)   # token id -> bias in [-100, 100], added
+    min_p: float = 0.0                # [0, 1]: drop tokens with prob < min_p * max prob (after temperature)
+    bad_words_ids: list[list[int]] = field(default_factory=list)  # token sequences never generated (`bad_words`)
 
     def __post_init__(self) -> None:
         checks = [
@@ -66,14 +77,43 @@ class SamplingParams:
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "logprobs must be in [0, 20]"),
             (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs",
              "prompt_logprobs must be in [0, 20]"),
-        ]
+        ] + self._processing_checks()
         for ok, param, message in checks:
             if not ok:
                 raise InvalidRequestError(message, param=param)
 
+    def _processing_checks(self) -> list[tuple[bool, str, str]]:
+        """Range checks of the logits-processing fields (False for NaN too); token ids are checked against the
+        vocabulary by the engine (and at the API edge)."""
+        return [
+            (-MAX_PENALTY <= self.presence_penalty <= MAX_PENALTY, "presence_penalty",
+             f"presence_penalty must be in [{-MAX_PENALTY:g}, {MAX_PENALTY:g}]"),
+            (-MAX_PENALTY <= self.frequency_penalty <= MAX_PENALTY, "frequency_penalty",
+             f"frequency_penalty must be in [{-MAX_PENALTY:g}, {MAX_PENALTY:g}]"),
+            (MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY, "repetition_penalty",
+             f"repetition_penalty must be in [{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}] (1 = off)"),
+            (all(isinstance(t, int) and t >= 0 and -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS
+                 for t, b in self.logit_bias.items()), "logit_bias",
+             f"logit_bias maps token ids (>= 0) to biases in [{-MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"),
+            (0.0 <= self.min_p <= 1.0, "min_p", "min_p must be in [0, 1]"),
+            (all(w and all(isinstance(t, int) and t >= 0 for t in w) for w in self.bad_words_ids), "bad_words",
+             "bad_words must tokenise to non-empty sequences of token ids"),
+        ]
+
     @property
     def greedy(self) -> bool:
         return self.temperature < MIN_TEMPERATURE
+
+    @property
+    def has_penalties(self) -> bool:
+        """Presence, frequency or repetition penalty set: the sampler needs this sequence's token counts."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    @property
+    def processes_logits(self) -> bool:
+        """Anything between the model's logits and temperature (penalties, logit_bias, bad words). False for the
+        default request, whose logits reach the sampler untouched."""
+        return self.has_penalties or bool(self.logit_bias) or bool(self.bad_words_ids)
 
 
 @dataclass

@@ -390,6 +390,12 @@ class AdapterSlots:
             log.debug("allocated adapter buffers for layers.%d.%s", layer, site)
         return self._sites[key]
 
+    def check(self, config: AdapterConfig, tensors: dict[str, torch.Tensor] | None = None) -> None:
+        """Would this adapter fit a slot? (AdapterLoadError naming the limit or tensor; writes nothing)."""
+        self._check_limits(0, config)
+        if tensors is not None:
+            self._check_tensors(config, tensors)
+
     def load(self, slot: int, config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> None:
         """Write an adapter into `slot` (replacing what was there). Everything is checked before any write."""
         groups = self._check_limits(slot, config)

@@ -140,6 +140,10 @@ class EngineStats:
     expert_usage: dict[str, list[float]] = field(default_factory=dict)
     # adapter name -> mean routing entropy (nats) over sampled tokens
     routing_entropy: dict[str, float] = field(default_factory=dict)
+    adapters_registered: int = 0                 # servable adapters (resident or not)
+    adapters_resident: int = 0                   # adapters in device slots
+    adapter_host_cache_bytes: int = 0            # validated adapter tensors held in host memory
+    adapter_counters: object = None              # adapter_registry.AdapterCounters: loads, evictions, waits
 
     @property
     def kv_usage(self) -> float:

@@ -94,6 +94,23 @@ def test_seven_adapters_two_slots_match_all_resident(env, cache_size):
     else:
         assert c.cache_hits_total == 0 and c.disk_loads_total == c.loads_total
     assert c.wait_count > 0 and core.stats().adapters_registered == NUM_ADAPTERS
+    metrics = _scrape(core)
+    assert metrics["mtlora:adapters_registered"] == NUM_ADAPTERS and metrics["mtlora:adapters_resident"] == 2
+    assert metrics["mtlora:adapter_evictions_total"] == len(evicted)
+    assert metrics["mtlora:adapter_host_cache_hits_total"] == c.cache_hits_total
+    assert metrics["mtlora:adapter_wait_seconds_count"] == c.wait_count > 0
+
+
+def _scrape(core: EngineCore) -> dict[str, float]:
+    """/metrics of an API server over this core (the collector reads stats() and list_adapters())."""
+    from types import SimpleNamespace
+
+    from mtlora_server.api.metrics import Metrics
+
+    view = SimpleNamespace(stats=core.stats, list_adapters=lambda: [r.info for r in core.registry.records.values()])
+    text = Metrics(view).render().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
 
 
 def test_busy_adapters_are_never_evicted(env):

@@ -42,7 +42,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -50,13 +50,12 @@ import torch
 
 from mtlora.config import AdapterConfig
 
-from .types import AdapterInfo
+from .types import AdapterCounters, AdapterInfo
 
 log = logging.getLogger(__name__)
 
 LOAD_AHEAD = 2                      # disk loads in flight + loaded adapters still waiting for a slot
 NEVER = float("inf")
-WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 @dataclass
@@ -85,26 +84,6 @@ class AdapterRecord:
     error: str | None = None                              # a failed load: the adapter is broken
     loading: bool = False
     last_used: int = 0                                    # LRU clock of the residency
-
-
-@dataclass
-class AdapterCounters:
-    loads_total: int = 0                                  # slot installs of a non-resident adapter
-    disk_loads_total: int = 0                             # reads from disk (file read + validation)
-    load_failures_total: int = 0
-    evictions_total: int = 0
-    cache_hits_total: int = 0                             # slot installs served from the host cache
-    wait_bounds: tuple[float, ...] = WAIT_BUCKETS           # histogram bucket upper bounds (seconds)
-    wait_buckets: list[int] = field(default_factory=lambda: [0] * len(WAIT_BUCKETS))   # cumulative counts
-    wait_count: int = 0
-    wait_sum: float = 0.0
-
-    def observe_wait(self, seconds: float) -> None:
-        self.wait_count += 1
-        self.wait_sum += seconds
-        for i, bound in enumerate(WAIT_BUCKETS):
-            if seconds <= bound:
-                self.wait_buckets[i] += 1
 
 
 class HostCache:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtlora.errors import AdapterBusyError, AdapterLoadError, AdapterNotFoundError, RequestFailedError
+from mtlora.errors import AdapterBusyError, AdapterNotFoundError, RequestFailedError
 from mtlora.testing import make_tiny_model_dir
 from mtlora_server.engine.adapter_registry import NEVER, scan_adapter_dir
 from mtlora_server.engine.core import EngineCore
@@ -190,7 +190,7 @@ def test_corrupt_adapter_fails_only_its_requests_once(env, tmp_path):
         assert got[rid].finished and got[rid].tokens == want[rid].tokens
     c = core.registry.counters
     assert c.load_failures_total == 1 and c.disk_loads_total == 2   # bad once, a3 once: no retry loop
-    with pytest.raises(AdapterLoadError, match="could not be loaded"):
+    with pytest.raises(RequestFailedError, match="'bad' could not be loaded: .*corrupt or truncated"):
         core.add_request(_req("bad-2", [5, 6], "bad"))
     for _ in range(5):
         core.step()

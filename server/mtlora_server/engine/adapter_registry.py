@@ -49,6 +49,7 @@ from typing import Callable
 import torch
 
 from mtlora.config import AdapterConfig
+from mtlora.errors import RequestFailedError
 
 from .types import AdapterCounters, AdapterInfo
 
@@ -325,6 +326,12 @@ class AdapterRegistry:
             loaded.uid = self.new_uid()
             self._ready[name] = loaded
             self.cache.put(name, loaded)
+
+    def load_error(self, name: str) -> RequestFailedError:
+        """The error a request for the broken adapter `name` gets (its directory is not shown to clients)."""
+        rec = self.records[name]
+        return RequestFailedError(f"adapter {name!r} could not be loaded: {rec.error.replace(rec.path, '<adapter>')}"
+                                  "; an operator must fix its files, then unload and load it again")
 
     def loads_in_flight(self) -> bool:
         return any(r.loading for r in self.records.values())

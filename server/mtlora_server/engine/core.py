@@ -25,7 +25,8 @@ Contract:
   A request for a registered adapter that is not resident waits in the queue: `step()` first lets the registry
   bring adapters in (loads run in worker threads, slot copies happen here between steps) and evict idle ones.
   If an adapter's files cannot be loaded, the requests waiting for it fail with RequestFailedError naming the
-  adapter and the cause, and later requests for it get AdapterLoadError at once (no retry loop).
+  adapter and the cause, and later requests for it get the same error at once (no retry loop) until the adapter
+  is unregistered and registered again.
   `last_step_idle` is True when the last step ran nothing (everything waits for an adapter load).
 - Routing statistics are sampled every `ROUTING_STATS_EVERY` steps; `stats()` returns an EngineStats snapshot.
 """
@@ -39,7 +40,7 @@ import random
 import torch
 
 from mtlora.base import load_config, load_tokenizer, parse_dtype, resolve_model
-from mtlora.errors import (AdapterLoadError, AdapterNotFoundError, ContextLengthError, InvalidRequestError,
+from mtlora.errors import (AdapterNotFoundError, ContextLengthError, InvalidRequestError,
                            RequestFailedError)
 
 from . import faults
@@ -157,8 +158,8 @@ class EngineCore(AdapterMethods):
             rec = self.registry.records.get(req.adapter)
             if rec is None:
                 raise AdapterNotFoundError(req.adapter)
-            if rec.error is not None:
-                raise AdapterLoadError(f"adapter {req.adapter!r} is registered but could not be loaded: {rec.error}")
+            if rec.error is not None:                     # the server's fault, not the request's: 500
+                raise self.registry.load_error(req.adapter)
             adapter = req.adapter
         ids = req.prompt_token_ids
         if not ids:

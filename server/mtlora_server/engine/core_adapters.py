@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from mtlora.config import AdapterConfig
-from mtlora.errors import AdapterBusyError, AdapterLoadError, AdapterNotFoundError, MtloraError, RequestFailedError
+from mtlora.errors import AdapterBusyError, AdapterLoadError, AdapterNotFoundError, MtloraError
 
 from .adapter_registry import LoadedAdapter
 from .types import AdapterInfo
@@ -134,7 +134,7 @@ class AdapterMethods:
         """Bring in / evict adapters for the queue (registry.advance); fail the requests of broken adapters."""
         live = [s for st in self.requests.values() for s in st.seqs if not s.finished]
         for name in self.registry.advance(live, self._next_seq_id):
-            error = RequestFailedError(f"adapter {name!r} could not be loaded: {self.registry.records[name].error}")
+            error = self.registry.load_error(name)
             for state in [st for st in self.requests.values() if st.request.adapter == name]:
                 self._fail(state, error, f"loading adapter {name!r}", error=error)
 

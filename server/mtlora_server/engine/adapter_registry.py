@@ -270,14 +270,21 @@ class AdapterRegistry:
         return slot
 
     def _drain_for(self, demand: int, pins: dict[str, int], next_seq_id: int) -> None:
-        """Make sure `demand` slots will free up: mark least recently used residents as draining (none: stop)."""
+        """Make sure `demand` slots will free up: mark least recently used busy residents as draining, and undo
+        the newest marks of busy ones beyond what the demand still needs (idle residents and free slots count as
+        freed already; a marked idle one keeps its mark so it stays free until the demand takes it). No demand:
+        no marks."""
         resident = [r for r in self.records.values() if r.slot is not None]
         if demand == 0:
             for rec in resident:
                 rec.drain_from = NEVER
             return
-        draining = sum(1 for r in resident if r.drain_from != NEVER)
-        idle = sum(1 for r in resident if not pins.get(r.name)) + len(self.free_slots())
+        idle = sum(1 for r in resident if not pins.get(r.name)) + len(self.free_slots())   # marked ones stay idle
+        draining = sorted((r for r in resident if r.drain_from != NEVER and pins.get(r.name)),
+                          key=lambda r: r.drain_from)
+        while draining and len(draining) > max(0, demand - idle):
+            draining.pop().drain_from = NEVER             # more draining than needed: the newest mark goes
+        draining = len(draining)
         candidates = sorted((r for r in resident if r.drain_from == NEVER and pins.get(r.name)),
                             key=lambda r: r.last_used)
         for rec in candidates[:max(0, demand - draining - idle)]:

@@ -25,6 +25,9 @@ Contract (see types.py for the generate() protocol):
 - `drain(timeout)` (graceful shutdown): new `generate()` calls raise `EngineDrainingError` (503) and the engine
   is unhealthy; running requests may finish until the deadline, then all are aborted and their consumers get a
   final output with finish_reason "abort".
+- Adapters: `load_adapter` reads and validates the files in a fresh thread, then registers the adapter in the step
+  thread (resident if a slot is free; a load never fails for lack of a slot); `list_adapters()` lists every
+  registered adapter. Loads of non-resident adapters that requests wait for run in the registry's worker threads.
 - `stats()` returns the snapshot the step thread publishes after each step (no cross-thread reads of live state).
 """
 

@@ -9,8 +9,8 @@ Contract:
   unfinished sequence (waiting and running; `Sequence.adapter_name`). For each adapter that a live sequence
   needs but that is not resident, first come first served (oldest sequence first):
   - its validated tensors come from a finished disk load or the host cache (a hit), else a disk load is started
-    in a short-lived worker thread (`read(path)`: file read + full validation; at most `LOAD_AHEAD` loads or
-    loaded-but-unplaced adapters at a time), and the sequence keeps waiting;
+    in a short-lived worker thread (`read(path)`: file read + full validation; at most max(2, num_slots)
+    loads or loaded-but-unplaced adapters at a time), and the sequence keeps waiting;
   - it gets a free slot, else the slot of the least recently used resident adapter with no pinned sequence
     (`install(name, slot, loaded)` / `evict(name, slot)` are the core's callbacks: the slot copy happens here, in
     the step thread, between steps). A sequence pins its adapter while it lives if it arrived before the adapter
@@ -55,7 +55,7 @@ from .types import AdapterCounters, AdapterInfo
 
 log = logging.getLogger(__name__)
 
-LOAD_AHEAD = 2                      # disk loads in flight + loaded adapters still waiting for a slot
+MIN_LOAD_AHEAD = 2                  # disk loads in flight + loaded adapters waiting for a slot: max(this, slots)
 NEVER = float("inf")
 
 
@@ -132,6 +132,7 @@ class AdapterRegistry:
     def __init__(self, num_slots: int, read: Callable[[str], tuple], install: Callable[[str, int, LoadedAdapter], None],
                  evict: Callable[[str, int], None], cache_bytes: int, pin: bool = False):
         self.num_slots = num_slots
+        self.load_ahead = max(MIN_LOAD_AHEAD, num_slots)   # enough to refill every slot that frees at once
         self._read, self._install, self._evict = read, install, evict
         self.records: dict[str, AdapterRecord] = {}
         self.cache = HostCache(cache_bytes, pin)
@@ -293,7 +294,7 @@ class AdapterRegistry:
 
     # -- loads -------------------------------------------------------------------------------------------------------
     def _maybe_start_load(self, rec: AdapterRecord) -> None:
-        if rec.loading or len(self._ready) + sum(r.loading for r in self.records.values()) >= LOAD_AHEAD:
+        if rec.loading or len(self._ready) + sum(r.loading for r in self.records.values()) >= self.load_ahead:
             return
         rec.loading = True
         generation = rec.generation

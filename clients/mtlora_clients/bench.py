@@ -1,5 +1,6 @@
 """`mtlora-bench`: load generators. `http` drives a running OpenAI-compatible server; `engine` (lazy) runs
-`mtlora_server.bench_engine:main` in-process when the server package provides it.
+`mtlora_server.bench_engine:main` in-process when the server package provides it; `adapters` (lazy) runs
+`mtlora_server.bench_adapters:main` (many registered adapters through a few device slots).
 
 `mtlora-bench http` contract: N `/v1/completions` requests (models taken round-robin from --model), at most C in
 flight, a synthetic prompt of about L words, M new tokens each (`ignore_eos` asked for, so servers that honour it
@@ -188,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.add_parser("engine", help="in-process engine benchmark (mtlora_server.bench_engine); its own flags follow",
                    add_help=False)
+    sub.add_parser("adapters", help="in-process benchmark of many registered adapters through a few slots "
+                   "(mtlora_server.bench_adapters); its own flags follow", add_help=False)
     sub.add_parser("train", help="training step time, mtlora vs hydralora vs lora (mtlora_train.bench); its own "
                    "flags follow", add_help=False)
     return p
@@ -213,6 +216,7 @@ def _check_args(args: argparse.Namespace) -> str | None:
 # In-process benchmarks that need torch: subcommand -> (module, install hint). Imported only when asked, since
 # `http` must not import torch.
 IN_PROCESS = {"engine": ("mtlora_server.bench_engine", "pip install -e '.[serve]'"),
+              "adapters": ("mtlora_server.bench_adapters", "pip install -e '.[serve]'"),
               "train": ("mtlora_train.bench", "pip install -e '.[train]'")}
 
 

@@ -1,10 +1,13 @@
 """`mtlora-serve`: load a base model and adapters once, then serve the OpenAI-compatible API with uvicorn.
 
 Contract:
-- Every flag is explained by `--help`. `--adapter NAME=PATH` or `--adapter PATH` (named after its folder), repeatable.
+- Every flag is explained by `--help`. `--adapter NAME=PATH` or `--adapter PATH` (named after its folder), repeatable,
+  and `--adapter-dir DIR` (every subfolder with an adapter_config.json, named after it) register adapters: any
+  number; the first `--max-adapters` are loaded into device slots at start, the others when a request needs them.
 - vLLM's flags for the same settings are accepted too (`vllm_flags`: --lora-modules, --max-loras, --dtype half,
   --chat-template, CORS, TLS, ...); the API key is --api-key, else $MTLORA_API_KEY, else $VLLM_API_KEY.
-- Everything is loaded and checked *before* the port is opened: a missing adapter directory, an invalid value or an
+- Everything is loaded and checked *before* the port is opened (for registered adapters beyond --max-adapters: their
+  adapter_config.json; their tensors on first use): a missing adapter directory, an invalid value or an
   adapter that does not fit the base model ends the process with exit status 2 (usage) or 1 (load failure) and
   a message naming the flag, file or field at fault.
 - Startup logs the base model, each adapter (method, experts, rank, parameter count) and the memory in use.
@@ -50,6 +53,11 @@ def parse_size(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"size {text!r} must be at least 1 byte")
     return value
+
+
+def _size_or_zero(text: str) -> int:
+    """parse_size, and 0 (e.g. --adapter-cache-size 0: off)."""
+    return 0 if text.strip() == "0" else parse_size(text)
 
 
 def parse_adapters(specs: list[str]) -> dict[str, str]:
@@ -123,7 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Memory for the KV cache, e.g. 2GiB or 512MB (default: 1 GiB on CPU, most free GPU memory).")
     p.add_argument("--block-size", type=_positive, default=16, help="Tokens per KV cache block.")
     p.add_argument("--max-adapters", type=_positive, default=DEFAULT_MAX_ADAPTERS,
-                   help="Adapter slots (startup adapters + dynamically loaded ones).")
+                   help="Adapter slots: adapters resident on the device at once. Any number can be registered; a "
+                        "request for one that is not resident waits while it is brought in (least recently used "
+                        "idle adapter evicted).")
+    p.add_argument("--adapter-dir", action="append", default=[], metavar="DIR",
+                   help="Register every subfolder of DIR that holds an adapter_config.json, named after the "
+                        "subfolder; repeatable.")
+    p.add_argument("--adapter-cache-size", type=_size_or_zero, default=2 << 30, metavar="SIZE",
+                   help="Host memory for validated adapter tensors (LRU, pinned on CUDA) so an evicted adapter "
+                        "comes back with a copy instead of a disk read, e.g. 4GiB; 0 turns the cache off.")
     p.add_argument("--max-lora-rank", type=_positive, default=16, help="Largest adapter rank a slot holds.")
     p.add_argument("--max-experts", type=_positive, default=16, help="Largest number of experts a slot holds.")
     p.add_argument("--max-groups", type=_positive, default=4, help="Largest number of routing groups a slot holds.")
@@ -184,6 +200,13 @@ def _check_args(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> dict
     lora_modules = vllm_flags.apply(parser, ns, DEFAULT_MAX_ADAPTERS)
     try:
         adapters = parse_adapters(ns.adapter)
+        for folder in ns.adapter_dir:
+            from mtlora_server.engine.adapter_registry import scan_adapter_dir
+
+            for name, path in scan_adapter_dir(folder).items():
+                if name in adapters:
+                    raise ValueError(f"--adapter-dir {folder}: the name {name!r} is used twice")
+                adapters[name] = path
     except ValueError as exc:
         parser.error(str(exc))
     for name, path in lora_modules.items():
@@ -201,6 +224,7 @@ def engine_args_from(ns: argparse.Namespace, adapters: dict[str, str]):
                       kv_cache_memory=ns.kv_cache_memory, block_size=ns.block_size, max_adapters=ns.max_adapters,
                       max_lora_rank=ns.max_lora_rank, max_experts=ns.max_experts, max_groups=ns.max_groups,
                       adapters=adapters, served_model_name=ns.served_model_name, max_waiting=ns.max_waiting,
+                      adapter_cache_size=ns.adapter_cache_size,
                       seed=ns.seed, enforce_eager=ns.enforce_eager,
                       enable_prefix_caching=ns.enable_prefix_caching, batch_invariant=ns.batch_invariant,
                       gpu_memory_utilization=ns.gpu_memory_utilization)

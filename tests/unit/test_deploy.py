@@ -93,7 +93,7 @@ def test_dashboard_panels_cover_the_operational_views():
     dash = json.loads((DEPLOY / "grafana" / "dashboards" / "mtlora.json").read_text())
     titles = " | ".join(p["title"].lower() for p in dash["panels"])
     for view in ("throughput", "first token", "inter-token", "queue", "kv cache", "by adapter", "expert usage",
-                 "prefix cache", "end-to-end", "queue time", "rejected"):
+                 "prefix cache", "end-to-end", "queue time", "rejected", "resident", "adapter wait"):
         assert view in titles
     assert any(p["type"] == "heatmap" for p in dash["panels"])
 

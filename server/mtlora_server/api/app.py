@@ -10,7 +10,9 @@ Contract:
 - Adapter loading (`--enable-adapter-loading --adapter-root DIR`): `lora_path` and every file the loader opens in it
   (adapter_config.json, adapter_model.safetensors / .bin) must resolve inside the root, so a symlink out of it is a
   400 naming the file; messages to the client show paths relative to the root (the absolute ones are logged).
-  Unloading an adapter that requests still use is a 409.
+  Unloading an adapter that requests still use is a 409. Loading registers the adapter (read and validated first);
+  it is resident at once if a device slot is free, else it is brought in when a request needs it: a load never
+  fails for lack of a slot. /v1/models lists every registered adapter, resident or not.
 - A request body over `args.max_request_body_size` bytes gets 413 before any route reads it (api.limits).
 - Tokenizer work of the routes (/tokenize, /detokenize included) runs off the event loop once an input is more
   than small (api.tokenization), so one huge request does not hold up /health or anyone else.

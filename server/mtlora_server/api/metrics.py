@@ -20,6 +20,12 @@ time by a custom collector, so they are never stale. The base model's label valu
     mtlora:adapter_expert_routing_weight{adapter,expert}   mean routing weight of each expert
     mtlora:adapter_routing_entropy_nats{adapter}           mean routing entropy
     mtlora:adapters_loaded                            served adapters (engine.list_adapters())
+    mtlora:adapters_registered / _resident            registered adapters / those in device slots (engine)
+    mtlora:adapter_loads_total                        non-resident adapters brought into a slot
+    mtlora:adapter_disk_loads_total / _load_failures_total   adapter reads from disk (file + validation) / failed
+    mtlora:adapter_evictions_total                    resident adapters evicted to make room
+    mtlora:adapter_host_cache_hits_total / _bytes     slot loads served from the host-memory cache / its size
+    mtlora:adapter_wait_seconds                       histogram: time a request waited for its adapter to load
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ from __future__ import annotations
 import logging
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from mtlora_server.engine.types import AdapterCounters
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +81,35 @@ class _EngineCollector:
         for adapter, value in sorted(stats.routing_entropy.items()):
             entropy.add_metric([adapter], float(value))
         yield entropy
+        yield from _adapter_residency(stats)
         try:
             yield GaugeMetricFamily("mtlora:adapters_loaded", "Adapters served.",
                                     value=len(self.engine.list_adapters()))
         except Exception:
             logger.exception("engine.list_adapters() failed")
+
+
+def _adapter_residency(stats):
+    """Registered / resident adapters, loads, evictions, host-cache hits, adapter waits (adapter_registry)."""
+    yield GaugeMetricFamily("mtlora:adapters_registered", "Adapters registered (servable, resident or not).",
+                            value=getattr(stats, "adapters_registered", 0))
+    yield GaugeMetricFamily("mtlora:adapters_resident", "Adapters resident in device slots.",
+                            value=getattr(stats, "adapters_resident", 0))
+    yield GaugeMetricFamily("mtlora:adapter_host_cache_bytes", "Validated adapter tensors held in host memory.",
+                            value=getattr(stats, "adapter_host_cache_bytes", 0))
+    c = getattr(stats, "adapter_counters", None) or AdapterCounters()
+    for name, doc, value in (
+            ("adapter_loads", "Non-resident adapters brought into a device slot.", c.loads_total),
+            ("adapter_disk_loads", "Adapter reads from disk (file read + validation).", c.disk_loads_total),
+            ("adapter_load_failures", "Adapter loads that failed (the adapter's requests fail).",
+             c.load_failures_total),
+            ("adapter_evictions", "Resident adapters evicted from their slot.", c.evictions_total),
+            ("adapter_host_cache_hits", "Slot loads served from the host-memory adapter cache.",
+             c.cache_hits_total)):
+        yield CounterMetricFamily(f"mtlora:{name}", doc, value=value)
+    buckets = [(str(b), n) for b, n in zip(c.wait_bounds, c.wait_buckets)] + [("+Inf", c.wait_count)]
+    yield HistogramMetricFamily("mtlora:adapter_wait_seconds", "Time a request waited for its adapter to become "
+                                "resident.", buckets=buckets, sum_value=c.wait_sum)
 
 
 class Metrics:

@@ -22,11 +22,12 @@ class EngineArgs:
     max_num_batched_tokens: int = 2048        # tokens per step (prefill chunks + decodes)
     kv_cache_memory: int | None = None        # bytes for the KV pool
     block_size: int = 16                      # tokens per KV block
-    max_adapters: int = 8                     # adapter slots loaded at once
+    max_adapters: int = 8                     # adapter slots: adapters resident at once (any number registered)
     max_lora_rank: int = 16
     max_experts: int = 16
     max_groups: int = 4
-    adapters: dict[str, str] = field(default_factory=dict)   # name -> adapter directory, loaded at start
+    adapters: dict[str, str] = field(default_factory=dict)   # name -> adapter directory, registered at start
+    adapter_cache_size: int = 2 << 30         # bytes of validated adapter tensors kept in host memory (0: none)
     served_model_name: str | None = None      # name of the bare base model in the API; None: the model's name
     max_waiting: int = 1024                   # waiting sequences before EngineOverloadedError
     seed: int = 0                             # seeds sampling of requests without their own seed
@@ -42,6 +43,9 @@ class EngineArgs:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}", field=name)
+        if not isinstance(self.adapter_cache_size, int) or self.adapter_cache_size < 0:
+            raise ConfigError(f"adapter_cache_size must be a number of bytes >= 0, got {self.adapter_cache_size!r}",
+                              field="adapter_cache_size")
         for name in ("max_model_len", "kv_cache_memory"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):

@@ -18,29 +18,39 @@ Contract:
 - Sampling: min_tokens bans, then `sampling.process_logits` (bad words, logit_bias, penalties) for the rows that
   ask for them, then `sampling.sample`; logprobs are the model's (raw logits). Penalised / biased sequences keep a
   `SamplerState` (sparse token counts on the device) updated incrementally; the default request touches none of it.
-- Adapters: `install_adapter(name, config, tensors, path)` puts a validated adapter into a free slot (nothing else
-  is reallocated or recompiled); `remove_adapter(name)` clears it; failures raise AdapterLoadError and leave the
-  engine serving what it had (AdapterBusyError while requests use it). `read_adapter(path)` does the file work
-  (safe to run in another thread).
+- Adapters (adapter_registry.py): any number are registered, `max_adapters` are resident in slots (`adapters`:
+  the resident ones). At start the first `max_adapters` of `args.adapters` are read, validated and installed; the
+  rest are registered from their adapter_config.json (checked against the slot limits) and read on first use.
+  `install_adapter(name, config, tensors, path)` registers a validated adapter and puts it into a free slot, or
+  into the host cache when every slot is taken (nothing else is reallocated or recompiled);
+  `remove_adapter(name)` unregisters it (AdapterBusyError while requests use it); failures raise AdapterLoadError
+  and leave the engine serving what it had. `read_adapter(path)` does the file work (safe in another thread).
+  A request for a registered adapter that is not resident waits in the queue: `step()` first lets the registry
+  bring adapters in (loads run in worker threads, slot copies happen here between steps) and evict idle ones.
+  If an adapter's files cannot be loaded, the requests waiting for it fail with RequestFailedError naming the
+  adapter and the cause, and later requests for it get the same error at once (no retry loop) until the adapter
+  is unregistered and registered again.
+  `last_step_idle` is True when the last step ran nothing (everything waits for an adapter load).
 - Routing statistics are sampled every `ROUTING_STATS_EVERY` steps; `stats()` returns an EngineStats snapshot.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
-from dataclasses import dataclass
 
 import torch
 
 from mtlora.base import load_config, load_tokenizer, parse_dtype, resolve_model
-from mtlora.config import AdapterConfig
-from mtlora.errors import (AdapterBusyError, AdapterLoadError, AdapterNotFoundError, ContextLengthError,
-                           InvalidRequestError, MtloraError, RequestFailedError)
+from mtlora.errors import (AdapterNotFoundError, ContextLengthError, InvalidRequestError,
+                           RequestFailedError)
 
 from . import faults
+from .adapter_registry import AdapterRegistry
 from .args import EngineArgs
+from .core_adapters import AdapterMethods, _Adapter
 from .kv_cache import KVCachePool
 from .model import LlamaDecoder, ModelConfig
 from .prefix_cache import PrefixCache
@@ -50,7 +60,7 @@ from .request_state import RequestState
 from .runner import ModelRunner
 from .scheduler import Chunk, Scheduler, Sequence
 from .structured import GrammarBackend, GrammarState, mask_rows
-from .types import AdapterInfo, EngineStats, GenerationRequest, RequestOutput
+from .types import EngineStats, GenerationRequest, RequestOutput
 
 log = logging.getLogger(__name__)
 
@@ -80,15 +90,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_bf16() else torch.float32
 
 
-@dataclass
-class _Adapter:
-    slot: int
-    config: AdapterConfig
-    info: AdapterInfo
-    uid: int = 0                                          # unique per install: the prefix-cache salt
-
-
-class EngineCore:
+class EngineCore(AdapterMethods):
     def __init__(self, args: EngineArgs):
         self.args = args
         model_dir = resolve_model(args.model)
@@ -111,8 +113,10 @@ class EngineCore:
             self.slots.row_tile = self.model.enable_batch_invariance(args.max_num_batched_tokens)
         self.routing_stats = RoutingStats()
         self.prefix_cache = PrefixCache(self.pool) if args.enable_prefix_caching else None
+        self.registry = AdapterRegistry(args.max_adapters, self.read_adapter, self._slot_install, self._slot_evict,
+                                        args.adapter_cache_size, pin=self.device.type == "cuda")
         self.scheduler = Scheduler(self.pool, args.max_num_seqs, args.max_num_batched_tokens, args.max_waiting,
-                                   cache=self.prefix_cache)
+                                   cache=self.prefix_cache, admissible=self.registry.admissible)
         self.slot_sites: dict[int, set[str]] = {}
         self.runner = ModelRunner(self.model, self.pool, self.slots, self.device, self.slot_sites)
         self.eos_ids = set(c.eos_token_ids)
@@ -121,26 +125,27 @@ class EngineCore:
         self.grammar = GrammarBackend(self.tokenizer, c.vocab_size, sorted(self.eos_ids))   # structured outputs
         self.requests: dict[str, RequestState] = {}
         self._failures: dict[str, RequestFailedError] = {}   # failed since the last take_failures()
-        self.adapters: dict[str, _Adapter] = {}
+        self.adapters: dict[str, _Adapter] = {}              # the resident adapters (core_adapters)
         self._rng = random.Random(args.seed)
         self._next_seq_id = 0
-        self._next_adapter_uid = 1                        # prefix-cache salt of each installed adapter (base: 0)
         self.step_count = 0
+        self.last_step_idle = False
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
-        for name, path in args.adapters.items():
-            config, tensors = self.read_adapter(path)
-            self.install_adapter(name, config, tensors, path)
+        for i, (name, path) in enumerate(args.adapters.items()):
+            if i < args.max_adapters:
+                self.install_adapter(name, *self.read_adapter(path), path)
+            else:
+                self.register_adapter(name, path)
 
     # -- requests ------------------------------------------------------------------------------------------------
     def add_request(self, req: GenerationRequest) -> RequestState:
-        slot = self._validate(req)
+        adapter = self._validate(req)
         p = req.sampling
-        salt = next((a.uid for a in self.adapters.values() if a.slot == slot), 0) if slot >= 0 else 0
         seqs = []
-        for i in range(p.n):
+        for i in range(p.n):                          # slot and prefix-cache salt: set at admission (registry)
             seqs.append(Sequence(self._next_seq_id, list(req.prompt_token_ids), len(req.prompt_token_ids),
-                                 adapter_slot=slot, index=i, cache_salt=salt,
+                                 adapter_name=adapter, index=i,
                                  want_prompt_logits=(i == 0 and p.prompt_logprobs is not None)))
             self._next_seq_id += 1
         state = RequestState(req, seqs, self.tokenizer, self.eos_ids, self.max_model_len)
@@ -155,14 +160,17 @@ class EngineCore:
         self.prompt_tokens_total += len(req.prompt_token_ids)
         return state
 
-    def _validate(self, req: GenerationRequest) -> int:
+    def _validate(self, req: GenerationRequest) -> str | None:
         if req.request_id in self.requests:
             raise InvalidRequestError(f"request id {req.request_id!r} is already running", param="request_id")
-        slot = -1
+        adapter = None
         if req.adapter is not None and req.adapter != self.base_model_name:
-            if req.adapter not in self.adapters:
+            rec = self.registry.records.get(req.adapter)
+            if rec is None:
                 raise AdapterNotFoundError(req.adapter)
-            slot = self.adapters[req.adapter].slot
+            if rec.error is not None:                     # the server's fault, not the request's: 500
+                raise self.registry.load_error(req.adapter)
+            adapter = req.adapter
         ids = req.prompt_token_ids
         if not ids:
             raise InvalidRequestError("the prompt is empty", param="prompt")
@@ -184,7 +192,7 @@ class EngineCore:
         if total > capacity:
             raise ContextLengthError(f"prompt + max_tokens ({total}) exceeds the KV cache capacity ({capacity} "
                                      "tokens); raise kv_cache_memory", param="max_tokens")
-        return slot
+        return adapter
 
     def abort(self, request_id: str) -> RequestOutput | None:
         state = self.requests.pop(request_id, None)
@@ -210,7 +218,9 @@ class EngineCore:
         sampling, detokenising) fails that request alone (`take_failures`). A failure while preparing or running
         the batched forward fails every request with a chunk in the step and is re-raised, so the caller can count
         consecutive failed steps. Either way the failed requests' KV blocks are freed."""
+        self._advance_adapters()
         chunks = self.scheduler.schedule()
+        self.last_step_idle = not chunks
         if not chunks:
             return []
         try:
@@ -279,19 +289,22 @@ class EngineCore:
         return c.samples
 
     # -- per-request failures --------------------------------------------------------------------------------------
-    def _fail(self, state: RequestState, exc: BaseException, doing: str) -> None:
-        """Fail one request: free its sequences' KV blocks, forget it, queue its error for `take_failures`."""
+    def _fail(self, state: RequestState, exc: BaseException, doing: str,
+              error: RequestFailedError | None = None) -> None:
+        """Fail one request: free its sequences' KV blocks, forget it, queue its error (default: one naming
+        `doing` and `exc`) for `take_failures`."""
         rid = state.request.request_id
         if rid in self._failures:
             return
-        log.error("request %s failed while %s; the engine carries on", rid, doing, exc_info=exc)
+        log.error("request %s failed while %s; the engine carries on", rid, doing,
+                  exc_info=exc if error is None else None)
         for seq in state.seqs:
             if not seq.finished:
                 self.scheduler.abort(seq)
         self.requests.pop(rid, None)
         state.finished = True
-        self._failures[rid] = RequestFailedError(f"the engine failed while {doing} for this request: "
-                                                 f"{type(exc).__name__}: {exc}")
+        self._failures[rid] = error or RequestFailedError(f"the engine failed while {doing} for this request: "
+                                                          f"{type(exc).__name__}: {exc}")
 
     def _failed(self, state: RequestState) -> bool:
         return state.request.request_id in self._failures
@@ -416,64 +429,16 @@ class EngineCore:
             if want else {}
         return [(seq, int(chosen[i]), lps.get(i)) for i, (seq, _) in enumerate(live)]
 
-    # -- adapters ------------------------------------------------------------------------------------------------
-    def read_adapter(self, path: str) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
-        from mtlora.checkpoint import load_adapter
-
-        try:
-            return load_adapter(path, model_config=self.hf_config, dtype=self.dtype)
-        except MtloraError as exc:
-            raise AdapterLoadError(f"cannot load adapter from {path}: {exc}") from exc
-        except Exception as exc:  # unexpected I/O errors must not kill the engine either
-            raise AdapterLoadError(f"cannot load adapter from {path}: {type(exc).__name__}: {exc}") from exc
-
-    def install_adapter(self, name: str, config: AdapterConfig, tensors: dict[str, torch.Tensor],
-                        path: str = "<memory>") -> AdapterInfo:
-        if not name or name == self.base_model_name:
-            raise AdapterLoadError(f"adapter name {name!r} is empty or is the base model's name")
-        if name in self.adapters:
-            raise AdapterLoadError(f"an adapter named {name!r} is already loaded; unload it first")
-        used = {a.slot for a in self.adapters.values()}
-        free = [s for s in range(self.args.max_adapters) if s not in used]
-        if not free:
-            raise AdapterLoadError(f"all {self.args.max_adapters} adapter slots are in use (max_adapters)")
-        slot = free[0]
-        try:
-            self.slots.load(slot, config, tensors)
-        except Exception as exc:
-            self.slots.clear(slot)
-            raise AdapterLoadError(f"adapter {name!r} ({path}) does not fit the engine: {exc}") from exc
-        reset = getattr(self.routing_stats, "reset", None)
-        if reset is not None:
-            with torch.inference_mode():                  # its sums were created inside the forward's mode
-                reset(slot)                               # the slot's history belonged to its previous adapter
-        info = AdapterInfo(name=name, method=config.method, path=str(path),
-                           num_parameters=sum(t.numel() for t in tensors.values()),
-                           num_experts=config.num_experts, rank=config.rank)
-        self.adapters[name] = _Adapter(slot, config, info, uid=self._next_adapter_uid)
-        self._next_adapter_uid += 1
-        self.slot_sites[slot] = set(config.sites())
-        log.info("adapter %s (%s, N=%d, r=%d) in slot %d", name, config.method, config.num_experts,
-                 config.rank, slot)
-        return info
-
-    def remove_adapter(self, name: str) -> None:
-        if name not in self.adapters:
-            raise AdapterNotFoundError(name)
-        slot = self.adapters[name].slot
-        busy = sum(1 for st in self.requests.values() for s in st.seqs if s.adapter_slot == slot)
-        if busy:
-            raise AdapterBusyError(f"adapter {name!r} is in use by {busy} running sequence(s); retry later")
-        self.slots.clear(slot)
-        del self.adapters[name]
-        self.slot_sites.pop(slot, None)
-
     # -- stats ---------------------------------------------------------------------------------------------------
     def stats(self) -> EngineStats:
         st = EngineStats(num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
                          kv_blocks_total=self.pool.num_total, kv_blocks_used=self.pool.num_used,
                          prompt_tokens_total=self.prompt_tokens_total,
                          generation_tokens_total=self.generation_tokens_total)
+        reg = self.registry
+        st.adapters_registered, st.adapters_resident = len(reg.records), len(self.adapters)
+        st.adapter_counters = dataclasses.replace(reg.counters, wait_buckets=list(reg.counters.wait_buckets))
+        st.adapter_host_cache_bytes = reg.cache.bytes
         if self.prefix_cache is not None:
             st.prefix_cache_queries_total = self.prefix_cache.queries
             st.prefix_cache_hits_total = self.prefix_cache.hits

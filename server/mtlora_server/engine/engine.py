@@ -11,7 +11,8 @@ Contract (see types.py for the generate() protocol):
   wake-up. Measured on 2 cores, bf16, the bench workload: steps took 1.4x as long when the model had been loaded
   by another thread than when one thread did everything (17.0 s vs 12.1 s of `EngineCore.step`).
 - The step loop runs in ONE background thread: it drains a command inbox (add/abort requests, adapter installs)
-  between steps, runs `core.step()` while there is work and sleeps on an event otherwise. The model forward never
+  between steps, runs `core.step()` while there is work and sleeps on an event otherwise (also when a step ran
+  nothing because every queued request waits for its adapter: a finished adapter load wakes it). The model forward never
   runs on the asyncio loop, which stays responsive. Outputs reach per-request `asyncio.Queue`s through
   `loop.call_soon_threadsafe`.
 - A consumer that stops iterating (task cancelled, `aclose()`) aborts its request; the abort is the first thing
@@ -24,6 +25,9 @@ Contract (see types.py for the generate() protocol):
 - `drain(timeout)` (graceful shutdown): new `generate()` calls raise `EngineDrainingError` (503) and the engine
   is unhealthy; running requests may finish until the deadline, then all are aborted and their consumers get a
   final output with finish_reason "abort".
+- Adapters: `load_adapter` reads and validates the files in a fresh thread, then registers the adapter in the step
+  thread (resident if a slot is free; a load never fails for lack of a slot); `list_adapters()` lists every
+  registered adapter. Loads of non-resident adapters that requests wait for run in the registry's worker threads.
 - `stats()` returns the snapshot the step thread publishes after each step (no cross-thread reads of live state).
 """
 
@@ -46,6 +50,7 @@ log = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_FAILED_STEPS = 3      # this many failed steps in a row (no successful one between) kill the engine
 DRAIN_POLL_S = 0.05                   # how often drain() looks whether the requests in flight have finished
+IDLE_WAIT_S = 0.05                    # longest sleep of a step loop whose queue only waits for adapter loads
 ABORT_GRACE_S = 5.0                   # how long drain() waits for consumers to take their final "abort" output
 
 
@@ -68,6 +73,7 @@ class Engine:
         self._draining = False                            # drain() began: new requests are refused
         self._stats = core.stats()
         self._go: threading.Event | None = None           # set when from_args pre-started the step thread
+        core.registry.notify = self._wake.set             # an adapter load finished: step again
 
     @classmethod
     def from_args(cls, args: EngineArgs) -> "Engine":
@@ -170,6 +176,9 @@ class Engine:
                 self._drain_inbox()
                 if self.core.has_work():
                     failed_steps = self._step(failed_steps)
+                    if self.core.last_step_idle:          # everything waits for an adapter load
+                        self._wake.wait(IDLE_WAIT_S)
+                        self._wake.clear()
                 else:
                     self._wake.wait()
                     self._wake.clear()
@@ -269,7 +278,7 @@ class Engine:
             self._deliver([out])
 
     def list_adapters(self) -> list[AdapterInfo]:
-        return [a.info for a in list(self.core.adapters.values())]
+        return [r.info for r in list(self.core.registry.records.values())]     # registered, resident or not
 
     async def load_adapter(self, name: str, path: str) -> AdapterInfo:
         await self.start()

@@ -390,12 +390,17 @@ class AdapterSlots:
             log.debug("allocated adapter buffers for layers.%d.%s", layer, site)
         return self._sites[key]
 
+    def check(self, config: AdapterConfig, tensors: dict[str, torch.Tensor] | None = None) -> None:
+        """Would this adapter fit a slot? (AdapterLoadError naming the limit or tensor; writes nothing)."""
+        self._check_limits(0, config)
+        if tensors is not None:
+            self._check_tensors(config, tensors)
+
     def load(self, slot: int, config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> None:
         """Write an adapter into `slot` (replacing what was there). Everything is checked before any write."""
         groups = self._check_limits(slot, config)
         self._check_tensors(config, tensors)
         self.clear(slot)
-        self._packs.clear()
         r, N = config.rank, config.num_experts
         with torch.no_grad():
             for layer in range(self.num_layers):
@@ -425,7 +430,8 @@ class AdapterSlots:
             for buf in self._sites.values():
                 buf.clear(slot)
         self._configs.pop(slot, None)
-        self._packs.clear()
+        # A pack holds one slot's rows only: the other slots' packs stay valid (adapter swaps rebuild one slot's).
+        self._packs = {key: pack for key, pack in self._packs.items() if key[-1] != slot}
 
     def active_sites(self, layer: int) -> list[str]:
         return [site for site in SITES if (layer, site) in self._sites and self._sites[(layer, site)].users]

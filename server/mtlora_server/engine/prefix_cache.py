@@ -4,8 +4,9 @@ continuations of an MMLU question, n > 1, a preempted sequence coming back, a ch
 
 Contract:
 - A full block j of a sequence is named by a chained digest: d_j = blake2b(d_{j-1} || tokens of block j), with
-  d_{-1} derived from the sequence's `cache_salt` (the adapter's install id: K/V depend on the adapter, and a
-  slot re-used by another adapter gets a new salt). 128-bit digests make collisions a non-issue, unlike Python's
+  d_{-1} derived from the sequence's `cache_salt` (the id of the adapter's weights: K/V depend on the adapter, and a
+  slot re-used by another adapter gets a new salt; an adapter re-read from disk gets a new one too, while one that
+  comes back from the host cache keeps its salt and blocks, see adapter_registry). 128-bit digests make collisions a non-issue, unlike Python's
   `hash`. Only full blocks whose every token has K/V (`num_computed`) are indexed; they are immutable from then on.
 - `match(seq)` returns the longest run of indexed leading blocks of `seq.token_ids[:-1]` (the last token is always
   computed, since its logits are needed). For a sequence that wants prompt logprobs, each used block must also

@@ -13,6 +13,9 @@ Contract:
   right now is passed over for this step (the ones behind it may go first) and admitted once it is indexed. When a running sequence needs a block and none is free,
   the most recently admitted other running sequence is preempted by recompute: its blocks are freed at once and it
   goes back to the head of the waiting queue with its generated tokens kept (re-prefilled later).
+- Adapter residency (given an `admissible` hook, see adapter_registry): a waiting sequence whose adapter is not
+  resident (or is draining) is passed over for this step, like a deferred prefix-cache hit; the hook sets the
+  sequence's slot and prefix-cache salt when it admits it. So every chunk of a step has its adapter in a slot.
 - `add` raises `EngineOverloadedError` when the waiting queue would exceed `max_waiting` sequences.
 - Blocks are only ever held by sequences in `running`; `finish`/`abort` return them immediately.
 """
@@ -52,6 +55,8 @@ class Sequence:
     cached_prompt_logprobs: list | None = None  # prompt-logprob entries a cache hit supplied (taken by the core)
     tail_hidden: object = None            # [d] final hidden state at the last cached position (echo hits)
     sampler_state: object = None          # sampling.SamplerState (logit_bias / penalty counts), built by the core
+    adapter_name: str | None = None       # registered adapter (None: bare base); its slot is set at admission
+    adapter_wait_start: float | None = None  # monotonic time it began waiting for its adapter to become resident
 
     @property
     def num_tokens(self) -> int:
@@ -82,9 +87,10 @@ class Chunk:
 
 class Scheduler:
     def __init__(self, pool: KVCachePool, max_num_seqs: int, max_num_batched_tokens: int, max_waiting: int,
-                 cache=None):
+                 cache=None, admissible=None):
         self.pool = pool
         self.cache = cache                        # PrefixCache or None (prefix caching off)
+        self.admissible = admissible              # seq -> bool: may it be admitted now (its adapter resident)?
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_waiting = max_waiting
@@ -134,6 +140,9 @@ class Scheduler:
         i = 0
         while i < len(self.waiting) and budget[0] > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[i]
+            if self.admissible is not None and not self.admissible(seq):
+                i += 1                                  # its adapter is not resident yet: the ones behind may go
+                continue
             hit = self.cache.match(seq) if self.cache is not None else None
             if hit is not None and hit.defer:
                 i += 1                                  # its prefix is being computed: next step it is a hit

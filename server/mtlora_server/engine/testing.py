@@ -85,4 +85,6 @@ def run_to_completion(core: EngineCore, requests: list[GenerationRequest], max_s
             break
         for out in core.step():
             results.setdefault(out.request_id, Finished()).add(out)
+        if core.last_step_idle:                       # every queued request waits for an adapter load
+            core.registry.wait_for_load(0.05)
     return results

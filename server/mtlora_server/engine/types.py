@@ -168,6 +168,31 @@ class AdapterInfo:
     rank: int
 
 
+WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)   # adapter waits (s)
+
+
+@dataclass
+class AdapterCounters:
+    """Adapter residency counters (engine/adapter_registry.py); cumulative fields only ever grow."""
+
+    loads_total: int = 0                                  # slot installs of a non-resident adapter
+    disk_loads_total: int = 0                             # reads from disk (file read + validation)
+    load_failures_total: int = 0
+    evictions_total: int = 0
+    cache_hits_total: int = 0                             # slot installs served from the host cache
+    wait_bounds: tuple[float, ...] = WAIT_BUCKETS           # histogram bucket upper bounds (seconds)
+    wait_buckets: list[int] = field(default_factory=lambda: [0] * len(WAIT_BUCKETS))   # cumulative counts
+    wait_count: int = 0
+    wait_sum: float = 0.0
+
+    def observe_wait(self, seconds: float) -> None:
+        self.wait_count += 1
+        self.wait_sum += seconds
+        for i, bound in enumerate(WAIT_BUCKETS):
+            if seconds <= bound:
+                self.wait_buckets[i] += 1
+
+
 @dataclass
 class EngineStats:
     """Point-in-time counters for /metrics. Cumulative fields only ever grow."""
@@ -184,6 +209,10 @@ class EngineStats:
     expert_usage: dict[str, list[float]] = field(default_factory=dict)
     # adapter name -> mean routing entropy (nats) over sampled tokens
     routing_entropy: dict[str, float] = field(default_factory=dict)
+    adapters_registered: int = 0                 # servable adapters (resident or not)
+    adapters_resident: int = 0                   # adapters in device slots
+    adapter_host_cache_bytes: int = 0            # validated adapter tensors held in host memory
+    adapter_counters: AdapterCounters = field(default_factory=AdapterCounters)   # loads, evictions, waits
 
     @property
     def kv_usage(self) -> float:

@@ -62,32 +62,38 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    return convert(args.src, args.dst, args.base_model, DTYPES.get(args.dtype))
+
+
+def convert(src: str, dst: str, base_model: str | None = None, dtype=None) -> int:
+    """Write the adapter at `src` (any format load_adapter reads) as a native adapter at `dst`; the exit status
+    (1 with a message on stderr for a bad base model or adapter). Shared by mtlora-convert and
+    mtlora-convert-official."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from mtlora.checkpoint import load_adapter, save_adapter
 
     model_config = None
-    if args.base_model:
+    if base_model:
         from transformers import AutoConfig
 
         try:
-            model_config = AutoConfig.from_pretrained(args.base_model, local_files_only=True)
+            model_config = AutoConfig.from_pretrained(base_model, local_files_only=True)
         except (OSError, ValueError) as exc:  # no config.json, not a model directory, invalid repo id, ...
-            print(f"error: --base-model {args.base_model}: cannot read the base model's config ({exc})",
-                  file=sys.stderr)
+            print(f"error: --base-model {base_model}: cannot read the base model's config ({exc})", file=sys.stderr)
             return 1
     try:
-        fmt = detect_format(args.src)
-        config, tensors = load_adapter(args.src, model_config=model_config, dtype=DTYPES.get(args.dtype))
+        fmt = detect_format(src)
+        config, tensors = load_adapter(src, model_config=model_config, dtype=dtype)
         if model_config is not None:
             from mtlora.base import config_fingerprint
 
             config.base_fingerprint = config_fingerprint(model_config)
-        save_adapter(args.dst, config, tensors)
+        save_adapter(dst, config, tensors)
     except MtloraError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"converted {fmt} adapter {args.src} -> native {config.method} adapter (rank {config.rank}, "
-          f"{len(tensors)} tensors) at {args.dst}")
+    print(f"converted {fmt} adapter {src} -> native {config.method} adapter (rank {config.rank}, "
+          f"{len(tensors)} tensors) at {dst}")
     return 0
 
 

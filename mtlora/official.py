@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from mtlora.config import LINEAR_MODULES, AdapterConfig
-from mtlora.errors import CheckpointError, ConfigError, MtloraError
+from mtlora.errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -247,31 +247,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="base model directory; when given, shapes are checked against it and its "
                              "fingerprint is recorded in the converted config")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from mtlora.checkpoint import load_adapter, save_adapter
+    from mtlora.convert import convert
 
-    model_config = None
-    if args.base_model:
-        from transformers import AutoConfig
-
-        try:
-            model_config = AutoConfig.from_pretrained(args.base_model, local_files_only=True)
-        except (OSError, ValueError) as exc:  # no config.json, not a model directory, invalid repo id, ...
-            print(f"error: --base-model {args.base_model}: cannot read the base model's config ({exc})",
-                  file=sys.stderr)
-            return 1
-    try:
-        config, tensors = load_adapter(args.src, model_config=model_config)
-        if model_config is not None:
-            from mtlora.base import config_fingerprint
-
-            config.base_fingerprint = config_fingerprint(model_config)
-        save_adapter(args.dst, config, tensors)
-    except MtloraError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"wrote {config.method} adapter ({len(tensors)} tensors) to {args.dst}")
-    return 0
+    return convert(args.src, args.dst, args.base_model)
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ def invariant_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
         keys = torch.cat([keys, keys.new_zeros(KV, G, k_pad, hd)], dim=2)
         values = torch.cat([values, values.new_zeros(KV, G, k_pad, hd)], dim=2)
         mask = torch.cat([mask, mask.new_zeros(G, 1, Qp, k_pad)], dim=3)
-    Kp, nb = K + k_pad, (K + k_pad) // KEY_BLOCK
+    nb = (K + k_pad) // KEY_BLOCK
     R = Qp * gh
     rows = q.view(G, Qp, KV, gh, hd).permute(0, 2, 1, 3, 4).reshape(G, KV, 1, R, hd)      # [G, KV, 1, R, hd]
     kb = keys.permute(1, 0, 2, 3).reshape(G, KV, nb, KEY_BLOCK, hd)

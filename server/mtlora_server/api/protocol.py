@@ -6,8 +6,9 @@ Contract:
   the route handlers sees a pydantic object.
 - Completions and chat are strict (api.fields): a field that is neither implemented (declared here) nor a harmless
   passthrough (`user`, `metadata`, ...) is a 400 naming it, also inside messages and stream_options; known fields
-  that are not implemented say so ("structured outputs are not supported yet"). Other request models ignore
-  unknown fields. NaN/Inf floats are rejected, and `null` for a field with a default means that default (OpenAI
+  that are not implemented say so ("suffix (text insertion) is not supported"). Structured-output fields come
+  from `api.guided`, tool fields from `api.tools`, logits-processing fields are declared here. Other request
+  models ignore unknown fields. NaN/Inf floats are rejected, and `null` for a field with a default means that default (OpenAI
   documents them nullable).
 - Every field that reaches a tensor is typed strictly and bounded here: booleans are JSON booleans only
   (`"stream": "yes"` is a 400), integers are JSON integers only (no strings, floats or booleans) within explicit

@@ -106,6 +106,8 @@ async def test_regex_choice_grammar_and_json_object(client):
     ({"guided_regex": "[0-9"}, "guided_regex"),
     ({"guided_json": {"type": "object", "properties": {"a": {"type": "no-such-type"}}}}, "guided_json"),
     ({"guided_grammar": "root ::= "}, "guided_grammar"),
+    ({"guided_grammar": "root ::= root"}, "guided_grammar"),                 # compiles, but admits no output
+    ({"guided_json": {"$ref": "#/definitions/x", "definitions": {"x": {"$ref": "#/definitions/x"}}}}, "guided_json"),
 ])
 async def test_invalid_constraints_are_400_and_the_server_serves_on(client, body, param):
     r = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 4, **body})

@@ -6,8 +6,9 @@ Contract:
   strings) or "grammar" (EBNF / GBNF, as vLLM's `guided_grammar`).
 - `GrammarBackend(tokenizer, vocab_size, stop_token_ids)` owns one xgrammar compiler for the engine's tokenizer
   (its cache keyed by the constraint). `compile(guided)` returns a compiled grammar or raises InvalidRequestError
-  naming the request field (`param`), so a bad schema or regex is a 400 before the request reaches the engine; the
-  API calls it off the event loop. It is thread-safe (xgrammar's compiler is), holds no torch state.
+  naming the request field (`param`), so a bad schema or regex, or one that admits no first token, is a 400 before
+  the request reaches the engine; the API calls it off the event loop. (A grammar that dead-ends later fails its
+  request alone with a 500 from the sampler, as any per-request engine failure does.) It is thread-safe (xgrammar's compiler is), holds no torch state.
 - `GrammarState(compiled)`: one matcher per sequence. `mask_rows(logits [S, V], states)` sets the logits of tokens
   a row's grammar forbids to -inf, in place, for the rows with a state (one bitmask for the whole batch, filled row
   by row by xgrammar, applied in one call); rows without a state are untouched, so constrained and free requests
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from dataclasses import dataclass
 
@@ -31,6 +33,7 @@ from mtlora.errors import InvalidRequestError
 log = logging.getLogger(__name__)
 
 KINDS = ("json", "json_object", "regex", "choice", "grammar")
+_XGRAMMAR_PREFIX = re.compile(r"^\[[0-9:]+\] \S+:[0-9]+: ")
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,19 @@ class GrammarBackend:
             return self._compiler
 
     def compile(self, guided: GuidedDecoding):
-        """The compiled grammar of `guided`; InvalidRequestError (400, naming `guided.param`) if it is invalid."""
+        """The compiled grammar of `guided`; InvalidRequestError (400, naming `guided.param`) if it is invalid or
+        allows no first token at all (e.g. `root ::= root`: the request could never produce anything)."""
+        compiled = self._compile(guided)
+        import xgrammar as xgr
+
+        bitmask = xgr.allocate_token_bitmask(1, self.vocab_size)
+        xgr.GrammarMatcher(compiled).fill_next_token_bitmask(bitmask, 0)
+        if not bool(bitmask.any()):
+            raise InvalidRequestError(f"the {guided.kind} constraint admits no output (no token can start it)",
+                                      param=guided.param)
+        return compiled
+
+    def _compile(self, guided: GuidedDecoding):
         compiler = self._get_compiler()
         try:
             if guided.kind == "json":
@@ -82,7 +97,8 @@ class GrammarBackend:
         except InvalidRequestError:
             raise
         except Exception as exc:  # xgrammar raises RuntimeError / ValueError subclasses with a reason
-            raise InvalidRequestError(f"invalid {guided.kind} constraint: {str(exc)[:500]}",
+            reason = _XGRAMMAR_PREFIX.sub("", str(exc)).strip()        # "[12:00:00] /project/cpp/x.cc:94: "
+            raise InvalidRequestError(f"invalid {guided.kind} constraint: {reason[:500]}",
                                       param=guided.param) from None
 
 

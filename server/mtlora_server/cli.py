@@ -69,11 +69,7 @@ def parse_adapters(specs: list[str]) -> dict[str, str]:
             name, path = Path(spec.rstrip("/")).name, spec
         if not name or not path:
             raise ValueError(f"--adapter {spec!r}: expected NAME=PATH or PATH")
-        if not Path(path).is_dir():
-            raise ValueError(f"--adapter {spec!r}: {path} is not a directory")
-        if name in adapters:
-            raise ValueError(f"--adapter {spec!r}: the name {name!r} is used twice")
-        adapters[name] = path
+        vllm_flags.add_adapter(adapters, "--adapter", spec, name, path)
     return adapters
 
 

@@ -111,12 +111,18 @@ def lora_modules(specs: list[str]) -> dict[str, str]:
                 raise ValueError(f"--lora-modules {spec!r}: expected NAME=PATH or a JSON object")
         if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
             raise ValueError(f"--lora-modules {spec!r}: needs a non-empty name and path")
-        if not Path(path).is_dir():
-            raise ValueError(f"--lora-modules {spec!r}: {path} is not a directory")
-        if name in out:
-            raise ValueError(f"--lora-modules {spec!r}: the name {name!r} is used twice")
-        out[name] = path
+        add_adapter(out, "--lora-modules", spec, name, path)
     return out
+
+
+def add_adapter(out: dict[str, str], flag: str, spec: str, name: str, path: str) -> None:
+    """out[name] = path for an adapter flag, after checking the directory exists and the name is new (errors name
+    the flag and its value). Shared by --adapter and --lora-modules."""
+    if not Path(path).is_dir():
+        raise ValueError(f"{flag} {spec!r}: {path} is not a directory")
+    if name in out:
+        raise ValueError(f"{flag} {spec!r}: the name {name!r} is used twice")
+    out[name] = path
 
 
 def load_chat_template(value: str) -> str:

@@ -91,3 +91,24 @@ def read_log_of(cmd_args: list[str], timeout: float = 120.0) -> subprocess.Compl
     """Run mtlora-serve expecting it to exit (e.g. refusing bad input); returns the completed process."""
     return subprocess.run(serve_command() + cmd_args + ["--port", str(free_port())], capture_output=True,
                           text=True, timeout=timeout)
+
+
+@contextlib.asynccontextmanager
+async def served_in_process(model_dir: Path, adapters: dict[str, Path] | None = None):
+    """(engine, app, client): the REAL engine on `model_dir` (fp32, CPU, served as "tiny") behind the app, driven
+    in-process through httpx's ASGI transport; everything is closed afterwards."""
+    from mtlora_server.api import ServerArgs, build_app
+    from mtlora_server.engine.args import EngineArgs
+    from mtlora_server.engine.engine import Engine
+
+    engine = Engine.from_args(EngineArgs(model=str(model_dir), dtype="float32", device="cpu",
+                                         kv_cache_memory=1 << 20, max_num_seqs=16, served_model_name="tiny",
+                                         adapters={k: str(v) for k, v in (adapters or {}).items()}))
+    await engine.start()
+    app = build_app(engine, ServerArgs(served_model_name="tiny"))
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60)
+    try:
+        yield engine, app, client
+    finally:
+        await client.aclose()
+        await engine.shutdown()

@@ -11,7 +11,7 @@ import torch
 
 from fakes import disconnect_after_first_body
 from mtlora_server.api import ServerArgs, build_app
-from serve_helpers import MTLORA_CFG, write_adapter
+from serve_helpers import MTLORA_CFG, served_in_process, write_adapter
 
 LORA_CFG = dict(method="lora", rank=4, target_modules=["q_proj", "v_proj", "down_proj"])
 
@@ -25,20 +25,8 @@ def adapter_dirs(tmp_path_factory, tiny_model_dir):
 
 @pytest.fixture
 async def served(tiny_model_dir, adapter_dirs):
-    from mtlora_server.engine.args import EngineArgs
-    from mtlora_server.engine.engine import Engine
-
-    engine = Engine.from_args(EngineArgs(model=str(tiny_model_dir), dtype="float32", device="cpu",
-                                         kv_cache_memory=1 << 20, max_num_seqs=16, served_model_name="tiny",
-                                         adapters={k: str(v) for k, v in adapter_dirs.items()}))
-    await engine.start()
-    app = build_app(engine, ServerArgs(served_model_name="tiny"))
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60)
-    try:
-        yield engine, app, client
-    finally:
-        await client.aclose()
-        await engine.shutdown()
+    async with served_in_process(tiny_model_dir, adapter_dirs) as served:
+        yield served
 
 
 async def test_echo_logprobs_match_transformers(served, tiny_model_dir):

@@ -9,26 +9,15 @@ from collections import Counter
 import httpx
 import pytest
 
-from mtlora_server.api import ServerArgs, build_app
+from serve_helpers import served_in_process
 
 PROMPT = "The tiny model says"
 
 
 @pytest.fixture
 async def served(tiny_model_dir):
-    from mtlora_server.engine.args import EngineArgs
-    from mtlora_server.engine.engine import Engine
-
-    engine = Engine.from_args(EngineArgs(model=str(tiny_model_dir), dtype="float32", device="cpu",
-                                         kv_cache_memory=1 << 20, max_num_seqs=16, served_model_name="tiny"))
-    await engine.start()
-    app = build_app(engine, ServerArgs(served_model_name="tiny"))
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60)
-    try:
-        yield engine, app, client
-    finally:
-        await client.aclose()
-        await engine.shutdown()
+    async with served_in_process(tiny_model_dir) as served:
+        yield served
 
 
 async def test_openai_client_logit_bias_and_frequency_penalty(served):

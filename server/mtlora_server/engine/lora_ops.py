@@ -38,6 +38,7 @@ from mtlora.errors import AdapterLoadError, ConfigError
 from mtlora.inject import expected_shapes, site_dims
 
 from .invariant import pad_rows
+from .slot_plan import SlotPlan  # noqa: F401  (re-exported: the runner and tests import it from here)
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +81,10 @@ class RoutingStats:
             self.weight_sum, self.entropy_sum, self.count = ws, es, ct
 
     def record(self, slots: torch.Tensor, weights: torch.Tensor, groups: torch.Tensor,
-               expert_mask: torch.Tensor) -> None:
+               expert_mask: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         """slots: [n] slot of each routed token; weights: [n, g_max, N_max] fp32 routing weights;
-        groups: [S] routing groups per slot; expert_mask: [S, N_max] (only used to remember N per slot)."""
+        groups: [S] routing groups per slot; expert_mask: [S, N_max] (only used to remember N per slot);
+        valid: [n] bool, rows that count (None: all). A mask instead of boolean indexing keeps it sync-free."""
         S, N = expert_mask.shape
         self._grow(S, N, weights.device)
         g = groups[slots]                                                           # [n]
@@ -90,9 +92,13 @@ class RoutingStats:
         w = weights.double() * real[:, :, None]                                     # [n, g_max, N] (pad groups 0)
         per_expert = w.sum(1) / g[:, None]                                          # [n, N]
         ent = -(w * w.clamp_min(1e-30).log()).sum(-1).sum(-1) / g                   # [n]
+        ones = torch.ones_like(ent)
+        if valid is not None:
+            keep = valid.to(ent.dtype)                                              # [n]
+            per_expert, ent, ones = per_expert * keep[:, None], ent * keep, keep
         self.weight_sum[:, :N].index_add_(0, slots, per_expert)
         self.entropy_sum.index_add_(0, slots, ent)
-        self.count.index_add_(0, slots, torch.ones_like(ent))
+        self.count.index_add_(0, slots, ones)
         n_exp = expert_mask.sum(1).to(self.count.device)                            # [S]; 0 where site unused
         # Max over sites seen (a slot's mask is empty at sites it does not adapt); no host sync here.
         self._experts = n_exp if self._experts is None else torch.maximum(self._experts.to(n_exp.device), n_exp)
@@ -220,27 +226,6 @@ def _tiles_delta(xt, ts, A, B, R, expert_mask, groups, scaling, g_eff):
 
 
 # -- the per-step plan and the fused per-slot path ---------------------------------------------------------------
-class SlotPlan:
-    """Token -> slot segmentation of one engine step, built once (by the runner) and reused by all sites/layers.
-
-    `slot_idx` [T] long (-1 = base). `groups` maps each adapter slot present to its token rows: a `slice` when
-    they are one contiguous range (the runner lays sequences out grouped by slot, so this is the normal case: the
-    ops then read and write views, no gather / scatter), else a [n] long index tensor.
-    """
-
-    def __init__(self, slot_idx: torch.Tensor, slots: list[int] | None = None):
-        self.slot_idx = slot_idx
-        self.T = int(slot_idx.shape[0])
-        present = sorted(set(slot_idx.tolist() if slots is None else slots) - {-1})
-        self.groups: dict[int, torch.Tensor | None] = {}
-        for s in present:
-            if s < 0:
-                continue
-            rows = (slot_idx == s).nonzero().squeeze(1)
-            lo, hi = int(rows[0]), int(rows[-1]) + 1
-            self.groups[s] = slice(lo, hi) if hi - lo == rows.numel() else rows
-
-
 class _SlotPack:
     """One slot's weights for the sites sharing one input: W = [A_site1; R_site1; A_site2; ...] stacked on the
     output dim (one shrink matmul), then per site (site index, offset of A rows, r, offset of router rows, N, g,
@@ -308,6 +293,7 @@ class _SiteBuffers:
         self.groups = torch.ones(S, dtype=torch.long, device=device)                # [S]
         self.scaling = torch.zeros(S, dtype=torch.float32, device=device)           # [S]
         self.used = torch.zeros(S, dtype=torch.bool, device=device)                 # [S] slot adapts this site
+        self.nexp = torch.zeros(S, dtype=torch.int32, device=device)                # [S] experts (0: unused)
         self.users: set[int] = set()                                                # host copy of `used`
         self.dims: dict[int, tuple[int, int, int]] = {}                             # slot -> (r, N, g), host side
 
@@ -319,7 +305,7 @@ class _SiteBuffers:
         return self.A, self.B, self.R, self.expert_mask, self.groups, self.scaling
 
     def clear(self, slot: int) -> None:
-        for t in (self.A, self.B, self.R, self.expert_mask, self.scaling, self.used):
+        for t in (self.A, self.B, self.R, self.expert_mask, self.scaling, self.used, self.nexp):
             t[slot] = 0
         self.groups[slot] = 1
         self.users.discard(slot)
@@ -416,6 +402,7 @@ class AdapterSlots:
                     buf.groups[slot] = g
                     buf.scaling[slot] = config.scaling
                     buf.used[slot] = True
+                    buf.nexp[slot] = N
                     buf.users.add(slot)
                     buf.dims[slot] = (r, N, g)
         self._configs[slot] = config
@@ -463,6 +450,9 @@ class AdapterSlots:
         """Add the deltas of several sites that all read `x` [T, d_in], in place: targets = [(site, out [T, d_out])]
         (out may be a column slice of a fused projection output). Same math as `apply` per site; with a plan on
         CPU all sites are fused per slot into one shrink matmul, otherwise this is one `apply` per site."""
+        if plan is not None and x.is_cuda and self._triton():
+            self._apply_triton(layer, x, targets, plan, stats)
+            return
         if plan is None or x.is_cuda:
             for site, out in targets:
                 delta = self.apply(layer, site, x, slot_idx, stats)
@@ -501,3 +491,22 @@ class AdapterSlots:
                     w = F.pad(w, (0, buf.expert_mask.shape[1] - N))
                     stats.record(torch.full((n,), slot, dtype=torch.long, device=x.device), w, buf.groups,
                                  buf.expert_mask)
+
+    @staticmethod
+    def _triton() -> bool:
+        from . import triton_molora
+        return triton_molora.available()
+
+    def _apply_triton(self, layer: int, x: torch.Tensor, targets: list[tuple[str, torch.Tensor]],
+                      plan: SlotPlan, stats: RoutingStats | None) -> None:
+        """CUDA: each site's delta added in place by the Triton kernels, tile metadata from the step's plan (built
+        once per step): nothing here synchronises with the host, so a CUDA graph can capture it."""
+        from . import triton_molora
+        cfg = triton_molora.tile_config(plan.T)
+        tiles = plan.tiles(cfg.bt, self.max_adapters)
+        for site, out in targets:
+            buf = self._sites.get((layer, site))
+            if buf is None or not buf.users:
+                continue
+            triton_molora.molora_add_(x, tiles, buf.A, buf.B, buf.R, buf.nexp, buf.groups, buf.scaling, out, cfg,
+                                      stats=stats, expert_mask=buf.expert_mask)

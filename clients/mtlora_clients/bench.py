@@ -191,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)
     sub.add_parser("adapters", help="in-process benchmark of many registered adapters through a few slots "
                    "(mtlora_server.bench_adapters); its own flags follow", add_help=False)
+    sub.add_parser("gpu", help="CUDA proof + 7B-shaped numbers in one run (mtlora_server.bench_gpu; --dry-run: "
+                   "CPU + Triton interpreter); its own flags follow", add_help=False)
     sub.add_parser("train", help="training step time, mtlora vs hydralora vs lora (mtlora_train.bench); its own "
                    "flags follow", add_help=False)
     return p
@@ -217,6 +219,7 @@ def _check_args(args: argparse.Namespace) -> str | None:
 # `http` must not import torch.
 IN_PROCESS = {"engine": ("mtlora_server.bench_engine", "pip install -e '.[serve]'"),
               "adapters": ("mtlora_server.bench_adapters", "pip install -e '.[serve]'"),
+              "gpu": ("mtlora_server.bench_gpu", "pip install -e '.[serve]'"),
               "train": ("mtlora_train.bench", "pip install -e '.[train]'")}
 
 

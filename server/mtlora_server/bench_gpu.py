@@ -40,9 +40,13 @@ log = logging.getLogger(__name__)
 
 ITEMS = ("kernel", "engine", "graphs", "perf")
 # Seconds per item on the device (dry run: the CPU budgets). The whole run must stay under 8 minutes.
-BUDGETS = {"kernel": 100.0, "engine": 90.0, "graphs": 100.0, "perf": 150.0}
-DRY_BUDGETS = {"kernel": 40.0, "engine": 40.0, "graphs": 40.0, "perf": 40.0}
+# Item 1 is mostly Triton compiles (a few seconds each on the device; see bench_gpu_kernel._shapes).
+BUDGETS = {"kernel": 130.0, "engine": 80.0, "graphs": 80.0, "perf": 150.0}
+# The dry run (CI) is about running every sub-step, not about time: generous budgets, so a busy CI machine does
+# not cut checks (about a minute on an idle laptop CPU).
+DRY_BUDGETS = {"kernel": 300.0, "engine": 300.0, "graphs": 300.0, "perf": 300.0}
 TOTAL_SECONDS, RESERVE_PER_ITEM = 450.0, 25.0   # the whole run's deadline; time kept back for each later item
+DRY_TOTAL_SECONDS = 1500.0
 
 
 @dataclass
@@ -61,11 +65,11 @@ class Budget:
 
 @dataclass
 class ItemResult:
-    """One item's outcome. status: pass | fail | error | skipped. `checks`: name -> bool (all must hold for
+    """One item's outcome. status: pass | fail | error | skipped | incomplete. `checks`: name -> bool (all must hold for
     pass); `metrics`: the numbers; `targets`: what the checks compare against, in words."""
 
     name: str
-    status: str = "skipped"
+    status: str = "skipped"        # "incomplete": its checks held, but the budget cut sub-steps (not a pass)
     reason: str = ""
     targets: dict = field(default_factory=dict)
     checks: dict = field(default_factory=dict)
@@ -76,6 +80,8 @@ class ItemResult:
     def finish(self) -> "ItemResult":
         if self.status == "skipped" and self.checks:
             self.status = "pass" if all(self.checks.values()) else "fail"
+        if self.status == "pass" and self.truncated:
+            self.status, self.reason = "incomplete", "the budget ran out before every sub-step ran (checks that ran held)"
         if self.status == "fail" and not self.reason:
             self.reason = "failed checks: " + ", ".join(k for k, v in self.checks.items() if not v)
         return self
@@ -130,7 +136,6 @@ def run_item(name: str, fn, ctx_kw: dict, budget_s: float, shared: dict) -> Item
         log.error("item %s raised: %s", name, res.reason)
     finally:
         res.seconds = round(time.monotonic() - t0, 2)
-        res.truncated = res.truncated or ctx.budget.spent()
         if ctx.device == "cuda":
             import torch
             torch.cuda.empty_cache()
@@ -148,7 +153,7 @@ def run(args) -> dict:
     budgets = DRY_BUDGETS if args.dry_run else BUDGETS
     fns, shared, results = _item_functions(), {}, []
     t0 = time.monotonic()
-    deadline = t0 + TOTAL_SECONDS * args.budget_scale
+    deadline = t0 + (DRY_TOTAL_SECONDS if args.dry_run else TOTAL_SECONDS) * args.budget_scale
     for k, name in enumerate(wanted):
         if not cuda and not args.dry_run:
             results.append(ItemResult(name, reason="no CUDA device: run on a GPU, or --dry-run for the CPU "
@@ -165,7 +170,8 @@ def run(args) -> dict:
               "environment": environment(), "wall_s": round(time.monotonic() - t0, 2),
               "items": {r.name: asdict(r) for r in results},
               "summary": {r.name: r.status for r in results}}
-    report["ok"] = all(r.status in ("pass", "skipped") for r in results)
+    # Without a GPU only the dry run can succeed: a real run that found no CUDA device proves nothing.
+    report["ok"] = all(r.status in ("pass", "skipped") for r in results) and (cuda or args.dry_run)
     return report
 
 

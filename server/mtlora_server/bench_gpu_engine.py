@@ -145,16 +145,17 @@ def run_engine(ctx, res) -> None:
     res.metrics["vs_reference"] = per
     res.checks["prompt_logprobs_vs_reference"] = bool(per) and ok_lp
     res.checks["greedy_vs_reference"] = bool(per) and ok_greedy
-    if ctx.budget.left() > 5:
-        _mixed_vs_serial(ctx, res, core, list(paths))
-    if ctx.budget.left() > 5:
-        _prefix_hit_vs_miss(res, core, list(paths))
+    for step in (_mixed_vs_serial, _prefix_hit_vs_miss):
+        if ctx.budget.left() > 5:
+            step(res, core, list(paths))
+        else:
+            res.truncated = True
     res.metrics["table"] = {"vs reference": f"max prompt-logprob diff "
                             f"{max((v['prompt_logprob_max_diff'] for v in per.values()), default=float('nan')):.2e}"
                             f", greedy equal {sum(v['greedy_equal'] for v in per.values())}/{len(per)}"}
 
 
-def _mixed_vs_serial(ctx, res, core, names: list[str]) -> None:
+def _mixed_vs_serial(res, core, names: list[str]) -> None:
     reqs = [_req(f"r{i}", _prompt(100 + i, 9 + 11 * i), ([None] + names)[i % (len(names) + 1)],
                  max_tokens=4 + i % 4, prompt_logprobs=0) for i in range(2 * len(names) + 2)]
     mixed = _run(core, reqs)

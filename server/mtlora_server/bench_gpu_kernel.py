@@ -107,10 +107,10 @@ def parity_case(site: SiteTensors, idx: torch.Tensor, dtype: torch.dtype, device
     eff = torch.where((idx >= 0) & (site.nexp[idx.clamp_min(0)] > 0), idx, -1)    # empty slots act as base
     ref = molora_reference(x.float().cpu(), eff, *site.to("cpu", torch.float32).stacked())   # fp32 on rounded
     # The fused-target path: a column view of a wider output with random contents; the kernel adds in place.
-    fused = torch.randn(T, d_out + 24, generator=gen).to(device, dtype)
+    fused = (torch.randn(T, d_out + 24, generator=gen) * 0.5).to(device, dtype)
     before = fused.clone()
     target = fused[:, 8:8 + d_out]
-    cfg = cfg or tile_config(T)
+    cfg = cfg or tile_config(T, dtype)
     tiles = build_tiles(idx, cfg.bt, site.A.shape[0], device)
     st = RoutingStats() if stats else None
     molora_add_(x, tiles, dev.A, dev.B, dev.R, dev.nexp, dev.groups, dev.scaling, target, cfg, stats=st,
@@ -145,9 +145,10 @@ def _shapes(dry: bool) -> list[dict]:
     if dry:
         return [dict(S=5, r_max=16, n_max=4, g_max=3, d_in=40, d_out=24, Ts=[1, 5, 19]),
                 dict(S=4, r_max=8, n_max=8, g_max=2, d_in=64, d_out=80, Ts=[7])]
-    return [dict(S=8, r_max=16, n_max=16, g_max=4, d_in=512, d_out=768, Ts=[1, 3, 16, 33, 200]),
-            dict(S=8, r_max=16, n_max=8, g_max=4, d_in=4096, d_out=4096, Ts=[1, 64, 257]),
-            dict(S=6, r_max=12, n_max=5, g_max=3, d_in=352, d_out=1176, Ts=[17, 1030])]
+    # Few distinct shapes / tile-table entries: every (shape, dtype, tile config) is one Triton compile. The 7B
+    # FFN shape is covered by the tile sweep, whose winners are parity-checked there.
+    return [dict(S=8, r_max=16, n_max=16, g_max=4, d_in=512, d_out=768, Ts=[1, 33]),
+            dict(S=6, r_max=12, n_max=5, g_max=3, d_in=352, d_out=1176, Ts=[17, 200])]
 
 
 def run_parity(ctx, res) -> list[dict]:

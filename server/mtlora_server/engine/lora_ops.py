@@ -502,7 +502,7 @@ class AdapterSlots:
         """CUDA: each site's delta added in place by the Triton kernels, tile metadata from the step's plan (built
         once per step): nothing here synchronises with the host, so a CUDA graph can capture it."""
         from . import triton_molora
-        cfg = triton_molora.tile_config(plan.T)
+        cfg = triton_molora.tile_config(plan.T, self.dtype)
         tiles = plan.tiles(cfg.bt, self.max_adapters)
         for site, out in targets:
             buf = self._sites.get((layer, site))

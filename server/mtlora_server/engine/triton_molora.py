@@ -98,8 +98,15 @@ def set_tile_table(table: list[tuple[int, TileConfig]] | None) -> None:
     TILE_TABLE = table
 
 
-def tile_config(T: int) -> TileConfig:
-    """The tile configuration for a step of T tokens."""
+# fp32 (the exact path: tests, reference checks) always uses one small config: fp32 `ieee` dots of big tiles take
+# minutes to compile, and fp32 is not the dtype anyone serves fast.
+FP32_TILE = TileConfig(bt=16, bk=64, ksplit=4, bko=64, num_warps=4)
+
+
+def tile_config(T: int, dtype: torch.dtype = torch.bfloat16) -> TileConfig:
+    """The tile configuration for a step of T tokens in `dtype` (the table is for bf16 / fp16)."""
+    if dtype == torch.float32:
+        return FP32_TILE
     for max_t, cfg in TILE_TABLE:
         if T <= max_t:
             return cfg
@@ -162,7 +169,7 @@ def build_tiles(slot_idx: torch.Tensor, bt: int, max_slots: int, device: torch.d
 # -- kernels ------------------------------------------------------------------------------------------------------
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T"])      # T changes every step: one compile serves them all
     def _shrink_kernel(x_ptr, x_stride, meta_ptr, a_ptr, r_ptr, nexp_ptr, hp_ptr, lp_ptr, T, D_IN, K_PER,
                        R_MAX: tl.constexpr, N_MAX: tl.constexpr, G_MAX: tl.constexpr, BT: tl.constexpr,
                        BK: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr, GP: tl.constexpr,
@@ -204,7 +211,7 @@ if triton is not None:
         tl.store(hp_ptr + (base * BT + t[:, None]) * RP + rr[None, :], h)
         tl.store(lp_ptr + (base * BT + t[:, None]) * (GP * NP) + j[None, :], logits)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T"])      # T changes every step: one compile serves them all
     def _expand_kernel(hp_ptr, lp_ptr, meta_ptr, b_ptr, nexp_ptr, groups_ptr, scaling_ptr, out_ptr, out_stride,
                        T, D_OUT, R_MAX: tl.constexpr, N_MAX: tl.constexpr, BT: tl.constexpr, BKO: tl.constexpr,
                        RP: tl.constexpr, NP: tl.constexpr, GP: tl.constexpr, KSPLIT: tl.constexpr,
@@ -271,7 +278,7 @@ def molora_add_(x: torch.Tensor, tiles: TileMeta, A, B, R, nexp, groups, scaling
     (0: the slot does not adapt this site). `stats` (RoutingStats) also needs `expert_mask`. No host sync."""
     if triton is None:
         raise RuntimeError("triton is not installed; use lora_ops.molora_torch")
-    cfg = cfg or tile_config(tiles.T)
+    cfg = cfg or tile_config(tiles.T, A.dtype)
     if cfg.bt != tiles.bt:
         raise ValueError(f"tile metadata built for bt={tiles.bt}, config wants bt={cfg.bt}")
     T, d_in = x.shape
@@ -330,7 +337,7 @@ def molora_triton(x, slot_idx, A, B, R, expert_mask, groups, scaling, stats=None
     Convenience entry point for tests and benchmarks: it builds the tile metadata from `slot_idx` itself (one
     device-to-host copy). The engine goes through `molora_add_` with the step's `SlotPlan.tiles`."""
     T, d_out = x.shape[0], B.shape[3]
-    cfg = cfg or tile_config(T)
+    cfg = cfg or tile_config(T, A.dtype)
     tiles = build_tiles(slot_idx.cpu(), cfg.bt, B.shape[0], x.device)
     out = torch.zeros(T, d_out, dtype=x.dtype, device=x.device)                 # base rows stay zero
     molora_add_(x.contiguous(), tiles, A.contiguous(), B.contiguous(), R.contiguous(), site_nexp(expert_mask),

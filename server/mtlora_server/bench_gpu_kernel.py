@@ -9,10 +9,11 @@ Contract:
   Error measure: max |got - ref| / max(1, max |ref|). Tolerances (`TOLERANCES`): fp32 1e-5, bf16 2e-2, fp16 5e-3.
   Also checked: base rows and empty-slot rows untouched (exactly), the in-place add into a strided column view
   (a fused projection output), routing statistics == the torch path's (fp32).
-- On CUDA only: a CUDA-graph capture of `molora_add_` replayed after new tile metadata was copied into the
+- `bench_gpu_tune`: a CUDA-graph capture of `molora_add_` replayed after new tile metadata was copied into the
   captured buffer (must equal the reference: the kernels are graph-capturable), and a tile-size sweep on the
   7B-shaped FFN block site (d 4096, N 16, r 16, g 2, 8 slots) for step sizes T; the fastest config per T (that
-  also passes parity) forms the "tile_table", installed for the later items and written to the report.
+  also passes parity) forms the "tile_table", installed for the later items and written to the report. In the
+  dry run both run at toy size without capture and with meaningless timings (code exercised, nothing measured).
 """
 
 from __future__ import annotations
@@ -188,13 +189,10 @@ def run(ctx, res) -> None:
     res.metrics["table"] = {f"max err {d}": f"{max((c['err'] for c in cases if c['dtype'] == d), default=0):.2e} "
                             f"(tol {TOLERANCES[d]:.0e}, {sum(c['dtype'] == d for c in cases)} cases)"
                             for d in DTYPES}
-    if ctx.device != "cuda":
-        res.metrics["graph_replay"] = res.metrics["tile_sweep"] = "skipped: needs CUDA (dry run / no GPU)"
-        return
     from .bench_gpu_tune import graph_replay_check, sweep_tiles
-    graph = graph_replay_check(ctx)
+    graph = graph_replay_check(ctx)          # dry run: no capture (needs CUDA), the buffer swap still checked
     res.metrics["graph_replay"] = graph
-    res.checks["graph_replay"] = graph["ok"]
+    res.checks["graph_replay" if graph["captured"] else "metadata_swap_replay"] = graph["ok"]
     sweep = sweep_tiles(ctx, res)
     res.metrics["tile_sweep"] = sweep
     if sweep.get("table"):

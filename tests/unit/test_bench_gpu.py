@@ -53,7 +53,11 @@ def test_dry_run_kernel_parity_passes_under_the_interpreter(dry_report):
     assert any(c["adapter_rows"] == 0 for c in cases)                           # base-only batches
     assert any(c["adapter_rows"] > 0 and c["ref_max"] > 0.1 for c in cases)
     assert all(c["ok"] for c in cases)
-    assert "needs CUDA" in kernel["metrics"]["graph_replay"]                     # CUDA-only part skipped, saying why
+    assert kernel["metrics"]["graph_replay"]["captured"] is False               # CUDA graphs need a GPU
+    assert kernel["checks"]["metadata_swap_replay"] and kernel["metrics"]["graph_replay"]["replays"] == 4
+    sweep = kernel["metrics"]["tile_sweep"]
+    assert "interpreter timings mean nothing" in sweep["note"] and set(sweep["ms"]) == {"1", "20"}
+    assert kernel["metrics"]["tile_table"][-1][0] >= 2 ** 40                     # the table covers every T
 
 
 def test_dry_run_engine_items_ran_on_cpu_and_perf_says_why_skipped(dry_report):

@@ -209,7 +209,7 @@ def graph_info(core) -> dict:
 def _batches(info: dict, dry: bool) -> list[int]:
     if dry:
         return [1, 2, 3]
-    edges = sorted({n for b in info.get("buckets") or [] for n in (b - 1, b, b + 1) if 1 <= n <= 64})
+    edges = sorted({n for b in info.get("buckets") or [] for n in (b - 1, b, b + 1) if 1 <= n <= 33})
     return edges or list(DEFAULT_BATCHES)
 
 

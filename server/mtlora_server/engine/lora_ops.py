@@ -20,7 +20,8 @@ Contract:
   that read the same input are fused per slot into one shrink matmul (A and router rows of those sites stacked at
   load time, each slot trimmed to its own r / N / g, so no padding and no expert masking); each site's delta is
   then added in place into its target (the matching slice of the fused projection output). `molora_torch` stays
-  the batched reference it is checked against.
+  the batched reference it is checked against. On CUDA, `apply_shared` with a plan runs the Triton kernels with
+  the step's tile metadata (`SlotPlan.tiles`), adding each site's delta in place, with no host sync in a layer.
 - `RoutingStats` accumulates, per slot, the sum of per-token routing weight per expert (averaged over the slot's
   groups), the sum of per-token routing entropy (nats, averaged over groups) and the token count.
 """

@@ -126,12 +126,10 @@ def _check_llama_config(raw: dict[str, Any], path: Path) -> None:
 
 
 def weight_files(path: str | Path) -> list[Path]:
-    """The safetensors files of a model dir. With `model.safetensors.index.json`: exactly the shards it names (each
-    must exist; files it does not name are ignored). Without: every *.safetensors file."""
+    """The safetensors files of a model dir: the shards its index names (each must exist), else every file."""
     path = Path(path)
-    index = path / INDEX_FILE
-    if index.is_file():
-        return sorted({path / name for name in _index_map(index).values()})
+    if (path / INDEX_FILE).is_file():
+        return sorted({path / name for name in _index_map(path / INDEX_FILE).values()})
     files = sorted(path.glob("*.safetensors"))
     if not files:
         bins = sorted(p.name for p in path.glob("*.bin"))
@@ -162,10 +160,8 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
     path = Path(path)
-    index = path / INDEX_FILE
-    wanted = _index_map(index) if index.is_file() else None
-    out: dict[str, torch.Tensor] = {}
-    where: dict[str, Path] = {}
+    wanted = _index_map(path / INDEX_FILE) if (path / INDEX_FILE).is_file() else None
+    out, where = {}, {}                                   # name -> tensor, name -> the file it came from
     for f in weight_files(path):
         try:
             with safe_open(str(f), framework="pt") as handle:

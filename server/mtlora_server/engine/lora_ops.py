@@ -360,6 +360,7 @@ class AdapterSlots:
         if not bufs:
             return
         key_sites = tuple(targets[i][0] for i, _ in bufs)
+        buf_of = dict(bufs)                                                         # target index -> buffers
         for slot, rows in plan.groups.items():
             key = (layer, key_sites, slot)
             if key not in self._packs:
@@ -380,7 +381,7 @@ class AdapterSlots:
                 else:
                     out.index_add_(0, rows, delta.to(out.dtype))
                 if stats is not None:
-                    self._record(stats, dict(bufs)[i], slot, part, w, n, x.device)
+                    self._record(stats, buf_of[i], slot, part, w, n, x.device)
 
     @staticmethod
     def _record(stats: RoutingStats, buf: "_SiteBuffers", slot: int, part: grouped.PackedSite,

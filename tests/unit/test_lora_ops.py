@@ -202,6 +202,27 @@ def test_load_and_clear_never_reallocate(loaded):
     assert torch.all(slots.apply(0, "mlp", x, idx) == 0)       # slot 3 still uses the site
 
 
+def test_clear_zeroes_only_what_was_written_even_after_a_failed_write(loaded):
+    """`clear` zeroes the written region only (adapter swaps cost the adapter's size, not the maxima); a load that
+    fails midway (tensors passed as already checked, one router of the wrong size) is still wiped by `clear`."""
+    _, oracles = loaded
+    slots = AdapterSlots(CFG, max_adapters=2, max_rank=16, max_experts=8, max_groups=4)
+    tensors = _native(oracles[0])
+    slots.load(1, ADAPTERS[0], tensors)                        # a neighbour that must survive untouched
+    before = {k: [t[1].clone() for t in b.tensors()] for k, b in slots._sites.items()}
+    bad = dict(tensors)
+    bad["layers.1.mlp.router"] = torch.randn(5, 48)            # written after layer 0 and layer 1's A and B
+    with pytest.raises(RuntimeError):
+        slots.load(0, ADAPTERS[0], bad, checked=True)
+    assert any(torch.any(b.A[0] != 0) for b in slots._sites.values())   # the failed write left weights behind
+    slots.clear(0)
+    for key, buf in slots._sites.items():
+        A, B, R, mask, groups, scaling = buf.tensors()
+        assert not A[0].any() and not B[0].any() and not R[0].any() and not mask[0].any(), key
+        assert int(groups[0]) == 1 and float(scaling[0]) == 0.0
+        assert all(torch.equal(t[1], old) for t, old in zip(buf.tensors(), before[key])), key
+
+
 @pytest.mark.parametrize("kwargs,cfg,field", [
     ({"max_rank": 8}, ADAPTERS[0], "rank"),
     ({"max_experts": 4}, ADAPTERS[0], "num_experts"),

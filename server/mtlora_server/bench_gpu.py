@@ -2,9 +2,9 @@
 
 Contract:
 - Items (each time-boxed by its own budget; an item that raises is recorded as "error" and the rest continue):
-  1. `kernel`  Triton MoLoRA kernel == `lora_ops.molora_reference` over random slot layouts (ranks, experts,
-     groups, empty slots, base-only rows), fp32 / bf16 / fp16 (tolerances in `bench_gpu_kernel.TOLERANCES`), the
-     in-place add into a strided (fused) target, routing statistics, a CUDA-graph capture + replay with new tile
+  1. `kernel`  Triton MoLoRA kernel == the reference forward (`mtlora.grouped` per slot) over random slot
+     layouts (ranks, experts, groups, empty slots, base-only rows), fp32 / bf16 / fp16 (tolerances in
+     `bench_gpu_kernel.TOLERANCES`), the in-place add into a strided (fused) target, routing statistics, a CUDA-graph capture + replay with new tile
      metadata, and a small tile-size sweep on the device whose winners (the "tile_table") are installed for
      items 2-4 and written to the report.
   2. `engine`  engine on CUDA == the CPU reference (`mtlora.reference`) on one random small LLaMA: fp32 prompt
@@ -81,7 +81,8 @@ class ItemResult:
         if self.status == "skipped" and self.checks:
             self.status = "pass" if all(self.checks.values()) else "fail"
         if self.status == "pass" and self.truncated:
-            self.status, self.reason = "incomplete", "the budget ran out before every sub-step ran (checks that ran held)"
+            self.status = "incomplete"
+            self.reason = "the budget ran out before every sub-step ran (the checks that ran held)"
         if self.status == "fail" and not self.reason:
             self.reason = "failed checks: " + ", ".join(k for k, v in self.checks.items() if not v)
         return self

@@ -1,10 +1,12 @@
-"""Item 1 of `mtlora-bench gpu`: the Triton MoLoRA kernel against `lora_ops.molora_reference`.
+"""Item 1 of `mtlora-bench gpu`: the Triton MoLoRA kernel against the reference forward.
 
 Contract:
 - `random_site(...)` builds one site's stacked slot tensors (the `lora_ops` layout) with per-slot rank, experts
   and routing groups drawn at random below the maxima, zero padding beyond them, and some empty slots (nothing
   loaded: every tensor zero, `nexp` 0); `random_layout` draws each token's slot among loaded slots, empty slots
   and -1 (base), with base-only batches among the cases.
+- The reference (`reference_delta`) is the engine's CPU path `mtlora.grouped` (itself tested against the oracle
+  `mtlora.adapters.MoLoRA`) per slot, trimmed to the slot's own r / N / g, in fp32 on the CPU.
 - Parity: the kernel output vs the reference computed in fp32 on the same (already rounded) weights and inputs.
   Error measure: max |got - ref| / max(1, max |ref|). Tolerances (`TOLERANCES`): fp32 1e-5, bf16 2e-2, fp16 5e-3.
   Also checked: base rows and empty-slot rows untouched (exactly), the in-place add into a strided column view
@@ -42,6 +44,7 @@ class SiteTensors:
     scaling: torch.Tensor      # [S] fp32
     nexp: torch.Tensor         # [S] int32
     loaded: list[int]          # slots holding an adapter (the others are empty)
+    dims: dict[int, tuple[int, int, int]]   # loaded slot -> (r, N, g)
 
     def stacked(self) -> tuple:
         return self.A, self.B, self.R, self.expert_mask, self.groups, self.scaling
@@ -49,7 +52,7 @@ class SiteTensors:
     def to(self, device, dtype) -> "SiteTensors":
         f = lambda t: t.to(device, dtype)   # noqa: E731
         return SiteTensors(f(self.A), f(self.B), f(self.R), self.expert_mask.to(device), self.groups.to(device),
-                           self.scaling.to(device), self.nexp.to(device), self.loaded)
+                           self.scaling.to(device), self.nexp.to(device), self.loaded, self.dims)
 
 
 def _divisor_groups(d_out: int, g_max: int, gen: torch.Generator) -> int:
@@ -68,6 +71,7 @@ def random_site(S: int, r_max: int, n_max: int, g_max: int, d_in: int, d_out: in
     groups, scaling = torch.ones(S, dtype=torch.long), torch.zeros(S)
     empty = set(torch.randperm(S, generator=gen)[:n_empty].tolist())
     loaded = [s for s in range(S) if s not in empty]
+    dims = {}
     for s in loaded:
         if fixed is None:
             r = int(torch.randint(1, r_max + 1, (1,), generator=gen))
@@ -81,7 +85,32 @@ def random_site(S: int, r_max: int, n_max: int, g_max: int, d_in: int, d_out: in
             R[s, :g, :n] = torch.randn(g, n, d_in, generator=gen) / d_in ** 0.5 * 2
         mask[s, :n] = True
         groups[s], scaling[s] = g, float(torch.rand(1, generator=gen)) + 0.5
-    return SiteTensors(A, B, R, mask, groups, scaling, mask.sum(1).to(torch.int32), loaded)
+        dims[s] = (r, n, g)
+    return SiteTensors(A, B, R, mask, groups, scaling, mask.sum(1).to(torch.int32), loaded, dims)
+
+
+def reference_delta(x: torch.Tensor, idx: torch.Tensor, site: SiteTensors, stats=None) -> torch.Tensor:
+    """[T, d_out] fp32 on the CPU: per loaded slot, `mtlora.grouped` on its tokens (empty slots and -1: zero).
+    With `stats` (RoutingStats), records each slot's routing weights as the engine's CPU path does."""
+    from mtlora import grouped
+
+    site = site.to("cpu", torch.float32)
+    x, idx = x.float().cpu(), idx.cpu()
+    out = torch.zeros(x.shape[0], site.B.shape[3])
+    for s in site.loaded:
+        rows = (idx == s).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        r, N, g = site.dims[s]
+        p = grouped.pack([grouped.SiteWeights(site.A[s, :r], site.B[s, :N, :r], site.R[s, :g, :N] if N > 1 else None,
+                                              float(site.scaling[s]))])
+        delta, w = grouped.expand(grouped.shrink(x[rows], p), p.parts[0])
+        out[rows] = delta
+        if stats is not None:
+            w = torch.ones(rows.numel(), g, 1) if w is None else w
+            w = torch.nn.functional.pad(w, (0, site.B.shape[1] - N))                   # [n, g, N_max]
+            stats.record(torch.full((rows.numel(),), s, dtype=torch.long), w, site.groups, site.expert_mask)
+    return out
 
 
 def random_layout(T: int, S: int, seed: int, base_only: bool = False) -> torch.Tensor:
@@ -98,7 +127,7 @@ def random_layout(T: int, S: int, seed: int, base_only: bool = False) -> torch.T
 def parity_case(site: SiteTensors, idx: torch.Tensor, dtype: torch.dtype, device: str, seed: int,
                 cfg=None, stats: bool = False) -> dict:
     """One comparison; returns the measured errors and flags (the caller checks them against TOLERANCES)."""
-    from .engine.lora_ops import RoutingStats, molora_reference, molora_torch
+    from .engine.lora_ops import RoutingStats
     from .engine.triton_molora import build_tiles, molora_add_, tile_config
 
     T, d_in, d_out = idx.numel(), site.A.shape[2], site.B.shape[3]
@@ -106,7 +135,8 @@ def parity_case(site: SiteTensors, idx: torch.Tensor, dtype: torch.dtype, device
     dev = site.to(device, dtype)
     x = torch.randn(T, d_in, generator=gen).to(device, dtype)                     # x: [T, d_in]
     eff = torch.where((idx >= 0) & (site.nexp[idx.clamp_min(0)] > 0), idx, -1)    # empty slots act as base
-    ref = molora_reference(x.float().cpu(), eff, *site.to("cpu", torch.float32).stacked())   # fp32 on rounded
+    st_ref = RoutingStats() if stats else None
+    ref = reference_delta(x, idx, site, st_ref)                                  # fp32 on the rounded inputs
     # The fused-target path: a column view of a wider output with random contents; the kernel adds in place.
     fused = (torch.randn(T, d_out + 24, generator=gen) * 0.5).to(device, dtype)
     before = fused.clone()
@@ -126,8 +156,6 @@ def parity_case(site: SiteTensors, idx: torch.Tensor, dtype: torch.dtype, device
            "outside_columns_untouched": bool(torch.equal(fused[:, :8], before[:, :8])
                                             and torch.equal(fused[:, 8 + d_out:], before[:, 8 + d_out:]))}
     if stats:
-        st_ref = RoutingStats()
-        molora_torch(x.float(), eff.to(device), *dev.to(device, torch.float32).stacked(), stats=st_ref)
         out["stats_err"] = max(_diff(st.weight_sum, st_ref.weight_sum), _diff(st.count, st_ref.count),
                                _diff(st.entropy_sum, st_ref.entropy_sum))
     return out

@@ -52,8 +52,7 @@ def _time_ms(fn, reps: int = 10) -> float:
 
 
 def graph_replay_check(ctx) -> dict:
-    from .bench_gpu_kernel import random_layout, random_site
-    from .engine.lora_ops import molora_reference
+    from .bench_gpu_kernel import random_layout, random_site, reference_delta
     from .engine.triton_molora import build_tiles, molora_add_, tile_config
 
     dev_name = ctx.device
@@ -85,8 +84,7 @@ def graph_replay_check(ctx) -> dict:
         x.copy_(torch.randn(T, d, generator=torch.Generator().manual_seed(k)).to(dev_name))
         out.zero_()
         replay()
-        eff = torch.where((idx >= 0) & (site.nexp[idx.clamp_min(0)] > 0), idx, -1)
-        ref = molora_reference(x.cpu(), eff, *site.stacked())
+        ref = reference_delta(x, idx, site)
         errs.append(float((out.cpu() - ref).abs().max()) / max(1.0, float(ref.abs().max())))
     return {"T": T, "replays": len(errs), "max_err": max(errs), "ok": max(errs) <= 1e-5,
             "captured": dev_name == "cuda"}

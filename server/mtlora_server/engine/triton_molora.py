@@ -1,4 +1,4 @@
-"""Triton kernels for the batched heterogeneous MoLoRA op (same math as `lora_ops.molora_reference`).
+"""Triton kernels for the batched heterogeneous MoLoRA op (the math of `mtlora.adapters.MoLoRA`, as `mtlora.grouped`).
 
 Contract:
 - The step's tokens are cut into tiles of BT rows that share one slot (`build_tiles`, called once per step through
@@ -277,7 +277,7 @@ def molora_add_(x: torch.Tensor, tiles: TileMeta, A, B, R, nexp, groups, scaling
     A, B, R, groups, scaling: the stacked site tensors (lora_ops layout); nexp: [S] int32 real experts per slot
     (0: the slot does not adapt this site). `stats` (RoutingStats) also needs `expert_mask`. No host sync."""
     if triton is None:
-        raise RuntimeError("triton is not installed; use lora_ops.molora_torch")
+        raise RuntimeError("triton is not installed; the CPU path is mtlora.grouped")
     cfg = cfg or tile_config(tiles.T, A.dtype)
     if cfg.bt != tiles.bt:
         raise ValueError(f"tile metadata built for bt={tiles.bt}, config wants bt={cfg.bt}")
@@ -332,7 +332,8 @@ def site_nexp(expert_mask: torch.Tensor) -> torch.Tensor:
 
 def molora_triton(x, slot_idx, A, B, R, expert_mask, groups, scaling, stats=None,
                   cfg: TileConfig | None = None) -> torch.Tensor:
-    """Same arguments and result as `lora_ops.molora_reference` (x on CUDA, or CPU under TRITON_INTERPRET=1).
+    """delta [T, d_out] in x.dtype over the stacked site tensors (the lora_ops layout; tests compare it with
+    tests/unit/molora_stacked.molora_reference). x on CUDA, or CPU under TRITON_INTERPRET=1.
 
     Convenience entry point for tests and benchmarks: it builds the tile metadata from `slot_idx` itself (one
     device-to-host copy). The engine goes through `molora_add_` with the step's `SlotPlan.tiles`."""

@@ -4,9 +4,9 @@ Contract:
 - Items (each time-boxed by its own budget; an item that raises is recorded as "error" and the rest continue):
   1. `kernel`  Triton MoLoRA kernel == the reference forward (`mtlora.grouped` per slot) over random slot
      layouts (ranks, experts, groups, empty slots, base-only rows), fp32 / bf16 / fp16 (tolerances in
-     `bench_gpu_kernel.TOLERANCES`), the in-place add into a strided (fused) target, routing statistics, a CUDA-graph capture + replay with new tile
-     metadata, and a small tile-size sweep on the device whose winners (the "tile_table") are installed for
-     items 2-4 and written to the report.
+     `bench_gpu_kernel.TOLERANCES`), the in-place add into a strided (fused) target, routing statistics, a
+     CUDA-graph capture + replay with new tile metadata, and a small tile-size sweep on the device whose winners
+     (the "tile_table") are installed for items 2-4 and written to the report.
   2. `engine`  engine on CUDA == the CPU reference (`mtlora.reference`) on one random small LLaMA: fp32 prompt
      logprobs within 1e-3, greedy tokens equal; mixed-adapter batch == serial; prefix-cache hit == miss.
   3. `graphs`  `EngineArgs(enforce_eager=False)` vs `enforce_eager=True` in bf16: identical greedy tokens and

@@ -108,3 +108,35 @@ def test_command_writes_json_and_plot(setup, capsys):
 def test_unknown_arm_is_a_clear_error(capsys):
     assert train_main(["gradient-conflict", "--arms", "lora,nope"]) == 2
     assert "unknown arm 'nope'" in capsys.readouterr().err
+
+
+def test_shared_pass_equals_attached_gradients(setup):
+    """At initialisation (B = 0) one bare pass with hooks gives every arm's gradients exactly."""
+    model_dir, data, root = setup
+    model, tok = load_base_model(model_dir), load_tokenizer(model_dir)
+    model.requires_grad_(False)
+    from mtlora_train.data import load_dataset
+
+    ds = load_dataset(str(data), tok, 64, "qa", str(root / "cache"))
+    batches = gc.task_batches(ds, ["upper", "reverse"], 2, 3, seed=2, pad_id=0)
+    cfg = gc.ConflictConfig(lora_rank=4, lora_nums=2)
+    arms = {"lora": "lora", "hydralora": "hydralora", "block": "block"}
+    attached, detached = {}, {}
+    for arm in arms:
+        torch.manual_seed(5)
+        adapters = inject.attach(model, gc._arm_config(cfg, arm))
+        for a in adapters.values():
+            a.requires_grad_(True)
+        attached[arm] = gc.task_gradients(model, adapters, batches, progress=False)
+        inject.detach(model)
+        detached[arm] = adapters
+    shared = gc.init_task_gradients(model, detached, batches, progress=False)
+    for arm in arms:
+        for task in batches:
+            for layer, g in attached[arm][task].items():
+                assert float(g.abs().sum()) > 0
+                torch.testing.assert_close(shared[arm][task][layer], g, rtol=1e-4, atol=1e-8)
+    with torch.no_grad():
+        next(iter(detached["block"].values())).lora_B.add_(1.0)
+    with pytest.raises(Exception, match="initialisation"):
+        gc.init_task_gradients(model, {"block": detached["block"]}, batches, progress=False)

@@ -7,6 +7,12 @@ Contract:
 - `task_gradients(model, adapters, batches_by_task)` -> {task: {layer: flat fp32 gradient}}: the mean over the task's
   batches of d CE / d theta (model in eval mode: no dropout, deterministic), per decoder layer so that per-layer
   similarities come from the same pass. The base model is frozen; only adapter tensors get gradients.
+- `init_task_gradients(model, arm_adapters, batches_by_task)` -> {arm: same}: the same numbers for several arms at
+  their initialisation in ONE pass over the data: while every B is zero an adapter adds nothing to the forward and
+  nothing to the backward Jacobian, so the gradient reaching each adapter site's output (delta = dL/d site output)
+  is the base model's; hooks on the base model's sites record the site input x and delta, and each arm's own
+  `MoLoRA` gives d<adapter(x), delta>/d theta (exact: `test_shared_pass_equals_attached_gradients`). Used by `run`
+  for the arms measured at init (no `--adapter`); a trained adapter is measured attached (`task_gradients`).
 - `cosine_matrix(grads)` -> (tasks, C [T, T], per-layer C [L, T, T]) from Gram matrices (the whole-model Gram is the
   sum of the per-layer Grams).
 - `conflict_stats(C)`: over the T(T-1)/2 task pairs: `mean_similarity` (mean off-diagonal cosine: the statistic
@@ -102,6 +108,75 @@ def task_gradients(model, adapters: dict, batches_by_task: dict[str, list[dict]]
     return out
 
 
+def _site_module(model, prefix: str):
+    layer = inject.decoder_layers(model)[_layer_of(prefix)]
+    return layer.get_submodule(prefix.split(".", 2)[2])                  # "layers.3.self_attn.q_proj" -> q_proj
+
+
+def init_task_gradients(model, arm_adapters: dict[str, dict], batches_by_task: dict[str, list[dict]],
+                        progress: bool = True) -> dict[str, dict[str, dict[int, torch.Tensor]]]:
+    """{arm: {task: {layer: flat gradient}}} of freshly initialised (B = 0) adapters of several arms, one pass.
+
+    `arm_adapters`: {arm: {prefix: MoLoRA}} built by `inject.attach` and then detached (the base model runs bare).
+    """
+    for adapters in arm_adapters.values():
+        for a in adapters.values():
+            if bool(a.lora_B.detach().any()):
+                raise ConfigError("the shared pass is exact only at initialisation (every B == 0)", field="adapter")
+    prefixes = sorted({p for adapters in arm_adapters.values() for p in adapters})
+    captured: dict[str, dict[str, torch.Tensor]] = {}
+
+    def hook(prefix):
+        def fn(module, args, kwargs, output):
+            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            captured[prefix] = {"x": x.detach()}
+            out = output[0] if isinstance(output, tuple) else output
+            out.register_hook(lambda g: captured[prefix].__setitem__("delta", g.detach()))
+        return fn
+
+    handles = [_site_module(model, p).register_forward_hook(hook(p), with_kwargs=True) for p in prefixes]
+    model.eval()
+    for adapters in arm_adapters.values():
+        for a in adapters.values():
+            a.eval()
+    sums = {arm: {} for arm in arm_adapters}
+    bar = tqdm(total=sum(len(b) for b in batches_by_task.values()), desc="gradients (shared pass)", unit="batch",
+               disable=not progress)
+    try:
+        for task, batches in batches_by_task.items():
+            acc = {arm: {} for arm in arm_adapters}
+            for batch in batches:
+                captured.clear()
+                with torch.enable_grad():
+                    # the base is frozen: a grad-requiring input makes backward run through it
+                    embeds = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
+                    loss = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                                 labels=batch["labels"]).loss
+                    (loss / len(batches)).backward()
+                for arm, adapters in arm_adapters.items():
+                    for prefix, a in adapters.items():
+                        c = captured[prefix]
+                        params = list(a.parameters())
+                        with torch.enable_grad():
+                            y = a(c["x"])                                          # [B, T, d_out]
+                            gs = torch.autograd.grad((y.float() * c["delta"].float()).sum(), params,
+                                                     allow_unused=True)
+                        flat = torch.cat([(g if g is not None else torch.zeros_like(p)).float().reshape(-1)
+                                          for g, p in zip(gs, params)])
+                        acc[arm][prefix] = acc[arm].get(prefix, 0) + flat
+                bar.update(1)
+            for arm, adapters in arm_adapters.items():          # same layout as task_gradients
+                per_layer: dict[int, list[torch.Tensor]] = {}
+                for prefix in adapters:
+                    per_layer.setdefault(_layer_of(prefix), []).append(acc[arm][prefix])
+                sums[arm][task] = {layer: torch.cat(v) for layer, v in sorted(per_layer.items())}
+    finally:
+        for h in handles:
+            h.remove()
+        bar.close()
+    return sums
+
+
 def cosine_matrix(grads: dict[str, dict[int, torch.Tensor]]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """(tasks, C [T, T], per-layer C [L, T, T]) of the task gradients (float64)."""
     tasks = list(grads)
@@ -190,6 +265,8 @@ def run(cfg: ConflictConfig, model=None, tokenizer=None, progress: bool = True) 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batches = task_batches(dataset, tasks, cfg.batches_per_task, cfg.batch_size, cfg.seed, pad)
     result = {"config": asdict(cfg), "tasks": tasks, "arms": {}}
+    grads, counts = {}, {}
+    at_init = {}
     for arm in cfg.arms:
         acfg = _arm_config(cfg, arm)
         torch.manual_seed(cfg.seed)
@@ -197,18 +274,26 @@ def run(cfg: ConflictConfig, model=None, tokenizer=None, progress: bool = True) 
         try:
             for a in adapters.values():
                 a.float().requires_grad_(True)
+            counts[arm] = (acfg.method, sum(p.numel() for a in adapters.values() for p in a.parameters()))
             if arm in cfg.adapters:
                 from mtlora.checkpoint import load_adapter
 
                 _, tensors = load_adapter(cfg.adapters[arm], model.config)
                 inject.load_adapter_state(model, tensors, source=cfg.adapters[arm])
-            n = sum(p.numel() for a in adapters.values() for p in a.parameters())
-            logger.info("arm %s (%s, %s params): gradients of %d tasks", arm, acfg.method, f"{n:,}", len(tasks))
-            grads = task_gradients(model, adapters, batches, progress)
+                logger.info("arm %s (%s, %s params, %s): gradients of %d tasks", arm, acfg.method,
+                            f"{counts[arm][1]:,}", cfg.adapters[arm], len(tasks))
+                grads[arm] = task_gradients(model, adapters, batches, progress)
+            else:
+                at_init[arm] = adapters
         finally:
             inject.detach(model)
-        names, c, c_layers = cosine_matrix(grads)
-        result["arms"][arm] = {"method": acfg.method, "trainable_params": n, "weights": cfg.adapters.get(arm, "init"),
+    if at_init:
+        logger.info("arms %s at initialisation: one shared pass over %d tasks", list(at_init), len(tasks))
+        grads.update(init_task_gradients(model, at_init, batches, progress))
+    for arm in cfg.arms:
+        _, c, c_layers = cosine_matrix(grads[arm])
+        method, n = counts[arm]
+        result["arms"][arm] = {"method": method, "trainable_params": n, "weights": cfg.adapters.get(arm, "init"),
                                "similarity_matrix": c.tolist(), "stats": conflict_stats(c),
                                "per_layer_mean_similarity": [conflict_stats(x)["mean_similarity"] for x in c_layers]}
         logger.info("arm %s: %s", arm, result["arms"][arm]["stats"])

@@ -134,7 +134,7 @@ def test_shipped_study_config_parses():
     s = study_mod.load_study("training/configs/study_smollm2_bigbench.yaml")
     names = [r.name for r in s.runs]
     assert names == ["base", "lora-s42", "lora-s43", "hydralora-s42", "hydralora-s43", "block_ffn-s42",
-                     "block_ffn_fgr-s42", "block_ffn_spectral-s42", "mtlora-s42", "mtlora-s43"]
+                     "block_ffn_lr1e4-s42", "block_ffn_lr5e4-s42", "block_ffn_alpha64-s42", "block_ffn_fgr-s42", "block_ffn_spectral-s42", "mtlora-s42", "mtlora-s43"]
     budgets = {(c.max_steps, c.per_device_train_batch_size, c.max_seq_length, c.lora_rank)
                for c in (study_mod.train_config(s, r) for r in s.runs if r.seed is not None)}
     assert budgets == {(400, 8, 256, 16)}

@@ -60,7 +60,10 @@ def _arg_type(tp: Any):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtlora-train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Train an mtlora / hydralora / lora adapter on instruction data (docs/training.md).")
+        description="Train an mtlora / hydralora / lora adapter on instruction data (docs/training.md). "
+                    "Sub-commands: `mtlora-train study --config STUDY.yaml` (train, serve and evaluate every arm of "
+                    "a comparison) and `mtlora-train gradient-conflict` (inter-task gradient conflict); each has "
+                    "--help.")
     parser.add_argument("--config", help="YAML file of option values (command-line flags override it).")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):

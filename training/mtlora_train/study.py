@@ -266,6 +266,10 @@ def run_study(study: Study, skip_eval: bool = False, only: list[str] | None = No
         train_run(study, run)
     if skip_eval:
         return {}
+    missing = [r.name for r in study.runs if r.seed is not None and run_state(study.run_dir(r)) != "done"]
+    if missing:
+        raise ConfigError(f"runs {missing} are not finished; train them (without --only) before evaluating, or "
+                          "pass --skip_eval", field="only")
     model = study.common.get("model_name_or_path")
     adapters = {r.name: study.run_dir(r) / "adapter" for r in study.runs if r.seed is not None}
     names = [r.name for r in study.runs]

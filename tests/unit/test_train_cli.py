@@ -128,6 +128,11 @@ def test_shipped_configs_start_with_their_command_and_parse():
         assert first.startswith("# mtlora-train ") and f"--config training/configs/{f.name}" in first, f
         argv = shlex.split(first[2:])[1:]
         argv[argv.index("--config") + 1] = str(f)
+        if argv[0] == "study":                     # a study YAML (mtlora_train.study), not a TrainConfig
+            from mtlora_train.study import load_study
+
+            assert load_study(argv[argv.index("--config") + 1]).runs, f
+            continue
         cfg = parse_config(argv)
         assert cfg.dataset_dir, f
 

@@ -8,6 +8,8 @@ Contract:
   `--deepspeed` and k-bit loading are refused with a message saying what to use instead.
 - `--config FILE.yaml`: option values from a YAML mapping; flags given on the command line win.
 - `--count_params_only`: print the trainable parameter count computed on the meta device and exit.
+- Sub-commands (first argument): `mtlora-train study ...` (mtlora_train.study: train every arm of a comparison,
+  serve, evaluate, report) and `mtlora-train gradient-conflict ...` (mtlora_train.gradconflict); each has --help.
 Exit status: 0 on success, 2 for invalid options or data (message on stderr), 1 for other failures.
 """
 
@@ -58,7 +60,10 @@ def _arg_type(tp: Any):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtlora-train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Train an mtlora / hydralora / lora adapter on instruction data (docs/training.md).")
+        description="Train an mtlora / hydralora / lora adapter on instruction data (docs/training.md). "
+                    "Sub-commands: `mtlora-train study --config STUDY.yaml` (train, serve and evaluate every arm of "
+                    "a comparison) and `mtlora-train gradient-conflict` (inter-task gradient conflict); each has "
+                    "--help.")
     parser.add_argument("--config", help="YAML file of option values (command-line flags override it).")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
@@ -113,8 +118,16 @@ def count_params(cfg: TrainConfig) -> int:
     return count_trainable_params(model_config, cfg.adapter_config())
 
 
+SUBCOMMANDS = {"study": "mtlora_train.study", "gradient-conflict": "mtlora_train.gradconflict"}
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        import importlib
+
+        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
     try:
         cfg = parse_config(argv)
         if cfg.count_params_only:

@@ -10,10 +10,12 @@ import torch
 
 from mtlora.base import load_config
 from mtlora.config import AdapterConfig
+from mtlora.errors import ConfigError
 from mtlora.reference import random_adapter_tensors
 from mtlora.testing import make_tiny_model_dir
 from mtlora_server.engine.core import EngineCore
-from mtlora_server.engine.decode_graphs import DecodeGraphs, batch_buckets, bgmv_delta, context_bucket
+from mtlora_server.engine.decode_graphs import (DecodeGraphs, batch_buckets, bgmv_delta, context_bucket,
+                                                resolve_mode)
 from mtlora_server.engine.kv_cache import KVCachePool
 from mtlora_server.engine.lora_ops import SITES, AdapterSlots, molora_reference
 from mtlora_server.engine.model import LlamaDecoder
@@ -170,19 +172,36 @@ def test_steps_the_graphs_do_not_serve_fall_back():
     assert g.run([Chunk(s, 8, 1)], [[8]]) is None                       # context beyond max_len
 
 
-def test_engine_greedy_tokens_same_with_and_without_graphs(tiny, tmp_path):
+@pytest.mark.parametrize("mode", ["static", "compile"])
+def test_engine_greedy_tokens_same_with_and_without_graphs(tiny, tmp_path, mode):
     paths = write_tiny_adapters(tmp_path, load_config(tiny))
-    gen = torch.Generator().manual_seed(1)
     names = [None, "mt_ffn", "hydra", "lora", "mt_both", None]
+    if mode == "compile":               # fewer variants to compile: the static run covers base rows in the mix
+        names = ["mt_ffn", "hydra", "lora", "mt_both"]
     results = {}
     for eager in (True, False):
-        core = EngineCore(tiny_engine_args(tiny, adapters=paths, max_num_seqs=4, enforce_eager=eager))
+        core = EngineCore(tiny_engine_args(tiny, adapters=paths, max_num_seqs=2, enforce_eager=eager,
+                                           decode_graphs=mode))
         assert (core.runner.decode_graphs is None) == eager
-        reqs = [GenerationRequest(f"r{i}", torch.randint(3, 250, (4 + 3 * i,), generator=gen.manual_seed(i))
-                                  .tolist(), SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True),
-                                  adapter=name) for i, name in enumerate(names)]
+        reqs = [GenerationRequest(f"r{i}", torch.randint(3, 250, (4 + 3 * i,), generator=torch.Generator()
+                                                         .manual_seed(i)).tolist(),
+                                  SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True), adapter=name)
+                for i, name in enumerate(names)]
         results[eager] = {k: v.tokens for k, v in run_to_completion(core, reqs).items()}
     assert results[True] == results[False]
+
+
+def test_mode_resolution():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_mode("auto", cuda, False, False) == "cudagraph"
+    assert resolve_mode("auto", cpu, False, False) is None                     # measured: eager is faster on CPU
+    assert resolve_mode("compile", cpu, False, False) == "compile"
+    assert resolve_mode("compile", cpu, True, False) is None                   # --enforce-eager wins
+    assert resolve_mode("cudagraph", cuda, False, True) is None                # batch-invariant runs eager
+    with pytest.raises(ConfigError, match="decode_graphs"):
+        resolve_mode("cudagraph", cpu, False, False)
+    with pytest.raises(ConfigError, match="decode_graphs"):
+        tiny_engine_args("x", decode_graphs="fast")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (none on this machine)")

@@ -5,8 +5,8 @@ Contract:
   static-shape step compiled by `torch.compile`, inductor, `dynamic=False`), "cudagraph" (CUDA: the whole step
   captured once per (batch bucket, context bucket, adapter layout) and replayed) or "static" (the same static-shape
   step run eagerly: what a CUDA graph replays, used by tests and as the CPU fallback).
-  `default_mode(device)` picks the default; `EngineArgs.enforce_eager` turns graphs off (the runner then never
-  builds this object).
+  `resolve_mode(EngineArgs.decode_graphs, device, enforce_eager, batch_invariant)` picks the mode (None: the
+  runner gets no DecodeGraphs and every step is eager; `--enforce-eager` always gives None).
 - `run(chunks, logit_positions) -> logits [n, V] fp32 | None`: None when the step is not a plain decode step this
   object serves (a chunk longer than one token, wanted logits other than the one decode position, more sequences
   than the largest bucket, a context longer than max_model_len); the caller then runs the eager forward. Rows come
@@ -22,8 +22,11 @@ Contract:
   A / B / router rows and the site delta is three batched matmuls; equal to `lora_ops.molora_reference`. The work
   is sized by the per-site (r, N, g) high-water marks of the adapters loaded (`AdapterSlots.layout()`), so loading
   a smaller adapter or unloading one never changes shapes; slot buffers are written in place by load / clear and
-  never reallocated, so graphs see new adapters without recapture. A new site or larger dims change the layout
-  key: a new capture / compile for that key. Steps whose rows carry no adapter use a layout without adapter work.
+  never reallocated, so graphs see new adapters without recapture. Every allocated site stays in the layout
+  (sites are never freed, so the layout only grows); only a newly allocated site or larger dims change the layout
+  key: one new capture / compile per bucket. Steps whose rows carry no adapter use a layout without adapter work.
+  Compile mode allows `RECOMPILES_PER_BUCKET` variants per bucket; past that dynamo runs the extra variants
+  eagerly (same numbers, with its own warning).
 - Why per-layer compilation on CPU: every layer has the same shapes, so inductor compiles one graph per (bucket,
   layout) and all layers reuse it (compile cost of one layer, not of the whole model), and keeping the paged KV
   write / gather out of the compiled region avoids input-mutation copies of the whole cache.
@@ -37,11 +40,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mtlora.errors import ConfigError
+
 from .model import apply_rope, rms_norm
 
 log = logging.getLogger(__name__)
 
 MIN_CTX_BUCKET = 64
+RECOMPILES_PER_BUCKET = 6          # compile mode: (no adapters, adapter layouts as they grow) per batch bucket
 ATTN_SITES = ("self_attn", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 MLP_SITES = ("mlp", "mlp.gate_proj", "mlp.up_proj")
 
@@ -60,12 +66,24 @@ def context_bucket(kv_len: int, max_len: int) -> int:
     return min(max(MIN_CTX_BUCKET, 1 << (kv_len - 1).bit_length()), max_len)
 
 
-def default_mode(device: torch.device) -> str:
-    """CUDA: "cudagraph". CPU: see the measurements in docs/benchmarks.md (compiled decode)."""
-    return "cudagraph" if device.type == "cuda" else CPU_DEFAULT
+def resolve_mode(requested: str, device: torch.device, enforce_eager: bool, batch_invariant: bool) -> str | None:
+    """The mode EngineArgs ask for, or None (every step eager). "auto": CUDA graphs on CUDA; on CPU plain eager
+    (CPU_AUTO), because compiled decode measured slower than eager there (see CPU_AUTO). Batch-invariant mode has
+    its own padded numerics (invariant.py), so it always runs eager."""
+    if enforce_eager or batch_invariant:
+        return None
+    if requested == "auto":
+        return "cudagraph" if device.type == "cuda" else CPU_AUTO
+    if requested == "cudagraph" and device.type != "cuda":
+        raise ConfigError("decode_graphs 'cudagraph' needs a CUDA device", field="decode_graphs")
+    return requested
 
 
-CPU_DEFAULT = "compile"
+# Preliminary (noisy shared 2-core avx512_bf16 CPU, SmolLM2-135M bf16, 1 thread, interleaved medians of 7): eager
+# step / compiled step = 0.85x (B=1), 0.85x (8), 0.91x (32), 0.90x (64), with 21-35 s of inductor compile per batch
+# bucket and layout; static buffers run eagerly = 1.04x, 1.01x, 0.96x, 0.95x (noise). Neither is faster, so CPU
+# "auto" stays eager; "compile" / "static" remain selectable for measurement (--decode-graphs).
+CPU_AUTO = None
 
 
 # -- the static-shape adapter op ------------------------------------------------------------------------------------
@@ -181,7 +199,7 @@ class DecodeGraphs:
         if mode not in ("compile", "cudagraph", "static"):
             raise ValueError(f"unknown decode graph mode {mode!r}")
         if mode == "cudagraph" and model.device.type != "cuda":
-            raise ValueError("CUDA graphs need a CUDA device")
+            raise ConfigError("decode_graphs 'cudagraph' needs a CUDA device", field="decode_graphs")
         self.model, self.pool, self.adapters, self.mode = model, pool, adapters, mode
         self.device = model.device
         self.buckets = batch_buckets(max_num_seqs)
@@ -208,18 +226,18 @@ class DecodeGraphs:
         if self.adapters is None or self.adapters.version == self._version:
             return
         self._version = self.adapters.version
-        for key, dims in self.adapters.layout().items():
+        layout = self.adapters.layout()
+        for key, dims in layout.items():
             old = self._high.get(key, (0, 0, 0))
             self._high[key] = tuple(max(a, b) for a, b in zip(old, dims))
-        live = self.adapters.layout()
         ads: list[dict] = [{} for _ in self.model.layers]
-        for (layer, site) in live:
+        for (layer, site) in layout:
             r, N, G = self._high[(layer, site)]
             A, B, R, emask, groups, scaling = self.adapters.buffers(layer, site)
             ads[layer][site] = (A[:, :r], B[:, :N, :r], R[:, :G, :N], emask[:, :N], groups, scaling,
                                 self.adapters.used(layer, site))
         self._ads = ads
-        self._layout_key = tuple(sorted((k, self._high[k]) for k in live))
+        self._layout_key = tuple(sorted((k, self._high[k]) for k in layout))
 
     # -- one step ----------------------------------------------------------------------------------------------
     def run(self, chunks, logit_positions) -> torch.Tensor | None:
@@ -239,6 +257,9 @@ class DecodeGraphs:
         ads = self._ads if any_adapter else [{} for _ in self._ads]
         if self.mode == "cudagraph":
             return self._replay(Bb, Kw, any_adapter, ads)[:n]
+        if self.mode == "compile":      # one code object serves all buckets and layouts: allow their variants
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILES_PER_BUCKET * len(self.buckets)):
+                return self._step(Bb, Kw, ads)[:n]
         return self._step(Bb, Kw, ads)[:n]
 
     def _fill(self, chunks, Bb: int, Kw: int) -> None:

@@ -321,9 +321,9 @@ class AdapterSlots:
         return [site for site in SITES if (layer, site) in self._sites and self._sites[(layer, site)].users]
 
     def layout(self) -> dict[tuple[int, str], tuple[int, int, int]]:
-        """(layer, site) -> (r, N, g) maxima over the slots loaded there, for every allocated site some loaded
-        adapter uses (decode_graphs.py sizes its static-shape adapter work from it)."""
-        return {key: buf.live_dims() for key, buf in self._sites.items() if buf.users}
+        """(layer, site) -> (r, N, g) maxima over the slots loaded there ((1, 1, 1) when none is), for every
+        allocated site (decode_graphs.py sizes its static-shape adapter work from it)."""
+        return {key: buf.live_dims() if buf.users else (1, 1, 1) for key, buf in self._sites.items()}
 
     def buffers(self, layer: int, site: str) -> tuple | None:
         """(A, B, R, expert_mask, groups, scaling) of an allocated site, else None (tests, kernels)."""

@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enforce-eager", action="store_true",
                    help="Run every step eagerly: no CUDA graphs, no torch.compile (overrides --decode-graphs).")
     p.add_argument("--decode-graphs", default="auto", choices=["auto", "cudagraph", "compile", "static"],
-                   help="How decode-only steps run (prefill is always eager): from static buffers at bucketed "
+                   help="Native engine: how decode-only steps run (prefill is always eager): from static buffers at bucketed "
                         "batch sizes (1, 2, 4, ..., --max-num-seqs), replayed as CUDA graphs (cudagraph), "
                         "compiled per layer with torch.compile (compile, CPU; seconds of compile per batch size "
                         "on first use) or run eagerly from the static buffers (static). auto: cudagraph on CUDA, "

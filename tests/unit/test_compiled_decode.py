@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from mtlora.base import load_config
 from mtlora.config import AdapterConfig
@@ -115,6 +116,8 @@ def test_graph_logits_equal_eager_at_bucket_edges(tiny, mode):
         for _ in range(2):
             eager, got = rig.decode_both(rig.seqs[:n])
             torch.testing.assert_close(got, eager, atol=1e-5, rtol=0)
+    if mode == "compile":                                               # dynamo really compiled (fullgraph)
+        assert counters["stats"]["unique_graphs"] >= 2 and not counters["graph_break"]
 
 
 def test_padding_rows_write_only_the_scratch_slot(tiny):

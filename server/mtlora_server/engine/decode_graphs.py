@@ -30,6 +30,11 @@ Contract:
 - Why per-layer compilation on CPU: every layer has the same shapes, so inductor compiles one graph per (bucket,
   layout) and all layers reuse it (compile cost of one layer, not of the whole model), and keeping the paged KV
   write / gather out of the compiled region avoids input-mutation copies of the whole cache.
+- Why CPU "auto" is plain eager (CPU_AUTO, measurements beside it): neither the compiled nor the static step was
+  faster than the eager forward on the CPU measured, compile costs 20-35 s per bucket, and the token-gather adapter
+  path is slower than the eager per-slot path (lora_ops.apply_shared) on CPU, where each row's gathered B matrices
+  cost memory bandwidth. On CUDA the gather is cheap next to launch overhead, which the graphs remove.
+- Routing statistics samples (`stats`), kept hidden states and batch-invariant mode always run eagerly.
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
 """Compiled decode (decode_graphs.py): static-shape decode steps at bucketed batch sizes give the eager forward's
 logits (fp32 <= 1e-5) at bucket edges, with mixed adapters, and with adapters loaded and unloaded between
 compiled steps; padding rows never touch a real KV slot; greedy tokens through EngineCore are the same with
-enforce_eager True and False. The static BGMV adapter op equals lora_ops.molora_reference."""
+enforce_eager True and False. The static BGMV adapter op equals the stacked-layout reference (molora_stacked)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from molora_stacked import molora_reference
 from torch._dynamo.utils import counters
 
 from mtlora.base import load_config
@@ -18,7 +19,7 @@ from mtlora_server.engine.core import EngineCore
 from mtlora_server.engine.decode_graphs import (DecodeGraphs, batch_buckets, bgmv_delta, context_bucket,
                                                 resolve_mode)
 from mtlora_server.engine.kv_cache import KVCachePool
-from mtlora_server.engine.lora_ops import SITES, AdapterSlots, molora_reference
+from mtlora_server.engine.lora_ops import SITES, AdapterSlots
 from mtlora_server.engine.model import LlamaDecoder
 from mtlora_server.engine.runner import ModelRunner
 from mtlora_server.engine.scheduler import Chunk, Sequence

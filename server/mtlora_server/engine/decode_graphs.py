@@ -19,9 +19,10 @@ Contract:
   many lengths); on CPU Kw is the step's exact longest context (nothing is captured there, and padding would only
   add work): the KV write, gather and attention run eagerly between the two compiled halves of each layer.
 - Adapters use a static-shape token-gather formulation (BGMV, as vLLM's punica): each row gathers its own slot's
-  A / B / router rows and the site delta is three batched matmuls; equal to `lora_ops.molora_reference`. The work
-  is sized by the per-site (r, N, g) high-water marks of the adapters loaded (`AdapterSlots.layout()`), so loading
-  a smaller adapter or unloading one never changes shapes; slot buffers are written in place by load / clear and
+  A / B / router rows and the site delta is three batched matmuls; equal to the stacked-layout reference
+  (tests/unit/molora_stacked.molora_reference, itself checked against mtlora.adapters). The work is sized by
+  the per-site (r, N, g) high-water marks of the adapters loaded (`AdapterSlots.layout()`), so loading a smaller
+  adapter or unloading one never changes shapes; slot buffers are written in place by load / clear and
   never reallocated, so graphs see new adapters without recapture. Every allocated site stays in the layout
   (sites are never freed, so the layout only grows); only a newly allocated site or larger dims change the layout
   key: one new capture / compile per bucket. Steps whose rows carry no adapter use a layout without adapter work.

@@ -323,7 +323,8 @@ class AdapterSlots:
     def layout(self) -> dict[tuple[int, str], tuple[int, int, int]]:
         """(layer, site) -> (r, N, g) maxima over the slots loaded there ((1, 1, 1) when none is), for every
         allocated site (decode_graphs.py sizes its static-shape adapter work from it)."""
-        return {key: buf.live_dims() if buf.users else (1, 1, 1) for key, buf in self._sites.items()}
+        return {key: tuple(max(d[i] for d in buf.dims.values()) for i in range(3)) if buf.dims else (1, 1, 1)
+                for key, buf in self._sites.items()}
 
     def buffers(self, layer: int, site: str) -> tuple | None:
         """(A, B, R, expert_mask, groups, scaling) of an allocated site, else None (tests, kernels)."""

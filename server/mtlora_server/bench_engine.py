@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="engine token budget per step")
     p.add_argument("--batch-invariant", action="store_true", help="run the engine rows in batch-invariant mode "
                    "(mtlora-serve --batch-invariant) to measure its cost")
+    p.add_argument("--decode-graphs", default="auto", choices=["auto", "compile", "static"],
+                   help="engine decode steps (mtlora-serve --decode-graphs): auto (CPU: eager), compile "
+                   "(torch.compile per batch bucket; compile time lands in the first rounds, use --repeats) or "
+                   "static (static buffers, eager ops)")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--repeats", type=int, default=1, help="runs per row, in rounds over the rows; the report "
@@ -116,7 +120,7 @@ async def run_engine_rows(args, model_dir, paths, vocab: int, rows) -> dict[str,
     eng = Engine.from_args(EngineArgs(model=str(model_dir), dtype=args.dtype, device="cpu", adapters=paths,
                                       max_num_seqs=args.max_num_seqs,
                                       max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed,
-                                      batch_invariant=args.batch_invariant))
+                                      batch_invariant=args.batch_invariant, decode_graphs=args.decode_graphs))
     await eng.start()
     names, n = list(paths), args.num_prompts
     plans = {"engine_base": [None] * n, "engine_mtlora": ["mt_ffn"] * n,

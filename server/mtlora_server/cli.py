@@ -142,7 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-waiting", type=_positive, default=1024,
                    help="Queued sequences before new requests get 429 + Retry-After.")
     p.add_argument("--seed", type=int, default=0, help="Seed for requests that bring no seed of their own.")
-    p.add_argument("--enforce-eager", action="store_true", help="Disable CUDA graphs / compilation.")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="Run every step eagerly: no CUDA graphs, no torch.compile (overrides --decode-graphs).")
+    p.add_argument("--decode-graphs", default="auto", choices=["auto", "cudagraph", "compile", "static"],
+                   help="Native engine: how decode-only steps run (prefill is always eager): from static buffers at bucketed "
+                        "batch sizes (1, 2, 4, ..., --max-num-seqs), replayed as CUDA graphs (cudagraph), "
+                        "compiled per layer with torch.compile (compile, CPU; seconds of compile per batch size "
+                        "on first use) or run eagerly from the static buffers (static). auto: cudagraph on CUDA, "
+                        "plain eager on CPU, where compile measured slower (docs/serving.md).")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="Reuse the KV blocks of prompt prefixes computed before (few-shot prompts, shared system "
                         "prompts, n > 1); --no-enable-prefix-caching recomputes every prompt.")
@@ -221,7 +228,7 @@ def engine_args_from(ns: argparse.Namespace, adapters: dict[str, str]):
                       max_lora_rank=ns.max_lora_rank, max_experts=ns.max_experts, max_groups=ns.max_groups,
                       adapters=adapters, served_model_name=ns.served_model_name, max_waiting=ns.max_waiting,
                       adapter_cache_size=ns.adapter_cache_size,
-                      seed=ns.seed, enforce_eager=ns.enforce_eager,
+                      seed=ns.seed, enforce_eager=ns.enforce_eager, decode_graphs=ns.decode_graphs,
                       enable_prefix_caching=ns.enable_prefix_caching, batch_invariant=ns.batch_invariant,
                       gpu_memory_utilization=ns.gpu_memory_utilization)
 

@@ -32,7 +32,8 @@ class EngineArgs:
     served_model_name: str | None = None      # name of the bare base model in the API; None: the model's name
     max_waiting: int = 1024                   # waiting sequences before EngineOverloadedError
     seed: int = 0                             # seeds sampling of requests without their own seed
-    enforce_eager: bool = False               # no CUDA graphs / compilation
+    enforce_eager: bool = False               # no CUDA graphs / compilation: every step eager
+    decode_graphs: str = "auto"               # auto | cudagraph | compile | static (engine/decode_graphs.py)
     enable_prefix_caching: bool = True        # reuse the K/V blocks of prefixes computed before
     batch_invariant: bool = False             # a request's numbers never depend on its batch (engine/invariant.py)
     gpu_memory_utilization: float | None = None   # CUDA: KV cache share of the memory free after loading (0, 1]
@@ -59,6 +60,9 @@ class EngineArgs:
         g = self.gpu_memory_utilization
         if g is not None and (not isinstance(g, (int, float)) or isinstance(g, bool) or not 0 < g <= 1):
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {g!r}", field="gpu_memory_utilization")
+        if self.decode_graphs not in ("auto", "cudagraph", "compile", "static"):
+            raise ConfigError(f"unknown decode_graphs {self.decode_graphs!r}; expected auto, cudagraph, compile or "
+                              "static", field="decode_graphs")
         if not isinstance(self.adapters, dict):
             raise ConfigError("adapters must map names to adapter directories", field="adapters")
 

@@ -57,6 +57,7 @@ from .prefix_cache import PrefixCache
 from .ops import AdapterSlots, RoutingStats, apply_min_tokens, logprobs_of, sample
 from .sampling import process_logits, processing_inputs
 from .request_state import RequestState
+from .decode_graphs import DecodeGraphs, resolve_mode
 from .runner import ModelRunner
 from .scheduler import Chunk, Scheduler, Sequence
 from .structured import GrammarBackend, GrammarState, mask_rows
@@ -105,7 +106,9 @@ class EngineCore(AdapterMethods):
         self.scheduler = Scheduler(self.pool, args.max_num_seqs, args.max_num_batched_tokens, args.max_waiting,
                                    cache=self.prefix_cache, admissible=self.registry.admissible)
         self.slot_sites: dict[int, set[str]] = {}
-        self.runner = ModelRunner(self.model, self.pool, self.slots, self.device, self.slot_sites)
+        mode = resolve_mode(args.decode_graphs, self.device, args.enforce_eager, args.batch_invariant)
+        graphs = mode and DecodeGraphs(self.model, self.pool, self.slots, args.max_num_seqs, self.max_model_len, mode)
+        self.runner = ModelRunner(self.model, self.pool, self.slots, self.device, self.slot_sites, graphs)
         self.eos_ids = set(c.eos_token_ids)
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)

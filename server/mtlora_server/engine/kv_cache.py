@@ -10,7 +10,9 @@ Contract:
 - `KVCachePool(num_layers, num_kv_heads, head_dim, num_blocks, block_size, dtype, device)` allocates K and V
   `[layers, kv_heads, num_blocks * block_size, head_dim]` once: slot s = block * block_size + offset. Heads come
   first so a gather yields `[kv_heads, B, Kmax, hd]`, which batched matmuls consume without another copy. `KVCachePool.from_budget(...)` sizes it from a byte
-  budget (`kv_cache_memory`) or, on CUDA, a fraction of free device memory.
+  budget (`kv_cache_memory`) or, on CUDA, a fraction of free device memory. One extra slot after the blocks,
+  `scratch_slot`, belongs to no block and is never allocated: padding rows of static-shape (compiled / graphed)
+  decode steps write their K/V there and read only it (decode_graphs.py).
 - `allocate(n) -> list[int]` returns n block ids (reference count 1) or raises `KVCacheFullError` (nothing
   changes); `free(blocks)` drops one reference each; `share(block)` adds one (a prefix-cache hit). A block whose
   count reaches 0 goes back to the free list, or, when its content is indexed by the prefix cache
@@ -51,7 +53,8 @@ class KVCachePool:
         if block_size < 1:
             raise ConfigError(f"block_size must be positive, got {block_size}", field="block_size")
         self.block_size, self.num_blocks = block_size, num_blocks
-        shape = (num_layers, num_kv_heads, num_blocks * block_size, head_dim)
+        self.scratch_slot = num_blocks * block_size       # outside every block: padding rows' K/V (see above)
+        shape = (num_layers, num_kv_heads, num_blocks * block_size + 1, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         # LIFO free list: recently freed (cache-warm) blocks are reused first.

@@ -219,6 +219,7 @@ class AdapterSlots:
         self._configs: dict[int, AdapterConfig] = {}
         self._packs: dict[tuple, _SlotPack | None] = {}                           # (layer, sites, slot) -> pack
         self.row_tile = 0              # batch-invariant mode: each slot's rows padded to a multiple (invariant.py)
+        self.version = 0               # bumped by every load / clear (static-shape paths re-read `layout()`)
 
     # -- loading -------------------------------------------------------------------------------------------------
     def _check_limits(self, slot: int, config: AdapterConfig) -> dict[str, int]:
@@ -300,6 +301,7 @@ class AdapterSlots:
                     buf.nexp[slot] = N
                     buf.users.add(slot)
         self._configs[slot] = config
+        self.version += 1
         log.info("loaded %s adapter into slot %d (r=%d, N=%d, sites=%s)", config.method, slot, r, N,
                  ",".join(groups))
 
@@ -311,16 +313,27 @@ class AdapterSlots:
             for buf in self._sites.values():
                 buf.clear(slot)
         self._configs.pop(slot, None)
+        self.version += 1
         # A pack holds one slot's rows only: the other slots' packs stay valid (adapter swaps rebuild one slot's).
         self._packs = {key: pack for key, pack in self._packs.items() if key[-1] != slot}
 
     def active_sites(self, layer: int) -> list[str]:
         return [site for site in SITES if (layer, site) in self._sites and self._sites[(layer, site)].users]
 
+    def layout(self) -> dict[tuple[int, str], tuple[int, int, int]]:
+        """(layer, site) -> (r, N, g) maxima over the slots loaded there ((1, 1, 1) when none is), for every
+        allocated site (decode_graphs.py sizes its static-shape adapter work from it)."""
+        return {key: tuple(max(d[i] for d in buf.dims.values()) for i in range(3)) if buf.dims else (1, 1, 1)
+                for key, buf in self._sites.items()}
+
     def buffers(self, layer: int, site: str) -> tuple | None:
         """(A, B, R, expert_mask, groups, scaling) of an allocated site, else None (tests, kernels)."""
         buf = self._sites.get((layer, site))
         return None if buf is None else buf.tensors()
+
+    def used(self, layer: int, site: str) -> torch.Tensor:
+        """[S] bool: which slots adapt this allocated site (fixed tensor, updated in place by load / clear)."""
+        return self._sites[(layer, site)].used
 
     # -- the op --------------------------------------------------------------------------------------------------
     def apply(self, layer: int, site: str, x: torch.Tensor, slot_idx: torch.Tensor,

@@ -12,7 +12,9 @@ Contract:
 - `ModelRunner.run(chunks, logit_positions, stats)` executes the forward under `torch.inference_mode` and returns
   logits [L, V] fp32 on the CPU-visible device of the model; `run_step(..., hidden_positions, extra_hidden)` also
   returns the final hidden states at `hidden_positions` and appends the logits of `extra_hidden` rows (the
-  prefix cache keeps block-end hidden states so an echo request can reuse a whole block).
+  prefix cache keeps block-end hidden states so an echo request can reuse a whole block). Decode-only steps
+  (no routing statistics, hidden states or extra rows wanted) go to `decode_graphs` when one is given and it
+  serves the step (decode_graphs.py); everything else, prefill included, runs the eager forward.
 """
 
 from __future__ import annotations
@@ -117,9 +119,11 @@ def _attn_group(sel, q_len, start, q_off, tables, block_size: int, T: int, decod
 class ModelRunner:
     """Owns the model, the KV pool and the adapter slots; runs one step."""
 
-    def __init__(self, model, pool, adapters, device: torch.device, slot_sites: dict[int, set[str]] | None = None):
+    def __init__(self, model, pool, adapters, device: torch.device, slot_sites: dict[int, set[str]] | None = None,
+                 decode_graphs=None):
         self.model, self.pool, self.adapters, self.device = model, pool, adapters, device
         self.slot_sites = slot_sites          # slot -> sites its adapter adapts (kept current by the core)
+        self.decode_graphs = decode_graphs    # decode_graphs.DecodeGraphs, or None (enforce_eager)
 
     @torch.inference_mode()
     def run(self, chunks: list[Chunk], logit_positions: list[list[int]], stats=None) -> torch.Tensor:
@@ -131,6 +135,12 @@ class ModelRunner:
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits [L + E, V], final hidden states [C, d] at `hidden_positions`): logits of the wanted positions,
         then of `extra_hidden` [E, d] (final hidden states kept from earlier steps)."""
+        # Decode-only steps without extras run from static buffers (compiled / CUDA graphs) when they fit a bucket.
+        if self.decode_graphs is not None and stats is None and extra_hidden is None and not any(hidden_positions
+                                                                                                 or ()):
+            logits = self.decode_graphs.run(chunks, logit_positions)
+            if logits is not None:
+                return logits, logits.new_zeros(0, self.model.cfg.hidden_size)
         batch = build_batch(chunks, logit_positions, self.pool.block_size, self.device, self.slot_sites,
                             hidden_positions)
         batch.extra_hidden = extra_hidden

@@ -6,7 +6,11 @@ Contract:
 - `add_request(GenerationRequest) -> RequestState` validates (unknown adapter -> AdapterNotFoundError; empty or
   out-of-vocabulary prompt or stop_token_ids -> InvalidRequestError; prompt + max_tokens beyond max_model_len or
   the KV pool -> ContextLengthError; full queue -> EngineOverloadedError) and expands n into n sequences.
-- `step() -> list[RequestOutput]`; `abort(request_id) -> RequestOutput | None` frees the KV blocks at once;
+- `step() -> list[RequestOutput]` is schedule -> execute -> update, handing plain data along: the scheduler's
+  `SchedulerOutput` names, per chunk, the positions whose logits / hidden states / cached tails the step needs;
+  `ModelRunner.execute` returns a `RunnerOutput` naming each chunk's rows; `_update` reads those rows (it computes
+  no offsets), records prompt logprobs, lets the scheduler index the new blocks, samples and flushes.
+- `abort(request_id) -> RequestOutput | None` frees the KV blocks at once;
   `abort_all()` aborts every request (their final outputs carry finish_reason "abort").
 - Fault isolation: an exception in one request's own work during a step (prompt logprobs, prefix-cache
   registration, sampling, detokenising, flushing) fails that request alone: its KV blocks are freed, it is

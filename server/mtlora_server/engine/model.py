@@ -286,7 +286,7 @@ class LlamaDecoder:
         h = rms_norm(h, self.final_norm, self.cfg.rms_norm_eps)
         return ForwardOutput(self._linear(h, self.lm_head).float(), hidden)  # [L + E, V], [C, d]
 
-    def _attention(self, idx, w, x, cos, sin, b: StepBatch, kv, ctx) -> torch.Tensor:
+    def _attention(self, idx, w, x, cos, sin, b: StepBatch, kv, ctx: AdaptContext) -> torch.Tensor:
         cfg = self.cfg
         T = x.shape[0]
         qkv = self._linear(x, w["qkv"])                                     # [T, q + 2kv]
@@ -351,7 +351,7 @@ class LlamaDecoder:
         out = torch.matmul(probs, values)                                   # [KV, B, G, hd]
         return out.transpose(0, 1).reshape(B, H * hd)                       # [B, H*hd]
 
-    def _mlp(self, w, x, ctx) -> torch.Tensor:
+    def _mlp(self, w, x, ctx: AdaptContext) -> torch.Tensor:
         F_ = self.cfg.intermediate_size
         gu = self._linear(x, w["gate_up"])                                  # [T, 2F]
         blk = x.new_zeros(x.shape[0], self.cfg.hidden_size) if "mlp" in ctx.sites else None

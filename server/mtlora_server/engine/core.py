@@ -270,7 +270,7 @@ class EngineCore(AdapterMethods):
         seq, state = c.seq, c.seq.owner
         if out.tail_logits is not None:                   # logprob of the first token after the cached prefix
             state.prompt_logprobs.extend(self._prompt_entries(out.tail_logits, seq, [c.start - 1]))
-        if c.num_prompt_logits:
+        if out.prompt_logits is not None:
             state.prompt_logprobs.extend(self._prompt_entries(out.prompt_logits, seq,
                                                               c.logit_positions[:c.num_prompt_logits]))
         # before sampling, which may free finished sequences

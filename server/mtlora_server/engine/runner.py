@@ -34,7 +34,7 @@ from .scheduler import Chunk, SchedulerOutput
 class ChunkOutput:
     """What the step produced for one chunk; logits rows are views of / indices into `RunnerOutput.logits`."""
 
-    prompt_logits: torch.Tensor           # [n, V] at chunk.logit_positions[:chunk.num_prompt_logits]
+    prompt_logits: torch.Tensor | None    # [n, V] at chunk.logit_positions[:n] (n = chunk.num_prompt_logits > 0)
     sample_row: int | None                # row of RunnerOutput.logits at the sampling position (None: no sample)
     tail_logits: torch.Tensor | None      # [1, V] logits of chunk.tail_hidden (position start - 1)
     hidden: dict[int, torch.Tensor]       # position -> [d] final hidden state (pre-norm), chunk.hidden_positions
@@ -180,7 +180,7 @@ def _chunk_outputs(chunks: list[Chunk], out: ForwardOutput) -> list[ChunkOutput]
             tail_logits, tail = out.logits[tail:tail + 1], tail + 1
         n_hidden = len(c.hidden_positions)
         hidden = dict(zip(c.hidden_positions, out.hidden[hrow:hrow + n_hidden])) if n_hidden else {}
-        result.append(ChunkOutput(prompt_logits=out.logits[row:row + n_prompt],
+        result.append(ChunkOutput(prompt_logits=out.logits[row:row + n_prompt] if n_prompt else None,
                                   sample_row=row + n_rows - 1 if c.samples else None,
                                   tail_logits=tail_logits, hidden=hidden))
         row, hrow = row + n_rows, hrow + n_hidden

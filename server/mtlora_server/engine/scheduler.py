@@ -52,8 +52,8 @@ class Sequence:
     Who writes what (after construction by the core): `token_ids` grows in RequestState.on_token; `num_computed`,
     `blocks`, `finished` and `want_prompt_logits` (cleared on preemption) belong to this scheduler (the prefix
     cache's `acquire` sets `blocks` / `num_computed` of a hit when the scheduler admits it); `block_digests`,
-    `num_registered`, `pending_digests` to prefix_cache; `adapter_slot`, `cache_salt`, `adapter_wait_start` to
-    adapter_registry (at admission); `sampler_state` to sampling.processing_inputs. The rest is fixed.
+    `num_registered`, `pending_digests` to prefix_cache; `adapter_slot`, `cache_salt` to adapter_registry (at
+    admission); `sampler_state` to sampling.processing_inputs. The rest is fixed.
     """
 
     seq_id: int
@@ -72,7 +72,6 @@ class Sequence:
     pending_digests: list[bytes] = field(default_factory=list)  # blocks announced as being computed by this seq
     sampler_state: SamplerState | None = None  # logit_bias / penalty counts (sampling.processing_inputs)
     adapter_name: str | None = None       # registered adapter (None: bare base); its slot is set at admission
-    adapter_wait_start: float | None = None  # monotonic time it began waiting for its adapter to become resident
 
     @property
     def num_tokens(self) -> int:

@@ -14,7 +14,15 @@ Contract:
 - `load_config(path) -> LlamaConfig`; `config_fingerprint(config) -> str` hashes the architecture fields only, so
   the same model saved twice or in another dtype keeps its fingerprint and another architecture does not.
 - `load_base_model(path, dtype, device) -> LlamaForCausalLM` in eval mode (missing weights are an error, never a
-  silent random init); `load_tokenizer(path)`; `parse_dtype(name)`.
+  silent random init); `load_tokenizer(path)`.
+- `parse_dtype(name, device)` is THE dtype policy of the project (engine, reference, training, benches): explicit
+  names map to themselves; "auto" means bfloat16 on CUDA (float16 where the GPU lacks bf16) and, on CPU, bfloat16
+  where the CPU has native bf16 matmuls (`cpu_has_bf16`: avx512_bf16 / AMX), else float32.
+- `rope_parameters(config)`: one dict {rope_type, rope_theta, scaling fields} whatever transformers version wrote
+  the config (`rope_parameters` or `rope_theta` + `rope_scaling`, legacy `type` key).
+- `weight_files(path)`: the safetensors files of a model dir; with `model.safetensors.index.json` exactly the shards
+  it names (a missing shard is a CheckpointError naming the file), never a glob. `load_state_dict(path)` reads
+  every tensor through it (with an index: each tensor from the shard the index names, checked).
 - `weights_sha256(path)`: sha256 over every saved tensor (name, dtype, shape, bytes) in sorted key order.
 """
 
@@ -50,6 +58,7 @@ HUB_PROBE_TIMEOUT_S = 3.0
 # Files of a model repository that loading needs; everything else (onnx, gguf, .bin duplicates) is skipped.
 HUB_ALLOW_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
                       "tokenizer*", "special_tokens_map.json", "chat_template.jinja", "*.model"]
+INDEX_FILE = "model.safetensors.index.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 _DTYPES = {
@@ -64,11 +73,21 @@ class RouteFailed(Exception):
 
 
 # -- dtype --------------------------------------------------------------------------------------------------------
+def cpu_has_bf16() -> bool:
+    """Native bf16 matmuls on this CPU (avx512_bf16 or AMX); elsewhere bf16 is emulated and slow."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def parse_dtype(name: str | torch.dtype, device: str | torch.device | None = None) -> torch.dtype:
     """'float32' | 'bfloat16' | 'float16' (and fp32/bf16/fp16 aliases) | 'auto' -> torch.dtype.
 
-    'auto' picks float32 on CPU (half-precision CPU matmuls are slow and less exact) and, on CUDA, bfloat16 where
-    supported else float16.
+    The one dtype policy: 'auto' is bfloat16 on CUDA (float16 where bf16 is unsupported) and on a CPU with native
+    bf16 matmuls (`cpu_has_bf16`), else float32 (emulated half-precision CPU matmuls are slow). `device` None: CPU.
     """
     if isinstance(name, torch.dtype):
         if name not in _DTYPES.values():
@@ -77,9 +96,9 @@ def parse_dtype(name: str | torch.dtype, device: str | torch.device | None = Non
     key = str(name).strip().lower().removeprefix("torch.")
     if key == "auto":
         dev = torch.device(device) if device is not None else torch.device("cpu")
-        if dev.type != "cuda" or not torch.cuda.is_available():
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if dev.type == "cuda" and torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if dev.type == "cpu" and cpu_has_bf16() else torch.float32
     if key not in _DTYPES:
         raise ConfigError(f"unknown dtype {name!r}; expected auto, float32, bfloat16 or float16", field="dtype")
     return _DTYPES[key]
@@ -106,18 +125,11 @@ def _check_llama_config(raw: dict[str, Any], path: Path) -> None:
                               "(and head_dim is not set)", path=str(path), field="head_dim")
 
 
-def _weight_files(path: Path) -> list[Path]:
-    """The safetensors files of a model dir; the sharded index, when present, must match what is on disk."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError("missing or empty 'weight_map'", path=str(index), field="weight_map")
-        files = [path / name for name in sorted(set(weight_map.values()))]
-        for f in files:
-            if not f.is_file():
-                raise CheckpointError(f"shard listed in {index.name} is missing", path=str(f))
-        return files
+def weight_files(path: str | Path) -> list[Path]:
+    """The safetensors files of a model dir: the shards its index names (each must exist), else every file."""
+    path = Path(path)
+    if (path / INDEX_FILE).is_file():
+        return sorted({path / name for name in _index_map(path / INDEX_FILE).values()})
     files = sorted(path.glob("*.safetensors"))
     if not files:
         bins = sorted(p.name for p in path.glob("*.bin"))
@@ -125,6 +137,49 @@ def _weight_files(path: Path) -> list[Path]:
         raise CheckpointError(f"no safetensors weights in the model directory{hint}",
                               path=str(path / "model.safetensors"))
     return files
+
+
+def _index_map(index: Path) -> dict[str, str]:
+    """{tensor name: shard file name} of a sharded checkpoint's index; every shard it names must exist."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError("missing or empty 'weight_map'", path=str(index), field="weight_map")
+    for name in sorted(set(weight_map.values())):
+        if not isinstance(name, str) or Path(name).name != name:
+            raise CheckpointError(f"weight_map names {name!r}, not a file name in the model directory",
+                                  path=str(index), field="weight_map")
+        if not (index.parent / name).is_file():
+            raise CheckpointError(f"shard listed in {index.name} is missing", path=str(index.parent / name))
+    return weight_map
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a model dir (CPU, saved dtype), read through `weight_files`. With an index each tensor comes
+    from the shard the index names (a tensor missing there is an error naming the shard); without one a name saved
+    in two files is an error naming both."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    wanted = _index_map(path / INDEX_FILE) if (path / INDEX_FILE).is_file() else None
+    out, where = {}, {}                                   # name -> tensor, name -> the file it came from
+    for f in weight_files(path):
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                names = set(handle.keys())
+                take = names if wanted is None else {k for k, v in wanted.items() if v == f.name}
+                for key in sorted(take):
+                    if key not in names:
+                        raise CheckpointError(f"tensor {key!r} is listed for this shard in {INDEX_FILE} but is "
+                                              "not in it", path=str(f), field=key)
+                    if key in where:
+                        raise CheckpointError(f"tensor {key!r} is saved in both {where[key].name} and {f.name}",
+                                              path=str(f), field=key)
+                    out[key], where[key] = handle.get_tensor(key), f
+        except CheckpointError:
+            raise
+        except Exception as exc:  # safetensors raises its own error types for corrupt files
+            raise CheckpointError(f"cannot read weights: {exc}", path=str(f)) from None
+    return out
 
 
 def validate_model_dir(path: str | Path) -> Path:
@@ -140,7 +195,7 @@ def validate_model_dir(path: str | Path) -> Path:
     if not config_file.is_file():
         raise CheckpointError("missing config.json in the model directory", path=str(config_file))
     _check_llama_config(read_json(config_file), config_file)
-    for f in _weight_files(p):
+    for f in weight_files(p):
         try:
             with safe_open(str(f), framework="pt") as handle:  # header only: cheap even for big files
                 handle.keys()
@@ -179,7 +234,8 @@ def _canon(value: Any) -> Any:
     return str(value)
 
 
-def _rope_params(config) -> dict[str, Any]:
+def rope_parameters(config) -> dict[str, Any]:
+    """{rope_type, rope_theta, scaling fields...} of a LlamaConfig, from either transformers layout."""
     params = getattr(config, "rope_parameters", None)
     if params is None:  # transformers < 5 keeps rope_theta and rope_scaling apart
         params = dict(getattr(config, "rope_scaling", None) or {})
@@ -207,7 +263,7 @@ def config_fingerprint(config) -> str:
         "num_key_value_heads": getattr(config, "num_key_value_heads", None) or heads,
         "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
         "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
-        "rope": _rope_params(config),
+        "rope": rope_parameters(config),
         "rms_norm_eps": config.rms_norm_eps,
     }
     blob = json.dumps(_canon(fields), sort_keys=True, separators=(",", ":"))
@@ -221,7 +277,7 @@ def weights_sha256(path: str | Path, progress: bool = False) -> str:
 
     digest = hashlib.sha256()
     with contextlib.ExitStack() as stack:       # each shard opened once, not once per tensor
-        handles = [stack.enter_context(safe_open(str(f), framework="pt")) for f in _weight_files(Path(path))]
+        handles = [stack.enter_context(safe_open(str(f), framework="pt")) for f in weight_files(Path(path))]
         where = {key: handle for handle in handles for key in handle.keys()}
         for key in tqdm(sorted(where), desc="hashing weights", unit="tensor", disable=not progress):
             tensor = where[key].get_tensor(key).contiguous()

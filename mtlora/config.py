@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mtlora.errors import ConfigError
+from mtlora.sites import LINEAR_MODULES, PLACEMENT_SITES, site_of_module
 
 FORMAT_VERSION = 1
 
 METHODS = ("mtlora", "hydralora", "lora")
-PLACEMENTS = ("ffn", "attention", "both")
-# Projections of a LLaMA decoder layer that component-level adapters may target.
-LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PLACEMENTS = tuple(PLACEMENT_SITES)
+__all__ = ["AdapterConfig", "FORMAT_VERSION", "LINEAR_MODULES", "METHODS", "PLACEMENTS"]
 
 
 def _help(text: str, **kw: Any) -> Any:
@@ -137,9 +137,8 @@ class AdapterConfig:
     def sites(self) -> list[str]:
         """Adapter sites inside one decoder layer, as dotted module paths relative to the layer."""
         if self.method == "mtlora":
-            return {"ffn": ["mlp"], "attention": ["self_attn"], "both": ["self_attn", "mlp"]}[self.placement]
-        return [f"{'mlp' if m in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}.{m}"
-                for m in self.target_modules]
+            return list(PLACEMENT_SITES[self.placement])
+        return [site_of_module(m) for m in self.target_modules]
 
     # -- (de)serialisation ---------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

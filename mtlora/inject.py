@@ -7,7 +7,7 @@ Contract:
 - Native tensor names are `{prefix}.lora_A` [r, d_in], `{prefix}.lora_B` [N, d_out, r], `{prefix}.router`
   [g*N, d_in] (absent when N == 1). `adapter_state_dict` / `load_adapter_state` use exactly these names and
   `expected_shapes(model_config, adapter_config)` predicts them without building anything; `site_dims(model_config,
-  site)` gives one site's (in_features, out_features).
+  site)` (defined in `mtlora.sites`, re-exported here) gives one site's (in_features, out_features).
 - `detach(model)` restores the original modules. Attaching twice is an error.
 """
 
@@ -19,6 +19,10 @@ from torch import nn
 from mtlora.adapters import AdaptedBlock, AdaptedLinear, MoLoRA
 from mtlora.config import AdapterConfig
 from mtlora.errors import CheckpointError, ConfigError
+from mtlora.sites import site_dims
+
+__all__ = ["adapter_state_dict", "attach", "attached_adapters", "decoder_layers", "detach", "expected_shapes",
+           "load_adapter_state", "site_dims"]
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -28,26 +32,6 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     if layers is None:
         raise ConfigError("model has no decoder layers (expected model.model.layers)", field="model")
     return layers
-
-
-def site_dims(model_config, site: str) -> tuple[int, int]:
-    """(in_features, out_features) of an adapter site, from the base model's config alone."""
-    d = model_config.hidden_size
-    heads = model_config.num_attention_heads
-    head_dim = getattr(model_config, "head_dim", None) or d // heads
-    kv = (getattr(model_config, "num_key_value_heads", None) or heads) * head_dim
-    ffn = model_config.intermediate_size
-    dims = {
-        "mlp": (d, d), "self_attn": (d, d),
-        "self_attn.q_proj": (d, heads * head_dim), "self_attn.k_proj": (d, kv), "self_attn.v_proj": (d, kv),
-        "self_attn.o_proj": (heads * head_dim, d),
-        "mlp.gate_proj": (d, ffn), "mlp.up_proj": (d, ffn), "mlp.down_proj": (ffn, d),
-    }
-    if site not in dims:
-        raise ConfigError(f"unknown adapter site {site!r}; expected one of {sorted(dims)}", field="site")
-    return dims[site]
-
-
 
 
 def _site_parent(layer: nn.Module, site: str) -> tuple[nn.Module, str]:

@@ -42,11 +42,11 @@ import torch
 
 from mtlora.config import LINEAR_MODULES, AdapterConfig
 from mtlora.errors import CheckpointError, ConfigError, IncompatibleAdapterError
+from mtlora.sites import site_of_module
 
 logger = logging.getLogger(__name__)
 
 PREFIX = "base_model.model."
-_PARENT = {m: ("mlp" if m in ("gate_proj", "up_proj", "down_proj") else "self_attn") for m in LINEAR_MODULES}
 # Fields only the official mtLoRA fork writes: their presence means `mtlora.official` handles the directory.
 OFFICIAL_ONLY_FIELDS = ("lora_nums", "enable_block_adapter", "enable_blc", "block_adapter_type",
                         "enable_fine_grained_routing", "merge_weights")
@@ -196,7 +196,7 @@ def module_names(num_layers: int) -> list[str]:
     for layer in range(num_layers):
         p = f"model.layers.{layer}"
         names += [p, f"{p}.self_attn", f"{p}.mlp", f"{p}.input_layernorm", f"{p}.post_attention_layernorm",
-                  f"{p}.mlp.act_fn"] + [f"{p}.{_PARENT[m]}.{m}" for m in LINEAR_MODULES]
+                  f"{p}.mlp.act_fn"] + [f"{p}.{site_of_module(m)}" for m in LINEAR_MODULES]
     return names
 
 
@@ -289,8 +289,8 @@ def convert_peft(path: Path, data: dict, model_config=None,
     file = file or weights_file(path)
     state = read_official_weights(file)
     plan = plan_modules(cfg, _num_layers(cfg, state, model_config, str(file)), cfg_source)
-    keys = {lp: (f"{PREFIX}model.layers.{lp[0]}.{_PARENT[lp[1]]}.{lp[1]}.lora_A.weight",
-                 f"{PREFIX}model.layers.{lp[0]}.{_PARENT[lp[1]]}.{lp[1]}.lora_B.weight") for lp in plan}
+    keys = {lp: (f"{PREFIX}model.layers.{lp[0]}.{site_of_module(lp[1])}.lora_A.weight",
+                 f"{PREFIX}model.layers.{lp[0]}.{site_of_module(lp[1])}.lora_B.weight") for lp in plan}
     expected = {k for pair in keys.values() for k in pair}
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
@@ -321,7 +321,7 @@ def convert_peft(path: Path, data: dict, model_config=None,
                     b = b.to(wide)
                     src_b = src_b.to(wide) * p.scaling
                 b[0, :, :p.rank] = src_b
-            site = f"layers.{layer}.{_PARENT[proj]}.{proj}"
+            site = f"layers.{layer}.{site_of_module(proj)}"
             tensors[f"{site}.lora_A"], tensors[f"{site}.lora_B"] = a, b
     logger.info("%s: PEFT LoRA, %d adapted modules, native rank %d%s", path, len(plan), rank,
                 ", per-module scaling folded into lora_B" if fold else "")
@@ -335,7 +335,7 @@ def _dims(config: AdapterConfig, plan, keys, state, model_config, source: str) -
     dims = {}
     for proj in config.target_modules:
         if model_config is not None:
-            dims[proj] = site_dims(model_config, f"{_PARENT[proj]}.{proj}")
+            dims[proj] = site_dims(model_config, site_of_module(proj))
             continue
         first = min(lp for lp in plan if lp[1] == proj)
         a, b = state[keys[first][0]], state[keys[first][1]]

@@ -2,7 +2,8 @@
 
 Contract (`ReferenceModel(model_dir_or_model, adapter=None, dtype=torch.float32)`):
 - builds `LlamaForCausalLM` from a local directory (never downloads) or deep-copies a given model (the caller's
-  model is left untouched), in `dtype`, eager attention, eval mode;
+  model is left untouched), in `dtype` (a torch dtype or a name, "auto" included: `mtlora.base.parse_dtype`),
+  eager attention, eval mode;
 - `adapter` is a checkpoint directory (native, PEFT LoRA or official; loaded and validated against the base by
   `load_adapter`) or None for the bare base model;
 - `logits(ids) -> [T, V]` float32; `prompt_logprobs(ids) -> [None, lp_1, ...]` (logprob of token t given < t);
@@ -23,6 +24,7 @@ from typing import Sequence
 import torch
 
 from mtlora import inject
+from mtlora.base import parse_dtype
 from mtlora.checkpoint import load_adapter
 from mtlora.config import AdapterConfig
 from mtlora.errors import InvalidRequestError
@@ -33,7 +35,9 @@ logger = logging.getLogger(__name__)
 class ReferenceModel:
     """One-sequence, no-batching forward passes of a base model with at most one adapter."""
 
-    def __init__(self, model_dir_or_model, adapter: str | Path | None = None, dtype: torch.dtype = torch.float32):
+    def __init__(self, model_dir_or_model, adapter: str | Path | None = None,
+                 dtype: torch.dtype | str = torch.float32):
+        dtype = parse_dtype(dtype)   # names and "auto" as everywhere else (mtlora.base's one dtype policy)
         self.model = _build_model(model_dir_or_model, dtype)
         self.adapter_config: AdapterConfig | None = None
         self.adapters: dict = {}

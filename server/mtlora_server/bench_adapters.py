@@ -5,8 +5,8 @@ non-zero weights, rank 16), 8 slots, 256 requests whose adapters follow a Zipf p
 adapters in a random order), 64 random prompt tokens in, 32 greedy tokens out, Poisson arrivals at `--rate`
 requests/s (0: all at once). Rows:
   many_adapters   the 200 adapters registered, `--max-adapters` (8) resident at a time
-  resident        the same requests (prompts, lengths, arrival times) over 8 adapters that all stay resident: the
-                  request for popularity rank k uses adapter k mod 8
+  resident        the same requests (prompts, lengths, arrival times) over `--resident-adapters` (8) adapters that
+                  all stay resident: the request for popularity rank k uses adapter k mod 8
 Reported: output tokens/s of each row and their ratio; time to first token (p50 / p99) of the requests whose
 adapter was not resident when they arrived, next to that of all requests of the resident row; adapter loads,
 evictions, host-cache hits; and the cold-load time of one adapter per kind, disk -> slot (file read, validation,
@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | auto (default auto)")
     p.add_argument("--num-adapters", type=int, default=200, help="registered adapters (default 200)")
     p.add_argument("--max-adapters", type=int, default=8, help="device slots (default 8)")
+    p.add_argument("--resident-adapters", type=int, default=8,
+                   help="adapters of the resident row, all in slots (default 8; kept apart from --max-adapters so "
+                        "a run with more slots is compared against the same baseline)")
     p.add_argument("--zipf-s", type=float, default=1.1, help="Zipf exponent of adapter popularity (default 1.1)")
     p.add_argument("--num-prompts", type=int, default=256, help="requests (default 256)")
     p.add_argument("--input-len", type=int, default=64, help="prompt tokens per request (default 64)")
@@ -86,13 +89,14 @@ def in_fresh_thread(fn, *args):
     return out[0]
 
 
-async def run_row(args, model_dir, registered: dict[str, str], plan: list[str], prompts, arrivals) -> dict:
+async def run_row(args, model_dir, registered: dict[str, str], plan: list[str], prompts, arrivals,
+                  slots: int) -> dict:
     from mtlora_server.engine.args import EngineArgs
     from mtlora_server.engine.engine import Engine
     from mtlora_server.engine.types import GenerationRequest, SamplingParams
 
     eng = Engine.from_args(EngineArgs(model=str(model_dir), dtype=args.dtype, device="auto", adapters=registered,
-                                      max_adapters=args.max_adapters, max_num_seqs=args.max_num_seqs,
+                                      max_adapters=slots, max_num_seqs=args.max_num_seqs,
                                       adapter_cache_size=args.adapter_cache_size, seed=args.seed,
                                       max_num_batched_tokens=2048))
     await eng.start()
@@ -114,12 +118,14 @@ async def run_row(args, model_dir, registered: dict[str, str], plan: list[str], 
         tokens = sum(await asyncio.gather(*[one(i, t0) for i in range(len(plan))]))
         seconds = time.perf_counter() - t0
         c = eng.stats().adapter_counters
+        steps = eng.core.step_count                       # forward passes (the step thread is idle now)
     finally:
         await eng.shutdown()
     waited = [t for t, w in ttft if w]
     return {"seconds": seconds, "output_tokens": tokens, "tokens_per_s": tokens / seconds,
             "ttft_all": _pcts([t for t, _ in ttft]), "ttft_waited": _pcts(waited), "num_waited": len(waited),
-            "distinct_adapters": len(set(plan)), "loads": c.loads_total, "disk_loads": c.disk_loads_total,
+            "distinct_adapters": len(set(plan)), "slots": slots, "steps": steps,
+            "tokens_per_step": (tokens + len(plan) * len(prompts[0])) / max(1, steps), "loads": c.loads_total, "disk_loads": c.disk_loads_total,
             "evictions": c.evictions_total, "host_cache_hits": c.cache_hits_total}
 
 
@@ -148,10 +154,10 @@ def cold_loads(args, model_dir, paths: dict[str, str]) -> dict[str, dict]:
             if core.device.type == "cuda":
                 tensors = {k: t.pin_memory() for k, t in tensors.items()}
             t1 = time.perf_counter()
-            core.slots.load(0, config, tensors)
+            core.slots.load(0, config, tensors, checked=True)       # as the engine installs: validated by the read
             _sync(core.device)
             t2 = time.perf_counter()
-            core.slots.load(0, config, tensors)                       # again: from memory only
+            core.slots.load(0, config, tensors, checked=True)         # again: from memory only
             _sync(core.device)
             t3 = time.perf_counter()
             disk.append(t2 - t0)
@@ -189,15 +195,18 @@ def main(argv: list[str] | None = None) -> int:
         names = list(paths)
         order = rng.sample(names, len(names))                      # popularity rank -> adapter
         many_plan = [order[k] for k in ranks]
-        few = {n: paths[n] for n in names[:args.max_adapters]}
-        few_plan = [names[k % args.max_adapters] for k in ranks]
-        results = {"many_adapters": asyncio.run(run_row(args, model_dir, paths, many_plan, prompts, arrivals))}
+        few = {n: paths[n] for n in names[:args.resident_adapters]}
+        few_plan = [names[k % args.resident_adapters] for k in ranks]
+        results = {"many_adapters": asyncio.run(run_row(args, model_dir, paths, many_plan, prompts, arrivals,
+                                                             args.max_adapters))}
         # fresh prompts would change the work; the prefix cache is per engine, so reusing them is fair
-        results["resident"] = asyncio.run(run_row(args, model_dir, few, few_plan, prompts, arrivals))
+        results["resident"] = asyncio.run(run_row(args, model_dir, few, few_plan, prompts, arrivals,
+                                                        args.resident_adapters))
         loads = in_fresh_thread(cold_loads, args, model_dir, paths)
     ratio = results["many_adapters"]["tokens_per_s"] / results["resident"]["tokens_per_s"]
     for row, r in results.items():
-        print(f"{row:<15}{r['seconds']:>8.1f} s {r['tokens_per_s']:>8.1f} tok/s  distinct adapters "
+        print(f"{row:<15}{r['seconds']:>8.1f} s {r['tokens_per_s']:>8.1f} tok/s  slots {r['slots']:>3}  steps "
+              f"{r['steps']:>5} ({r['tokens_per_step']:.0f} tokens/step)  distinct adapters "
               f"{r['distinct_adapters']:>3}  loads {r['loads']:>3}  evictions {r['evictions']:>3}  "
               f"waited {r['num_waited']:>3}  ttft p50/p99 all {_fmt(r['ttft_all'])} waited {_fmt(r['ttft_waited'])}")
     print(f"throughput many_adapters / resident: {ratio:.2f}x")

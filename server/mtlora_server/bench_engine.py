@@ -225,11 +225,11 @@ def print_table(results: dict[str, dict], rat: dict[str, float]) -> None:
 
 def _resolve_dtype_name(name: str) -> str:
     """One dtype for every row (`auto` as the engine resolves it on this CPU); warn when bf16 would be emulated."""
-    from .engine.core import cpu_has_bf16, resolve_dtype
+    from mtlora.base import cpu_has_bf16, parse_dtype
 
     if name not in ("auto", "float32", "bfloat16"):
         raise SystemExit(f"--dtype: expected float32, bfloat16 or auto, got {name!r}")
-    dtype = resolve_dtype(name, torch.device("cpu"))
+    dtype = parse_dtype(name, torch.device("cpu"))
     if dtype == torch.bfloat16 and not cpu_has_bf16():
         log.warning("this CPU has no native bf16 (avx512_bf16 / amx): bf16 matmuls are emulated, several times "
                     "slower than fp32, for every row alike; --dtype float32 measures the fast path")

@@ -206,10 +206,71 @@ def test_load_tokenizer(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("name, expected", [
     ("float32", torch.float32), ("fp32", torch.float32), ("bfloat16", torch.bfloat16), ("BF16", torch.bfloat16),
     ("float16", torch.float16), ("torch.float16", torch.float16), (torch.bfloat16, torch.bfloat16),
-    ("auto", torch.float32),  # on CPU
 ])
 def test_parse_dtype(name, expected):
     assert parse_dtype(name) is expected
+
+
+@pytest.mark.parametrize("native_bf16, expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_dtype_on_cpu_follows_native_bf16(monkeypatch, native_bf16, expected):
+    """The one "auto" policy (engine, benches, reference loaders): bf16 on a CPU with native bf16, else fp32."""
+    monkeypatch.setattr(base, "cpu_has_bf16", lambda: native_bf16)
+    assert parse_dtype("auto") is expected and parse_dtype("auto", "cpu") is expected
+    assert parse_dtype("float32") is torch.float32          # explicit names never depend on the machine
+
+
+def _sharded_copy(src: Path, dst: Path) -> Path:
+    """The same model as `src`, saved as several shards with a model.safetensors.index.json."""
+    from transformers import LlamaForCausalLM
+
+    LlamaForCausalLM.from_pretrained(src).save_pretrained(dst, max_shard_size="40KB")
+    assert (dst / base.INDEX_FILE).is_file() and len(list(dst.glob("*.safetensors"))) > 2
+    return dst
+
+
+def test_sharded_checkpoint_loads_the_same_as_one_file(tiny_model_dir, tmp_path):
+    sharded = _sharded_copy(tiny_model_dir, tmp_path / "sharded")
+    one, many = base.load_state_dict(tiny_model_dir), base.load_state_dict(sharded)
+    assert sorted(one) == sorted(many)
+    for key in one:
+        assert torch.equal(one[key], many[key]), key
+    assert weights_sha256(tiny_model_dir) == weights_sha256(sharded)
+    # A stray file the index does not name (e.g. an old consolidated copy) is ignored, not globbed in.
+    save_file({"model.norm.weight": torch.zeros_like(one["model.norm.weight"])}, str(sharded / "stale.safetensors"))
+    assert torch.equal(base.load_state_dict(sharded)["model.norm.weight"], one["model.norm.weight"])
+
+
+def test_sharded_checkpoint_errors_name_the_file(tiny_model_dir, tmp_path):
+    sharded = _sharded_copy(tiny_model_dir, tmp_path / "sharded")
+    index = json.loads((sharded / base.INDEX_FILE).read_text())
+    victim = sorted(set(index["weight_map"].values()))[1]
+    (sharded / victim).rename(sharded / "moved.safetensors")
+    with pytest.raises(CheckpointError, match="missing") as err:
+        base.load_state_dict(sharded)
+    assert victim in str(err.value)
+    (sharded / "moved.safetensors").rename(sharded / victim)
+    # The index names a tensor its shard does not hold.
+    index["weight_map"]["model.extra.weight"] = victim
+    (sharded / base.INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="model.extra.weight") as err:
+        base.load_state_dict(sharded)
+    assert victim in str(err.value)
+    # A weight_map value that is not a file name in the directory.
+    index["weight_map"]["model.extra.weight"] = "../elsewhere.safetensors"
+    (sharded / base.INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="elsewhere") as err:
+        base.load_state_dict(sharded)
+    assert err.value.field == "weight_map"
+
+
+def test_unindexed_duplicate_tensor_names_both_files(tiny_model_dir, tmp_path):
+    import shutil
+
+    d = shutil.copytree(tiny_model_dir, tmp_path / "dup")
+    one = base.load_state_dict(d)
+    save_file({"model.norm.weight": one["model.norm.weight"]}, str(d / "extra.safetensors"))
+    with pytest.raises(CheckpointError, match="extra.safetensors"):
+        base.load_state_dict(d)
 
 
 @pytest.mark.parametrize("bad", ["int8", "", "float64", torch.float64])

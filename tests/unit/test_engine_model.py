@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from mtlora.errors import ConfigError
+from mtlora.errors import CheckpointError, ConfigError
 from mtlora.testing import make_tiny_model_dir
 from mtlora_server.engine.kv_cache import KVCachePool
 from mtlora_server.engine.model import LlamaDecoder, ModelConfig
@@ -127,7 +127,8 @@ def test_fused_weights_are_concatenations(tmp_path):
 @pytest.mark.parametrize("patch,field", [
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"attention_bias": True}, "attention_bias"),
-    ({"rope_scaling": {"rope_type": "longrope", "factor": 2.0}}, "rope_scaling"),
+    ({"rope_scaling": {"rope_type": "longrope", "factor": 2.0, "long_factor": [1.0] * 8, "short_factor": [1.0] * 8,
+                       "original_max_position_embeddings": 128}}, "rope_scaling"),
     ({"num_key_value_heads": 3}, "num_key_value_heads"),
 ])
 def test_unsupported_config_names_field(tmp_path, patch, field):
@@ -136,6 +137,34 @@ def test_unsupported_config_names_field(tmp_path, patch, field):
     data.pop("rope_parameters", None) if "rope_scaling" in patch else None
     data.update(patch)
     (model_dir / "config.json").write_text(json.dumps(data))
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises((ConfigError, CheckpointError)) as info:   # base.load_config checks the head arithmetic
         ModelConfig.from_dir(model_dir)
     assert info.value.field == field and "config.json" in str(info.value)
+
+
+def test_engine_reads_the_model_through_mtlora_base(tmp_path):
+    """One base-model truth: a sharded checkpoint (with its index) gives the engine the same weights and logits
+    as one file, a stray unlisted file is not globbed in, a missing shard is an error naming the file; RoPE
+    settings are the ones mtlora.base reads."""
+    from safetensors.torch import save_file
+
+    from mtlora.base import INDEX_FILE, load_config, rope_parameters
+
+    one = make_tiny_model_dir(tmp_path / "one", seed=5, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    sharded = tmp_path / "sharded"
+    _hf(one).save_pretrained(sharded, max_shard_size="40KB")
+    assert (sharded / INDEX_FILE).is_file()
+    a, b = LlamaDecoder.from_dir(one), LlamaDecoder.from_dir(sharded)
+    assert a.cfg == b.cfg
+    rope = rope_parameters(load_config(one))
+    assert b.cfg.rope_theta == rope["rope_theta"] and b.cfg.rope_scaling["factor"] == rope["factor"]
+    for name in ("qkv", "o", "gate_up", "down", "in_norm", "post_norm"):
+        assert torch.equal(a.layers[1][name], b.layers[1][name]), name
+    assert torch.equal(a.embed, b.embed) and torch.equal(a.lm_head, b.lm_head)
+    save_file({"model.embed_tokens.weight": torch.zeros_like(a.embed)}, str(sharded / "stale.safetensors"))
+    assert torch.equal(LlamaDecoder.from_dir(sharded).embed, a.embed)
+    shard = sorted(json.loads((sharded / INDEX_FILE).read_text())["weight_map"].values())[0]
+    (sharded / shard).unlink()
+    with pytest.raises(CheckpointError, match="missing") as info:
+        LlamaDecoder.from_dir(sharded)
+    assert shard in str(info.value)

@@ -2,7 +2,9 @@
 
 Every mix holds heterogeneous slots (mtlora N=8 r=16 g=3, hydralora-like component adapters with per-site g,
 plain lora N=1, a small mtlora with smaller r/N than the maxima) and base tokens (-1). For each token:
-`molora_torch` == `molora_reference` == the MoLoRA module of that token's adapter, within 1e-5 in fp32.
+`AdapterSlots.apply` / `apply_shared` (the engine's grouped path, `mtlora.grouped`) == `molora_torch` ==
+`molora_reference` (test-only stacked-layout variants, tests/unit/molora_stacked.py) == the MoLoRA module of that
+token's adapter, within 1e-5 in fp32.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ import torch
 from mtlora.adapters import MoLoRA
 from mtlora.config import AdapterConfig
 from mtlora.errors import AdapterLoadError
-from mtlora.inject import site_dims
-from mtlora_server.engine.lora_ops import (AdapterSlots, RoutingStats, SlotPlan, molora_reference, molora_torch,
-                                           segment_tiles)
+from molora_stacked import molora_reference, molora_torch
+from mtlora.sites import site_dims
+from mtlora_server.engine.lora_ops import AdapterSlots, RoutingStats, SlotPlan, segment_tiles
 
 # d = 48 so that a 16-channel routing group gives g = 3 at block level.
 CFG = SimpleNamespace(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -79,6 +81,12 @@ def _oracle_delta(oracles, slot_idx, x, layer, site, d_out) -> torch.Tensor:
     return out
 
 
+def _eff(oracles, slot_idx, layer, site) -> torch.Tensor:
+    """slot_idx with the tokens whose adapter does not adapt this site turned into base tokens (-1)."""
+    users = torch.tensor([s in oracles and f"layers.{layer}.{site}" in oracles[s] for s in range(6)])
+    return torch.where((slot_idx >= 0) & users[slot_idx.clamp_min(0)], slot_idx, -1)
+
+
 @pytest.mark.parametrize("T,seed", [(1, 0), (7, 1), (64, 2), (300, 3)])
 @pytest.mark.parametrize("site", ["self_attn", "mlp", "self_attn.q_proj", "self_attn.v_proj",
                                   "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"])
@@ -94,8 +102,7 @@ def test_batched_equals_reference_equals_module(loaded, site, T, seed):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         # The raw functions on the stacked buffers, with the site's users applied like apply() does.
         A, B, R, mask, groups, scaling = slots.buffers(layer, site)
-        users = torch.tensor([s in oracles and f"layers.{layer}.{site}" in oracles[s] for s in range(6)])
-        eff = torch.where((slot_idx >= 0) & users[slot_idx.clamp_min(0)], slot_idx, -1)
+        eff = _eff(oracles, slot_idx, layer, site)
         ref = molora_reference(x, eff, A, B, R, mask, groups, scaling)
         torch.testing.assert_close(ref, want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(molora_torch(x, eff, A, B, R, mask, groups, scaling), ref,
@@ -113,7 +120,7 @@ SHARED = {"attn_in": ["self_attn", "self_attn.q_proj", "self_attn.k_proj", "self
 @pytest.mark.parametrize("group", list(SHARED))
 def test_planned_fused_path_equals_module_and_stats(loaded, group, T, seed):
     """apply_shared (per-step SlotPlan, sites sharing an input fused per slot, deltas added in place into column
-    views of one fused output) == the MoLoRA module per token == apply() per site, routing stats included."""
+    views of one fused output) == the MoLoRA module per token; routing stats == the batched torch variant's."""
     slots, oracles = loaded
     sites = SHARED[group]
     d_in = site_dims(CFG, sites[0])[0]
@@ -135,7 +142,8 @@ def test_planned_fused_path_equals_module_and_stats(loaded, group, T, seed):
             want = _oracle_delta(oracles, slot_idx, x, layer, site, width)
             torch.testing.assert_close(fused[:, start:start + width] - before[:, start:start + width], want,
                                        atol=1e-5, rtol=1e-5)
-            slots.apply(layer, site, x, slot_idx, st_site)
+            if slots.buffers(layer, site) is not None:                          # some loaded adapter uses it
+                molora_torch(x, _eff(oracles, slot_idx, layer, site), *slots.buffers(layer, site), stats=st_site)
             start += width
         for slot in range(6):
             (u1, e1), (u2, e2) = st_plan.summary(slot), st_site.summary(slot)
@@ -192,6 +200,27 @@ def test_load_and_clear_never_reallocate(loaded):
     slots.clear(0)
     assert torch.all(A[0] == 0) and not mask[0].any()
     assert torch.all(slots.apply(0, "mlp", x, idx) == 0)       # slot 3 still uses the site
+
+
+def test_clear_zeroes_only_what_was_written_even_after_a_failed_write(loaded):
+    """`clear` zeroes the written region only (adapter swaps cost the adapter's size, not the maxima); a load that
+    fails midway (tensors passed as already checked, one router of the wrong size) is still wiped by `clear`."""
+    _, oracles = loaded
+    slots = AdapterSlots(CFG, max_adapters=2, max_rank=16, max_experts=8, max_groups=4)
+    tensors = _native(oracles[0])
+    slots.load(1, ADAPTERS[0], tensors)                        # a neighbour that must survive untouched
+    before = {k: [t[1].clone() for t in b.tensors()] for k, b in slots._sites.items()}
+    bad = dict(tensors)
+    bad["layers.1.mlp.router"] = torch.randn(5, 48)            # written after layer 0 and layer 1's A and B
+    with pytest.raises(RuntimeError):
+        slots.load(0, ADAPTERS[0], bad, checked=True)
+    assert any(torch.any(b.A[0] != 0) for b in slots._sites.values())   # the failed write left weights behind
+    slots.clear(0)
+    for key, buf in slots._sites.items():
+        A, B, R, mask, groups, scaling = buf.tensors()
+        assert not A[0].any() and not B[0].any() and not R[0].any() and not mask[0].any(), key
+        assert int(groups[0]) == 1 and float(scaling[0]) == 0.0
+        assert all(torch.equal(t[1], old) for t, old in zip(buf.tensors(), before[key])), key
 
 
 @pytest.mark.parametrize("kwargs,cfg,field", [
@@ -272,14 +301,17 @@ def test_segment_tiles_cover_every_adapter_token_once():
 
 
 def test_large_prefill_chunks_match_reference(loaded, monkeypatch):
-    """Force tiny chunks so the chunk loop itself is exercised on a 2048-token prefill."""
-    import mtlora_server.engine.lora_ops as ops
+    """A 2048-token prefill through the engine's path, and through the torch variant with tiny chunks forced so
+    its chunk loop itself is exercised."""
+    import molora_stacked
 
     slots, oracles = loaded
-    monkeypatch.setattr(ops, "_CHUNK_ELEMS", 1 << 14)
+    monkeypatch.setattr(molora_stacked, "_CHUNK_ELEMS", 1 << 14)
     slot_idx = torch.cat([torch.full((2040,), 0), _mix(8, 5)])
     x = torch.randn(2048, 48)
     got = slots.apply(0, "mlp", x, slot_idx)
+    chunked = molora_torch(x, _eff(oracles, slot_idx, 0, "mlp"), *slots.buffers(0, "mlp"))
     rows = torch.tensor([0, 1, 1000, 2039] + list(range(2040, 2048)))
     want = _oracle_delta(oracles, slot_idx[rows], x[rows], 0, "mlp", 48)
     torch.testing.assert_close(got[rows], want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(chunked[rows], want, atol=1e-5, rtol=1e-5)

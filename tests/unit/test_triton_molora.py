@@ -37,8 +37,9 @@ def _run_cases(device: str, dtype=torch.float32) -> list[dict]:
     """Compare molora_triton with molora_reference (and the stats with the torch path's) for every case."""
     from test_lora_ops import ADAPTERS, CFG, _native, _oracles
 
+    from molora_stacked import molora_reference, molora_torch
     from mtlora.inject import site_dims
-    from mtlora_server.engine.lora_ops import AdapterSlots, RoutingStats, molora_reference, molora_torch
+    from mtlora_server.engine.lora_ops import AdapterSlots, RoutingStats
     from mtlora_server.engine.triton_molora import molora_triton
 
     oracles = _oracles()

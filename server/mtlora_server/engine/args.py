@@ -1,7 +1,8 @@
 """`EngineArgs`: every knob of the serving engine, with defaults and validation (errors name the field).
 
-`Engine.from_args(EngineArgs(...))` builds an engine; `dtype="auto"` means bf16 on CUDA, bf16 on a CPU with native
-bf16 matmuls (avx512_bf16 / amx), else fp32. `kv_cache_memory` is a byte budget for the KV pool (None: 1 GiB on
+`Engine.from_args(EngineArgs(...))` builds an engine; `dtype` goes through `mtlora.base.parse_dtype`, the project's
+one dtype policy: "auto" means bf16 on CUDA (fp16 without bf16 support), bf16 on a CPU with native bf16 matmuls
+(avx512_bf16 / amx), else fp32. `kv_cache_memory` is a byte budget for the KV pool (None: 1 GiB on
 CPU, `gpu_memory_utilization` (default 0.85) of the memory free after loading on CUDA).
 """
 

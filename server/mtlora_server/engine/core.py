@@ -77,21 +77,8 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def cpu_has_bf16() -> bool:
-    """Native bf16 matmuls on this CPU (avx512_bf16 or AMX); elsewhere bf16 is emulated and slow."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name != "auto":
-        return parse_dtype(name, device)
-    if device.type == "cuda":
-        return torch.bfloat16
-    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+    return parse_dtype(name, device)   # the one dtype policy ("auto" included): mtlora.base.parse_dtype
 
 
 class EngineCore(AdapterMethods):

@@ -101,7 +101,7 @@ class AdapterMethods:
         """The slot copy (registry callback, step thread): `name`'s validated weights into `slot`."""
         config = loaded.config
         try:
-            self.slots.load(slot, config, loaded.tensors)
+            self.slots.load(slot, config, loaded.tensors, checked=True)   # validated when read / installed
         except Exception as exc:
             self.slots.clear(slot)
             raise AdapterLoadError(f"adapter {name!r} does not fit the engine: {exc}") from exc

@@ -6,21 +6,20 @@ Contract:
   slot's rows (no reallocation, stable `data_ptr`, no recompiles).
 - Every token carries a slot index (-1: bare base model). `AdapterSlots.apply(layer, site, x, slot_idx)` returns the
   adapter delta [T, d_out] in x.dtype (zero rows for base tokens and for slots that do not use the site), or None
-  when no loaded adapter uses the site. Math is exactly `mtlora.adapters.MoLoRA`:
-      h = A z, w = softmax_N(R z) per group (fp32, padded experts masked to -inf),
+  when no loaded adapter uses the site. Math is exactly `mtlora.adapters.MoLoRA` (the oracle):
+      h = A z, w = softmax_N(R z) per group (fp32),
       delta_k = s * sum_i w[group(k), i] * (B_i h)[k],  group(k) = k // (d_out // g_slot), s = alpha / r.
-- Stacked layout for one site with S slots (the functions below take exactly these tensors):
+- Stacked layout for one site with S slots (`buffers(layer, site)`; the Triton kernel takes exactly these tensors):
       A [S, r_max, d_in], B [S, N_max, r_max, d_out] (native B_i [d_out, r] transposed once at load, so the
       expand is a plain matmul), R [S, g_max, N_max, d_in] (router rows group-major, as the native [g*N, d_in]
       router), expert_mask [S, N_max] bool, groups [S] long (>= 1), scaling [S] float.
-- `molora_reference` is a per-token Python loop (obviously correct, slow); `molora_torch` is the batched CPU path;
-  the Triton kernel (`triton_molora.py`) is used when x is on CUDA and triton imports. All three agree.
-- The engine's CPU path is `AdapterSlots.apply_shared(layer, x, targets, slot_idx, plan=SlotPlan)`: the token ->
-  slot segmentation (`SlotPlan`) is computed once per step and reused by every site of every layer, and all sites
-  that read the same input are fused per slot into one shrink matmul (A and router rows of those sites stacked at
-  load time, each slot trimmed to its own r / N / g, so no padding and no expert masking); each site's delta is
-  then added in place into its target (the matching slice of the fused projection output). `molora_torch` stays
-  the batched reference it is checked against.
+- Paths: on CUDA with triton, the Triton kernel (`triton_molora.py`) per site; otherwise the grouped path
+  `mtlora.grouped` (shared with the vLLM backend) per slot: `apply_shared(layer, x, targets, slot_idx,
+  plan=SlotPlan)` takes the step's token -> slot segmentation (`SlotPlan`, computed once per step and reused by every
+  site of every layer), fuses all sites that read the same input into one shrink matmul per slot (each slot's pack
+  trimmed to its own r / N / g, cached until the slot changes), and adds each site's delta in place into its
+  target (the matching slice of the fused projection output). The site list is `mtlora.sites.SITE_NAMES`.
+  Test-only variants over the stacked layout (per-token loop, batched torch) live in tests/unit/molora_stacked.py.
 - `RoutingStats` accumulates, per slot, the sum of per-token routing weight per expert (averaged over the slot's
   groups), the sum of per-token routing entropy (nats, averaged over groups) and the token count.
 """
@@ -29,22 +28,22 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from mtlora import grouped
 from mtlora.config import AdapterConfig
 from mtlora.errors import AdapterLoadError, ConfigError
-from mtlora.inject import expected_shapes, site_dims
+from mtlora.inject import expected_shapes
+from mtlora.sites import SITE_NAMES, site_dims
 
 from .invariant import pad_rows
 
 log = logging.getLogger(__name__)
 
-SITES = ("self_attn", "mlp", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-# Upper bound (elements) on the largest per-chunk intermediate of the torch path (gathered B: ~128 MiB in fp32).
-_CHUNK_ELEMS = 1 << 25
+SITES = SITE_NAMES   # the adapter sites, in canonical order (defined once in mtlora.sites)
 _MAX_TILE = 256
 
 
@@ -106,28 +105,7 @@ class RoutingStats:
         return (self.weight_sum[slot, :N] / n).tolist(), float(self.entropy_sum[slot]) / n
 
 
-# -- the math: reference (per token) and batched torch ------------------------------------------------------------
-def molora_reference(x, slot_idx, A, B, R, expert_mask, groups, scaling) -> torch.Tensor:
-    """Per-token loop, straight from the formula. x: [T, d_in], slot_idx: [T] -> delta [T, d_out] in x.dtype."""
-    T, d_out = x.shape[0], B.shape[3]
-    out = torch.zeros(T, d_out, dtype=x.dtype, device=x.device)
-    for t in range(T):
-        s = int(slot_idx[t])
-        if s < 0:
-            continue
-        z = x[t].to(A.dtype)                                                        # [d_in]
-        h = A[s] @ z                                                                # [r]
-        y = torch.einsum("nro,r->no", B[s], h)                                      # [N, d_out]
-        g = int(groups[s])
-        logits = (R[s, :g] @ z).float()                                             # [g, N]
-        logits = logits.masked_fill(~expert_mask[s], float("-inf"))
-        w = torch.softmax(logits, dim=-1)                                           # [g, N]
-        group_of = torch.arange(d_out, device=x.device) // (d_out // g)             # [d_out]
-        w_ch = w[group_of].T.to(y.dtype)                                            # [N, d_out]
-        out[t] = ((w_ch * y).sum(0) * float(scaling[s])).to(x.dtype)
-    return out
-
-
+# -- segmentation (the Triton kernel's tiles) ---------------------------------------------------------------------
 def segment_tiles(slot_idx: torch.Tensor, pad_row: int, min_tile: int = 1,
                   max_tile: int = _MAX_TILE) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Group the adapter tokens into tiles of `tile` rows that all share one slot (segment by slot).
@@ -155,70 +133,6 @@ def segment_tiles(slot_idx: torch.Tensor, pad_row: int, min_tile: int = 1,
     return tile_slot, tile_rows, tile
 
 
-def molora_torch(x, slot_idx, A, B, R, expert_mask, groups, scaling, stats: RoutingStats | None = None,
-                 dims: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """Batched torch path (CPU). Same arguments and result as `molora_reference`.
-
-    Segment by slot: tokens are sorted by slot and cut into tiles that each belong to one slot; every step is then
-    one `bmm` over all tiles with each tile's slot weights gathered (`A[tile_slot]`, ...). There is no Python loop
-    over tokens, requests or slots; the only loop is over chunks of tiles, so the gathered B ([tiles, N*r, d_out])
-    never exceeds ~_CHUNK_ELEMS elements (a 2048-token prefill stays within memory). Router weights are folded
-    into h per group (u = w_j * h, [N*r]) so the weighted expand is one matmul per tile.
-    `dims` = (r, N, g) upper bounds over the slots that can occur (AdapterSlots passes the loaded maxima), so the
-    work is sized for the adapters actually loaded rather than for the preallocated maxima.
-    """
-    T, d_out = x.shape[0], B.shape[3]
-    if dims is not None:   # trim the zero padding nobody uses (views, no copies)
-        r, N, G = dims
-        A, B, R, expert_mask = A[:, :r], B[:, :N, :r], R[:, :G, :N], expert_mask[:, :N]
-    out = torch.zeros(T + 1, d_out, dtype=x.dtype, device=x.device)               # row T absorbs tile padding
-    tile_slot, tile_rows, tile = segment_tiles(slot_idx, pad_row=T)
-    if tile_slot.numel() == 0:
-        return out[:T]
-    x_pad = torch.cat([x, x.new_zeros(1, x.shape[1])]).to(A.dtype)                # [T+1, d_in]
-    g_eff = int(groups[tile_slot].max())                                            # groups actually present
-    N, r = B.shape[1], B.shape[2]
-    per_tile = max(N * r * d_out, tile * g_eff * d_out, tile * N * x.shape[1])
-    step = max(1, _CHUNK_ELEMS // per_tile)
-    for c in range(0, tile_slot.numel(), step):
-        ts, tr = tile_slot[c:c + step], tile_rows[c:c + step]                       # [nt], [nt, tile]
-        delta, w = _tiles_delta(x_pad[tr], ts, A, B, R, expert_mask, groups, scaling, g_eff)
-        out[tr.reshape(-1)] = delta.reshape(-1, d_out).to(x.dtype)                 # padding rows all land on T
-        if stats is not None:
-            real = tr.reshape(-1) < T                                               # drop padding rows
-            slots = ts[:, None].expand_as(tr).reshape(-1)[real]
-            stats.record(slots, w.reshape(-1, *w.shape[2:])[real], groups, expert_mask)
-    return out[:T]
-
-
-def _tiles_delta(xt, ts, A, B, R, expert_mask, groups, scaling, g_eff):
-    """xt: [nt, tile, d_in] tokens of tiles whose slots are ts [nt]. Returns delta [nt, tile, d_out] and the
-    routing weights [nt, tile, G, N] (fp32)."""
-    nt, tile, d_in = xt.shape
-    N, r, d_out = B.shape[1], B.shape[2], B.shape[3]
-    G = R.shape[1]
-    h = torch.bmm(xt, A[ts].transpose(1, 2))                                        # [nt, tile, r]
-    if N == 1:   # no loaded adapter has a router here: every weight is 1
-        w = torch.ones(nt, tile, G, 1, device=xt.device)
-    else:
-        logits = torch.bmm(xt, R[ts].reshape(nt, G * N, d_in).transpose(1, 2))     # [nt, tile, G*N]
-        logits = logits.view(nt, tile, G, N).float()
-        logits = logits.masked_fill(~expert_mask[ts][:, None, None, :], float("-inf"))
-        w = torch.softmax(logits, dim=-1)                                           # [nt, tile, G, N] fp32
-    # u[t, j, n, :] = w[t, j, n] * h[t]: folding the router into h makes the expand a single matmul per tile.
-    u = w[:, :, :g_eff, :, None].to(h.dtype) * h[:, :, None, None, :]              # [nt, tile, g_eff, N, r]
-    Bt = B[ts].reshape(nt, N * r, d_out)                                            # [nt, N*r, d_out] (gather)
-    full = torch.bmm(u.reshape(nt, tile * g_eff, N * r), Bt)                        # [nt, tile*g_eff, d_out]
-    if g_eff == 1:
-        delta = full
-    else:   # each output channel k keeps the row of its own routing group k // (d_out // g_slot)
-        full = full.view(nt, tile, g_eff, d_out)
-        group_of = torch.arange(d_out, device=xt.device)[None, :] // (d_out // groups[ts])[:, None]  # [nt, d_out]
-        delta = full.gather(2, group_of[:, None, None, :].expand(nt, tile, 1, d_out)).squeeze(2)
-    return delta * scaling[ts].to(delta.dtype)[:, None, None], w                   # [nt, tile, d_out]
-
-
-
 # -- the per-step plan and the fused per-slot path ---------------------------------------------------------------
 class SlotPlan:
     """Token -> slot segmentation of one engine step, built once (by the runner) and reused by all sites/layers.
@@ -241,58 +155,26 @@ class SlotPlan:
             self.groups[s] = slice(lo, hi) if hi - lo == rows.numel() else rows
 
 
+@dataclass
 class _SlotPack:
-    """One slot's weights for the sites sharing one input: W = [A_site1; R_site1; A_site2; ...] stacked on the
-    output dim (one shrink matmul), then per site (site index, offset of A rows, r, offset of router rows, N, g,
-    B as [N*r, d_out] contiguous (or [g, N*r, d_out/g] split by channel group), scaling, group index [d_out] for
-    groups that do not divide d_out, else None)."""
+    """One slot's `mtlora.grouped.Pack` for the sites sharing one input; `targets[i]` is the index (in the
+    `apply_shared` targets) of the site of `pack.parts[i]`."""
 
-    def __init__(self, W: torch.Tensor, parts: list[tuple]):
-        self.W, self.parts = W, parts
+    pack: grouped.Pack
+    targets: list[int]
 
 
 def _pack_slot(bufs: list[tuple[int, "_SiteBuffers"]], slot: int) -> _SlotPack | None:
-    rows, parts, off = [], [], 0
+    """The slot's sites among `bufs` [(target index, buffers)], each trimmed to the slot's own r / N / g."""
+    sites, targets = [], []
     for i, buf in bufs:
         if slot not in buf.users:
             continue
         r, N, g = buf.dims[slot]
-        rows.append(buf.A[slot, :r])
-        a_off, off = off, off + r
-        r_off = -1
-        if N > 1:
-            rows.append(buf.R[slot, :g, :N].reshape(g * N, -1))
-            r_off, off = off, off + g * N
-        d_out = buf.B.shape[3]
-        Bm = buf.B[slot, :N, :r].reshape(N * r, d_out).contiguous()
-        group_of = None
-        if g > 1 and d_out % g == 0:   # channel group j only needs B's columns of group j: [g, N*r, d_out/g]
-            Bm = Bm.view(N * r, g, d_out // g).transpose(0, 1).contiguous()
-        elif g > 1:
-            group_of = (torch.arange(d_out, device=Bm.device) // (d_out // g)).clamp_max(g - 1)
-        parts.append((i, a_off, r, r_off, N, g, Bm, float(buf.scaling[slot]), group_of))
-    if not parts:
-        return None
-    return _SlotPack(torch.cat(rows).contiguous(), parts)
-
-
-def _pack_delta(hz: torch.Tensor, part: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """hz: [n, rows of the pack] (x @ W^T). Returns (delta [n, d_out] in hz.dtype, routing weights [n, g, N] fp32
-    or None for N == 1)."""
-    _, a_off, r, r_off, N, g, Bm, scaling, group_of = part
-    h = hz[:, a_off:a_off + r]                                                      # [n, r]
-    n = h.shape[0]
-    if N == 1:
-        return torch.mm(h * scaling, Bm), None                                      # [n, d_out]
-    w = torch.softmax(hz[:, r_off:r_off + g * N].float().view(n, g, N), dim=-1)    # [n, g, N] fp32
-    u = (w * scaling).to(h.dtype)[:, :, :, None] * h[:, None, None, :]             # [n, g, N, r]
-    if g > 1 and Bm.dim() == 3:   # per group: [g, n, N*r] @ [g, N*r, d_out/g] -> [n, g * d_out/g]
-        return torch.bmm(u.view(n, g, N * r).transpose(0, 1), Bm).transpose(0, 1).reshape(n, -1), w
-    full = torch.mm(u.view(n * g, N * r), Bm)                                       # [n*g, d_out]
-    if g == 1:
-        return full, w
-    full = full.view(n, g, -1)
-    return full.gather(1, group_of.expand(n, 1, -1)).squeeze(1), w                 # own group per channel
+        sites.append(grouped.SiteWeights(buf.A[slot, :r], buf.B[slot, :N, :r],
+                                         buf.R[slot, :g, :N] if N > 1 else None, float(buf.scaling[slot])))
+        targets.append(i)
+    return _SlotPack(grouped.pack(sites), targets) if sites else None
 
 
 # -- the stacked slots --------------------------------------------------------------------------------------------
@@ -311,15 +193,20 @@ class _SiteBuffers:
         self.users: set[int] = set()                                                # host copy of `used`
         self.dims: dict[int, tuple[int, int, int]] = {}                             # slot -> (r, N, g), host side
 
-    def live_dims(self) -> tuple[int, int, int]:
-        """(r, N, g) maxima over the loaded slots: the torch path trims the padding beyond them."""
-        return tuple(max(d[i] for d in self.dims.values()) for i in range(3))
-
     def tensors(self) -> tuple:
         return self.A, self.B, self.R, self.expert_mask, self.groups, self.scaling
 
     def clear(self, slot: int) -> None:
-        for t in (self.A, self.B, self.R, self.expert_mask, self.scaling, self.used):
+        """Zero what the slot's adapter wrote. Everything outside `dims[slot]` is zero already (buffers start
+        zeroed and `load` writes only inside its dims), so an adapter swap costs the adapter's size, not the
+        preallocated maxima (default model, the benchmark's adapters: 3-8 MiB written vs ~70 MiB of slot)."""
+        written = self.dims.get(slot)
+        if written is not None:
+            r, N, g = written
+            self.A[slot, :r] = 0
+            self.B[slot, :N, :r] = 0
+            self.R[slot, :g, :N] = 0
+        for t in (self.expert_mask, self.scaling, self.used):
             t[slot] = 0
         self.groups[slot] = 1
         self.users.discard(slot)
@@ -396,16 +283,22 @@ class AdapterSlots:
         if tensors is not None:
             self._check_tensors(config, tensors)
 
-    def load(self, slot: int, config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> None:
-        """Write an adapter into `slot` (replacing what was there). Everything is checked before any write."""
+    def load(self, slot: int, config: AdapterConfig, tensors: dict[str, torch.Tensor],
+             checked: bool = False) -> None:
+        """Write an adapter into `slot` (replacing what was there). Everything is checked before any write;
+        `checked=True` skips the tensor pass (names, shapes, finiteness) for tensors that `check` (or
+        `mtlora.checkpoint.load_adapter` with the model config) has validated already; the limits are always
+        checked."""
         groups = self._check_limits(slot, config)
-        self._check_tensors(config, tensors)
+        if not checked:
+            self._check_tensors(config, tensors)
         self.clear(slot)
         r, N = config.rank, config.num_experts
         with torch.no_grad():
             for layer in range(self.num_layers):
                 for site, g in groups.items():
                     buf, prefix = self._site(layer, site), f"layers.{layer}.{site}"
+                    buf.dims[slot] = (r, N, g)    # first: a write that fails midway is still cleared later
                     buf.A[slot, :r] = tensors[f"{prefix}.lora_A"].to(self.device, self.dtype)      # [r, d_in]
                     lora_b = tensors[f"{prefix}.lora_B"].to(self.device, self.dtype)              # [N, d_out, r]
                     buf.B[slot, :N, :r] = lora_b.transpose(1, 2)
@@ -417,7 +310,6 @@ class AdapterSlots:
                     buf.scaling[slot] = config.scaling
                     buf.used[slot] = True
                     buf.users.add(slot)
-                    buf.dims[slot] = (r, N, g)
         self._configs[slot] = config
         log.info("loaded %s adapter into slot %d (r=%d, N=%d, sites=%s)", config.method, slot, r, N,
                  ",".join(groups))
@@ -455,7 +347,9 @@ class AdapterSlots:
             from . import triton_molora
             if triton_molora.available():   # full padded sizes: constexprs never change, so no recompiles
                 return triton_molora.molora_triton(x, eff, *buf.tensors(), stats=stats)
-        return molora_torch(x, eff, *buf.tensors(), stats=stats, dims=buf.live_dims())
+        out = x.new_zeros(x.shape[0], buf.B.shape[3])                               # [T, d_out]
+        self._apply_planned(layer, x, [(site, out)], SlotPlan(eff), stats)
+        return out
 
     def apply_shared(self, layer: int, x: torch.Tensor, targets: list[tuple[str, torch.Tensor]],
                      slot_idx: torch.Tensor, stats: RoutingStats | None = None,
@@ -469,35 +363,45 @@ class AdapterSlots:
                 if delta is not None:
                     out += delta.to(out.dtype)
             return
+        self._apply_planned(layer, x, targets, plan, stats)
+
+    def _apply_planned(self, layer: int, x: torch.Tensor, targets: list[tuple[str, torch.Tensor]],
+                       plan: SlotPlan, stats: RoutingStats | None) -> None:
+        """Per slot of the plan: one shrink matmul for all its sites among `targets`, then each site's expand
+        (`mtlora.grouped`), added in place into the site's target."""
         bufs = [(i, self._sites.get((layer, site))) for i, (site, _) in enumerate(targets)]
         bufs = [(i, b) for i, b in bufs if b is not None and b.users]
         if not bufs:
             return
         key_sites = tuple(targets[i][0] for i, _ in bufs)
+        buf_of = dict(bufs)                                                         # target index -> buffers
         for slot, rows in plan.groups.items():
             key = (layer, key_sites, slot)
             if key not in self._packs:
                 self._packs[key] = _pack_slot(bufs, slot)
-            pack = self._packs[key]
-            if pack is None:                                                        # slot adapts none of these
+            sp = self._packs[key]
+            if sp is None:                                                          # slot adapts none of these
                 continue
             contiguous = isinstance(rows, slice)
             xs = x[rows] if contiguous else x.index_select(0, rows)
             n = xs.shape[0]
-            hz = F.linear(pad_rows(xs, self.row_tile).to(pack.W.dtype), pack.W)    # [n (+ pad), sum(r + g*N)]
-            for part in pack.parts:
-                delta, w = _pack_delta(hz, part)
+            hz = grouped.shrink(pad_rows(xs, self.row_tile), sp.pack)              # [n (+ pad), sum(r + g*N)]
+            for i, part in zip(sp.targets, sp.pack.parts):
+                delta, w = grouped.expand(hz, part)
                 delta, w = delta[:n], (None if w is None else w[:n])
-                out = targets[part[0]][1]
+                out = targets[i][1]
                 if contiguous:
                     out[rows] += delta.to(out.dtype)
                 else:
                     out.index_add_(0, rows, delta.to(out.dtype))
                 if stats is not None:
-                    buf = bufs[[i for i, _ in bufs].index(part[0])][1]
-                    N, g = part[4], part[5]
-                    if w is None:
-                        w = torch.ones(n, g, 1, device=x.device)
-                    w = F.pad(w, (0, buf.expert_mask.shape[1] - N))
-                    stats.record(torch.full((n,), slot, dtype=torch.long, device=x.device), w, buf.groups,
-                                 buf.expert_mask)
+                    self._record(stats, buf_of[i], slot, part, w, n, x.device)
+
+    @staticmethod
+    def _record(stats: RoutingStats, buf: "_SiteBuffers", slot: int, part: grouped.PackedSite,
+                w: torch.Tensor | None, n: int, device) -> None:
+        """Routing statistics of n tokens of one slot at one site (w [n, g, N] fp32; None: one expert)."""
+        if w is None:
+            w = torch.ones(n, part.g, 1, device=device)
+        w = F.pad(w, (0, buf.expert_mask.shape[1] - part.N))                       # [n, g, N_max]
+        stats.record(torch.full((n,), slot, dtype=torch.long, device=device), w, buf.groups, buf.expert_mask)

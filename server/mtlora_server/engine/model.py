@@ -1,11 +1,14 @@
 """A compact LLaMA decoder for serving: flattened token batches, paged KV cache, per-token adapter slots.
 
 Contract:
-- `ModelConfig.from_dir(path)` reads a Hugging Face `config.json` (LLaMA architecture: GQA, RMSNorm, SiLU MLP, RoPE
-  with default / linear / dynamic / llama3 scaling, tied or separate lm_head); anything else raises `ConfigError`
-  naming the field.
-- `LlamaDecoder.from_dir(path, dtype, device)` loads the same safetensors files transformers loads, fusing q/k/v
-  into one weight and gate/up into another at load time (two matmuls fewer per layer).
+- `ModelConfig.from_dir(path)` reads a Hugging Face `config.json` through `mtlora.base` (`load_config`,
+  `rope_parameters`: one reader for the whole project) and keeps what the decoder supports (LLaMA architecture: GQA,
+  RMSNorm, SiLU MLP, RoPE with default / linear / dynamic / llama3 scaling, tied or separate lm_head); anything
+  else raises `ConfigError` (or base's `CheckpointError`) naming the field.
+- `LlamaDecoder.from_dir(path, dtype, device)` reads the weights through `mtlora.base.load_state_dict` (single file,
+  or the shards a `model.safetensors.index.json` names), fusing q/k/v into one weight and gate/up into another at
+  load time in the column order `mtlora.sites.FUSED` defines (two matmuls fewer per layer); adapter deltas of
+  those projections are added into column views of the fused output (`mtlora.sites.fused_columns`).
 - `LlamaDecoder.forward(batch, kv, adapters) -> ForwardOutput` runs one engine step over a flattened token batch
   `[T]` (prefill chunks and decode tokens of many sequences together) and returns, as a value, fp32 logits only at
   `batch.logits_index` (then for `batch.extra_hidden`) and the final hidden states at `batch.hidden_index`.
@@ -23,7 +26,6 @@ Contract:
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +33,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mtlora.base import load_config, load_state_dict, rope_parameters
 from mtlora.errors import CheckpointError, ConfigError
+from mtlora.sites import FUSED, FusedColumn, fused_columns, site_of_module
 
 from . import invariant
 
@@ -58,51 +62,37 @@ class ModelConfig:
     bos_token_id: int | None = None
 
     @classmethod
-    def from_dict(cls, d: dict, path: str = "config.json") -> "ModelConfig":
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-            if key not in d:
-                raise ConfigError(f"missing required field {key!r}", field=key, path=path)
-        if d.get("hidden_act", "silu") != "silu":
-            raise ConfigError(f"only hidden_act 'silu' is supported, got {d['hidden_act']!r}", field="hidden_act",
+    def from_hf(cls, c, path: str = "config.json") -> "ModelConfig":
+        """From a transformers LlamaConfig as `mtlora.base.load_config` returns it (model type and head arithmetic
+        already checked there); RoPE through `mtlora.base.rope_parameters`; the decoder's own limits checked here,
+        errors naming the field and `path`."""
+        if getattr(c, "hidden_act", "silu") != "silu":
+            raise ConfigError(f"only hidden_act 'silu' is supported, got {c.hidden_act!r}", field="hidden_act",
                               path=path)
         for key in ("attention_bias", "mlp_bias"):
-            if d.get(key):
+            if getattr(c, key, False):
                 raise ConfigError(f"{key}=true is not supported", field=key, path=path)
-        heads = d["num_attention_heads"]
-        kv = d.get("num_key_value_heads") or heads
-        if heads % kv:
-            raise ConfigError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}",
-                              field="num_key_value_heads", path=path)
-        # transformers 5 writes `rope_parameters` (theta inside); older files `rope_theta` + `rope_scaling`.
-        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
-        theta = float(rope.pop("rope_theta", d.get("rope_theta", 10000.0)))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ROPE_TYPES:
-            raise ConfigError(f"unsupported rope type {rope_type!r}; supported: {ROPE_TYPES}", field="rope_scaling",
-                              path=path)
-        rope["rope_type"] = rope_type
-        eos = d.get("eos_token_id")
-        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        return cls(vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
-                   intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
-                   num_attention_heads=heads, num_key_value_heads=kv,
-                   head_dim=d.get("head_dim") or d["hidden_size"] // heads,
-                   rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-                   max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
-                   tie_word_embeddings=bool(d.get("tie_word_embeddings", False)), rope_theta=theta,
-                   rope_scaling=None if rope_type == "default" else rope, eos_token_ids=eos_ids,
-                   bos_token_id=d.get("bos_token_id"))
+        rope = rope_parameters(c)
+        theta = float(rope.pop("rope_theta", 10000.0))
+        if rope["rope_type"] not in ROPE_TYPES:
+            raise ConfigError(f"unsupported rope type {rope['rope_type']!r}; supported: {ROPE_TYPES}",
+                              field="rope_scaling", path=path)
+        heads = c.num_attention_heads
+        eos = c.eos_token_id
+        return cls(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                   num_hidden_layers=c.num_hidden_layers, num_attention_heads=heads,
+                   num_key_value_heads=getattr(c, "num_key_value_heads", None) or heads,
+                   head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
+                   rms_norm_eps=float(c.rms_norm_eps), max_position_embeddings=int(c.max_position_embeddings),
+                   tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)), rope_theta=theta,
+                   rope_scaling=None if rope["rope_type"] == "default" else rope,
+                   eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
+                   bos_token_id=c.bos_token_id)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> "ModelConfig":
-        file = Path(model_dir) / "config.json"
-        try:
-            data = json.loads(file.read_text())
-        except FileNotFoundError:
-            raise ConfigError("config.json not found", path=str(file)) from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"invalid JSON: {exc}", path=str(file)) from None
-        return cls.from_dict(data, path=str(file))
+        """The config.json of a model dir, read by `mtlora.base.load_config` (the one config reader)."""
+        return cls.from_hf(load_config(model_dir), path=str(Path(model_dir) / "config.json"))
 
 
 # -- RoPE --------------------------------------------------------------------------------------------------------
@@ -241,6 +231,7 @@ class LlamaDecoder:
         self.q_size = cfg.num_attention_heads * cfg.head_dim
         self.kv_size = cfg.num_key_value_heads * cfg.head_dim
         self.scale = cfg.head_dim ** -0.5
+        self.columns = {f: fused_columns(cfg, f) for f in FUSED}          # adapter sites inside qkv / gate_up
         self.row_tile = 0            # > 0: batch-invariant mode, the row tile (invariant.py); see below
 
     def enable_batch_invariance(self, max_rows: int) -> int:
@@ -259,7 +250,7 @@ class LlamaDecoder:
     def from_dir(cls, model_dir: str | Path, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu", max_len: int | None = None) -> "LlamaDecoder":
         cfg = ModelConfig.from_dir(model_dir)
-        raw = load_safetensors_dir(Path(model_dir))
+        raw = load_state_dict(model_dir)
         weights = fuse_weights(cfg, raw, dtype, torch.device(device), source=str(model_dir))
         return cls(cfg, weights, dtype, torch.device(device), max_len or cfg.max_position_embeddings)
 
@@ -292,9 +283,7 @@ class LlamaDecoder:
         qkv = self._linear(x, w["qkv"])                                     # [T, q + 2kv]
         # Block-level self_attn delta reads the same x as q/k/v: computed in the same fused shrink, added at the end.
         blk = x.new_zeros(T, cfg.hidden_size) if "self_attn" in ctx.sites else None
-        _adapt(ctx, x, [("self_attn", blk)] + _columns(qkv, "self_attn", (("q_proj", self.q_size),
-                                                                          ("k_proj", self.kv_size),
-                                                                          ("v_proj", self.kv_size))))
+        _adapt(ctx, x, [("self_attn", blk)] + _columns(qkv, self.columns["qkv"]))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = apply_rope(q.reshape(T, cfg.num_attention_heads, cfg.head_dim), cos, sin)
         k = apply_rope(k.reshape(T, cfg.num_key_value_heads, cfg.head_dim), cos, sin)
@@ -355,7 +344,7 @@ class LlamaDecoder:
         F_ = self.cfg.intermediate_size
         gu = self._linear(x, w["gate_up"])                                  # [T, 2F]
         blk = x.new_zeros(x.shape[0], self.cfg.hidden_size) if "mlp" in ctx.sites else None
-        _adapt(ctx, x, [("mlp", blk)] + _columns(gu, "mlp", (("gate_proj", F_), ("up_proj", F_))))
+        _adapt(ctx, x, [("mlp", blk)] + _columns(gu, self.columns["gate_up"]))
         gate, up = gu.split([F_, F_], dim=-1)
         act = F.silu(gate) * up                                             # [T, F]
         out = self._linear(act, w["down"])                                  # [T, d]
@@ -363,13 +352,9 @@ class LlamaDecoder:
         return out if blk is None else out.add_(blk)
 
 
-def _columns(fused: torch.Tensor, block: str, parts) -> list[tuple[str, torch.Tensor]]:
-    """(site, column slice view) of a fused projection output, e.g. q/k/v of qkv."""
-    out, start = [], 0
-    for name, width in parts:
-        out.append((f"{block}.{name}", fused[:, start:start + width]))
-        start += width
-    return out
+def _columns(fused: torch.Tensor, columns: list[FusedColumn]) -> list[tuple[str, torch.Tensor]]:
+    """(site, column slice view) of a fused projection output, e.g. q/k/v of qkv (layout: `mtlora.sites`)."""
+    return [(c.site, fused[:, c.start:c.start + c.width]) for c in columns]
 
 
 def _adapt(ctx: AdaptContext, inp: torch.Tensor, targets: list[tuple[str, torch.Tensor | None]]) -> None:
@@ -382,22 +367,6 @@ def _adapt(ctx: AdaptContext, inp: torch.Tensor, targets: list[tuple[str, torch.
 
 
 # -- weights -----------------------------------------------------------------------------------------------------
-def load_safetensors_dir(model_dir: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a HF model directory (single file or sharded with an index)."""
-    from safetensors.torch import load_file
-
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError("no *.safetensors weights found", path=str(model_dir))
-    out: dict[str, torch.Tensor] = {}
-    for file in files:
-        try:
-            out.update(load_file(str(file)))
-        except Exception as exc:  # safetensors raises several types for corrupt files
-            raise CheckpointError(f"cannot read weights: {exc}", path=str(file)) from None
-    return out
-
-
 def fuse_weights(cfg: ModelConfig, raw: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
                  source: str) -> dict:
     """HF tensor names -> fused engine weights (qkv and gate_up concatenated along the output dim)."""
@@ -413,9 +382,9 @@ def fuse_weights(cfg: ModelConfig, raw: dict[str, torch.Tensor], dtype: torch.dt
         layers.append({
             "in_norm": take(p + "input_layernorm.weight"),
             "post_norm": take(p + "post_attention_layernorm.weight"),
-            "qkv": torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]).contiguous(),
+            "qkv": torch.cat([take(p + f"{site_of_module(m)}.weight") for m in FUSED["qkv"]]).contiguous(),
             "o": take(p + "self_attn.o_proj.weight"),
-            "gate_up": torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]).contiguous(),
+            "gate_up": torch.cat([take(p + f"{site_of_module(m)}.weight") for m in FUSED["gate_up"]]).contiguous(),
             "down": take(p + "mlp.down_proj.weight"),
         })
     weights = {"embed": take("model.embed_tokens.weight"), "norm": take("model.norm.weight"), "layers": layers}

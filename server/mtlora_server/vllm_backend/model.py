@@ -31,7 +31,7 @@ from vllm.model_executor.models.llama import LlamaForCausalLM
 from mtlora.checkpoint import load_adapter
 from mtlora.config import AdapterConfig
 from mtlora.errors import ConfigError
-from mtlora.inject import expected_shapes
+from mtlora.sites import site_dims
 
 from .layers import WRAPPERS, BlockAdapter
 
@@ -64,13 +64,11 @@ class MtloraLlamaForCausalLM(LlamaForCausalLM):
                     config.num_experts, config.rank, self.model.start_layer, self.model.end_layer - 1)
 
     def _wrap_layers(self, config: AdapterConfig, hf_config, dtype: torch.dtype) -> None:
-        # d_in == d_out == hidden_size for both block-level sites; ask the shared helper rather than assume it.
-        shapes = expected_shapes(hf_config, config)
+        # d_in == d_out == hidden_size for both block-level sites; ask the site table rather than assume it.
         for idx in range(self.model.start_layer, self.model.end_layer):
             layer = self.model.layers[idx]
             for site in config.sites():
-                _, d_in = shapes[f"layers.{idx}.{site}.lora_A"]
-                d_out = shapes[f"layers.{idx}.{site}.lora_B"][1]
+                d_in, d_out = site_dims(hf_config, site)
                 adapter = BlockAdapter(d_in, d_out, config, dtype=dtype)
                 setattr(layer, site, WRAPPERS[site](getattr(layer, site), adapter))
 

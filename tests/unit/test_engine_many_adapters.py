@@ -76,16 +76,16 @@ def test_seven_adapters_two_slots_match_all_resident(env, cache_size):
     core = EngineCore(tiny_engine_args(model_dir, adapters=paths, max_adapters=2, adapter_cache_size=cache_size))
     assert len(core.registry.records) == NUM_ADAPTERS and len(core.adapters) == 2
     evicted = _watch_evictions(core)
-    run_step, steps = core.runner.run_step, []
+    execute, steps = core.runner.execute, []
 
-    def checked_step(chunks, *args, **kwargs):              # every chunk runs on its own adapter's slot
-        for c in chunks:
+    def checked_step(scheduled, *args, **kwargs):           # every chunk runs on its own adapter's slot
+        for c in scheduled.chunks:
             name = c.seq.adapter_name
             assert c.seq.adapter_slot == (core.adapters[name].slot if name else -1)
-        steps.append({c.seq.adapter_name for c in chunks} - {None})
-        return run_step(chunks, *args, **kwargs)
+        steps.append({c.seq.adapter_name for c in scheduled.chunks} - {None})
+        return execute(scheduled, *args, **kwargs)
 
-    core.runner.run_step = checked_step
+    core.runner.execute = checked_step
     reqs = _workload([None, *paths])
     want = run_to_completion(resident, _workload([None, *paths]))
     got = run_to_completion(core, reqs)

@@ -57,19 +57,19 @@ def test_decodes_first_and_long_prompt_is_chunked():
     pool = _pool(num_blocks=64)
     sched = Scheduler(pool, max_num_seqs=8, max_num_batched_tokens=10, max_waiting=10)
     sched.add([_seq(0, 3), _seq(1, 2)])
-    first = sched.schedule()
+    first = sched.schedule().chunks
     assert [(c.seq.seq_id, c.start, c.length) for c in first] == [(0, 0, 3), (1, 0, 2)]
     for c in first:                                       # pretend both sampled a token
         c.seq.num_computed = c.start + c.length
         c.seq.token_ids.append(7)
     long = _seq(2, 25)
     sched.add([long])
-    step = sched.schedule()
+    step = sched.schedule().chunks
     # Decodes (1 token each) come first, the long prompt gets the rest of the 10-token budget.
     assert [(c.seq.seq_id, c.start, c.length) for c in step] == [(0, 3, 1), (1, 2, 1), (2, 0, 8)]
     assert not step[2].samples
     long.num_computed = 8
-    step = sched.schedule()
+    step = sched.schedule().chunks
     assert [(c.seq.seq_id, c.length) for c in step] == [(0, 1), (1, 1), (2, 8)]
 
 
@@ -78,11 +78,11 @@ def test_admission_waits_for_memory_and_finish_frees():
     sched = Scheduler(pool, max_num_seqs=8, max_num_batched_tokens=64, max_waiting=10)
     a, b = _seq(0, 12), _seq(1, 8)
     sched.add([a, b])
-    step = sched.schedule()
+    step = sched.schedule().chunks
     assert [c.seq for c in step] == [a] and list(sched.waiting) == [b]
     sched.finish(a)
     assert pool.num_free == 4
-    assert [c.seq for c in sched.schedule()] == [b]
+    assert [c.seq for c in sched.schedule().chunks] == [b]
 
 
 def test_preemption_when_blocks_run_out():
@@ -90,11 +90,11 @@ def test_preemption_when_blocks_run_out():
     sched = Scheduler(pool, max_num_seqs=8, max_num_batched_tokens=64, max_waiting=10)
     a, b = _seq(0, 4), _seq(1, 4)
     sched.add([a, b])
-    for c in sched.schedule():
+    for c in sched.schedule().chunks:
         c.seq.num_computed = 4
         c.seq.token_ids.append(9)
     assert pool.num_free == 1
-    step = sched.schedule()
+    step = sched.schedule().chunks
     # a (older) takes the last free block; b then needs one too and, being the newest, is preempted itself.
     assert [c.seq for c in step] == [a] and pool.num_free == 1
     assert list(sched.waiting) == [b] and b.blocks == [] and b.num_computed == 0
@@ -102,10 +102,10 @@ def test_preemption_when_blocks_run_out():
     a.num_computed += 1
     a.token_ids += [9] * 4                                # a grows to 9 tokens: needs a 3rd block
     a.num_computed = 8
-    step = sched.schedule()
+    step = sched.schedule().chunks
     assert [c.seq for c in step] == [a] and len(a.blocks) == 3
     sched.finish(a)
-    assert [c.seq for c in sched.schedule()] == [b]       # re-admitted; it re-prefills prompt + output
+    assert [c.seq for c in sched.schedule().chunks] == [b]       # re-admitted; it re-prefills prompt + output
     assert b.num_tokens == 5 and sched.running == [b]
 
 
@@ -115,7 +115,7 @@ def test_limits_max_num_seqs_and_waiting_cap():
     sched.add([_seq(i, 2) for i in range(3)])
     with pytest.raises(EngineOverloadedError):
         sched.add([_seq(9, 2)])
-    assert len(sched.schedule()) == 2 and len(sched.waiting) == 1
+    assert len(sched.schedule().chunks) == 2 and len(sched.waiting) == 1
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,6 +144,8 @@ class AdapterRegistry:
         self._done: list[tuple[str, int, LoadedAdapter | None, str | None]] = []
         self._lock = threading.Lock()
         self._loaded_event = threading.Event()
+        self._wait_start: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # seq -> monotonic time it
+        #                                               began waiting for its adapter (forgotten with the sequence)
         self._clock = 0
         self._next_uid = 1
         self._next_generation = 1
@@ -192,16 +195,14 @@ class AdapterRegistry:
             return True
         rec = self.records.get(name)
         if rec is None or rec.slot is None or seq.seq_id >= rec.drain_from:
-            if seq.adapter_wait_start is None:
-                seq.adapter_wait_start = time.monotonic()
+            self._wait_start.setdefault(seq, time.monotonic())
             return False
         seq.adapter_slot, seq.cache_salt = rec.slot, rec.uid
         self._clock += 1
         rec.last_used = self._clock
-        if seq.adapter_wait_start is not None:
-            if seq.index == 0:
-                self.counters.observe_wait(time.monotonic() - seq.adapter_wait_start)
-            seq.adapter_wait_start = None
+        began = self._wait_start.pop(seq, None)
+        if began is not None and seq.index == 0:
+            self.counters.observe_wait(time.monotonic() - began)
         return True
 
     # -- residency, between steps ------------------------------------------------------------------------------------

@@ -6,7 +6,11 @@ Contract:
 - `add_request(GenerationRequest) -> RequestState` validates (unknown adapter -> AdapterNotFoundError; empty or
   out-of-vocabulary prompt or stop_token_ids -> InvalidRequestError; prompt + max_tokens beyond max_model_len or
   the KV pool -> ContextLengthError; full queue -> EngineOverloadedError) and expands n into n sequences.
-- `step() -> list[RequestOutput]`; `abort(request_id) -> RequestOutput | None` frees the KV blocks at once;
+- `step() -> list[RequestOutput]` is schedule -> execute -> update, handing plain data along: the scheduler's
+  `SchedulerOutput` names, per chunk, the positions whose logits / hidden states / cached tails the step needs;
+  `ModelRunner.execute` returns a `RunnerOutput` naming each chunk's rows; `_update` reads those rows (it computes
+  no offsets), records prompt logprobs, lets the scheduler index the new blocks, samples and flushes.
+- `abort(request_id) -> RequestOutput | None` frees the KV blocks at once;
   `abort_all()` aborts every request (their final outputs carry finish_reason "abort").
 - Fault isolation: an exception in one request's own work during a step (prompt logprobs, prefix-cache
   registration, sampling, detokenising, flushing) fails that request alone: its KV blocks are freed, it is
@@ -58,8 +62,8 @@ from .ops import AdapterSlots, RoutingStats, apply_min_tokens, logprobs_of, samp
 from .sampling import process_logits, processing_inputs
 from .request_state import RequestState
 from .decode_graphs import DecodeGraphs, resolve_mode
-from .runner import ModelRunner
-from .scheduler import Chunk, Scheduler, Sequence
+from .runner import ChunkOutput, ModelRunner, RunnerOutput
+from .scheduler import Chunk, Scheduler, SchedulerOutput, Sequence
 from .structured import GrammarBackend, GrammarState, mask_rows
 from .types import EngineStats, GenerationRequest, RequestOutput
 
@@ -204,40 +208,68 @@ class EngineCore(AdapterMethods):
 
     # -- one step ------------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One engine step. A failure in one request's own work (prompt logprobs, prefix-cache registration,
-        sampling, detokenising) fails that request alone (`take_failures`). A failure while preparing or running
-        the batched forward fails every request with a chunk in the step and is re-raised, so the caller can count
-        consecutive failed steps. Either way the failed requests' KV blocks are freed."""
+        """One engine step: schedule -> execute -> update. A failure in one request's own work (prompt logprobs,
+        prefix-cache registration, sampling, detokenising) fails that request alone (`take_failures`). A failure
+        while preparing or running the batched forward fails every request with a chunk in the step and is
+        re-raised, so the caller can count consecutive failed steps. Either way the failed requests' KV blocks are
+        freed."""
         self._advance_adapters()
-        chunks = self.scheduler.schedule()
-        self.last_step_idle = not chunks
-        if not chunks:
+        scheduled = self.scheduler.schedule()
+        self.last_step_idle = not scheduled.chunks
+        if not scheduled.chunks:
             return []
         try:
-            self._take_cache_hits(chunks)
-            positions = [self._logit_positions(c) for c in chunks]
-            keep = [self._block_ends(c) for c in chunks]       # final hidden states the prefix cache keeps
-            logits, hidden, tail_row = self._forward(chunks, positions, keep)
+            result = self._execute(scheduled)
         except Exception as exc:
-            for state in {id(c.seq.owner): c.seq.owner for c in chunks}.values():
+            for state in {id(c.seq.owner): c.seq.owner for c in scheduled.chunks}.values():
                 self._fail(state, exc, "running the batched model forward")
             raise
         self.step_count += 1
-        row, hrow, to_sample, touched = 0, 0, [], {}
-        for i, (c, pos) in enumerate(zip(chunks, positions)):
+        return self._update(scheduled, result)
+
+    def _execute(self, scheduled: SchedulerOutput) -> RunnerOutput:
+        """Tell the request states they are scheduled (queue time; prompt logprobs a prefix-cache hit supplied
+        become theirs), then run the batched forward."""
+        now = time.monotonic()
+        for c in scheduled.chunks:
+            c.seq.owner.on_scheduled(c.start, now, c.cached_prompt_logprobs)
+        faults.check("forward", [c.seq.owner.request for c in scheduled.chunks])
+        sample_stats = self.adapters and self.step_count % ROUTING_STATS_EVERY == 0
+        return self.runner.execute(scheduled, self.routing_stats if sample_stats else None)
+
+    def _update(self, scheduled: SchedulerOutput, result: RunnerOutput) -> list[RequestOutput]:
+        """Record every chunk's results (prompt logprobs, prefix-cache blocks), sample, and flush the outputs."""
+        to_sample, touched = [], {}
+        for c, out in zip(scheduled.chunks, result.chunks):
             state = c.seq.owner
             touched[id(state)] = state
-            if not self._failed(state):
-                try:
-                    if self._after_forward(c, pos, keep[i], logits, hidden, row, hrow, tail_row.get(i)):
-                        to_sample.append((c.seq, row + len(pos) - 1))
-                except Exception as exc:
-                    self._fail(state, exc, "recording prompt logprobs / prefix-cache blocks")
-            row += len(pos)
-            hrow += len(keep[i])
-        self._sample(to_sample, logits)
+            if self._failed(state):
+                continue
+            try:
+                self._record(c, out)
+            except Exception as exc:
+                self._fail(state, exc, "recording prompt logprobs / prefix-cache blocks")
+                continue
+            if out.sample_row is not None:
+                to_sample.append((c.seq, out.sample_row))
+        self._sample(to_sample, result.logits)
+        return self._flush(touched.values())
+
+    def _record(self, c: Chunk, out: ChunkOutput) -> None:
+        """One chunk's bookkeeping after the forward: its prompt logprobs, then its blocks (scheduler)."""
+        seq, state = c.seq, c.seq.owner
+        if out.tail_logits is not None:                   # logprob of the first token after the cached prefix
+            state.prompt_logprobs.extend(self._prompt_entries(out.tail_logits, seq, [c.start - 1]))
+        if out.prompt_logits is not None:
+            state.prompt_logprobs.extend(self._prompt_entries(out.prompt_logits, seq,
+                                                              c.logit_positions[:c.num_prompt_logits]))
+        # before sampling, which may free finished sequences
+        self.scheduler.on_computed(c, state.prompt_logprobs if seq.want_prompt_logits else None,
+                                   state.params.prompt_logprobs, out.hidden)
+
+    def _flush(self, states) -> list[RequestOutput]:
         outputs = []
-        for state in touched.values():
+        for state in states:
             if self._failed(state):
                 continue
             try:
@@ -250,33 +282,6 @@ class EngineCore(AdapterMethods):
             if state.finished:
                 self.requests.pop(state.request.request_id, None)
         return outputs
-
-    def _forward(self, chunks: list[Chunk], positions: list[list[int]], keep: list[list[int]]):
-        """The batched forward: (logits [L + E, V], hidden [C, d], chunk index -> logits row of its tail)."""
-        faults.check("forward", [c.seq.owner.request for c in chunks])
-        tails = [i for i, c in enumerate(chunks) if c.seq.tail_hidden is not None]
-        extra = torch.stack([chunks[i].seq.tail_hidden for i in tails]) if tails else None
-        sample_stats = self.adapters and self.step_count % ROUTING_STATS_EVERY == 0
-        logits, hidden = self.runner.run_step(chunks, positions, self.routing_stats if sample_stats else None,
-                                              keep, extra)                          # [L + E, V], [C, d]
-        return logits, hidden, dict(zip(tails, range(sum(map(len, positions)), logits.shape[0])))
-
-    def _after_forward(self, c: Chunk, pos: list[int], keep: list[int], logits: torch.Tensor,
-                       hidden: torch.Tensor, row: int, hrow: int, tail_row: int | None) -> bool:
-        """One chunk's bookkeeping after the forward (its logits rows start at `row`); True when it samples."""
-        seq, state = c.seq, c.seq.owner
-        seq.num_computed = c.start + c.length
-        if tail_row is not None:                          # logprob of the first token after the cached prefix
-            seq.tail_hidden = None
-            state.prompt_logprobs.extend(self._prompt_entries(logits[tail_row:tail_row + 1], seq, [c.start - 1]))
-        n_prompt = len(pos) - (1 if c.samples else 0)
-        if n_prompt:
-            state.prompt_logprobs.extend(self._prompt_entries(logits[row:row + n_prompt], seq, pos[:n_prompt]))
-        if self.prefix_cache is not None:                 # before sampling, which may free finished sequences
-            self.prefix_cache.register(seq, state.prompt_logprobs if seq.want_prompt_logits else None,
-                                       state.params.prompt_logprobs,
-                                       dict(zip(keep, hidden[hrow:hrow + len(keep)])))
-        return c.samples
 
     # -- per-request failures --------------------------------------------------------------------------------------
     def _fail(self, state: RequestState, exc: BaseException, doing: str,
@@ -304,41 +309,12 @@ class EngineCore(AdapterMethods):
         failures, self._failures = self._failures, {}
         return failures
 
-    def _take_cache_hits(self, chunks: list[Chunk]) -> None:
-        """Prompt logprobs that a prefix-cache hit supplied at admission become the request's own; the request
-        state learns when it was first scheduled and how many prompt tokens the cache supplied."""
-        now = time.monotonic()
-        for c in chunks:
-            c.seq.owner.on_scheduled(c.start, now)        # the first one: queue time, cached prompt tokens
-            cached, c.seq.cached_prompt_logprobs = c.seq.cached_prompt_logprobs, None
-            state = c.seq.owner
-            if cached and state.prompt_logprobs is not None and len(cached) > len(state.prompt_logprobs):
-                state.prompt_logprobs = list(cached)
-
     @staticmethod
     def _prompt_entries(logits: torch.Tensor, seq: Sequence, positions: list[int]) -> list:
         """Prompt-logprob entries of the tokens after `positions`, from their logits rows [n, V]."""
         targets = torch.tensor([seq.token_ids[p + 1] for p in positions])
         k = seq.owner.params.prompt_logprobs
         return logprobs_of(logits, targets, [k] * len(positions))
-
-    def _block_ends(self, c: Chunk) -> list[int]:
-        """Positions of c that end a KV block, for sequences whose blocks get prompt logprobs in the cache (their
-        last hidden state lets a later echo request reuse the whole block; see prefix_cache)."""
-        if self.prefix_cache is None or not c.seq.want_prompt_logits:
-            return []
-        bs = self.pool.block_size
-        return list(range(c.start + (-(c.start + 1)) % bs, c.start + c.length, bs))
-
-    def _logit_positions(self, c: Chunk) -> list[int]:
-        seq, state = c.seq, c.seq.owner
-        pos: list[int] = []
-        if seq.want_prompt_logits and not state.prompt_logprobs_done():
-            first = max(c.start, len(state.prompt_logprobs) - 1)
-            pos = list(range(first, min(c.start + c.length, seq.prompt_len - 1)))
-        if c.samples:
-            pos.append(c.start + c.length - 1)
-        return pos
 
     def _sample(self, to_sample: list[tuple[Sequence, int]], logits: torch.Tensor) -> None:
         live = []

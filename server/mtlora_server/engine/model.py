@@ -9,8 +9,9 @@ Contract:
   or the shards a `model.safetensors.index.json` names), fusing q/k/v into one weight and gate/up into another at
   load time in the column order `mtlora.sites.FUSED` defines (two matmuls fewer per layer); adapter deltas of
   those projections are added into column views of the fused output (`mtlora.sites.fused_columns`).
-- `LlamaDecoder.forward(batch, kv, adapters)` runs one engine step over a flattened token batch `[T]` (prefill
-  chunks and decode tokens of many sequences together) and returns fp32 logits only at `batch.logits_index`.
+- `LlamaDecoder.forward(batch, kv, adapters) -> ForwardOutput` runs one engine step over a flattened token batch
+  `[T]` (prefill chunks and decode tokens of many sequences together) and returns, as a value, fp32 logits only at
+  `batch.logits_index` (then for `batch.extra_hidden`) and the final hidden states at `batch.hidden_index`.
 - Attention is a few batched computations per layer: the step's decodes (one query each, two matmuls) and its
   prefill chunks by class of query length (queries scattered into `[B, Qmax]`, SDPA with a causal + length mask),
   K/V gathered from the paged pool by block table into `[B, Kmax]`; there is no Python loop over sequences.
@@ -151,17 +152,26 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 # -- batch description -------------------------------------------------------------------------------------------
 @dataclass
+class Scatter:
+    """Where a prefill group's real queries go: flat token `rows` [n] and their index `padded_at` [n] in the
+    group's [G * Qmax] padded layout."""
+
+    rows: torch.Tensor            # [n] long
+    padded_at: torch.Tensor       # [n] long
+
+
+@dataclass
 class AttnGroup:
     """Sequences of one step whose attention runs as one batched computation over G sequences.
 
     decode: one query per sequence; q_index [G] flat token of each (None: every token of the step, in order).
-    prefill: q_index [G, Qmax] flat token per padded query (T = a zero pad row); scatter = (rows [n], at [n]):
-    the flat token of each real query and its index in the [G * Qmax] padded layout.
+    prefill: q_index [G, Qmax] flat token per padded query (T = a zero pad row); `scatter` takes the real queries'
+    outputs back to their flat tokens.
     """
 
     decode: bool
     q_index: torch.Tensor | None
-    scatter: tuple[torch.Tensor, torch.Tensor] | None
+    scatter: Scatter | None       # prefill only
     kv_slots: torch.Tensor        # [G, Kmax] long: flat KV slot of each key position (padding: slot 0, masked)
     mask: torch.Tensor            # [G, 1, Qmax or 1, Kmax] bool: True = may attend
 
@@ -181,10 +191,29 @@ class StepBatch:
     logits_index: torch.Tensor    # [L] long: flat tokens whose logits are wanted
     hidden_index: torch.Tensor | None = None   # [C] long: flat tokens whose final hidden states are kept
     extra_hidden: torch.Tensor | None = None   # [E, d]: hidden states from elsewhere whose logits follow the L rows
-    hidden_out: torch.Tensor | None = None     # set by forward: [C, d] the kept final hidden states (pre-norm)
     any_adapter: bool = True      # False: every token is bare base, skip adapter ops entirely
     sites: frozenset | None = None  # adapter sites used by some token of this step (None: ask the slots)
     adapter_plan: object | None = None  # lora_ops.SlotPlan: token -> slot segmentation, built once per step
+
+
+@dataclass
+class ForwardOutput:
+    """What one forward returns."""
+
+    logits: torch.Tensor          # [L + E, V] fp32: rows of batch.logits_index, then of batch.extra_hidden
+    hidden: torch.Tensor | None   # [C, d] final hidden states (pre-norm) at batch.hidden_index; None when not asked
+
+
+@dataclass
+class AdaptContext:
+    """One layer's adapter context for `_adapt` (what every adapter site of the layer shares)."""
+
+    adapters: object              # lora_ops.AdapterSlots (None when the step has no adapter)
+    layer: int
+    sites: list[str] | tuple      # the sites of this layer some token of the step uses
+    slot_idx: torch.Tensor        # [T] long: adapter slot per token, -1 = bare base
+    stats: object                 # RoutingStats to sample into, or None
+    plan: object                  # lora_ops.SlotPlan of the step, or None
 
 
 class LlamaDecoder:
@@ -226,9 +255,9 @@ class LlamaDecoder:
         return cls(cfg, weights, dtype, torch.device(device), max_len or cfg.max_position_embeddings)
 
     # -- forward -------------------------------------------------------------------------------------------------
-    def forward(self, b: StepBatch, kv, adapters=None, stats=None) -> torch.Tensor:
-        """Logits [L + E, V] fp32 at b.logits_index, then for b.extra_hidden. `kv`: KVCachePool; `adapters`:
-        AdapterSlots or None. Sets b.hidden_out when b.hidden_index is given."""
+    def forward(self, b: StepBatch, kv, adapters=None, stats=None) -> ForwardOutput:
+        """Logits [L + E, V] fp32 at b.logits_index, then for b.extra_hidden; final hidden states at
+        b.hidden_index. `kv`: KVCachePool; `adapters`: AdapterSlots or None."""
         use_adapters = adapters is not None and b.any_adapter
         h = F.embedding(b.input_ids, self.embed)                            # h: [T, d]
         cos, sin = self.cos[b.positions], self.sin[b.positions]             # [T, hd]
@@ -236,25 +265,24 @@ class LlamaDecoder:
             sites = adapters.active_sites(idx) if use_adapters else ()
             if b.sites is not None:                                         # skip sites no token of this step uses
                 sites = [s for s in sites if s in b.sites]
-            ctx = (adapters, idx, sites, b.adapter_slots, stats, b.adapter_plan)
+            ctx = AdaptContext(adapters, idx, sites, b.adapter_slots, stats, b.adapter_plan)
             x = rms_norm(h, w["in_norm"], self.cfg.rms_norm_eps)            # x: [T, d]
             h = h + self._attention(idx, w, x, cos, sin, b, kv, ctx)
             x = rms_norm(h, w["post_norm"], self.cfg.rms_norm_eps)
             h = h + self._mlp(w, x, ctx)
-        if b.hidden_index is not None:                                      # kept for the prefix cache
-            b.hidden_out = h[b.hidden_index]
+        hidden = h[b.hidden_index] if b.hidden_index is not None else None   # [C, d] kept for the prefix cache
         h = h[b.logits_index]                                               # only rows that need logits
         if b.extra_hidden is not None:                                      # [L + E, d]
             h = torch.cat([h, b.extra_hidden.to(h.dtype)])
         h = rms_norm(h, self.final_norm, self.cfg.rms_norm_eps)
-        return self._linear(h, self.lm_head).float()                        # [L, V]
+        return ForwardOutput(self._linear(h, self.lm_head).float(), hidden)  # [L + E, V], [C, d]
 
-    def _attention(self, idx, w, x, cos, sin, b: StepBatch, kv, ctx) -> torch.Tensor:
+    def _attention(self, idx, w, x, cos, sin, b: StepBatch, kv, ctx: AdaptContext) -> torch.Tensor:
         cfg = self.cfg
         T = x.shape[0]
         qkv = self._linear(x, w["qkv"])                                     # [T, q + 2kv]
         # Block-level self_attn delta reads the same x as q/k/v: computed in the same fused shrink, added at the end.
-        blk = x.new_zeros(T, cfg.hidden_size) if "self_attn" in ctx[2] else None
+        blk = x.new_zeros(T, cfg.hidden_size) if "self_attn" in ctx.sites else None
         _adapt(ctx, x, [("self_attn", blk)] + _columns(qkv, self.columns["qkv"]))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = apply_rope(q.reshape(T, cfg.num_attention_heads, cfg.head_dim), cos, sin)
@@ -285,8 +313,7 @@ class LlamaDecoder:
         qp = torch.cat([q, q.new_zeros(1, *q.shape[1:])])[g.q_index]      # [G, Qmax, H, hd]
         out = F.scaled_dot_product_attention(qp.transpose(1, 2), keys.transpose(0, 1), values.transpose(0, 1),
                                              attn_mask=g.mask, scale=self.scale, enable_gqa=True)   # [G, H, Qmax, hd]
-        rows, at = g.scatter
-        return rows, out.transpose(1, 2).reshape(-1, self.q_size)[at]       # [n], [n, H*hd]
+        return g.scatter.rows, out.transpose(1, 2).reshape(-1, self.q_size)[g.scatter.padded_at]   # [n], [n, H*hd]
 
     def _invariant_attention(self, idx, q, g: AttnGroup, kv) -> tuple[torch.Tensor, torch.Tensor]:
         """`_group_attention` in batch-invariant mode: decodes and prefill chunks through the same computation."""
@@ -297,8 +324,7 @@ class LlamaDecoder:
             return rows, out.reshape(-1, self.q_size)                       # [G], [G, H*hd]
         qp = torch.cat([q, q.new_zeros(1, *q.shape[1:])])[g.q_index]      # [G, Qmax, H, hd]
         out = invariant.invariant_attention(qp, keys, values, g.mask, self.scale, self.row_tile)
-        rows, at = g.scatter
-        return rows, out.reshape(-1, self.q_size)[at]                       # [n], [n, H*hd]
+        return g.scatter.rows, out.reshape(-1, self.q_size)[g.scatter.padded_at]          # [n], [n, H*hd]
 
     def _decode_attention(self, q, keys, values, mask) -> torch.Tensor:
         """One query per sequence, as two batched matmuls over (KV head, sequence). q: [B, H, hd]; keys/values:
@@ -314,10 +340,10 @@ class LlamaDecoder:
         out = torch.matmul(probs, values)                                   # [KV, B, G, hd]
         return out.transpose(0, 1).reshape(B, H * hd)                       # [B, H*hd]
 
-    def _mlp(self, w, x, ctx) -> torch.Tensor:
+    def _mlp(self, w, x, ctx: AdaptContext) -> torch.Tensor:
         F_ = self.cfg.intermediate_size
         gu = self._linear(x, w["gate_up"])                                  # [T, 2F]
-        blk = x.new_zeros(x.shape[0], self.cfg.hidden_size) if "mlp" in ctx[2] else None
+        blk = x.new_zeros(x.shape[0], self.cfg.hidden_size) if "mlp" in ctx.sites else None
         _adapt(ctx, x, [("mlp", blk)] + _columns(gu, self.columns["gate_up"]))
         gate, up = gu.split([F_, F_], dim=-1)
         act = F.silu(gate) * up                                             # [T, F]
@@ -331,14 +357,13 @@ def _columns(fused: torch.Tensor, columns: list[FusedColumn]) -> list[tuple[str,
     return [(c.site, fused[:, c.start:c.start + c.width]) for c in columns]
 
 
-def _adapt(ctx, inp: torch.Tensor, targets: list[tuple[str, torch.Tensor | None]]) -> None:
+def _adapt(ctx: AdaptContext, inp: torch.Tensor, targets: list[tuple[str, torch.Tensor | None]]) -> None:
     """Add, in place, the deltas of the adapter sites (among those this step uses) that read `inp` into their
     targets (fresh matmul outputs or column views of them, so writing into them is safe and avoids concatenation).
     Sites sharing an input go to the slots together, which fuses them into one shrink matmul per slot."""
-    adapters, idx, sites, slot_idx, stats, plan = ctx
-    todo = [(site, out) for site, out in targets if site in sites and out is not None]
+    todo = [(site, out) for site, out in targets if site in ctx.sites and out is not None]
     if todo:
-        adapters.apply_shared(idx, inp, todo, slot_idx, stats=stats, plan=plan)
+        ctx.adapters.apply_shared(ctx.layer, inp, todo, ctx.slot_idx, stats=ctx.stats, plan=ctx.plan)
 
 
 # -- weights -----------------------------------------------------------------------------------------------------

@@ -10,8 +10,11 @@ Contract:
 - `flush() -> RequestOutput | None` returns what is new since the last flush (None when nothing is, or while the
   prompt logprobs are still incomplete). The first output carries prompt_token_ids, prompt_logprobs and what
   `on_scheduled` recorded (cached prompt tokens, queue time).
-- `on_scheduled(start, now)`: called by the core for each scheduled chunk; the first call records the queue time
-  (arrival -> now) and `start` as the number of prompt tokens the prefix cache supplied.
+- `on_scheduled(start, now, cached_prompt_logprobs)`: called by the core for each scheduled chunk; the first call
+  records the queue time (arrival -> now) and `start` as the number of prompt tokens the prefix cache supplied;
+  prompt-logprob entries a prefix-cache hit supplied become the request's own.
+- `num_prompt_logprobs(cached)`: how many prompt-logprob entries the request has (counting those `cached` would
+  add), None when it asks for none; the scheduler plans the step's prompt-logit positions from it.
 """
 
 from __future__ import annotations
@@ -66,10 +69,18 @@ class RequestState:
     def all_finished(self) -> bool:
         return all(t.finish_reason is not None for t in self.text.values())
 
-    def on_scheduled(self, start: int, now: float) -> None:
+    def num_prompt_logprobs(self, cached: list | None = None) -> int | None:
+        if self.prompt_logprobs is None:
+            return None
+        return max(len(self.prompt_logprobs), len(cached)) if cached else len(self.prompt_logprobs)
+
+    def on_scheduled(self, start: int, now: float, cached_prompt_logprobs: list | None = None) -> None:
         if self.first_scheduled is None:
             self.first_scheduled = now
             self.num_cached_tokens = min(start, self.prompt_len)
+        cached = cached_prompt_logprobs
+        if cached and self.prompt_logprobs is not None and len(cached) > len(self.prompt_logprobs):
+            self.prompt_logprobs = list(cached)
 
     # -- tokens --------------------------------------------------------------------------------------------------
     def on_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> bool:

@@ -1,37 +1,64 @@
 """Model runner: turns a scheduled step (chunks of sequences) into one flattened forward pass.
 
 Contract:
-- `build_batch(chunks, logit_positions, block_size, device) -> StepBatch` flattens the chunks into T tokens and
+- `ModelRunner.execute(scheduler_output, stats) -> RunnerOutput` builds the batch, runs the forward under
+  `torch.inference_mode` and returns its results as a value: all wanted logits rows [L + E, V] fp32 and, per chunk
+  (same order as `scheduler_output.chunks`), a `ChunkOutput` naming its rows: the logits of its prompt-logprob
+  positions, the row of its sampling position, the logits of its cached tail (`Chunk.tail_hidden`), and the final
+  hidden states at its `hidden_positions`. This is the one place that knows the row layout.
+- `build_batch(chunks, block_size, device) -> StepBatch` flattens the chunks into T tokens and
   builds, with tensor ops, one attention layout for the step's decodes (one query per sequence) and one per class
   of prefill chunks of similar length (query scatter index [B, Qmax], causal + length mask), each with flat KV
   slots [B, Kmax] from the block tables, plus the flat indices of the rows whose logits are wanted, and (given `slot_sites`) the set of
   adapter sites some token of the step uses, so the model skips ops that would only return zeros, and (when any
   token has an adapter) the step's `SlotPlan` (token -> slot segmentation) that every adapter site reuses.
-- `logit_positions[i]` lists the absolute positions of chunk i whose logits are wanted (prompt logprobs and/or the
-  last position when the chunk samples); rows come back in that order, chunk after chunk.
-- `ModelRunner.run(chunks, logit_positions, stats)` executes the forward under `torch.inference_mode` and returns
-  logits [L, V] fp32 on the CPU-visible device of the model; `run_step(..., hidden_positions, extra_hidden)` also
-  returns the final hidden states at `hidden_positions` and appends the logits of `extra_hidden` rows (the
-  prefix cache keeps block-end hidden states so an echo request can reuse a whole block). Decode-only steps
-  (no routing statistics, hidden states or extra rows wanted) go to `decode_graphs` when one is given and it
-  serves the step (decode_graphs.py); everything else, prefill included, runs the eager forward.
+- Row layout: the logits of every chunk's `logit_positions` (absolute positions: prompt logprobs, then the last
+  position when the chunk samples), chunk after chunk, then one row per chunk with a `tail_hidden`, in chunk order.
+  Hidden states: every chunk's `hidden_positions` (prefix-cache block ends), chunk after chunk.
+- `ModelRunner.run(chunks, logit_positions)` (tests, tools): the raw logits [L, V] at the given positions.
+- Decode-only steps (no routing statistics, hidden states or tail rows wanted) go to `decode_graphs` when one is
+  given and it serves the step (decode_graphs.py: static buffers, compiled / CUDA graphs); everything else,
+  prefill included, runs the eager forward.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 
 from .lora_ops import SlotPlan
-from .model import AttnGroup, StepBatch
-from .scheduler import Chunk
+from .model import AttnGroup, ForwardOutput, Scatter, StepBatch
+from .scheduler import Chunk, SchedulerOutput
 
 
-def build_batch(chunks: list[Chunk], logit_positions: list[list[int]], block_size: int,
-                device: torch.device, slot_sites: dict[int, set[str]] | None = None,
-                hidden_positions: list[list[int]] | None = None) -> StepBatch:
+@dataclass
+class ChunkOutput:
+    """What the step produced for one chunk; logits rows are views of / indices into `RunnerOutput.logits`."""
+
+    prompt_logits: torch.Tensor | None    # [n, V] at chunk.logit_positions[:n] (n = chunk.num_prompt_logits > 0)
+    sample_row: int | None                # row of RunnerOutput.logits at the sampling position (None: no sample)
+    tail_logits: torch.Tensor | None      # [1, V] logits of chunk.tail_hidden (position start - 1)
+    hidden: dict[int, torch.Tensor]       # position -> [d] final hidden state (pre-norm), chunk.hidden_positions
+
+
+@dataclass
+class RunnerOutput:
+    """One executed step as a value."""
+
+    logits: torch.Tensor                  # [L + E, V] fp32, every wanted row (see the module's row layout)
+    chunks: list[ChunkOutput]             # one per scheduled chunk, in the same order
+
+
+def build_batch(chunks: list[Chunk], block_size: int, device: torch.device,
+                slot_sites: dict[int, set[str]] | None = None) -> StepBatch:
+    """The step's StepBatch; logits at each chunk's `logit_positions`, then of the chunks' `tail_hidden`; hidden
+    states kept at their `hidden_positions`."""
     # Lay the sequences out grouped by adapter slot (stable), so each slot's tokens are one contiguous range and
     # the adapter ops read / write plain slices instead of gathering and scattering rows. Logit rows still come
     # back in the callers' chunk order (flat_rows below follows the original order).
+    chunks_in = chunks
     order = sorted(range(len(chunks)), key=lambda i: chunks[i].seq.adapter_slot)
     where = {i: k for k, i in enumerate(order)}                                              # original -> laid out
     chunks = [chunks[i] for i in order]
@@ -60,6 +87,8 @@ def build_batch(chunks: list[Chunk], logit_positions: list[list[int]], block_siz
             rows.extend(int(q_off[b]) + p - chunks[b].start for p in wanted)
         return torch.tensor(rows, dtype=torch.long).to(device)
 
+    hidden_positions = [c.hidden_positions for c in chunks_in]
+    tails = [c.tail_hidden for c in chunks_in if c.tail_hidden is not None]
     slot_list = [c.seq.adapter_slot for c in chunks]
     slots = torch.tensor(slot_list, dtype=torch.long)
     sites = None
@@ -73,8 +102,9 @@ def build_batch(chunks: list[Chunk], logit_positions: list[list[int]], block_siz
         slot_mapping=slot_mapping.to(device),
         adapter_slots=adapter_slots,
         attn=groups,
-        logits_index=flat(logit_positions),
-        hidden_index=flat(hidden_positions) if hidden_positions and any(hidden_positions) else None,
+        logits_index=flat([c.logit_positions for c in chunks_in]),
+        hidden_index=flat(hidden_positions) if any(hidden_positions) else None,
+        extra_hidden=torch.stack(tails) if tails else None,
         any_adapter=any_adapter,
         sites=sites,
         adapter_plan=SlotPlan(adapter_slots, slot_list) if any_adapter else None,
@@ -112,8 +142,8 @@ def _attn_group(sel, q_len, start, q_off, tables, block_size: int, T: int, decod
     mask |= (~valid[:, :, None]) & (kj[None, None, :] == 0)
     rows = q_gather[valid]                                                                   # [n] flat tokens
     padded_at = valid.reshape(-1).nonzero().squeeze(1)                                       # [n] in [G * Qmax]
-    return AttnGroup(False, q_gather.to(device), (rows.to(device), padded_at.to(device)), kv_slots.to(device),
-                     mask[:, None].to(device))
+    return AttnGroup(False, q_gather.to(device), Scatter(rows.to(device), padded_at.to(device)),
+                     kv_slots.to(device), mask[:, None].to(device))
 
 
 class ModelRunner:
@@ -126,24 +156,47 @@ class ModelRunner:
         self.decode_graphs = decode_graphs    # decode_graphs.DecodeGraphs, or None (enforce_eager)
 
     @torch.inference_mode()
-    def run(self, chunks: list[Chunk], logit_positions: list[list[int]], stats=None) -> torch.Tensor:
-        return self.run_step(chunks, logit_positions, stats)[0]
+    def execute(self, scheduler_output: SchedulerOutput, stats=None) -> RunnerOutput:
+        """Build the step's batch, run the forward, and name every chunk's rows (see the module contract).
+        `stats`: RoutingStats to sample the routers into, or None."""
+        chunks = scheduler_output.chunks
+        out = self._decode_graphs(chunks) if stats is None else None
+        if out is None:
+            batch = build_batch(chunks, self.pool.block_size, self.device, self.slot_sites)
+            out = self.model.forward(batch, self.pool, self.adapters, stats)
+        return RunnerOutput(out.logits, _chunk_outputs(chunks, out))
+
+    def _decode_graphs(self, chunks: list[Chunk]) -> ForwardOutput | None:
+        """A decode-only step without hidden states or tail rows, run from static buffers (compiled / CUDA
+        graphs) when `decode_graphs` is on and the step fits a bucket; None: run the eager forward."""
+        if self.decode_graphs is None or any(c.hidden_positions or c.tail_hidden is not None for c in chunks):
+            return None
+        logits = self.decode_graphs.run(chunks, [c.logit_positions for c in chunks])
+        return None if logits is None else ForwardOutput(logits, None)
 
     @torch.inference_mode()
-    def run_step(self, chunks: list[Chunk], logit_positions: list[list[int]], stats=None,
-                 hidden_positions: list[list[int]] | None = None, extra_hidden: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits [L + E, V], final hidden states [C, d] at `hidden_positions`): logits of the wanted positions,
-        then of `extra_hidden` [E, d] (final hidden states kept from earlier steps)."""
-        # Decode-only steps without extras run from static buffers (compiled / CUDA graphs) when they fit a bucket.
-        if self.decode_graphs is not None and stats is None and extra_hidden is None and not any(hidden_positions
-                                                                                                 or ()):
-            logits = self.decode_graphs.run(chunks, logit_positions)
-            if logits is not None:
-                return logits, logits.new_zeros(0, self.model.cfg.hidden_size)
-        batch = build_batch(chunks, logit_positions, self.pool.block_size, self.device, self.slot_sites,
-                            hidden_positions)
-        batch.extra_hidden = extra_hidden
-        logits = self.model.forward(batch, self.pool, self.adapters, stats)
-        hidden = batch.hidden_out if batch.hidden_out is not None else logits.new_zeros(0, self.model.cfg.hidden_size)
-        return logits, hidden
+    def run(self, chunks: list[Chunk], logit_positions: list[list[int]], stats=None) -> torch.Tensor:
+        """Logits [L, V] fp32 at `logit_positions[i]` of chunk i, chunk after chunk (nothing else is kept)."""
+        chunks = [dataclasses.replace(c, logit_positions=list(p), hidden_positions=[], tail_hidden=None)
+                  for c, p in zip(chunks, logit_positions)]
+        batch = build_batch(chunks, self.pool.block_size, self.device, self.slot_sites)
+        return self.model.forward(batch, self.pool, self.adapters, stats).logits
+
+
+def _chunk_outputs(chunks: list[Chunk], out: ForwardOutput) -> list[ChunkOutput]:
+    """Split the forward's rows per chunk, in the layout build_batch asked for (module contract)."""
+    row, hrow = 0, 0
+    tail = sum(len(c.logit_positions) for c in chunks)          # tail rows follow every chunk's positions
+    result = []
+    for c in chunks:
+        n_prompt, n_rows = c.num_prompt_logits, len(c.logit_positions)
+        tail_logits = None
+        if c.tail_hidden is not None:
+            tail_logits, tail = out.logits[tail:tail + 1], tail + 1
+        n_hidden = len(c.hidden_positions)
+        hidden = dict(zip(c.hidden_positions, out.hidden[hrow:hrow + n_hidden])) if n_hidden else {}
+        result.append(ChunkOutput(prompt_logits=out.logits[row:row + n_prompt] if n_prompt else None,
+                                  sample_row=row + n_rows - 1 if c.samples else None,
+                                  tail_logits=tail_logits, hidden=hidden))
+        row, hrow = row + n_rows, hrow + n_hidden
+    return result

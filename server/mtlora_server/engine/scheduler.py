@@ -1,7 +1,12 @@
 """Continuous-batching scheduler: which tokens of which sequences run in the next step, and their KV blocks.
 
 Contract:
-- Sequences join (`add`) and leave (`finish`, `abort`) between steps; `schedule()` returns the step's chunks.
+- Sequences join (`add`) and leave (`finish`, `abort`) between steps; `schedule()` returns the step as plain data,
+  a `SchedulerOutput`: its chunks, each naming what the step must produce for it (`Chunk.logit_positions`: prompt
+  logprobs and the sampling position; `Chunk.hidden_positions`: block ends whose final hidden states the prefix
+  cache keeps; `Chunk.tail_hidden`: a cached hidden state whose logits are wanted; `Chunk.cached_prompt_logprobs`:
+  the prompt-logprob entries a prefix-cache hit supplied at admission). After the forward, `on_computed(chunk,
+  ...)` advances the sequence and indexes its newly full blocks in the prefix cache.
 - Order inside a step: running decodes first (one token each, oldest first) so a long prompt can never starve
   them; then running sequences still in a (chunked) prefill; then waiting sequences, first come first served,
   while the `max_num_batched_tokens` budget and `max_num_seqs` allow. A long prompt is split into chunks that fit
@@ -25,38 +30,48 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from mtlora.errors import EngineOverloadedError
 
 from .kv_cache import KVCachePool
+
+if TYPE_CHECKING:
+    import torch
+
+    from .request_state import RequestState
+    from .sampling import SamplerState
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
 class Sequence:
-    """One of a request's n output sequences (identity semantics: eq/hash by object)."""
+    """One of a request's n output sequences (identity semantics: eq/hash by object).
+
+    Who writes what (after construction by the core): `token_ids` grows in RequestState.on_token; `num_computed`,
+    `blocks`, `finished` and `want_prompt_logits` (cleared on preemption) belong to this scheduler (the prefix
+    cache's `acquire` sets `blocks` / `num_computed` of a hit when the scheduler admits it); `block_digests`,
+    `num_registered`, `pending_digests` to prefix_cache; `adapter_slot`, `cache_salt` to adapter_registry (at
+    admission); `sampler_state` to sampling.processing_inputs. The rest is fixed.
+    """
 
     seq_id: int
     token_ids: list[int]                  # prompt + generated so far
     prompt_len: int
     adapter_slot: int = -1                # -1: bare base model
-    owner: object = None                  # the engine's request state
+    owner: RequestState | None = None     # the request this sequence belongs to (None only in unit tests)
     index: int = 0                        # which of the request's n sequences
     num_computed: int = 0                 # tokens whose K/V are in the cache
     blocks: list[int] = field(default_factory=list)
     want_prompt_logits: bool = False      # compute logits at prompt positions (prompt_logprobs), first pass only
     finished: bool = False
-    num_preemptions: int = 0
     cache_salt: int = 0                   # prefix-cache namespace: K/V depend on the adapter (0: bare base)
     block_digests: list[bytes] = field(default_factory=list)   # prefix-cache digests of full blocks (memo)
     num_registered: int = 0               # leading blocks already indexed by the prefix cache
     pending_digests: list[bytes] = field(default_factory=list)  # blocks announced as being computed by this seq
-    cached_prompt_logprobs: list | None = None  # prompt-logprob entries a cache hit supplied (taken by the core)
-    tail_hidden: object = None            # [d] final hidden state at the last cached position (echo hits)
-    sampler_state: object = None          # sampling.SamplerState (logit_bias / penalty counts), built by the core
+    sampler_state: SamplerState | None = None  # logit_bias / penalty counts (sampling.processing_inputs)
     adapter_name: str | None = None       # registered adapter (None: bare base); its slot is set at admission
-    adapter_wait_start: float | None = None  # monotonic time it began waiting for its adapter to become resident
 
     @property
     def num_tokens(self) -> int:
@@ -73,16 +88,34 @@ class Sequence:
 
 @dataclass
 class Chunk:
-    """Tokens [start, start + length) of `seq` are computed this step."""
+    """Tokens [start, start + length) of `seq` are computed this step, and what the step must produce for them
+    (filled in by `Scheduler.schedule`; a bare Chunk(seq, start, length) wants nothing)."""
 
     seq: Sequence
     start: int
     length: int
+    logit_positions: list[int] = field(default_factory=list)   # prompt-logprob positions, then the sampling one
+    hidden_positions: list[int] = field(default_factory=list)  # block ends whose final hidden states are kept
+    tail_hidden: torch.Tensor | None = None   # [d] cached final hidden state of position start - 1 (its logits
+    #                                           give the prompt logprob of token `start` after a cache hit)
+    cached_prompt_logprobs: list | None = None  # prompt-logprob entries a prefix-cache hit supplied at admission
 
     @property
     def samples(self) -> bool:
         """Does this chunk reach the sequence's last token (so a new token is sampled after it)?"""
         return self.start + self.length == self.seq.num_tokens
+
+    @property
+    def num_prompt_logits(self) -> int:
+        """How many of `logit_positions` are prompt-logprob positions (the rest: the sampling position)."""
+        return len(self.logit_positions) - (1 if self.samples else 0)
+
+
+@dataclass
+class SchedulerOutput:
+    """One step as plain data: the chunks to compute, in the order their outputs come back."""
+
+    chunks: list[Chunk]
 
 
 class Scheduler:
@@ -119,7 +152,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     # -- scheduling ----------------------------------------------------------------------------------------------
-    def schedule(self) -> list[Chunk]:
+    def schedule(self) -> SchedulerOutput:
         chunks: list[Chunk] = []
         budget = [self.max_num_batched_tokens]
         for seq in [s for s in self.running if s.in_decode]:
@@ -134,7 +167,29 @@ class Scheduler:
                 chunks.append(Chunk(seq, seq.num_computed, n))
                 budget[0] -= n
         self._admit(chunks, budget)
-        return chunks
+        for c in chunks:
+            self._plan(c)
+        return SchedulerOutput(chunks)
+
+    def _plan(self, c: Chunk) -> None:
+        """Name the positions of `c` whose logits / final hidden states the step must produce."""
+        seq = c.seq
+        if seq.want_prompt_logits:
+            known = seq.owner.num_prompt_logprobs(c.cached_prompt_logprobs)
+            if known is not None:         # entry p + 1 comes from the logits at position p
+                c.logit_positions = list(range(max(c.start, known - 1), min(c.start + c.length, seq.prompt_len - 1)))
+            if self.cache is not None:    # block ends: a later echo request can reuse the whole block (prefix_cache)
+                bs = self.pool.block_size
+                c.hidden_positions = list(range(c.start + (-(c.start + 1)) % bs, c.start + c.length, bs))
+        if c.samples:
+            c.logit_positions.append(c.start + c.length - 1)
+
+    def on_computed(self, c: Chunk, prompt_logprobs: list | None, k: int | None, hidden: dict) -> None:
+        """After the forward: c's tokens have K/V; index the blocks that became full (with their prompt-logprob
+        entries when `prompt_logprobs` is given, and the final hidden states `hidden` {position: [d]})."""
+        c.seq.num_computed = c.start + c.length
+        if self.cache is not None:
+            self.cache.register(c.seq, prompt_logprobs, k, hidden)
 
     def _admit(self, chunks: list[Chunk], budget: list[int]) -> None:
         i = 0
@@ -154,7 +209,6 @@ class Scheduler:
             del self.waiting[i]
             if hit is not None:
                 self.cache.acquire(seq, hit)
-                seq.cached_prompt_logprobs, seq.tail_hidden = hit.logprobs, hit.tail_hidden
             else:
                 seq.blocks, seq.num_computed = [], 0
             n = min(seq.num_tokens - seq.num_computed, budget[0])
@@ -162,7 +216,10 @@ class Scheduler:
             if self.cache is not None:
                 self.cache.mark_pending(seq)
             self.running.append(seq)
-            chunks.append(Chunk(seq, seq.num_computed, n))
+            chunk = Chunk(seq, seq.num_computed, n)
+            if hit is not None:           # what the hit supplies travels with this (first) chunk only
+                chunk.cached_prompt_logprobs, chunk.tail_hidden = hit.logprobs, hit.tail_hidden
+            chunks.append(chunk)
             budget[0] -= n
 
     def _reserve(self, seq: Sequence, total_tokens: int, chunks: list[Chunk], budget: list[int]) -> bool:
@@ -185,8 +242,6 @@ class Scheduler:
         self._release(seq)
         seq.num_computed = 0
         seq.want_prompt_logits = False                  # prompt logprobs were already produced (or never asked)
-        seq.cached_prompt_logprobs = seq.tail_hidden = None
-        seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
         log.debug("preempted sequence %d (recompute %d tokens)", seq.seq_id, seq.num_tokens)

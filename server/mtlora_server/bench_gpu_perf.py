@@ -115,14 +115,13 @@ def _chunks(B: int, q_len: int, ctx: int, blocks_per_seq: int, block_size: int, 
     """B fake sequences with contiguous block ranges: a chunk of q_len tokens after `ctx` cached ones each."""
     from .engine.scheduler import Chunk, Sequence
 
-    chunks, lps = [], []
+    chunks = []
     for b in range(B):
         seq = Sequence(seq_id=b, token_ids=[(7 * b + i) % 200 + 3 for i in range(ctx + q_len)], prompt_len=ctx + q_len,
                        adapter_slot=b % N_ADAPTERS if adapters else -1,
                        blocks=list(range(b * blocks_per_seq, (b + 1) * blocks_per_seq)))
-        chunks.append(Chunk(seq, ctx, q_len))
-        lps.append([ctx + q_len - 1])
-    return chunks, lps
+        chunks.append(Chunk(seq, ctx, q_len, logit_positions=[ctx + q_len - 1]))   # the sampling row only
+    return chunks
 
 
 def _graph_time(measure, forward) -> float:
@@ -145,10 +144,10 @@ def decode_row(env, B: int, adapters: bool) -> dict:
     from .engine.runner import build_batch
 
     model, pool, slots, measure, cuda = env["model"], env["pool"], env["slots"], env["measure"], env["cuda"]
-    chunks, lps = _chunks(B, 1, CTX, env["blocks_per_seq"], pool.block_size, adapters)
+    chunks = _chunks(B, 1, CTX, env["blocks_per_seq"], pool.block_size, adapters)
     sites = {s: {"mlp"} for s in range(N_ADAPTERS)}
     t0 = time.perf_counter()
-    batch = build_batch(chunks, lps, pool.block_size, model.device, sites)
+    batch = build_batch(chunks, pool.block_size, model.device, sites)
     host_build = time.perf_counter() - t0
     fwd = lambda: model.forward(batch, pool, slots if adapters else None)       # noqa: E731
     with torch.inference_mode():
@@ -166,8 +165,8 @@ def prefill_row(env, adapters: bool) -> dict:
 
     model, pool, slots, measure = env["model"], env["pool"], env["slots"], env["measure"]
     P, L = env["prefill"]
-    chunks, lps = _chunks(P, L, 0, env["blocks_per_seq"], pool.block_size, adapters)
-    batch = build_batch(chunks, lps, pool.block_size, model.device, {s: {"mlp"} for s in range(N_ADAPTERS)})
+    chunks = _chunks(P, L, 0, env["blocks_per_seq"], pool.block_size, adapters)
+    batch = build_batch(chunks, pool.block_size, model.device, {s: {"mlp"} for s in range(N_ADAPTERS)})
     with torch.inference_mode():
         t = measure(lambda: model.forward(batch, pool, slots if adapters else None), reps=5)
     return {"ms": t * 1e3, "tokens_per_s": P * L / t}

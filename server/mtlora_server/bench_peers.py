@@ -13,7 +13,7 @@ Contract:
   repository). `setup.problem` is None when vLLM imports in that interpreter, else why not.
 - `run_vllm_row(setup, row, ...) -> dict`: the row's summary (`bench_engine.summarize` form: median run by
   seconds, every run's seconds) or `{"not_run": reason}`; never raises for a missing or failing vLLM. vLLM's
-  stderr goes to `log_path` (its tail is quoted in the reason when it fails).
+  stderr, then its stdout, go to `log_path` (the last stderr line is quoted in the reason when it fails).
 
 The peer script draws its prompts exactly as `bench_engine.make_prompts` does (`random.Random(seed + 1 + round)`,
 `randrange(10, vocab)` per token, vocab = the tokenizer's `vocab_size`), so passing the engine row's prompt seed
@@ -146,9 +146,11 @@ def run_vllm_row(setup: VllmSetup, row: VllmRow, model_dir, lora_dirs: list[str]
                                   env=vllm_env(args.threads))
     except subprocess.TimeoutExpired:
         return {"not_run": f"vLLM did not finish within {timeout:.0f} s (--vllm-timeout); log {log_path}"}
+    tail = _tail(log_path)                                 # the last stderr line, before stdout joins the log
+    with open(log_path, "a") as f:                         # vLLM logs to stdout too: keep it with its stderr
+        f.write("\n--- stdout ---\n" + proc.stdout)
     rounds, final = parse_results(proc.stdout)
     if proc.returncode != 0 or final is None or len(rounds) != args.repeats:
-        tail = _tail(log_path)
         return {"not_run": f"vLLM exited with code {proc.returncode} after {len(rounds)} of {args.repeats} "
                            f"rounds: {tail} (log {log_path})"}
     want = args.num_prompts * args.output_len           # the script forces min_tokens = max_tokens, ignores EOS

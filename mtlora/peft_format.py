@@ -28,10 +28,16 @@ Every config field is honoured (`HONOURED_FIELDS`), ignored with the reason it c
 the weights file must be consumed and every expected key present. Errors are `ConfigError` / `CheckpointError`
 naming the field or key and the file. `is_peft_config` tells a PEFT LoRA dump from an official mtLoRA-fork one
 (which carries fork-only fields such as `lora_nums`).
+
+`write_peft_lora(path, config, tensors)` is the inverse for a native plain-LoRA adapter: it writes the PEFT layout
+above (`r` = rank, `lora_alpha` = alpha, so PEFT's and vLLM's scaling alpha / r is the native one), which `peft`'s
+`PeftModel.from_pretrained` and vLLM's `LoRARequest` load; `mtlora-bench engine` uses it to serve the same
+adapters in both engines.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -357,3 +363,32 @@ def _checked_pair(state, pair: tuple[str, str], r: int, dims: tuple[int, int], s
         raise CheckpointError(f"tensor {key} has shape {tuple(t.shape)}, expected {want} (rank {r} from r / "
                               "rank_pattern of adapter_config.json)", path=source, field=key)
     return a, b
+
+
+# -- writing -------------------------------------------------------------------------------------------------------
+def write_peft_lora(path: str | Path, config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> Path:
+    """Native plain-LoRA adapter (`method: lora`, native tensor names) -> a PEFT LoRA directory at `path`."""
+    from safetensors.torch import save_file
+
+    if config.method != "lora":
+        raise ConfigError(f"only plain lora adapters have a PEFT LoRA form, got method {config.method!r}",
+                          field="method")
+    state = {}
+    for name, t in tensors.items():
+        m = re.fullmatch(r"layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_(A|B)", name)
+        if m is None or m[3] not in config.target_modules or site_of_module(m[3]) != f"{m[2]}.{m[3]}":
+            raise CheckpointError(f"tensor {name} is not a lora_A / lora_B of the adapter's target_modules "
+                                  f"{config.target_modules}", field=name)
+        if m[4] == "B":                                 # native [1, d_out, r] -> PEFT [d_out, r]
+            if t.dim() != 3 or t.shape[0] != 1:
+                raise CheckpointError(f"tensor {name} has shape {tuple(t.shape)}, expected [1, d_out, r]", field=name)
+            t = t[0]
+        state[f"{PREFIX}model.{name[:-len('.lora_A')]}.lora_{m[4]}.weight"] = t.detach().to("cpu").contiguous()
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    data = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.rank, "lora_alpha": config.alpha,
+            "target_modules": list(config.target_modules), "bias": "none", "use_rslora": False,
+            "lora_dropout": 0.0, "inference_mode": True, "base_model_name_or_path": config.base_model}
+    (path / "adapter_config.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    save_file(state, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return path

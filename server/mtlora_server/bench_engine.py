@@ -1,19 +1,29 @@
-"""`mtlora-bench engine`: in-process throughput of the serving engine against transformers `generate`.
+"""`mtlora-bench engine`: in-process throughput of the serving engine against transformers `generate` and vLLM.
 
 Workload (defaults): 64 prompts x 128 random tokens in, 64 greedy tokens out (EOS ignored so every request does
 the same work), the default model in bf16 on CPU. Rows:
-  engine_base    the engine, bare base model for every request
-  engine_mtlora  the engine, every request on one mtlora adapter (N=8, r=16, ffn, g=3, random non-zero weights)
-  engine_mix4    the engine, requests spread over 4 adapters in the same batches (2 mtlora, 1 hydralora, 1 lora)
-  hf_base        transformers generate, all prompts in one batch (the strongest HF baseline)
-  hf_mix4        transformers generate with the reference adapters attached by mtlora.inject, one batch per
-                 adapter (HF cannot mix adapters in a batch)
-Every engine row and round gets its own random prompts (the prefix cache outlives requests and would serve
-repeated prompts from cache; the report counts any hits). Prints a side-by-side table with ratios and writes
-the JSON report. Timings cover generation only (model and adapter loading excluded); a short warm-up run
-precedes the engine rows. With `--repeats K` every row runs K
-times, in rounds (each round runs every row once, so slow spells of a shared machine spread over all rows), and
-the table shows each row's median; the JSON keeps every run's seconds.
+  engine_base      the engine, bare base model for every request
+  engine_mtlora    the engine, every request on one mtlora adapter (N=8, r=16, ffn, g=3, random non-zero weights)
+  engine_mix4      the engine, requests spread over 4 adapters in the same batches (2 mtlora, 1 hydralora, 1 lora)
+  engine_lora4     the engine, requests spread round-robin over 4 plain LoRA adapters (q, k, v, o; r=16), read
+                   from PEFT LoRA directories
+  hf_base          transformers generate, all prompts in one batch (the strongest HF baseline)
+  hf_mix4          transformers generate with the reference adapters attached by mtlora.inject, one batch per
+                   adapter (HF cannot mix adapters in a batch)
+  vllm_base        vLLM's CPU build, compiled (its default), bare base
+  vllm_base_eager  vLLM's CPU build, --enforce-eager, bare base
+  vllm_lora4       vLLM's own multi-LoRA serving (enable_lora, max_loras 4) on the same 4 PEFT LoRA directories
+The vLLM rows run ../shared/peers/vllm_multilora_bench.py in vLLM's own venv (--vllm-python) after the engine
+and HF rows, one process per row (bench_peers.py); when vLLM is missing or fails, the row says "not run:
+<reason>" in the table and the JSON.
+Prompts: every engine row has its own random prompt set per round (the prefix cache outlives requests and would
+serve repeated prompts from cache; the report counts any hits); hf_base and the vllm_base rows get engine_base's
+prompts, hf_mix4 engine_mix4's, vllm_lora4 engine_lora4's (same adapter per prompt too), round by round.
+Prints one table (each row against engine_base, the ratios the issue's targets name) and writes the JSON report.
+Timings cover generation only (model and adapter loading excluded); a short warm-up run precedes the engine rows
+and each vLLM process. With `--repeats K` every row runs K times, in rounds (each round runs every engine and HF
+row once, so slow spells of a shared machine spread over those rows; each vLLM row runs its K rounds in one
+process), and the table shows each row's median; the JSON keeps every run's seconds.
 """
 
 from __future__ import annotations
@@ -30,9 +40,16 @@ from pathlib import Path
 
 import torch
 
+from .bench_peers import VLLM_ROWS, find_vllm, run_vllm_row, write_lora4
+
 log = logging.getLogger("mtlora.bench_engine")
 
-ROWS = ("engine_base", "engine_mtlora", "engine_mix4", "hf_base", "hf_mix4")
+ENGINE_ROWS = ("engine_base", "engine_mtlora", "engine_mix4", "engine_lora4")
+HF_ROWS = ("hf_base", "hf_mix4")
+ROWS = (*ENGINE_ROWS, *HF_ROWS, *VLLM_ROWS)
+PROMPTS_OF = {"hf_base": "engine_base", "hf_mix4": "engine_mix4",
+              **{name: r.prompts_of for name, r in VLLM_ROWS.items()}}
+SEEDS_PER_SET = 1000                     # prompt set k uses seeds base_k + 1 .. base_k + repeats
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,11 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "(torch.compile per batch bucket; compile time lands in the first rounds, use --repeats) or "
                    "static (static buffers, eager ops)")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads, also OMP_NUM_THREADS of the vLLM "
+                   "rows (default: torch's choice; vLLM: every core)")
     p.add_argument("--repeats", type=int, default=1, help="runs per row, in rounds over the rows; the report "
                    "uses each row's median (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed for prompts and random adapter weights")
-    p.add_argument("--output", default="bench_engine.json", help="where to write the JSON report")
+    p.add_argument("--output", default="bench_engine.json", help="where to write the JSON report (vLLM's logs go "
+                   "beside it, OUTPUT.vllm_ROW.log)")
+    p.add_argument("--vllm-python", default=None, help="python of a venv with vLLM's CPU build (default: "
+                   "$MTLORA_VLLM_PYTHON, else ~/.cache/mtlora-peers/vllm-cpu/bin/python, the venv .ci/run builds "
+                   "with MTLORA_CI_PEERS=1); without it the vllm rows say 'not run'")
+    p.add_argument("--peer-scripts", default=None, help="folder holding vllm_multilora_bench.py (default: "
+                   "$MTLORA_PEER_SCRIPTS, else ../shared/peers beside the repository)")
+    p.add_argument("--vllm-timeout", type=float, default=3600.0, help="seconds one vLLM row may take, start-up "
+                   "included, before it is reported as not run (default 3600)")
     return p
 
 
@@ -106,30 +132,42 @@ async def _drive(engine, prompts, adapters: list[str | None], output_len: int, t
     return sum(await asyncio.gather(*[one(i) for i in range(len(prompts))]))
 
 
+def prompt_seed(args, row: str) -> int:
+    """Base seed of a row's prompt set; round k's prompts use base + 1 + k (as the vLLM peer script does with
+    `--seed base`). Engine rows have sets of their own: the engine's prefix cache outlives requests, so reusing a
+    prompt set would let later rows and rounds skip prefill. HF and vLLM rows reuse their engine row's set."""
+    return args.seed + SEEDS_PER_SET * (1 + ENGINE_ROWS.index(PROMPTS_OF.get(row, row)))
+
+
 def row_prompts(args, vocab: int, row: str, round_: int) -> list[list[int]]:
-    """Fresh random prompts for every (row, round): the engine's prefix cache outlives requests, so reusing a
-    prompt set would let later rows and rounds skip prefill (their requests all hit the cache)."""
-    seed = args.seed + 1 + round_ * len(ROWS) + ROWS.index(row)
-    return make_prompts(args.num_prompts, args.input_len, vocab, seed)
+    return make_prompts(args.num_prompts, args.input_len, vocab, prompt_seed(args, row) + 1 + round_)
 
 
-async def run_engine_rows(args, model_dir, paths, vocab: int, rows) -> dict[str, dict]:
+def round_robin(names: list[str], n: int) -> list[str]:
+    """Adapter per prompt, round-robin (the order vllm_multilora_bench.py gives its LoRARequests too); [] when
+    the adapters were not written (no asked-for row serves them)."""
+    return [names[i % len(names)] for i in range(n)] if names else []
+
+
+async def run_engine_rows(args, model_dir, paths, lora_paths, vocab: int, rows) -> dict[str, dict]:
     from mtlora_server.engine.args import EngineArgs
     from mtlora_server.engine.engine import Engine
 
-    eng = Engine.from_args(EngineArgs(model=str(model_dir), dtype=args.dtype, device="cpu", adapters=paths,
-                                      max_num_seqs=args.max_num_seqs,
+    every = {**paths, **lora_paths}
+    eng = Engine.from_args(EngineArgs(model=str(model_dir), dtype=args.dtype, device="cpu", adapters=every,
+                                      max_adapters=max(8, len(every)), max_num_seqs=args.max_num_seqs,
                                       max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed,
                                       batch_invariant=args.batch_invariant, decode_graphs=args.decode_graphs))
     await eng.start()
     names, n = list(paths), args.num_prompts
     plans = {"engine_base": [None] * n, "engine_mtlora": ["mt_ffn"] * n,
-             "engine_mix4": [names[i % len(names)] for i in range(n)]}
+             "engine_mix4": round_robin(names, n), "engine_lora4": round_robin(list(lora_paths), n)}
     cache = eng.core.prefix_cache
     runs: dict[str, list[dict]] = {}
     try:
-        warm = make_prompts(4, args.input_len, vocab, args.seed + 10_000)
-        await _drive(eng, warm, [None, *names[:3]], 4, "warmup")
+        warm_with = [None, *every]                            # every adapter once: first-use costs stay out
+        warm = make_prompts(len(warm_with), args.input_len, vocab, args.seed + 10 * SEEDS_PER_SET)
+        await _drive(eng, warm, warm_with, 4, "warmup")
         for k in range(args.repeats):
             for row in (r for r in rows if r in plans):
                 prompts = row_prompts(args, vocab, row, k)
@@ -166,20 +204,24 @@ def _hf_generate(model, prompts, output_len: int) -> int:
     return int((gen.shape[1] - ids.shape[1]) * ids.shape[0])
 
 
-def run_hf_rows(args, model_dir, paths, prompts, rows) -> dict[str, dict]:
+def run_hf_rows(args, model_dir, paths, vocab: int, rows) -> dict[str, dict]:
     from mtlora.base import load_base_model
 
+    if not any(r in rows for r in HF_ROWS):
+        return {}
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     model = load_base_model(model_dir, dtype=dtype)
     runs: dict[str, list[dict]] = {}
     if "hf_base" in rows:
-        _hf_generate(model, prompts[:2], 2)                           # warm-up
+        _hf_generate(model, make_prompts(2, args.input_len, vocab, args.seed), 2)     # warm-up
     for k in range(args.repeats):
         if "hf_base" in rows:
+            prompts = row_prompts(args, vocab, "hf_base", k)
             t0 = time.perf_counter()
             tokens = _hf_generate(model, prompts, args.output_len)
             runs.setdefault("hf_base", []).append({"seconds": time.perf_counter() - t0, "output_tokens": tokens})
         if "hf_mix4" in rows:
+            prompts = row_prompts(args, vocab, "hf_mix4", k)
             runs.setdefault("hf_mix4", []).append(_hf_mix4(model, paths, prompts, args.output_len, dtype))
         for row, r in runs.items():
             log.info("%s (run %d): %.1f s, %.1f tok/s", row, k + 1, r[-1]["seconds"],
@@ -206,25 +248,48 @@ def _hf_mix4(model, paths, prompts, output_len: int, dtype) -> dict:
 
 
 # -- report ------------------------------------------------------------------------------------------------------
+# name -> (numerator row, denominator row, issue 15's target for it or None)
+RATIOS = {
+    "engine_base/vllm_base": ("engine_base", "vllm_base", 1.3),
+    "engine_base/vllm_base_eager": ("engine_base", "vllm_base_eager", None),
+    "engine_base/hf_base": ("engine_base", "hf_base", 1.8),
+    "engine_mtlora/engine_base": ("engine_mtlora", "engine_base", None),
+    "engine_mix4/engine_base": ("engine_mix4", "engine_base", 0.95),
+    "engine_lora4/engine_base": ("engine_lora4", "engine_base", 0.95),
+    "engine_lora4/vllm_lora4": ("engine_lora4", "vllm_lora4", None),
+    "vllm_lora4/vllm_base": ("vllm_lora4", "vllm_base", None),
+    "engine_mix4/hf_mix4": ("engine_mix4", "hf_mix4", None),
+}
+
+
 def ratios(results: dict[str, dict]) -> dict[str, float]:
-    tps = {k: v["tokens_per_s"] for k, v in results.items()}
-    pairs = {"engine_base/hf_base": ("engine_base", "hf_base"), "engine_mix4/engine_base": ("engine_mix4",
-             "engine_base"), "engine_mtlora/engine_base": ("engine_mtlora", "engine_base"),
-             "engine_mix4/hf_mix4": ("engine_mix4", "hf_mix4")}
-    return {k: tps[a] / tps[b] for k, (a, b) in pairs.items() if a in tps and b in tps}
+    """Every ratio of RATIOS whose two rows ran (rows that were not run have no tokens_per_s)."""
+    tps = {k: v["tokens_per_s"] for k, v in results.items() if "tokens_per_s" in v}
+    return {k: tps[a] / tps[b] for k, (a, b, _) in RATIOS.items() if a in tps and b in tps}
 
 
 def print_table(results: dict[str, dict], rat: dict[str, float]) -> None:
     base = results.get("engine_base", {}).get("tokens_per_s")
-    print(f"{'row':<15}{'seconds':>10}{'tokens':>9}{'tok/s':>10}{'x engine_base':>15}  every run (s)")
+    print(f"{'row':<17}{'seconds':>10}{'tokens':>9}{'tok/s':>10}{'x engine_base':>15}  every run (s)")
     for row in ROWS:
-        if row in results:
-            r = results[row]
-            rel = f"{r['tokens_per_s'] / base:.2f}" if base else "-"
-            every = " ".join(f"{x:.1f}" for x in r.get("runs_seconds", []))
-            print(f"{row:<15}{r['seconds']:>10.1f}{r['output_tokens']:>9d}{r['tokens_per_s']:>10.1f}{rel:>15}  {every}")
-    for k, v in rat.items():
-        print(f"{k:<28}{v:>6.2f}x")
+        if row not in results:
+            continue
+        r = results[row]
+        if "not_run" in r:
+            print(f"{row:<17}not run: {r['not_run']}")
+            continue
+        rel = f"{r['tokens_per_s'] / base:.2f}" if base else "-"
+        every = " ".join(f"{x:.1f}" for x in r.get("runs_seconds", []))
+        print(f"{row:<17}{r['seconds']:>10.1f}{r['output_tokens']:>9d}{r['tokens_per_s']:>10.1f}{rel:>15}  {every}")
+    for k, (a, b, target) in RATIOS.items():
+        if a not in results or b not in results:
+            continue                                          # a row left out with --rows
+        if k not in rat:
+            missing = [x for x in (a, b) if "not_run" in results[x]]
+            print(f"{k:<30}     -  ({', '.join(missing)} not run)")
+            continue
+        goal = f"  target >= {target:.2f}x: {'met' if rat[k] >= target else 'MISSED'}" if target else ""
+        print(f"{k:<30}{rat[k]:>6.2f}x{goal}")
 
 
 def _resolve_dtype_name(name: str) -> str:
@@ -240,36 +305,72 @@ def _resolve_dtype_name(name: str) -> str:
     return "bfloat16" if dtype == torch.bfloat16 else "float32"
 
 
+def prompt_vocab(model_dir, hf_config) -> int:
+    """Token ids for the random prompts: the tokenizer's vocab_size, as vllm_multilora_bench.py draws them (so both
+    engines get the same prompts), capped at the model's vocabulary."""
+    from mtlora.base import load_tokenizer
+
+    tok_vocab = load_tokenizer(model_dir).vocab_size
+    if tok_vocab > hf_config.vocab_size:
+        log.warning("tokenizer vocab_size %d > model vocab_size %d: prompts drawn below %d, so the vLLM rows' "
+                    "prompts differ from the engine rows'", tok_vocab, hf_config.vocab_size, hf_config.vocab_size)
+    return min(tok_vocab, hf_config.vocab_size)
+
+
+def run_vllm_rows(args, model_dir, lora_paths, rows) -> dict[str, dict]:
+    """The vLLM rows asked for, one process each, after the engine and HF rows (never at the same time)."""
+    wanted = [VLLM_ROWS[r] for r in rows if r in VLLM_ROWS]
+    if not wanted:
+        return {}
+    setup = find_vllm(args.vllm_python, args.peer_scripts)
+    if setup.problem:
+        log.warning("vLLM rows not run: %s", setup.problem)
+    out = Path(args.output)
+    return {r.name: run_vllm_row(setup, r, model_dir, list(lora_paths.values()), args, prompt_seed(args, r.name),
+                                 out.with_name(f"{out.name}.{r.name}.log"), args.vllm_timeout) for r in wanted}
+
+
+def check_args(args) -> list[str]:
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    bad = [r for r in rows if r not in ROWS]
+    if bad:
+        raise SystemExit(f"--rows: unknown row(s) {bad}; expected names from {ROWS}")
+    if not 1 <= args.repeats < SEEDS_PER_SET:
+        raise SystemExit(f"--repeats: expected 1 to {SEEDS_PER_SET - 1}, got {args.repeats}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    bad = [r for r in rows if r not in ROWS]
-    if bad:
-        raise SystemExit(f"--rows: unknown row(s) {bad}; expected names from {ROWS}")
-    if args.repeats < 1:
-        raise SystemExit(f"--repeats: expected at least 1, got {args.repeats}")
+    rows = check_args(args)
     args.dtype = _resolve_dtype_name(args.dtype)
     from mtlora.base import load_config, resolve_model
 
     model_dir = resolve_model(args.model)
     hf_config = load_config(model_dir)
-    prompts = make_prompts(args.num_prompts, args.input_len, hf_config.vocab_size, args.seed)
+    vocab = prompt_vocab(model_dir, hf_config)
     with tempfile.TemporaryDirectory(prefix="mtlora-bench-") as tmp:
         # Torch work before the engine rows runs in a thread that ends with it: an OpenMP pool left behind in
         # this thread would slow the engine's step thread (engine.py's module docstring).
-        with ThreadPoolExecutor(1) as pool:
-            paths = pool.submit(write_adapters, Path(tmp), hf_config, args.seed).result()
-        results = asyncio.run(run_engine_rows(args, model_dir, paths, hf_config.vocab_size, rows))
-        results.update(run_hf_rows(args, model_dir, paths, prompts, rows))
+        with ThreadPoolExecutor(1) as pool:           # only the adapters some asked-for row serves
+            paths = pool.submit(write_adapters, Path(tmp), hf_config, args.seed).result() \
+                if {"engine_mtlora", "engine_mix4", "hf_mix4"} & set(rows) else {}
+            lora_paths = pool.submit(write_lora4, Path(tmp), hf_config, args.seed).result() \
+                if {"engine_lora4", "vllm_lora4"} & set(rows) else {}
+        results = {}
+        if any(r in rows for r in ENGINE_ROWS):
+            results.update(asyncio.run(run_engine_rows(args, model_dir, paths, lora_paths, vocab, rows)))
+        results.update(run_hf_rows(args, model_dir, paths, vocab, rows))
+        results.update(run_vllm_rows(args, model_dir, lora_paths, rows))
     rat = ratios(results)
     print_table(results, rat)
     report = {"model": str(model_dir), "dtype": args.dtype, "num_prompts": args.num_prompts,
               "input_len": args.input_len, "output_len": args.output_len, "threads": torch.get_num_threads(),
-              "repeats": args.repeats,
-              "results": results, "ratios": rat}
+              "repeats": args.repeats, "prompt_vocab": vocab, "results": results, "ratios": rat,
+              "targets": {k: t for k, (_, _, t) in RATIOS.items() if t is not None}}
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.output}")
     return 0

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from mtlora.errors import ConfigError
+from mtlora.sites import ATTN_IN, MLP_IN, SITES
 
 from .model import apply_rope, rms_norm
 
@@ -54,8 +55,8 @@ log = logging.getLogger(__name__)
 
 MIN_CTX_BUCKET = 64
 RECOMPILES_PER_BUCKET = 6          # compile mode: (no adapters, adapter layouts as they grow) per batch bucket
-ATTN_SITES = ("self_attn", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-MLP_SITES = ("mlp", "mlp.gate_proj", "mlp.up_proj")
+ATTN_SITES = tuple(s.name for s in SITES if s.reads == ATTN_IN)   # sites reading the attention input (mtlora.sites)
+MLP_SITES = tuple(s.name for s in SITES if s.reads == MLP_IN)     # sites reading the MLP input
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:

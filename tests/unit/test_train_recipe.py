@@ -150,6 +150,34 @@ def test_saved_adapter_reproduces_training_time_logits_in_core_and_engine(tiny_m
     torch.testing.assert_close(served, trained_lp, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("method", ["mtlora", "lora"])
+def test_answer_ce_equals_transformers_labels_loss_on_padded_batches(tiny_model_dir, mixture, tmp_path, method):
+    """loss_step runs the LM head on labelled positions only; it must equal the model's own `labels=` loss (and its
+    gradients) on right-padded batches of several lengths, pad positions and prompts included."""
+    recipe = MtloraRecipe(_cfg(tiny_model_dir, mixture, tmp_path / "out", method=method,
+                               enable_block_adapter=method == "mtlora")).setup()
+    torch.manual_seed(0)
+    with torch.no_grad():                                  # B != 0 so every adapter tensor gets a gradient
+        for a in recipe.adapters.values():
+            a.lora_B.normal_(0, 0.2)
+    params = {n: p for n, p in recipe.model.named_parameters() if p.requires_grad}
+    padded = 0
+    for batch in list(recipe.loader)[:3]:
+        padded += int((~batch["attention_mask"].bool()).sum())
+        ours = recipe.loss_step(batch)["ce"]
+        ours.backward()
+        got = {n: p.grad.clone() for n, p in params.items()}
+        recipe.optimizer.zero_grad(set_to_none=True)
+        ref = recipe.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           labels=batch["labels"]).loss.float()
+        ref.backward()
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+        for n, p in params.items():
+            torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-7, msg=lambda m: f"{n}: {m}")
+        recipe.optimizer.zero_grad(set_to_none=True)
+    assert padded > 0, "the batches must contain padding for this test to mean anything"
+
+
 @pytest.mark.parametrize("method,extra,expect", [
     ("lora", {}, {"method": "lora", "num_experts": 1, "target_modules": ["q_proj", "v_proj"]}),
     ("hydralora", {"enable_blc": True}, {"method": "hydralora", "num_experts": 4}),

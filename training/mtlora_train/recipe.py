@@ -32,7 +32,7 @@ from mtlora import inject
 from mtlora.errors import CheckpointError, ConfigError
 from mtlora_train import state as ckpt
 from mtlora_train.config import TrainConfig
-from mtlora_train.data import Collator, EpochSampler, load_dataset
+from mtlora_train.data import IGNORE_INDEX, Collator, EpochSampler, load_dataset
 from mtlora_train.losses import SpectralRegularizer, balance_loss, clear_routing
 
 logger = logging.getLogger(__name__)
@@ -171,9 +171,7 @@ class MtloraRecipe:
     def loss_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
         """Loss terms of one micro-batch (see the module docstring)."""
         cfg = self.cfg
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         labels=batch["labels"])
-        terms: dict[str, torch.Tensor | None] = {"ce": out.loss.float(), "spectral": None, "balance": None}
+        terms: dict[str, torch.Tensor | None] = {"ce": self._answer_ce(batch), "spectral": None, "balance": None}
         total = terms["ce"]
         if cfg.uses_balance:
             terms["balance"] = balance_loss(self.adapters.values(), batch["attention_mask"])
@@ -186,6 +184,25 @@ class MtloraRecipe:
                 total = total + cfg.spectral_reg_lambda * terms["spectral"]
         terms["total"] = total
         return terms
+
+    def _answer_ce(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean next-token cross-entropy over the labelled positions (fp32), as transformers' `labels=` loss.
+
+        On one process the LM head runs only on the positions that have a label (the answers: ~10 % of the
+        batch's tokens), not on every padded position: same loss and gradients, ~20 % less time per step on CPU
+        (the [tokens, vocab] logits and their log-softmax dominate otherwise). A DDP-wrapped model must be called
+        through its wrapper (gradient sync hooks), so there the model's own `labels=` loss is used."""
+        model = self.model
+        if self.accelerator.num_processes > 1 or not hasattr(model, "get_decoder"):
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+            return out.loss.float()
+        labels = batch["labels"][:, 1:]                                                     # [B, T-1]
+        keep = labels != IGNORE_INDEX
+        with self.accelerator.autocast():       # what prepare() wraps model.forward in (mixed precision)
+            hidden = model.get_decoder()(input_ids=batch["input_ids"],
+                                         attention_mask=batch["attention_mask"]).last_hidden_state  # [B, T, d]
+            logits = model.get_output_embeddings()(hidden[:, :-1][keep]).float()           # [n, vocab]
+        return torch.nn.functional.cross_entropy(logits, labels[keep])
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def train(self) -> list[dict]:

@@ -9,17 +9,22 @@ Contract:
   tensors.
 - `pack(sites) -> Pack`: W = [A_1; R_1; A_2; R_2; ...] stacked on the output dim, so every site's shrink and router
   logits come out of ONE matmul (`shrink`); per site a `PackedSite` with its row offsets in that output and B laid
-  out per routing group [g, N*r, d_out/g]. Packs are derived data: rebuild after the weights change.
+  out per routing group [g, N*r, d_out/g], the scaling s = alpha / r folded in (sB: one op less per call). Packs
+  are derived data: rebuild after the weights change. `Pack.float()` is the same pack in fp32 (built once, cached):
+  on CPU the tiny adapter matmuls of a few rows run several times faster in fp32 than through oneDNN's bf16 path
+  (per-call overhead, not arithmetic, dominates there), see `lora_ops.SMALL_ROWS`.
 - `expand(hz, part) -> (delta [n, d_out] in hz.dtype, w [n, g, N] fp32 routing weights or None when N == 1)` from
   hz = shrink(x, pack) [n, rows]. Math (exactly MoLoRA): h = A x, w = softmax_N(R x) per group in fp32,
-  delta[k] = s * sum_i w[group(k), i] * (B_i h)[k]; routed first: u = (s * w) h [n, g, N*r], then one matmul per
-  channel group (the per-expert outputs [n, N, d_out] are never materialised).
+  delta[k] = s * sum_i w[group(k), i] * (B_i h)[k]; routed first: u = w h [n, g, N*r], then one matmul per
+  channel group with sB (the per-expert outputs [n, N, d_out] are never materialised).
+- `expand_into(hz, part, out) -> w`: the same delta added in place into `out` [n, d_out] (any dtype; may be a
+  column view of a fused projection output), with no delta temporary when dtypes agree (addmm_).
 - `forward(x, pack) -> [delta per site]` for x [n, d_in].
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -53,14 +58,23 @@ class PackedSite:
     r_off: int
     N: int
     g: int
-    B: torch.Tensor                 # [g, N*r, d_out/g]: group j's output channels only
-    scaling: float
+    B: torch.Tensor                 # [g, N*r, d_out/g]: s * B, group j's output channels only
+    scaling: float                  # s, already folded into B (kept for reports)
 
 
 @dataclass
 class Pack:
     W: torch.Tensor                 # [sum over sites of r + g*N, d_in]
     parts: list[PackedSite]
+    _fp32: "Pack | None" = field(default=None, repr=False, compare=False)
+
+    def float(self) -> "Pack":
+        """This pack in fp32 (self when it already is), built on first use and kept."""
+        if self.W.dtype == torch.float32:
+            return self
+        if self._fp32 is None:
+            self._fp32 = Pack(self.W.float(), [replace(p, B=p.B.float()) for p in self.parts])
+        return self._fp32
 
 
 def pack(sites: list[SiteWeights]) -> Pack:
@@ -78,7 +92,7 @@ def pack(sites: list[SiteWeights]) -> Pack:
         if s.R is not None and N > 1:
             rows.append(s.R.reshape(g * N, -1))
             r_off, off = off, off + g * N
-        Bg = s.B.reshape(N * r, g, d_out // g).transpose(0, 1).contiguous()    # [g, N*r, d_out/g]
+        Bg = (s.B.reshape(N * r, g, d_out // g).transpose(0, 1) * s.scaling).contiguous()   # [g, N*r, d_out/g]
         parts.append(PackedSite(a_off, r, r_off, N, g, Bg, float(s.scaling)))
     return Pack(torch.cat(rows).contiguous(), parts)
 
@@ -91,15 +105,41 @@ def shrink(x: torch.Tensor, p: Pack) -> torch.Tensor:
 def expand(hz: torch.Tensor, part: PackedSite) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One site's delta [n, d_out] (hz.dtype) and routing weights [n, g, N] fp32 (None: N == 1). See module doc."""
     h = hz[:, part.a_off:part.a_off + part.r]                                      # [n, r]
-    n, g, N = h.shape[0], part.g, part.N
     if part.r_off < 0:                                                              # no router: plain LoRA
-        return torch.mm(h * part.scaling, part.B[0]), None                         # [n, d_out]
+        return torch.mm(h, part.B[0]), None                                        # [n, d_out]
+    u, w = _routed(hz, h, part)                                                     # [n, g, N*r], [n, g, N]
+    if part.g == 1:
+        return torch.mm(u[:, 0], part.B[0]), w                                     # [n, d_out]
+    out = torch.bmm(u.transpose(0, 1), part.B)                                     # [g, n, d_out/g]
+    return out.transpose(0, 1).reshape(h.shape[0], -1), w                          # [n, d_out]
+
+
+def _routed(hz: torch.Tensor, h: torch.Tensor, part: PackedSite) -> tuple[torch.Tensor, torch.Tensor]:
+    """u = w h [n, g, N*r] in hz.dtype and the fp32 routing weights w [n, g, N] (softmax per group in fp32)."""
+    n, g, N = h.shape[0], part.g, part.N
     w = torch.softmax(hz[:, part.r_off:part.r_off + g * N].float().view(n, g, N), dim=-1)    # [n, g, N] fp32
-    u = (w * part.scaling).to(h.dtype)[:, :, :, None] * h[:, None, None, :]       # [n, g, N, r]
-    if g == 1:
-        return torch.mm(u.view(n, N * part.r), part.B[0]), w                       # [n, d_out]
-    out = torch.bmm(u.view(n, g, N * part.r).transpose(0, 1), part.B)              # [g, n, d_out/g]
-    return out.transpose(0, 1).reshape(n, -1), w                                   # [n, d_out]
+    u = w.to(h.dtype)[:, :, :, None] * h[:, None, None, :]                         # [n, g, N, r]
+    return u.view(n, g, N * part.r), w
+
+
+def expand_into(hz: torch.Tensor, part: PackedSite, out: torch.Tensor) -> torch.Tensor | None:
+    """Add this site's delta (see `expand`) into out [n, d_out] in place; returns w [n, g, N] fp32 or None."""
+    h = hz[:, part.a_off:part.a_off + part.r]                                      # [n, r]
+    w = None
+    if part.r_off < 0:
+        lhs = h                                                                     # [n, r]
+    else:
+        u, w = _routed(hz, h, part)                                                 # [n, g, N*r]
+        if part.g > 1:
+            delta = torch.bmm(u.transpose(0, 1), part.B)                           # [g, n, d_out/g]
+            out += delta.transpose(0, 1).reshape(h.shape[0], -1)
+            return w
+        lhs = u[:, 0]                                                               # [n, N*r]
+    if out.dtype == hz.dtype:
+        out.addmm_(lhs, part.B[0])
+    else:
+        out += torch.mm(lhs, part.B[0])
+    return w
 
 
 def forward(x: torch.Tensor, p: Pack) -> list[torch.Tensor]:

@@ -20,7 +20,7 @@ from mtlora.config import AdapterConfig
 from mtlora.errors import AdapterLoadError
 from molora_stacked import molora_reference, molora_torch
 from mtlora.sites import site_dims
-from mtlora_server.engine.lora_ops import AdapterSlots, RoutingStats, SlotPlan, segment_tiles
+from mtlora_server.engine.lora_ops import SMALL_ROWS, AdapterSlots, RoutingStats, SlotPlan, segment_tiles
 
 # d = 48 so that a 16-channel routing group gives g = 3 at block level.
 CFG = SimpleNamespace(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -149,6 +149,31 @@ def test_planned_fused_path_equals_module_and_stats(loaded, group, T, seed):
             (u1, e1), (u2, e2) = st_plan.summary(slot), st_site.summary(slot)
             assert len(u1) == len(u2) and math.isclose(e1, e2, rel_tol=1e-5, abs_tol=1e-7)
             torch.testing.assert_close(torch.tensor(u1), torch.tensor(u2), atol=1e-6, rtol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("group", list(SHARED))
+def test_planned_bf16_small_and_large_slots_are_close_to_module(group):
+    """bf16 slots, the runner's contiguous layout: a slot with few rows (<= SMALL_ROWS: fp32 matmuls) and one with
+    many (bf16 matmuls, addmm_ into the target view) both match the fp32 module within bf16 tolerance."""
+    assert 3 <= SMALL_ROWS < 40, "the layout below must exercise both branches"
+    oracles = _oracles(seed=5)
+    slots = AdapterSlots(CFG, max_adapters=6, max_rank=16, max_experts=8, max_groups=4, dtype=torch.bfloat16)
+    for slot, cfg in ADAPTERS.items():
+        slots.load(slot, cfg, _native(oracles[slot]))
+    slot_idx = torch.tensor([0] * 3 + [-1] * 2 + [1] * 40 + [2] * 3 + [4] * 40)
+    T, sites = slot_idx.shape[0], SHARED[group]
+    x = torch.randn(T, site_dims(CFG, sites[0])[0], generator=torch.Generator().manual_seed(11)).bfloat16()
+    widths = [site_dims(CFG, site)[1] for site in sites]
+    fused = torch.zeros(T, sum(widths), dtype=torch.bfloat16)
+    starts = [sum(widths[:k]) for k in range(len(sites))]
+    targets = [(site, fused[:, a:a + w]) for site, a, w in zip(sites, starts, widths)]
+    slots.apply_shared(0, x, targets, slot_idx, plan=SlotPlan(slot_idx))
+    for site, a, w in zip(sites, starts, widths):
+        want = _oracle_delta(oracles, slot_idx, x.float(), 0, site, w)
+        scale = float(want.abs().max())                    # bf16: errors relative to the deltas' size
+        torch.testing.assert_close(fused[:, a:a + w].float(), want, atol=0.02 * scale, rtol=0.02)
+        assert torch.all(fused[slot_idx == -1, a:a + w] == 0)
 
 
 def test_slot_plan_segments_once():

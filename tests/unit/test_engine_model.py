@@ -168,3 +168,24 @@ def test_engine_reads_the_model_through_mtlora_base(tmp_path):
     with pytest.raises(CheckpointError, match="missing") as info:
         LlamaDecoder.from_dir(sharded)
     assert shard in str(info.value)
+
+
+@pytest.mark.parametrize("head_dim", [16, 12])          # 16: the scale is a power of two (applied to q); 12: not
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_equals_masked_sdpa(head_dim, dtype):
+    """The decode attention (scaled q or scores, additive mask, softmax in the compute dtype) == SDPA's math on the
+    same padded keys, GQA (2 KV heads, 3 query heads each), sequences of different lengths."""
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(head_dim)
+    B, kvh, G, kmax = 5, 2, 3, 9
+    q = torch.randn(B, kvh * G, head_dim, generator=g).to(dtype)
+    keys, values = (torch.randn(kvh, B, kmax, head_dim, generator=g).to(dtype) for _ in range(2))
+    lens = torch.tensor([9, 1, 4, 7, 2])
+    mask = (torch.arange(kmax)[None] < lens[:, None])[:, None, None, :]               # [B, 1, 1, Kmax]
+    got = LlamaDecoder._decode_attention(SimpleNamespace(scale=head_dim ** -0.5), q, keys, values, mask)
+    k = keys.float().repeat_interleave(G, dim=0).transpose(0, 1)                       # [B, H, Kmax, hd]
+    v = values.float().repeat_interleave(G, dim=0).transpose(0, 1)
+    want = torch.nn.functional.scaled_dot_product_attention(q.float()[:, :, None], k, v, attn_mask=mask)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got.float(), want.reshape(B, -1), **tol)

@@ -177,7 +177,8 @@ def test_profile_states_the_gemm_share_of_a_decode_step(adapters, tmp_path, tiny
                                "--prompt-len", "8", "--warmup", "1", "--timed", "1", "--adapters", adapters,
                                "--output", str(out)]) == 0
     p = json.loads(out.read_text())
-    assert 0 < p["gemm_ms"] <= p["step_ms_profiled"] and 0 < p["gemm_share"] <= 1
+    assert 0 < p["gemm_ms"] <= p["step_ms_profiled"] and 0 < p["gemm_ms"] <= p["step_ms_wall"]
+    assert p["gemm_share"] == pytest.approx(p["gemm_ms"] / p["step_ms_wall"]) and 0 < p["gemm_share"] <= 1
     assert any(op["name"] in bench_profile.GEMM_OPS for op in p["top_ops"])
     assert p["gemm_by_op"] and set(p["gemm_by_op"]) <= set(bench_profile.GEMM_OPS)
     assert sum(p["gemm_by_op"].values()) == pytest.approx(p["gemm_ms"])

@@ -384,6 +384,7 @@ class AdapterSlots:
             return
         key_sites = tuple(targets[i][0] for i, _ in bufs)
         buf_of = dict(bufs)                                                         # target index -> buffers
+        x32: list[torch.Tensor] = []                # x in fp32, cast once for all the small slots of this call
         for slot, rows in plan.groups.items():
             key = (layer, key_sites, slot)
             if key not in self._packs:
@@ -392,7 +393,7 @@ class AdapterSlots:
             if sp is None:                                                          # slot adapts none of these
                 continue
             if isinstance(rows, slice) and not self.row_tile:
-                self._apply_slot_view(x, rows, sp, targets, buf_of, slot, stats)
+                self._apply_slot_view(x, rows, sp, targets, buf_of, slot, stats, x32)
                 continue
             xs = x.index_select(0, rows) if isinstance(rows, torch.Tensor) else x[rows]
             n = xs.shape[0]
@@ -409,13 +410,17 @@ class AdapterSlots:
                     self._record(stats, buf_of[i], slot, part, w, n, x.device)
 
     def _apply_slot_view(self, x: torch.Tensor, rows: slice, sp: _SlotPack, targets, buf_of, slot: int,
-                         stats: RoutingStats | None) -> None:
+                         stats: RoutingStats | None, x32: list[torch.Tensor]) -> None:
         """The common case (contiguous rows, not batch-invariant): shrink on the row view, each site's delta added
-        in place into its target's row view. A slot with few rows computes in fp32 (`SMALL_ROWS`)."""
-        xs = x[rows]                                                                # [n, d_in] view
-        n = xs.shape[0]
-        pk = sp.pack.float() if n <= SMALL_ROWS and not x.is_cuda else sp.pack
-        hz = grouped.shrink(xs, pk)                                                 # [n, sum(r + g*N)]
+        in place into its target's row view. A slot with few rows computes in fp32 (`SMALL_ROWS`), reading x32[0],
+        the fp32 copy of x made by the first small slot of the call."""
+        n = rows.stop - rows.start
+        pk = sp.pack
+        if n <= SMALL_ROWS and not x.is_cuda and x.dtype != torch.float32:
+            if not x32:
+                x32.append(x.float())
+            x, pk = x32[0], pk.float()
+        hz = grouped.shrink(x[rows], pk)                                            # [n, sum(r + g*N)]
         for i, part in zip(sp.targets, pk.parts):
             w = grouped.expand_into(hz, part, targets[i][1][rows])
             if stats is not None:

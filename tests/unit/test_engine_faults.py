@@ -139,25 +139,40 @@ async def test_a_request_failing_mid_stream_gets_its_tokens_then_the_error(engin
     assert engine.core.pool.num_used == 0
 
 
-def test_a_failed_forward_fails_that_steps_requests_and_the_waiting_ones_go_on(env):
+def test_a_failed_forward_fails_only_the_request_that_fails_alone(env):
+    """The batched forward raises because of one request: each request's chunks are re-run alone, so only that
+    request fails; its batch-mate and the waiting request get exactly the tokens of a fault-free run."""
     model_dir, _ = env
     core = EngineCore(tiny_engine_args(model_dir, max_num_seqs=2))
-    want = run_to_completion(core, [_req("ref", prompt_seed=7)])["ref"]
-    faults.inject("forward", when=lambda r: r.request_id == "bad")
+    want = run_to_completion(core, [_req("ref-mate", prompt_seed=9), _req("ref-later", prompt_seed=7)])
+    fault = faults.inject("forward", when=lambda r: r.request_id == "bad")
     for r in [_req("bad", prompt_seed=8), _req("mate", prompt_seed=9), _req("later", prompt_seed=7)]:
         core.add_request(r)
-    with pytest.raises(faults.InjectedFault):
-        core.step()
+    got = {"mate": Finished(), "later": Finished()}
+    for out in core.step():                                      # no raise: the engine is not at fault
+        got[out.request_id].add(out)
     failures = core.take_failures()
-    assert sorted(failures) == ["bad", "mate"]                  # max_num_seqs=2: "later" was still waiting
-    assert all("model forward" in str(e) for e in failures.values())
-    assert core.pool.num_used == 0 and list(core.requests) == ["later"]
-    got = Finished()
+    assert list(failures) == ["bad"] and "model forward" in str(failures["bad"])
+    assert fault.fired == 2                                      # the batch, then "bad" alone ("mate" ran: no probe)
+    assert list(core.requests) == ["mate", "later"]
     while core.has_work():
         for out in core.step():
-            got.add(out)
-    assert core.take_failures() == {}
-    assert (got.tokens, got.finish_reason) == (want.tokens, want.finish_reason)
+            got[out.request_id].add(out)
+    assert core.take_failures() == {} and core.pool.num_used == 0
+    for rid in ("mate", "later"):
+        assert (got[rid].tokens, got[rid].finish_reason) == (want[f"ref-{rid}"].tokens,
+                                                             want[f"ref-{rid}"].finish_reason)
+
+
+async def test_a_request_that_always_breaks_the_forward_cannot_kill_the_engine(engine):
+    """Sent alone on an idle engine, many more times than the failed-step limit: each attempt fails with its own
+    error, the probe forward shows the engine healthy, and a good request is served afterwards."""
+    faults.inject("forward", when=lambda r: r.request_id.startswith("poison"))
+    for i in range(MAX_CONSECUTIVE_FAILED_STEPS + 2):
+        with pytest.raises(RequestFailedError, match="model forward"):
+            await _collect(engine, _req(f"poison{i}"))
+        assert engine.is_healthy()
+    assert (await _collect(engine, _req("fine"))).finished
 
 
 async def test_only_repeated_failed_steps_kill_the_engine(engine):

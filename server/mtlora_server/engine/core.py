@@ -16,8 +16,10 @@ Contract:
   registration, sampling, detokenising, flushing) fails that request alone: its KV blocks are freed, it is
   forgotten, and `take_failures()` hands its `RequestFailedError` (HTTP 500, message naming the failed stage and
   the exception) to the caller. Batched sampling that raises is retried row by row from the generator states it
-  started with, so only rows that raise on their own fail. An exception while preparing or running the batched
-  forward fails every request with a chunk in the step and is re-raised (the caller counts failed steps).
+  started with, so only rows that raise on their own fail. When the batched forward raises, each request's chunks
+  are re-run alone and only the requests that fail alone fail; when none runs alone, a one-token probe forward
+  tells a broken engine (re-raised: the caller counts failed steps) from requests that break their own forward
+  (they fail, the step returns normally), so such requests cannot kill the engine however often they are sent.
   `faults.check` marks the fault-injection sites (forward, sample, detokenize) the tests use.
 - Sampling: min_tokens bans, then `sampling.process_logits` (bad words, logit_bias, penalties) for the rows that
   ask for them, then `sampling.sample`; logprobs are the model's (raw logits). Penalised / biased sequences keep a
@@ -65,7 +67,7 @@ from .decode_graphs import DecodeGraphs, resolve_mode
 from .runner import ChunkOutput, ModelRunner, RunnerOutput
 from .scheduler import Chunk, Scheduler, SchedulerOutput, Sequence
 from .structured import GrammarBackend, GrammarState, mask_rows
-from .types import EngineStats, GenerationRequest, RequestOutput
+from .types import EngineStats, GenerationRequest, RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -221,11 +223,53 @@ class EngineCore(AdapterMethods):
         try:
             result = self._execute(scheduled)
         except Exception as exc:
-            for state in {id(c.seq.owner): c.seq.owner for c in scheduled.chunks}.values():
-                self._fail(state, exc, "running the batched model forward")
-            raise
+            return self._isolate_failed_forward(scheduled, exc)
         self.step_count += 1
         return self._update(scheduled, result)
+
+    def _isolate_failed_forward(self, scheduled: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
+        """The batched forward raised. Each request's chunks are re-run alone (its K/V slots are rewritten with
+        the same values): only the requests that fail alone fail. If none of them runs alone, a probe forward of
+        one token on the bare base model decides: it runs -> the requests were at fault (they fail, the engine is
+        healthy, nothing is raised); it raises too -> the engine is broken: `exc` is re-raised for the caller to
+        count. So no request, however often sent, can kill the engine by breaking its own forward."""
+        owners: dict[int, list[Chunk]] = {}
+        for c in scheduled.chunks:
+            owners.setdefault(id(c.seq.owner), []).append(c)
+        outputs, served = [], False
+        for chunks in owners.values():
+            state, sub = chunks[0].seq.owner, SchedulerOutput(chunks)
+            try:
+                if len(owners) == 1:                      # it just failed alone
+                    raise exc
+                result = self._execute(sub)
+            except Exception as own:
+                self._fail(state, own, "running the batched model forward")
+                continue
+            outputs.extend(self._update(sub, result))
+            served = True
+        if served or self._probe_forward():
+            self.step_count += 1
+            return outputs
+        raise exc
+
+    def _probe_forward(self) -> bool:
+        """True when a one-token forward of a scratch sequence (one block, bare base model) runs."""
+        probe = GenerationRequest("engine-probe", [0], SamplingParams(max_tokens=1))
+        try:
+            blocks = self.pool.allocate(1)
+        except Exception:                                 # no free block: cannot tell, count the failure
+            return False
+        try:
+            faults.check("forward", [probe])
+            seq = Sequence(seq_id=-1, token_ids=[0], prompt_len=1, blocks=blocks)
+            self.runner.run([Chunk(seq, 0, 1)], [[0]])
+            return True
+        except Exception as exc:
+            log.error("the probe forward failed too: the engine itself is broken (%s: %s)", type(exc).__name__, exc)
+            return False
+        finally:
+            self.pool.free(blocks)
 
     def _execute(self, scheduled: SchedulerOutput) -> RunnerOutput:
         """Tell the request states they are scheduled (queue time; prompt logprobs a prefix-cache hit supplied

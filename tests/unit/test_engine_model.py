@@ -189,3 +189,55 @@ def test_decode_attention_equals_masked_sdpa(head_dim, dtype):
     want = torch.nn.functional.scaled_dot_product_attention(q.float()[:, :, None], k, v, attn_mask=mask)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(got.float(), want.reshape(B, -1), **tol)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN (mkldnn)")
+def test_prepacked_bf16_weights_give_the_same_logits(tmp_path):
+    """prepack_weights() swaps every projection and the (tied) lm_head for oneDNN-prepacked weights: prefill and
+    a mixed decode step give the same bf16 logits as the dense weights, and the embedding stays dense."""
+    model_dir = make_tiny_model_dir(tmp_path, seed=4)
+    gen = torch.Generator().manual_seed(2)
+    a, b = (torch.randint(3, 259, (n,), generator=gen).tolist() for n in (19, 6))
+    outs = []
+    for packed in (False, True):
+        model = LlamaDecoder.from_dir(model_dir, torch.bfloat16, "cpu", max_len=256)
+        if packed:
+            assert model.prepack_weights()
+            assert all(w[k].is_mkldnn for w in model.layers for k in ("qkv", "o", "gate_up", "down"))
+            assert model.lm_head.is_mkldnn and not model.embed.is_mkldnn
+        c = model.cfg
+        pool = KVCachePool(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, 16, 16, torch.bfloat16)
+        runner = ModelRunner(model, pool, None, torch.device("cpu"))
+        sa, sb = Sequence(0, list(a), 19, blocks=pool.allocate(2)), Sequence(1, list(b), 6, blocks=pool.allocate(1))
+        first = runner.run([Chunk(sa, 0, 19), Chunk(sb, 0, 6)], [list(range(19)), list(range(6))])
+        sa.token_ids.append(7)
+        sb.token_ids.append(9)
+        second = runner.run([Chunk(sa, 19, 1), Chunk(sb, 6, 1)], [[19], [6]])
+        outs.append(torch.cat([first, second]))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN (mkldnn)")
+def test_bf16_cpu_engine_prepacks_and_generates_the_same_tokens(tmp_path, monkeypatch):
+    """A bf16 CPU engine (eager decode) runs prepacked weights; greedy continuations of a batch equal those of the
+    same engine with prepacking turned off."""
+    from mtlora_server.engine.core import EngineCore
+    from mtlora_server.engine.testing import run_to_completion, tiny_engine_args
+    from mtlora_server.engine.types import GenerationRequest, SamplingParams
+
+    model_dir = make_tiny_model_dir(tmp_path, seed=5)
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 259, (n,), generator=gen).tolist() for n in (5, 17, 30)]
+
+    def tokens(core):
+        reqs = [GenerationRequest(f"r{i}", p, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+                for i, p in enumerate(prompts)]
+        return {rid: res.tokens[0] for rid, res in run_to_completion(core, reqs).items()}
+
+    packed = EngineCore(tiny_engine_args(model_dir, dtype="bfloat16"))
+    assert packed.model.lm_head.is_mkldnn
+    got = tokens(packed)
+    monkeypatch.setattr(LlamaDecoder, "prepack_weights", lambda self: False)
+    dense = EngineCore(tiny_engine_args(model_dir, dtype="bfloat16"))
+    assert not dense.model.lm_head.is_mkldnn
+    assert got == tokens(dense)

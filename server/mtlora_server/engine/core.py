@@ -113,6 +113,9 @@ class EngineCore(AdapterMethods):
                                    cache=self.prefix_cache, admissible=self.registry.admissible)
         self.slot_sites: dict[int, set[str]] = {}
         mode = resolve_mode(args.decode_graphs, self.device, args.enforce_eager, args.batch_invariant)
+        if (not mode and self.device.type == "cpu" and self.dtype == torch.bfloat16 and not args.batch_invariant
+                and self.model.prepack_weights()):
+            log.info("projection and lm_head weights prepacked for oneDNN (bf16 on CPU)")
         graphs = mode and DecodeGraphs(self.model, self.pool, self.slots, args.max_num_seqs, self.max_model_len, mode)
         self.runner = ModelRunner(self.model, self.pool, self.slots, self.device, self.slot_sites, graphs)
         self.eos_ids = set(c.eos_token_ids)

@@ -18,6 +18,8 @@ Contract:
 - Batch-invariant mode (`enable_batch_invariance`, engine flag `batch_invariant`): token-row matmuls padded to the
   row tile probed on this machine and one attention computation for decodes and prefill chunks alike
   (`invariant.invariant_attention`), so a token's numbers do not depend on the rest of the step (invariant.py).
+- `prepack_weights()` (bf16 on CPU, eager decode, not batch-invariant: the core decides) swaps the projection and
+  lm_head weights for oneDNN-prepacked ones; `_linear` runs them through `mkldnn._linear_pointwise` (same bits).
 - Numerics follow transformers' LlamaForCausalLM (RMSNorm in fp32, RoPE tables cast to the compute dtype), so fp32
   logits agree to ~1e-5. Dynamic-NTK RoPE: position p uses the frequencies HF would use for a sequence of length
   max(p + 1, max_position_embeddings), i.e. exactly what HF's cached decoding applies to each new token; this keeps
@@ -40,6 +42,7 @@ from mtlora.sites import FUSED, FusedColumn, fused_columns, site_of_module
 from . import invariant
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+PREPACK_ROWS_HINT = 64       # rows oneDNN tunes a prepacked weight's layout for (a decode batch; any count works)
 
 
 @dataclass
@@ -243,7 +246,25 @@ class LlamaDecoder:
         self.row_tile = invariant.probe_row_tile(shapes, self.cfg.head_dim, self.dtype, self.device, max_rows)
         return self.row_tile
 
+    def prepack_weights(self) -> bool:
+        """Replace the projection weights (and the LM head; a packed copy when it is tied to the embedding) by
+        oneDNN-prepacked ones, which `_linear` then runs through `mkldnn._linear_pointwise`: on an avx512_bf16
+        CPU 1.2-1.7x faster than `F.linear` on the same bf16 weights, with bit-identical outputs (measured on
+        SmolLM2's shapes at 64 and 256 rows). Only for bf16 on CPU, not in batch-invariant mode (its probe measured
+        F.linear) and not under compiled / static decode (their graphs read the dense weights): the caller
+        decides. Returns False (nothing changed) where this torch has no oneDNN linear."""
+        if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+            return False
+        pack = torch.ops.mkldnn._reorder_linear_weight
+        for w in self.layers:
+            for key in ("qkv", "o", "gate_up", "down"):
+                w[key] = pack(w[key], PREPACK_ROWS_HINT)
+        self.lm_head = pack(self.lm_head, PREPACK_ROWS_HINT)           # tied: a packed copy, embed stays dense
+        return True
+
     def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if weight.is_mkldnn:                                               # prepack_weights()
+            return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
         return invariant.linear(x, weight, self.row_tile) if self.row_tile else F.linear(x, weight)
 
     @classmethod

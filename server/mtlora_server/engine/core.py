@@ -240,6 +240,9 @@ class EngineCore(AdapterMethods):
         for c in scheduled.chunks:
             owners.setdefault(id(c.seq.owner), []).append(c)
         outputs, served = [], False
+        if len(owners) > 1:
+            log.warning("the batched forward failed (%s: %s); re-running its %d requests one by one",
+                        type(exc).__name__, exc, len(owners))
         for chunks in owners.values():
             state, sub = chunks[0].seq.owner, SchedulerOutput(chunks)
             try:

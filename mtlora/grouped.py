@@ -104,14 +104,8 @@ def shrink(x: torch.Tensor, p: Pack) -> torch.Tensor:
 
 def expand(hz: torch.Tensor, part: PackedSite) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One site's delta [n, d_out] (hz.dtype) and routing weights [n, g, N] fp32 (None: N == 1). See module doc."""
-    h = hz[:, part.a_off:part.a_off + part.r]                                      # [n, r]
-    if part.r_off < 0:                                                              # no router: plain LoRA
-        return torch.mm(h, part.B[0]), None                                        # [n, d_out]
-    u, w = _routed(hz, h, part)                                                     # [n, g, N*r], [n, g, N]
-    if part.g == 1:
-        return torch.mm(u[:, 0], part.B[0]), w                                     # [n, d_out]
-    out = torch.bmm(u.transpose(0, 1), part.B)                                     # [g, n, d_out/g]
-    return out.transpose(0, 1).reshape(h.shape[0], -1), w                          # [n, d_out]
+    out = hz.new_zeros(hz.shape[0], part.g * part.B.shape[2])                     # [n, d_out]
+    return out, expand_into(hz, part, out)
 
 
 def _routed(hz: torch.Tensor, h: torch.Tensor, part: PackedSite) -> tuple[torch.Tensor, torch.Tensor]:

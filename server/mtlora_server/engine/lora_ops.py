@@ -41,6 +41,7 @@ from mtlora.errors import AdapterLoadError, ConfigError
 from mtlora.inject import expected_shapes
 from mtlora.sites import SITE_NAMES, site_dims
 
+from . import slot_stack
 from .invariant import pad_rows
 from .slot_plan import SlotPlan  # noqa: F401  (re-exported: the runner and tests import it from here)
 
@@ -52,6 +53,8 @@ _MAX_TILE = 256
 # bf16 GEMM costs ~20 us of fixed overhead per call against ~6 us in fp32 (measured on an avx512_bf16 EPYC; from
 # ~64 rows bf16 wins). Decode steps are this case: each slot has a handful of rows per step.
 SMALL_ROWS = 32
+# With at least this many small slots adapting a site group in one step, they run together (slot_stack.py).
+STACK_MIN_SLOTS = 2
 
 
 # -- routing statistics ------------------------------------------------------------------------------------------
@@ -222,6 +225,7 @@ class AdapterSlots:
         self._sites: dict[tuple[int, str], _SiteBuffers] = {}
         self._configs: dict[int, AdapterConfig] = {}
         self._packs: dict[tuple, _SlotPack | None] = {}                           # (layer, sites, slot) -> pack
+        self._stacks: dict[tuple, slot_stack.SlotStack] = {}                     # (layer, sites, shape) -> stack
         self.row_tile = 0              # batch-invariant mode: each slot's rows padded to a multiple (invariant.py)
         self.version = 0               # bumped by every load / clear (static-shape paths re-read `layout()`)
 
@@ -384,12 +388,12 @@ class AdapterSlots:
             return
         key_sites = tuple(targets[i][0] for i, _ in bufs)
         buf_of = dict(bufs)                                                         # target index -> buffers
+        stacked = set()
+        if stats is None and not self.row_tile and not x.is_cuda:
+            stacked = self._apply_stacked(layer, x, targets, bufs, key_sites, plan)
         x32: list[torch.Tensor] = []                # x in fp32, cast once for all the small slots of this call
         for slot, rows in plan.groups.items():
-            key = (layer, key_sites, slot)
-            if key not in self._packs:
-                self._packs[key] = _pack_slot(bufs, slot)
-            sp = self._packs[key]
+            sp = None if slot in stacked else self._slot_pack(layer, key_sites, bufs, slot)
             if sp is None:                                                          # slot adapts none of these
                 continue
             if isinstance(rows, slice) and not self.row_tile:
@@ -408,6 +412,45 @@ class AdapterSlots:
                     out.index_add_(0, rows, delta.to(out.dtype))
                 if stats is not None:
                     self._record(stats, buf_of[i], slot, part, w, n, x.device)
+
+    def _slot_pack(self, layer: int, key_sites: tuple, bufs, slot: int) -> "_SlotPack | None":
+        """The slot's pack for these sites (built on first use, kept until the slot changes)."""
+        key = (layer, key_sites, slot)
+        if key not in self._packs:
+            self._packs[key] = _pack_slot(bufs, slot)
+        return self._packs[key]
+
+    def _apply_stacked(self, layer: int, x: torch.Tensor, targets, bufs, key_sites: tuple,
+                       plan: SlotPlan) -> set[int]:
+        """The slots with few rows (<= SMALL_ROWS, contiguous) run together, STACK_MIN_SLOTS or more of the same
+        shape at a time, through the layer's `SlotStack`s (slot_stack.py); returns the slots done."""
+        by_shape: dict[tuple, list[int]] = {}
+        for slot, rows in plan.groups.items():
+            if isinstance(rows, slice) and rows.stop - rows.start <= SMALL_ROWS:
+                shape = tuple(b.dims.get(slot) if b is not None else None for b in self._bufs_by_target(bufs, targets))
+                if any(shape):
+                    by_shape.setdefault(shape, []).append(slot)
+        done: set[int] = set()
+        for shape, slots in by_shape.items():
+            if len(slots) < STACK_MIN_SLOTS:
+                continue
+            key = (layer, key_sites, shape)
+            stack = self._stacks.get(key)
+            if stack is None:
+                stack = self._stacks[key] = slot_stack.SlotStack(x.shape[1], [t.shape[1] for _, t in targets], shape)
+            stack_rows = [stack.refresh(s, self._slot_pack(layer, key_sites, bufs, s)) for s in slots]
+            memo = ("stack_rows", key_sites, shape, tuple(slots))
+            if memo not in plan.memo:
+                plan.memo[memo] = slot_stack.StepRows.build(plan.groups, slots, stack_rows)
+            slot_stack.apply(x, stack, plan.memo[memo], targets)
+            done.update(slots)
+        return done
+
+    @staticmethod
+    def _bufs_by_target(bufs, targets) -> list:
+        """Each target's site buffers, or None (no loaded adapter uses the site)."""
+        of = dict(bufs)
+        return [of.get(i) for i in range(len(targets))]
 
     def _apply_slot_view(self, x: torch.Tensor, rows: slice, sp: _SlotPack, targets, buf_of, slot: int,
                          stats: RoutingStats | None, x32: list[torch.Tensor]) -> None:

@@ -37,6 +37,7 @@ class SlotPlan:
             lo, hi = int(rows[0]), int(rows[-1]) + 1
             self.groups[s] = slice(lo, hi) if hi - lo == rows.numel() else rows.to(slot_idx.device)
         self._tiles: dict[tuple, object] = {}
+        self.memo: dict[tuple, object] = {}    # other per-step layouts derived from the plan (lora_ops), by key
 
     def tiles(self, bt: int, max_slots: int):
         """The step's Triton tile metadata (`triton_molora.TileMeta`) for tile size bt, built once per step (one

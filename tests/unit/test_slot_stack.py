@@ -142,3 +142,16 @@ def test_stacked_bf16_is_close_to_module(group, spy):
         scale = float(want.abs().max())
         torch.testing.assert_close(got.float(), want, atol=0.02 * scale, rtol=0.02)
     assert spy
+
+
+@pytest.mark.parametrize("rows,want", [
+    ({0: 3, 1: 3, 2: 3}, [[0, 1, 2]]),                                # equal rows: one run
+    ({0: 24, 1: 4, 2: 2, 3: 1, 4: 1, 5: 1}, [[0], [1, 2], [3, 4, 5]]),  # Zipf-like: big slots do not pad the rest
+    ({0: 1, 1: 30, 2: 1}, [[1], [0, 2]]),
+    ({3: 5, 0: 4, 1: 3}, [[3, 0, 1]]),                                # 3 x 5 = 15 <= 1.5 x 12
+])
+def test_same_shape_slots_split_into_runs_by_rows(rows, want):
+    from mtlora_server.engine.lora_ops import _by_rows
+    starts = [sum(list(rows.values())[:k]) for k in range(len(rows))]
+    groups = {s: slice(a, a + n) for (s, n), a in zip(rows.items(), starts)}
+    assert _by_rows(list(rows), groups) == want

@@ -55,6 +55,8 @@ _MAX_TILE = 256
 SMALL_ROWS = 32
 # With at least this many small slots adapting a site group in one step, they run together (slot_stack.py).
 STACK_MIN_SLOTS = 2
+# ... and slots with very unequal rows are split into runs (padding every slot to the largest costs arithmetic).
+STACK_PAD_RATIO = 1.5
 
 
 # -- routing statistics ------------------------------------------------------------------------------------------
@@ -169,6 +171,22 @@ def _pack_slot(bufs: list[tuple[int, "_SiteBuffers"]], slot: int) -> _SlotPack |
                                          buf.R[slot, :g, :N] if N > 1 else None, float(buf.scaling[slot])))
         targets.append(i)
     return _SlotPack(grouped.pack(sites), targets) if sites else None
+
+
+def _by_rows(slots: list[int], groups: dict) -> list[list[int]]:
+    """Same-shape slots split into runs that stack without much padding: by rows, most first, a run closes when
+    its padded rows (slots x its first slot's rows) would exceed STACK_PAD_RATIO x its real rows."""
+    n = {s: groups[s].stop - groups[s].start for s in slots}
+    runs: list[list[int]] = []
+    real = 0
+    for s in sorted(slots, key=lambda s: -n[s]):
+        if runs and (len(runs[-1]) + 1) * n[runs[-1][0]] <= STACK_PAD_RATIO * (real + n[s]):
+            runs[-1].append(s)
+            real += n[s]
+        else:
+            runs.append([s])
+            real = n[s]
+    return runs
 
 
 # -- the stacked slots --------------------------------------------------------------------------------------------
@@ -431,20 +449,24 @@ class AdapterSlots:
                 if any(shape):
                     by_shape.setdefault(shape, []).append(slot)
         done: set[int] = set()
-        for shape, slots in by_shape.items():
-            if len(slots) < STACK_MIN_SLOTS:
-                continue
-            key = (layer, key_sites, shape)
-            stack = self._stacks.get(key)
-            if stack is None:
-                stack = self._stacks[key] = slot_stack.SlotStack(x.shape[1], [t.shape[1] for _, t in targets], shape)
-            stack_rows = [stack.refresh(s, self._slot_pack(layer, key_sites, bufs, s)) for s in slots]
-            memo = ("stack_rows", key_sites, shape, tuple(slots))
-            if memo not in plan.memo:
-                plan.memo[memo] = slot_stack.StepRows.build(plan.groups, slots, stack_rows)
-            slot_stack.apply(x, stack, plan.memo[memo], targets)
-            done.update(slots)
+        for shape, members in by_shape.items():
+            for slots in _by_rows(members, plan.groups):
+                if len(slots) >= STACK_MIN_SLOTS:
+                    self._run_stack(layer, x, targets, bufs, key_sites, plan, shape, slots)
+                    done.update(slots)
         return done
+
+    def _run_stack(self, layer: int, x: torch.Tensor, targets, bufs, key_sites: tuple, plan: SlotPlan,
+                   shape: tuple, slots: list[int]) -> None:
+        key = (layer, key_sites, shape)
+        stack = self._stacks.get(key)
+        if stack is None:
+            stack = self._stacks[key] = slot_stack.SlotStack(x.shape[1], [t.shape[1] for _, t in targets], shape)
+        stack_rows = [stack.refresh(s, self._slot_pack(layer, key_sites, bufs, s)) for s in slots]
+        memo = ("stack_rows", key_sites, shape, tuple(slots))
+        if memo not in plan.memo:
+            plan.memo[memo] = slot_stack.StepRows.build(plan.groups, slots, stack_rows)
+        slot_stack.apply(x, stack, plan.memo[memo], targets)
 
     @staticmethod
     def _bufs_by_target(bufs, targets) -> list:

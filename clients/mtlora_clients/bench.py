@@ -1,7 +1,8 @@
 """`mtlora-bench`: load generators. `http` drives a running OpenAI-compatible server; `engine` (lazy) runs
 `mtlora_server.bench_engine:main` in-process when the server package provides it; `adapters` (lazy) runs
 `mtlora_server.bench_adapters:main` (many registered adapters through a few device slots); `profile` (lazy) runs
-`mtlora_server.bench_profile:main` (one decode step under torch.profiler, GEMM share).
+`mtlora_server.bench_profile:main` (one decode step under torch.profiler, GEMM share); `ops` (lazy) runs
+`mtlora_server.bench_ops:main` (one decode step's adapter work alone, stacked vs per-slot).
 
 `mtlora-bench http` contract: N `/v1/completions` requests (models taken round-robin from --model), at most C in
 flight, a synthetic prompt of about L words, M new tokens each (`ignore_eos` asked for, so servers that honour it
@@ -196,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "CPU + Triton interpreter); its own flags follow", add_help=False)
     sub.add_parser("profile", help="where one engine decode step spends its time, GEMM share stated "
                    "(mtlora_server.bench_profile); its own flags follow", add_help=False)
+    sub.add_parser("ops", help="the adapter work of one decode step alone, stacked vs per-slot "
+                   "(mtlora_server.bench_ops); its own flags follow", add_help=False)
     sub.add_parser("train", help="training step time, mtlora vs hydralora vs lora (mtlora_train.bench); its own "
                    "flags follow", add_help=False)
     return p
@@ -224,7 +227,8 @@ IN_PROCESS = {"engine": ("mtlora_server.bench_engine", "pip install -e '.[serve]
               "adapters": ("mtlora_server.bench_adapters", "pip install -e '.[serve]'"),
               "gpu": ("mtlora_server.bench_gpu", "pip install -e '.[serve]'"),
               "train": ("mtlora_train.bench", "pip install -e '.[train]'"),
-              "profile": ("mtlora_server.bench_profile", "pip install -e '.[serve]'")}
+              "profile": ("mtlora_server.bench_profile", "pip install -e '.[serve]'"),
+              "ops": ("mtlora_server.bench_ops", "pip install -e '.[serve]'")}
 
 
 def run_in_process(name: str, argv: list[str]) -> int:

@@ -192,3 +192,20 @@ def test_bench_cli_has_the_profile_subcommand(monkeypatch):
     monkeypatch.setattr(bench_profile, "main", lambda argv: got.setdefault("argv", argv) and 0)
     assert bench.main(["profile", "--batch", "8"]) == 0 and got["argv"] == ["--batch", "8"]
     assert "profile" in bench.build_parser().format_help()
+
+
+def test_ops_bench_times_both_paths_and_restores_the_default(tiny_model_dir, tmp_path, capsys):
+    from mtlora_server import bench_ops
+    from mtlora_server.engine import lora_ops
+
+    default = lora_ops.STACK_MIN_SLOTS
+    out = tmp_path / "ops.json"
+    assert bench_ops.main(["--model", str(tiny_model_dir), "--dtype", "float32", "--slots", "8", "--rows", "20",
+                           "--kinds", "lora",
+                           "--zipf", "1.1", "--rounds", "1", "--iters", "1", "--output", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert sum(r["rows_per_slot"]) == 20 and min(r["rows_per_slot"]) >= 1 and len(r["rows_per_slot"]) == 8
+    assert set(r["ms_per_step"]) == {"stacked", "per_slot"} and r["stacked_over_per_slot"] > 0
+    assert lora_ops.STACK_MIN_SLOTS == default and "stacked / per_slot" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--rows 3 is fewer than --slots 4"):
+        bench_ops.rows_per_slot(3, 4, 0.0)

@@ -69,9 +69,9 @@ def spy(monkeypatch):
     calls = []
     real = slot_stack.apply
 
-    def counting(x, stack, rows, targets):
+    def counting(x, stack, rows, targets, record=None):
         calls.append(rows.m)
-        return real(x, stack, rows, targets)
+        return real(x, stack, rows, targets, record)
 
     monkeypatch.setattr(slot_stack, "apply", counting)
     return calls
@@ -155,3 +155,35 @@ def test_same_shape_slots_split_into_runs_by_rows(rows, want):
     starts = [sum(list(rows.values())[:k]) for k in range(len(rows))]
     groups = {s: slice(a, a + n) for (s, n), a in zip(rows.items(), starts)}
     assert _by_rows(list(rows), groups) == want
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("layout", ["equal_rows_view", "unequal_rows_index_add"])
+def test_routing_stats_of_stacked_slots_equal_the_per_slot_paths(layout, spy, monkeypatch):
+    """Steps that sample routing statistics stack too: the same per-slot expert usage and entropy as the
+    per-slot path (which test_lora_ops checks against a batched variant)."""
+    import math
+    from mtlora_server.engine import lora_ops
+    from mtlora_server.engine.lora_ops import RoutingStats
+
+    slots, _ = _slots()
+    slot_idx = torch.tensor(LAYOUTS[layout])
+    x = torch.randn(slot_idx.shape[0], 48, generator=torch.Generator().manual_seed(6))
+    act = torch.randn(slot_idx.shape[0], 96, generator=torch.Generator().manual_seed(7))       # down_proj input
+    got = {}
+    for name, minimum in (("stacked", lora_ops.STACK_MIN_SLOTS), ("per_slot", 10 ** 6)):
+        monkeypatch.setattr(lora_ops, "STACK_MIN_SLOTS", minimum)
+        stats = RoutingStats()
+        for group in SHARED:
+            sites = SHARED[group]
+            outs = [(s, torch.zeros(slot_idx.shape[0], site_dims(CFG, s)[1])) for s in sites]
+            for layer in range(CFG.num_hidden_layers):
+                slots.apply_shared(layer, x if group != "act_in" else act,
+                                   outs, slot_idx, stats=stats, plan=SlotPlan(slot_idx))
+        got[name] = stats
+    assert spy, "the stacked path did not run"
+    for slot in SLOT_CFG:
+        (u1, e1), (u2, e2) = got["stacked"].summary(slot), got["per_slot"].summary(slot)
+        assert len(u1) == len(u2) > 0 and math.isclose(e1, e2, rel_tol=1e-5, abs_tol=1e-7)
+        torch.testing.assert_close(torch.tensor(u1), torch.tensor(u2), atol=1e-6, rtol=1e-5)
+        assert got["stacked"].count[slot] == got["per_slot"].count[slot]

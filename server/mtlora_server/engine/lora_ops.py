@@ -407,8 +407,8 @@ class AdapterSlots:
         key_sites = tuple(targets[i][0] for i, _ in bufs)
         buf_of = dict(bufs)                                                         # target index -> buffers
         stacked = set()
-        if stats is None and not self.row_tile and not x.is_cuda:
-            stacked = self._apply_stacked(layer, x, targets, bufs, key_sites, plan)
+        if not self.row_tile and not x.is_cuda:
+            stacked = self._apply_stacked(layer, x, targets, bufs, key_sites, plan, stats)
         x32: list[torch.Tensor] = []                # x in fp32, cast once for all the small slots of this call
         for slot, rows in plan.groups.items():
             sp = None if slot in stacked else self._slot_pack(layer, key_sites, bufs, slot)
@@ -439,7 +439,7 @@ class AdapterSlots:
         return self._packs[key]
 
     def _apply_stacked(self, layer: int, x: torch.Tensor, targets, bufs, key_sites: tuple,
-                       plan: SlotPlan) -> set[int]:
+                       plan: SlotPlan, stats: RoutingStats | None) -> set[int]:
         """The slots with few rows (<= SMALL_ROWS, contiguous) run together, STACK_MIN_SLOTS or more of the same
         shape at a time, through the layer's `SlotStack`s (slot_stack.py); returns the slots done."""
         by_shape: dict[tuple, list[int]] = {}
@@ -452,12 +452,12 @@ class AdapterSlots:
         for shape, members in by_shape.items():
             for slots in _by_rows(members, plan.groups):
                 if len(slots) >= STACK_MIN_SLOTS:
-                    self._run_stack(layer, x, targets, bufs, key_sites, plan, shape, slots)
+                    self._run_stack(layer, x, targets, bufs, key_sites, plan, shape, slots, stats)
                     done.update(slots)
         return done
 
     def _run_stack(self, layer: int, x: torch.Tensor, targets, bufs, key_sites: tuple, plan: SlotPlan,
-                   shape: tuple, slots: list[int]) -> None:
+                   shape: tuple, slots: list[int], stats: RoutingStats | None) -> None:
         key = (layer, key_sites, shape)
         stack = self._stacks.get(key)
         if stack is None:
@@ -466,7 +466,16 @@ class AdapterSlots:
         memo = ("stack_rows", key_sites, shape, tuple(slots))
         if memo not in plan.memo:
             plan.memo[memo] = slot_stack.StepRows.build(plan.groups, slots, stack_rows)
-        slot_stack.apply(x, stack, plan.memo[memo], targets)
+        rows = plan.memo[memo]
+        record = None
+        if stats is not None:
+            buf_of = dict(bufs)
+
+            def record(i: int, w: torch.Tensor) -> None:   # w [n_real, g, N] fp32, rows in rows.owner order
+                buf = buf_of[i]
+                w = F.pad(w, (0, buf.expert_mask.shape[1] - w.shape[2]))           # [n_real, g, N_max]
+                stats.record(rows.owner.to(x.device), w, buf.groups, buf.expert_mask)
+        slot_stack.apply(x, stack, rows, targets, record)
 
     @staticmethod
     def _bufs_by_target(bufs, targets) -> list:

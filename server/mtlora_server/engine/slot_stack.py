@@ -25,7 +25,7 @@ Contract:
   index_add of the real rows).
 - `apply(x, stack, rows, targets)`: adds every stacked site's delta, in place, into its target (out [T, d_out]
   views); per row exactly the math of `mtlora.grouped` on the row's own slot pack (fp32; summation order aside).
-  Not batch-invariant and without routing statistics: `lora_ops` uses it only when neither is asked for.
+  Not batch-invariant (`lora_ops` does not use it in that mode); routing statistics through `record`.
 """
 
 from __future__ import annotations
@@ -120,6 +120,7 @@ class StepRows:
     dense: slice | None             # rows lo:hi when they are exactly the layout (add back through a view)
     src: torch.Tensor | None        # else: positions in the layout of the real rows ...
     dst: torch.Tensor | None        # ... and their rows in x
+    owner: torch.Tensor             # [n_real] the slot of each real row (layout order; routing statistics)
 
     @classmethod
     def build(cls, groups: dict, slots: list[int], stack_rows: list[int]) -> "StepRows":
@@ -127,13 +128,14 @@ class StepRows:
         slot's row in the stack."""
         spans = [groups[s] for s in slots]
         n = max(sp.stop - sp.start for sp in spans)
-        gather, src, dst = [], [], []
+        gather, src, dst, owner = [], [], [], []
         lo, hi = stack_rows[0], stack_rows[-1] + 1
         consecutive = stack_rows == list(range(lo, hi))
         for k, sp in enumerate(spans):
             rows = list(range(sp.start, sp.stop))
             src += range(k * n, k * n + len(rows))
             dst += rows
+            owner += [slots[k]] * len(rows)
             gather += rows + [sp.start] * (n - len(rows))
         dense = None
         if all(sp.stop - sp.start == n for sp in spans) and \
@@ -141,15 +143,19 @@ class StepRows:
             dense = slice(spans[0].start, spans[-1].stop)
         sel = slice(lo, hi) if consecutive else torch.tensor(stack_rows)
         t = torch.tensor
-        return cls(t(gather), sel, len(slots), n, dense, None if dense else t(src), None if dense else t(dst))
+        return cls(t(gather), sel, len(slots), n, dense, None if dense else t(src), None if dense else t(dst),
+                   t(owner))
 
 
 def _take(t: torch.Tensor, sel) -> torch.Tensor:
     return t[sel] if isinstance(sel, slice) else t.index_select(0, sel)
 
 
-def apply(x: torch.Tensor, stack: SlotStack, rows: StepRows, targets: list[tuple[str, torch.Tensor]]) -> None:
-    """Add every stacked site's delta of the rows' slots into its target, in place (module doc)."""
+def apply(x: torch.Tensor, stack: SlotStack, rows: StepRows, targets: list[tuple[str, torch.Tensor]],
+          record=None) -> None:
+    """Add every stacked site's delta of the rows' slots into its target, in place (module doc). `record(target
+    index, w [n_real, g, N] fp32)`, when given, receives each site's routing weights of the real rows (in
+    `rows.owner` order; N == 1 sites: all ones), for the routing statistics."""
     m, n = rows.m, rows.n
     xs = x.index_select(0, rows.gather).float().view(m, n, -1)                     # [m, n, d_in] fp32
     hz = torch.bmm(xs, _take(stack.Wt, rows.sel))                                 # [m, n, K]
@@ -160,12 +166,17 @@ def apply(x: torch.Tensor, stack: SlotStack, rows: StepRows, targets: list[tuple
         g, N, r, dg = site.g, site.N, site.r, B.shape[3]
         if site.r_off < 0:
             delta = torch.bmm(h, B.view(m, r, dg)).view(m, n, 1, dg)               # [m, n, 1, d_out]
+            if record is not None:
+                record(site.target, torch.ones(rows.owner.shape[0], 1, 1, device=x.device))
         else:
             lg = hz[..., site.r_off:site.r_off + g * N].view(m, n, g, N).transpose(1, 2)
             w = torch.softmax(lg, dim=-1).contiguous()                             # [m, g, n, N]
             u = w[..., None] * h[:, None, :, None, :]                               # [m, g, n, N, r]
             delta = torch.bmm(u.view(m * g, n, N * r), B.view(m * g, N * r, dg))   # [m*g, n, dg]
             delta = delta.view(m, g, n, dg).transpose(1, 2)                         # [m, n, g, dg]
+            if record is not None:
+                wr = w.transpose(1, 2).reshape(m * n, g, N)                         # [m*n, g, N]
+                record(site.target, wr if rows.dense is not None else wr.index_select(0, rows.src))
         if rows.dense is not None:
             out[rows.dense].view(m, n, g, dg).add_(delta)
         else:

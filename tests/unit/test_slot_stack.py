@@ -151,10 +151,10 @@ def test_stacked_bf16_is_close_to_module(group, spy):
     ({3: 5, 0: 4, 1: 3}, [[3, 0, 1]]),                                # 3 x 5 = 15 <= 1.5 x 12
 ])
 def test_same_shape_slots_split_into_runs_by_rows(rows, want):
-    from mtlora_server.engine.lora_ops import _by_rows
+    from mtlora_server.engine.lora_ops import STACK_PAD_RATIO
     starts = [sum(list(rows.values())[:k]) for k in range(len(rows))]
     groups = {s: slice(a, a + n) for (s, n), a in zip(rows.items(), starts)}
-    assert _by_rows(list(rows), groups) == want
+    assert STACK_PAD_RATIO == 1.5 and slot_stack.split_runs(list(rows), groups, STACK_PAD_RATIO) == want
 
 
 @torch.no_grad()

@@ -18,12 +18,14 @@ Contract:
   plan=SlotPlan)` takes the step's token -> slot segmentation (`SlotPlan`, computed once per step and reused by every
   site of every layer), fuses all sites that read the same input into one shrink matmul per slot (each slot's pack
   trimmed to its own r / N / g, cached until the slot changes), and adds each site's delta in place into its
-  target (the matching slice of the fused projection output). The site list is `mtlora.sites.SITE_NAMES`.
+  target (the matching slice of the fused projection output). On CPU, slots of the same shape with few rows in
+  the step (<= SMALL_ROWS: decode) run together instead, STACK_MIN_SLOTS or more at a time (`slot_stack.py`: one
+  bmm for their shrinks, one per site for their expands). The site list is `mtlora.sites.SITE_NAMES`.
   Test-only variants over the stacked layout (per-token loop, batched torch) live in tests/unit/molora_stacked.py.
   On CUDA, `apply_shared` with a plan runs the Triton kernels with the step's tile metadata (`SlotPlan.tiles`,
   engine/slot_plan.py), adding each site's delta in place, with no host sync inside a layer.
-- `RoutingStats` accumulates, per slot, the sum of per-token routing weight per expert (averaged over the slot's
-  groups), the sum of per-token routing entropy (nats, averaged over groups) and the token count.
+- `RoutingStats` (routing_stats.py, re-exported here) receives every path's routing weights when a step samples
+  them.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from mtlora.sites import SITE_NAMES, site_dims
 
 from . import slot_stack
 from .invariant import pad_rows
+from .routing_stats import RoutingStats  # noqa: F401  (re-exported: the engine and tests import it from here)
 from .slot_plan import SlotPlan  # noqa: F401  (re-exported: the runner and tests import it from here)
 
 log = logging.getLogger(__name__)
@@ -57,69 +60,6 @@ SMALL_ROWS = 32
 STACK_MIN_SLOTS = 2
 # ... and slots with very unequal rows are split into runs (padding every slot to the largest costs arithmetic).
 STACK_PAD_RATIO = 1.5
-
-
-# -- routing statistics ------------------------------------------------------------------------------------------
-class RoutingStats:
-    """Per-slot sums of routing weight per expert [S, N_max], of routing entropy [S] and token counts [S].
-
-    Buffers grow on first use, so the engine may construct it with no arguments. Sums stay on the op's device; only
-    `summary()` synchronises.
-    """
-
-    def __init__(self, max_adapters: int = 0, max_experts: int = 0):
-        self.weight_sum = torch.zeros(max_adapters, max_experts, dtype=torch.float64)   # [S, N_max]
-        self.entropy_sum = torch.zeros(max_adapters, dtype=torch.float64)               # [S]
-        self.count = torch.zeros(max_adapters, dtype=torch.float64)                     # [S]
-        self._experts: torch.Tensor | None = None                                   # [S] experts per slot
-
-    def reset(self, slot: int | None = None) -> None:
-        """Forget everything (slot None) or one slot's sums (e.g. after it was re-loaded)."""
-        rows = slice(None) if slot is None else slot
-        for t in (self.weight_sum, self.entropy_sum, self.count) + (() if self._experts is None else (self._experts,)):
-            if slot is None or slot < t.shape[0]:
-                t[rows] = 0
-
-    def _grow(self, slots: int, experts: int, device: torch.device) -> None:
-        S, N = max(slots, self.weight_sum.shape[0]), max(experts, self.weight_sum.shape[1])
-        if (S, N) != tuple(self.weight_sum.shape) or self.weight_sum.device != device:
-            ws = torch.zeros(S, N, dtype=torch.float64, device=device)
-            ws[: self.weight_sum.shape[0], : self.weight_sum.shape[1]] = self.weight_sum.to(device)
-            es, ct = (torch.zeros(S, dtype=torch.float64, device=device) for _ in range(2))
-            es[: self.entropy_sum.shape[0]] = self.entropy_sum.to(device)
-            ct[: self.count.shape[0]] = self.count.to(device)
-            self.weight_sum, self.entropy_sum, self.count = ws, es, ct
-
-    def record(self, slots: torch.Tensor, weights: torch.Tensor, groups: torch.Tensor,
-               expert_mask: torch.Tensor, valid: torch.Tensor | None = None) -> None:
-        """slots: [n] slot of each routed token; weights: [n, g_max, N_max] fp32 routing weights;
-        groups: [S] routing groups per slot; expert_mask: [S, N_max] (only used to remember N per slot);
-        valid: [n] bool, rows that count (None: all). A mask instead of boolean indexing keeps it sync-free."""
-        S, N = expert_mask.shape
-        self._grow(S, N, weights.device)
-        g = groups[slots]                                                           # [n]
-        real = torch.arange(weights.shape[1], device=weights.device)[None, :] < g[:, None]   # [n, g_max]
-        w = weights.double() * real[:, :, None]                                     # [n, g_max, N] (pad groups 0)
-        per_expert = w.sum(1) / g[:, None]                                          # [n, N]
-        ent = -(w * w.clamp_min(1e-30).log()).sum(-1).sum(-1) / g                   # [n]
-        ones = torch.ones_like(ent)
-        if valid is not None:
-            keep = valid.to(ent.dtype)                                              # [n]
-            per_expert, ent, ones = per_expert * keep[:, None], ent * keep, keep
-        self.weight_sum[:, :N].index_add_(0, slots, per_expert)
-        self.entropy_sum.index_add_(0, slots, ent)
-        self.count.index_add_(0, slots, ones)
-        n_exp = expert_mask.sum(1).to(self.count.device)                            # [S]; 0 where site unused
-        # Max over sites seen (a slot's mask is empty at sites it does not adapt); no host sync here.
-        self._experts = n_exp if self._experts is None else torch.maximum(self._experts.to(n_exp.device), n_exp)
-
-    def summary(self, slot: int) -> tuple[list[float], float]:
-        """(mean routing weight per expert of this slot's adapter, mean routing entropy in nats)."""
-        if slot >= self.count.shape[0] or float(self.count[slot]) == 0:
-            return [], 0.0
-        n = float(self.count[slot])
-        N = int(self._experts[slot]) if self._experts is not None else self.weight_sum.shape[1]
-        return (self.weight_sum[slot, :N] / n).tolist(), float(self.entropy_sum[slot]) / n
 
 
 # -- segmentation (the Triton kernel's tiles) ---------------------------------------------------------------------
@@ -171,22 +111,6 @@ def _pack_slot(bufs: list[tuple[int, "_SiteBuffers"]], slot: int) -> _SlotPack |
                                          buf.R[slot, :g, :N] if N > 1 else None, float(buf.scaling[slot])))
         targets.append(i)
     return _SlotPack(grouped.pack(sites), targets) if sites else None
-
-
-def _by_rows(slots: list[int], groups: dict) -> list[list[int]]:
-    """Same-shape slots split into runs that stack without much padding: by rows, most first, a run closes when
-    its padded rows (slots x its first slot's rows) would exceed STACK_PAD_RATIO x its real rows."""
-    n = {s: groups[s].stop - groups[s].start for s in slots}
-    runs: list[list[int]] = []
-    real = 0
-    for s in sorted(slots, key=lambda s: -n[s]):
-        if runs and (len(runs[-1]) + 1) * n[runs[-1][0]] <= STACK_PAD_RATIO * (real + n[s]):
-            runs[-1].append(s)
-            real += n[s]
-        else:
-            runs.append([s])
-            real = n[s]
-    return runs
 
 
 # -- the stacked slots --------------------------------------------------------------------------------------------
@@ -450,7 +374,7 @@ class AdapterSlots:
                     by_shape.setdefault(shape, []).append(slot)
         done: set[int] = set()
         for shape, members in by_shape.items():
-            for slots in _by_rows(members, plan.groups):
+            for slots in slot_stack.split_runs(members, plan.groups, STACK_PAD_RATIO):
                 if len(slots) >= STACK_MIN_SLOTS:
                     self._run_stack(layer, x, targets, bufs, key_sites, plan, shape, slots, stats)
                     done.update(slots)

@@ -109,6 +109,22 @@ class SlotStack:
             site.B[row] = part.B
 
 
+def split_runs(slots: list[int], groups: dict, pad_ratio: float) -> list[list[int]]:
+    """Same-shape slots split into runs that stack without much padding: by rows, most first, a run closes when
+    its padded rows (slots x its first slot's rows) would exceed pad_ratio x its real rows."""
+    n = {s: groups[s].stop - groups[s].start for s in slots}
+    runs: list[list[int]] = []
+    real = 0
+    for s in sorted(slots, key=lambda s: -n[s]):
+        if runs and (len(runs[-1]) + 1) * n[runs[-1][0]] <= pad_ratio * (real + n[s]):
+            runs[-1].append(s)
+            real += n[s]
+        else:
+            runs.append([s])
+            real = n[s]
+    return runs
+
+
 @dataclass
 class StepRows:
     """The step's rows of some small slots in the [m, n_max] layout (see module doc)."""

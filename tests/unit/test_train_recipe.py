@@ -267,3 +267,32 @@ def test_checkpoint_files_load_weights_only(tmp_path, content, capsys):
     draws = (random.random(), float(np.random.rand()), float(torch.rand(1)))
     state.set_rng_state(state.load_torch(ck, "rng_0.pt"))
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == draws
+
+
+@torch.no_grad()
+def test_study_heldout_ce_equals_the_full_logits_cross_entropy(tiny_model_dir):
+    """The study's held-out CE runs the LM head on answer positions only: the same value as the mean
+    cross-entropy of the full [B, T, vocab] logits over the labelled positions (padded batch, adapter attached)."""
+    from mtlora.config import AdapterConfig
+    from mtlora.reference import random_adapter_tensors
+    from mtlora_train.data import IGNORE_INDEX
+    from mtlora_train.study_report import _task_ce
+
+    model = load_base_model(tiny_model_dir, torch.float32, "cpu").eval()
+    cfg = AdapterConfig(method="mtlora", rank=4, alpha=8.0, num_experts=3, placement="ffn")
+    inject.attach(model, cfg)
+    inject.load_adapter_state(model, random_adapter_tensors(cfg, model.config, seed=1, scale=0.2), source="test")
+    g = torch.Generator().manual_seed(0)
+    items = []
+    for n, p in ((9, 5), (14, 11), (6, 2), (12, 7), (5, 4)):                   # lengths differ: padded batches
+        ids = torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist()
+        items.append({"input_ids": ids, "prompt_len": p})
+    nll, count = 0.0, 0
+    for it in items:                                                            # one unpadded sequence at a time
+        ids = torch.tensor([it["input_ids"]])
+        logits = model(input_ids=ids).logits[0, :-1].float()
+        labels = torch.tensor(it["input_ids"][1:])
+        labels[: it["prompt_len"] - 1] = IGNORE_INDEX
+        nll += float(torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum"))
+        count += int((labels != IGNORE_INDEX).sum())
+    assert _task_ce(model, items, batch_size=3, pad_id=0) == pytest.approx(nll / count, rel=1e-5)

@@ -96,6 +96,19 @@ def test_study_smoke_end_to_end_skip_and_resume(study_yaml, capsys):
     assert (out / "study_loss.png").is_file() and (out / "runs" / "mtlora-s1" / "arm_config.yaml").is_file()
     assert (out / "runs" / "mtlora-s1" / "arm_config.yaml").read_text().startswith("# mtlora-train --config")
 
+    # the held-out CE is kept per model and reused while the adapter's files are unchanged
+    from mtlora_train import study_report
+    cached_study = study_mod.load_study(study_yaml)
+    study_mod.apply_smoke(cached_study)
+    adapters = {r.name: cached_study.run_dir(r) / "adapter" for r in cached_study.runs if r.seed is not None}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(study_report, "_task_ce", lambda *a, **k: pytest.fail("a cached held-out CE was recomputed"))
+        assert study_report.heldout_ce(cached_study, adapters) == {n: r["heldout_ce"]["tasks"]
+                                                                   for n, r in summary["runs"].items()}
+    (out / "heldout_ce" / "lora-s1.json").write_text("{}")                  # unreadable entry: recomputed
+    again = study_report.heldout_ce(cached_study, adapters)
+    assert again["lora-s1"] == pytest.approx(summary["runs"]["lora-s1"]["heldout_ce"]["tasks"], rel=1e-6)
+
     # skip: a rerun trains nothing
     run = next(r for r in study_mod.load_study(study_yaml).runs if r.name == "mtlora-s1")
     study = study_mod.load_study(study_yaml)

@@ -5,7 +5,9 @@ Contract:
   per task the token-weighted mean over the answer tokens (` {target}` + EOS) of the same items the accuracy scores
   (after the `num_fewshot` shot examples, at most `limit`), prompted zero-shot in the training layout
   (`Q: {input}\\nA:`, `prompt_format` qa); base model loaded once, each adapter attached in turn
-  (`mtlora.inject`, the training code path), batched, eval mode, fp32.
+  (`mtlora.inject`, the training code path), batched, eval mode, fp32, the LM head on answer positions only.
+  Each model's values are kept in `<output_dir>/heldout_ce/<name>.json` with what they depend on (the adapter's
+  files by name, size and mtime; model, items): a later evaluation recomputes only what changed.
 - `collect(study, accuracy, ce)` -> the summary dict written as study.json: per run (trainable parameters, steps,
   wall seconds per step, mean training CE of the last 10% of steps, per-task accuracy per protocol and CE) and per
   arm the mean and spread over its seeds (spread = (max - min) / 2, i.e. +- half the range; n seeds given).
@@ -72,11 +74,19 @@ def heldout_ce(study, adapters: dict[str, Path]) -> dict[str, dict[str, float]]:
     from mtlora.base import load_base_model, resolve_model
     from mtlora.checkpoint import load_adapter
 
+    paths: dict[str, Path | None] = {"base": None, **adapters}
+    out: dict[str, dict[str, float]] = {}
+    for name, path in paths.items():                  # values computed before for the same adapter files
+        cached = _ce_cache_read(study, name, path)
+        if cached is not None:
+            out[name] = cached
+    names = [n for n in paths if n not in out]
+    if not names:
+        return out
+    logger.info("held-out CE: %d models cached, computing %s", len(out), ", ".join(names))
     items = test_items(study)
     model = load_base_model(resolve_model(study.common.get("model_name_or_path")), torch.float32, "cpu").eval()
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    out: dict[str, dict[str, float]] = {}
-    names = ["base"] + list(adapters)
     bar = tqdm(total=len(names) * len(items), desc="held-out CE", unit="task")
     for name in names:
         if name != "base":
@@ -92,8 +102,37 @@ def heldout_ce(study, adapters: dict[str, Path]) -> dict[str, dict[str, float]]:
         finally:
             if name != "base":
                 inject.detach(model)
+        _ce_cache_write(study, name, paths[name], out[name])
     bar.close()
     return out
+
+
+def _ce_cache_key(study, path: Path | None) -> dict[str, Any]:
+    """What a held-out CE value depends on: the adapter's files (name, size, mtime), the model and the items."""
+    files = sorted([f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in path.iterdir() if f.is_file()) \
+        if path is not None else []
+    return json.loads(json.dumps({"adapter": None if path is None else str(path), "files": files,
+                                  "model": study.common.get("model_name_or_path"),
+                                  "max_seq_length": study.common.get("max_seq_length"),
+                                  "data_dir": str(study.eval.data_dir), "limit": study.eval.limit,
+                                  "num_fewshot": study.eval.num_fewshot}))
+
+
+def _ce_cache_read(study, name: str, path: Path | None) -> dict[str, float] | None:
+    f = study.output_dir / "heldout_ce" / f"{name}.json"
+    try:
+        saved = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return None
+    return saved["tasks"] if saved.get("key") == _ce_cache_key(study, path) else None
+
+
+def _ce_cache_write(study, name: str, path: Path | None, tasks: dict[str, float]) -> None:
+    f = study.output_dir / "heldout_ce" / f"{name}.json"
+    f.parent.mkdir(parents=True, exist_ok=True)
+    tmp = f.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": _ce_cache_key(study, path), "tasks": tasks}, indent=1) + "\n")
+    tmp.replace(f)
 
 
 # -- summary -------------------------------------------------------------------------------------------------------

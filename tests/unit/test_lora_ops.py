@@ -35,22 +35,25 @@ ADAPTERS = {
 }
 
 
+def random_modules(cfg: AdapterConfig) -> dict[str, MoLoRA]:
+    """Random MoLoRA modules (B non-zero) of one adapter, keyed by native prefix `layers.{L}.{site}` (draws from
+    torch's global generator: seed it first)."""
+    mods = {}
+    for layer in range(CFG.num_hidden_layers):
+        for site in cfg.sites():
+            mod = MoLoRA(*site_dims(CFG, site), cfg)
+            with torch.no_grad():
+                mod.lora_B.normal_(0, 0.5)
+                if mod.router is not None:
+                    mod.router.normal_(0, 1.0)
+            mods[f"layers.{layer}.{site}"] = mod
+    return mods
+
+
 def _oracles(seed: int = 0) -> dict[int, dict[str, MoLoRA]]:
-    """Random MoLoRA modules (B non-zero) per slot, keyed by native prefix `layers.{L}.{site}`."""
+    """Random MoLoRA modules per slot (`random_modules`)."""
     torch.manual_seed(seed)
-    out = {}
-    for slot, cfg in ADAPTERS.items():
-        mods = {}
-        for layer in range(CFG.num_hidden_layers):
-            for site in cfg.sites():
-                mod = MoLoRA(*site_dims(CFG, site), cfg)
-                with torch.no_grad():
-                    mod.lora_B.normal_(0, 0.5)
-                    if mod.router is not None:
-                        mod.router.normal_(0, 1.0)
-                mods[f"layers.{layer}.{site}"] = mod
-        out[slot] = mods
-    return out
+    return {slot: random_modules(cfg) for slot, cfg in ADAPTERS.items()}
 
 
 def _native(mods: dict[str, MoLoRA]) -> dict[str, torch.Tensor]:

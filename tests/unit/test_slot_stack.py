@@ -14,7 +14,7 @@ from mtlora.config import AdapterConfig
 from mtlora.sites import site_dims
 from mtlora_server.engine import slot_stack
 from mtlora_server.engine.lora_ops import AdapterSlots, SlotPlan
-from test_lora_ops import CFG, SHARED, _native, _oracle_delta
+from test_lora_ops import CFG, SHARED, _native, _oracle_delta, random_modules
 from mtlora.adapters import MoLoRA
 
 MT = AdapterConfig(method="mtlora", rank=8, alpha=16.0, num_experts=4, placement="both", routing_group_size=16)
@@ -34,16 +34,7 @@ LAYOUTS = {
 
 def _modules(cfg: AdapterConfig, seed: int) -> dict[str, MoLoRA]:
     torch.manual_seed(seed)
-    mods = {}
-    for layer in range(CFG.num_hidden_layers):
-        for site in cfg.sites():
-            mod = MoLoRA(*site_dims(CFG, site), cfg)
-            with torch.no_grad():
-                mod.lora_B.normal_(0, 0.5)
-                if mod.router is not None:
-                    mod.router.normal_(0, 1.0)
-            mods[f"layers.{layer}.{site}"] = mod
-    return mods
+    return random_modules(cfg)
 
 
 def _slots(dtype=torch.float32):

@@ -178,3 +178,23 @@ def test_routing_stats_of_stacked_slots_equal_the_per_slot_paths(layout, spy, mo
         assert len(u1) == len(u2) > 0 and math.isclose(e1, e2, rel_tol=1e-5, abs_tol=1e-7)
         torch.testing.assert_close(torch.tensor(u1), torch.tensor(u2), atol=1e-6, rtol=1e-5)
         assert got["stacked"].count[slot] == got["per_slot"].count[slot]
+
+
+@torch.no_grad()
+def test_stacks_of_shapes_no_longer_loaded_are_dropped(spy):
+    """A long-running server sees many adapter shapes come and go: a cleared slot frees its stack row, and a stack
+    whose last slot was cleared is dropped, so the stacks (fp32 copies) track what is loaded now."""
+    slots, oracles = _slots()
+    slot_idx = torch.tensor(LAYOUTS["equal_rows_view"])
+    x = torch.randn(slot_idx.shape[0], 48, generator=torch.Generator().manual_seed(8))
+    for rank in (2, 3, 5, 6):                               # the two lora slots get a new shape each time
+        cfg = AdapterConfig(method="lora", rank=rank, alpha=2.0 * rank, target_modules=["q_proj", "k_proj"])
+        for slot in (2, 4):
+            oracles[slot] = _modules(cfg, seed=rank * 10 + slot)
+            slots.load(slot, cfg, _native(oracles[slot]))
+        for site, got in _run(slots, "attn_in", slot_idx, x, 0):
+            want = _oracle_delta(oracles, slot_idx, x, 0, site, got.shape[1])
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        shapes = {key[2] for key in slots._stacks}
+        assert len(shapes) == 2, shapes                      # the mtlora shape and the current lora shape only
+        assert all(len(st.row_of) + len(st._free) <= 3 for st in slots._stacks.values())

@@ -266,6 +266,10 @@ class AdapterSlots:
         self.version += 1
         # A pack holds one slot's rows only: the other slots' packs stay valid (adapter swaps rebuild one slot's).
         self._packs = {key: pack for key, pack in self._packs.items() if key[-1] != slot}
+        for key, stack in list(self._stacks.items()):
+            stack.forget(slot)
+            if not stack.row_of:
+                del self._stacks[key]
 
     def active_sites(self, layer: int) -> list[str]:
         return [site for site in SITES if (layer, site) in self._sites and self._sites[(layer, site)].users]

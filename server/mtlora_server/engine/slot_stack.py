@@ -18,7 +18,9 @@ Contract:
       Wt [rows, d_in, K]: per site the slot's A rows (r columns), then its router rows (g*N columns, N > 1 only)
           transposed for `bmm` (the columns of the slot's `mtlora.grouped` pack, in site order);
       per site B [rows, g, N*r, d_out/g]: s*B, the slot pack's scaling-folded B.
-  `refresh(slot, pack)` rewrites a slot's row when its pack object changed (the adapter in the slot was replaced).
+  `refresh(slot, pack)` rewrites a slot's row when its pack object changed (the adapter in the slot was replaced);
+  `forget(slot)` frees a cleared slot's row for reuse (`lora_ops` drops a stack when its last slot is forgotten,
+  so stacks of shapes no longer loaded do not accumulate in a long-running server).
 - `StepRows.build(groups, slots, stack_rows)`: the step's rows of those slots (each a contiguous slice) as a gather
   index [m*n_max] (pad rows repeat a real row: finite, never written back), the stack rows (a range view when
   consecutive, else an index), and how to add back (one view when the rows are exactly the [m, n_max] layout, else
@@ -73,11 +75,12 @@ class SlotStack:
         self.Wt = torch.zeros(capacity, d_in, self.K)                               # [rows, d_in, K]
         self.row_of: dict[int, int] = {}                                            # slot -> stack row
         self._src: dict[int, object] = {}                                           # slot -> pack written
+        self._free: list[int] = []                                                  # rows of forgotten slots
 
     def refresh(self, slot: int, sp) -> int:
         """The slot's stack row, (re)written from its `_SlotPack` (pack + target indices) when that changed."""
         if slot not in self.row_of:
-            row = len(self.row_of)
+            row = self._free.pop() if self._free else len(self.row_of)
             if row == self.Wt.shape[0]:
                 self._grow(2 * row)
             self.row_of[slot] = row
@@ -85,6 +88,12 @@ class SlotStack:
             self._write(self.row_of[slot], sp)
             self._src[slot] = sp
         return self.row_of[slot]
+
+    def forget(self, slot: int) -> None:
+        """The slot was cleared: its row is free for the next slot of this shape."""
+        if slot in self.row_of:
+            self._free.append(self.row_of.pop(slot))
+            self._src.pop(slot, None)
 
     def _grow(self, capacity: int) -> None:
         def grown(t: torch.Tensor) -> torch.Tensor:

@@ -371,9 +371,10 @@ class AdapterSlots:
         """The slots with few rows (<= SMALL_ROWS, contiguous) run together, STACK_MIN_SLOTS or more of the same
         shape at a time, through the layer's `SlotStack`s (slot_stack.py); returns the slots done."""
         by_shape: dict[tuple, list[int]] = {}
+        per_target = self._bufs_by_target(bufs, targets)                          # once per call, not per slot
         for slot, rows in plan.groups.items():
             if isinstance(rows, slice) and rows.stop - rows.start <= SMALL_ROWS:
-                shape = tuple(b.dims.get(slot) if b is not None else None for b in self._bufs_by_target(bufs, targets))
+                shape = tuple(b.dims.get(slot) if b is not None else None for b in per_target)
                 if any(shape):
                     by_shape.setdefault(shape, []).append(slot)
         done: set[int] = set()

@@ -94,11 +94,13 @@ def make_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 
 
 def adapter_specs(hidden_size: int) -> dict[str, dict]:
-    """The benchmark's adapters; g=3 routing groups over the hidden size for the main mtlora adapter."""
+    """The benchmark's adapters; the main mtlora adapter routes 3 groups over the hidden size (2 where 3 does not
+    divide it, e.g. a 64-wide test model; one group where neither does)."""
     attn = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    groups = next((g for g in (3, 2) if hidden_size % g == 0), None)
     return {
         "mt_ffn": dict(method="mtlora", placement="ffn", rank=16, num_experts=8,
-                       routing_group_size=hidden_size // 3),
+                       routing_group_size=hidden_size // groups if groups else None),
         "mt_attn": dict(method="mtlora", placement="attention", rank=16, num_experts=4),
         "hydra": dict(method="hydralora", rank=16, num_experts=4, target_modules=["q_proj", "v_proj", "down_proj"]),
         "lora": dict(method="lora", rank=16, target_modules=attn),

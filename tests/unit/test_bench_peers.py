@@ -201,7 +201,7 @@ def test_ops_bench_times_both_paths_and_restores_the_default(tiny_model_dir, tmp
     default = lora_ops.STACK_MIN_SLOTS
     out = tmp_path / "ops.json"
     assert bench_ops.main(["--model", str(tiny_model_dir), "--dtype", "float32", "--slots", "8", "--rows", "20",
-                           "--kinds", "lora",
+                           "--kinds", "mix",
                            "--zipf", "1.1", "--rounds", "1", "--iters", "1", "--output", str(out)]) == 0
     r = json.loads(out.read_text())
     assert sum(r["rows_per_slot"]) == 20 and min(r["rows_per_slot"]) >= 1 and len(r["rows_per_slot"]) == 8
@@ -209,3 +209,14 @@ def test_ops_bench_times_both_paths_and_restores_the_default(tiny_model_dir, tmp
     assert lora_ops.STACK_MIN_SLOTS == default and "stacked / per_slot" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--rows 3 is fewer than --slots 4"):
         bench_ops.rows_per_slot(3, 4, 0.0)
+
+
+@pytest.mark.parametrize("hidden,group_size", [(576, 192), (64, 32), (96, 32), (35, None)])
+def test_bench_adapter_specs_route_groups_that_divide_the_hidden_size(hidden, group_size):
+    """The main mtlora adapter's routing groups divide any model width (hidden // 3 broke 64-wide test models)."""
+    from mtlora.config import AdapterConfig
+    from mtlora_server.bench_engine import adapter_specs
+
+    spec = adapter_specs(hidden)["mt_ffn"]
+    assert spec["routing_group_size"] == group_size
+    assert AdapterConfig(**spec).groups_for(hidden) == (hidden // group_size if group_size else 1)

@@ -139,12 +139,19 @@ def load_adapter(path: str | Path, model_config=None, dtype: torch.dtype | None 
     out = {}
     for name, t in tensors.items():
         converted = t.to(device=device, dtype=dtype or t.dtype)
-        if dtype is not None and not torch.isfinite(converted).all():
+        if can_overflow(t.dtype, converted.dtype) and not torch.isfinite(converted).all():
             raise CheckpointError(f"tensor {name} overflows {dtype} (values beyond its range)",
                                   path=str(weights_file), field=name)
         out[name] = converted
     logger.info("loaded %s adapter from %s (%d tensors)", config.method, path, len(out))
     return config, out
+
+
+def can_overflow(source: torch.dtype, target: torch.dtype) -> bool:
+    """Whether converting finite `source` values to `target` can give Inf: only to a type with a smaller maximum
+    (float32 -> bfloat16 / float16, bfloat16 -> float16). validate_adapter has already checked the source values,
+    so a same-type or widening load needs no second pass over the tensors."""
+    return torch.finfo(target).max < torch.finfo(source).max
 
 
 def read_json(file: Path) -> dict:

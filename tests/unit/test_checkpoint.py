@@ -220,3 +220,19 @@ def test_dtype_overflow_is_an_error(tmp_path):
         load_adapter(tmp_path / "ad", dtype=torch.float16)
     assert math.isfinite(load_adapter(tmp_path / "ad", dtype=torch.bfloat16)[1][
         "layers.1.self_attn.v_proj.lora_A"][0, 0].item())
+    tensors["layers.1.self_attn.v_proj.lora_A"][0, 0] = torch.finfo(torch.float32).max   # rounds up to bf16 Inf
+    save_adapter(tmp_path / "edge", config, tensors)
+    with pytest.raises(CheckpointError, match=r"lora_A overflows torch.bfloat16"):
+        load_adapter(tmp_path / "edge", dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("source,target,overflows", [
+    (torch.float32, torch.float32, False), (torch.bfloat16, torch.bfloat16, False),
+    (torch.bfloat16, torch.float32, False), (torch.float16, torch.float32, False),
+    (torch.float16, torch.bfloat16, False), (torch.float32, torch.bfloat16, True),
+    (torch.float32, torch.float16, True), (torch.bfloat16, torch.float16, True)])
+def test_only_narrowing_loads_check_for_overflow(source, target, overflows):
+    """A same-type or widening load skips the second pass over the tensors (their values were checked finite)."""
+    from mtlora.checkpoint import can_overflow
+
+    assert can_overflow(source, target) is overflows

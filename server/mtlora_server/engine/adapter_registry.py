@@ -52,6 +52,7 @@ import torch
 from mtlora.config import AdapterConfig
 from mtlora.errors import RequestFailedError
 
+from .torch_threads import serial_torch
 from .types import AdapterCounters, AdapterInfo
 
 log = logging.getLogger(__name__)
@@ -303,12 +304,14 @@ class AdapterRegistry:
                          name="mtlora-adapter-load").start()
 
     def _load_worker(self, name: str, path: str, generation: int) -> None:
-        """In a short-lived thread: file read + validation (+ pinning); the result waits in `_done`."""
+        """In a short-lived thread: file read + validation (+ pinning), single-threaded torch (`serial_torch`);
+        the result waits in `_done`."""
         loaded, error = None, None
         try:
-            config, tensors = self._read(path)
-            if self.cache.pin:
-                tensors = {k: t.pin_memory() for k, t in tensors.items()}
+            with serial_torch():                          # no second OpenMP team beside the step thread's
+                config, tensors = self._read(path)
+                if self.cache.pin:
+                    tensors = {k: t.pin_memory() for k, t in tensors.items()}
             loaded = LoadedAdapter(config, tensors, uid=0)
         except Exception as exc:  # noqa: BLE001 - any failure marks this adapter broken, nothing else
             error = str(exc) or type(exc).__name__

@@ -5,11 +5,12 @@ Contract (see types.py for the generate() protocol):
   returns when it is ready (a load error is raised to the caller). `await start()` lets the step loop run;
   `generate()` also starts it lazily.
 - Every torch op of the engine runs in that one thread, loading included, and other threads do their torch work
-  in short-lived threads (`run_in_fresh_thread`). Why: torch's CPU ops run on libgomp, which keeps one pool of
-  OpenMP workers per thread that ever ran a parallel op; once the pools hold more workers than there are CPUs,
-  libgomp stops letting its workers spin between parallel regions, and every small op then pays a futex
-  wake-up. Measured on 2 cores, bf16, the bench workload: steps took 1.4x as long when the model had been loaded
-  by another thread than when one thread did everything (17.0 s vs 12.1 s of `EngineCore.step`).
+  in short-lived threads (`run_in_fresh_thread`), single-threaded (`torch_threads.serial_torch`). Why: torch's
+  CPU ops run on libgomp, which keeps one pool of OpenMP workers per thread that ever ran a parallel op; once the
+  pools hold more workers than there are CPUs, libgomp stops letting its workers spin between parallel regions,
+  and every small op then pays a futex wake-up. Measured on 2 cores, bf16, the bench workload: steps took 1.4x
+  as long when the model had been loaded by another thread than when one thread did everything (17.0 s vs
+  12.1 s of `EngineCore.step`).
 - The step loop runs in ONE background thread: it drains a command inbox (add/abort requests, adapter installs)
   between steps, runs `core.step()` while there is work and sleeps on an event otherwise (also when a step ran
   nothing because every queued request waits for its adapter: a finished adapter load wakes it). The model forward never
@@ -44,6 +45,7 @@ from mtlora.errors import EngineDeadError, EngineDrainingError
 
 from .args import EngineArgs
 from .core import EngineCore
+from .torch_threads import init_this_thread, serial_torch
 from .types import AdapterInfo, EngineStats, GenerationRequest, RequestOutput
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,7 @@ class Engine:
         go = threading.Event()
 
         def thread_main() -> None:
+            init_this_thread()                            # its torch thread count, whatever helpers run meanwhile
             try:
                 core = EngineCore(args)
             except BaseException as exc:  # noqa: BLE001 - the caller of from_args gets it
@@ -170,6 +173,7 @@ class Engine:
 
     # -- step thread ---------------------------------------------------------------------------------------------
     def _run(self) -> None:
+        init_this_thread()
         failed_steps = 0
         try:
             while not self._stopping:
@@ -295,14 +299,15 @@ class Engine:
 
 
 async def run_in_fresh_thread(fn: Callable, *args):
-    """`fn(*args)` in a new thread that exits afterwards, so an OpenMP pool its torch ops create goes with it
-    (unlike `asyncio.to_thread`, whose pool threads live on)."""
+    """`fn(*args)` in a new thread that exits afterwards, its torch ops single-threaded (`serial_torch`: no second
+    OpenMP team beside the step thread's; unlike `asyncio.to_thread`, whose pool threads live on)."""
     loop = asyncio.get_running_loop()
     fut = loop.create_future()
 
     def target() -> None:
         try:
-            result, error = fn(*args), None
+            with serial_torch():                          # no second OpenMP team beside the step thread's
+                result, error = fn(*args), None
         except BaseException as exc:  # noqa: BLE001 - delivered to the awaiting caller
             result, error = None, exc
         loop.call_soon_threadsafe(_settle, fut, result, error)

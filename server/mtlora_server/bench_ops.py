@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zipf", type=float, default=0.0, help="rows per slot ~ 1/(k+1)^s (0: equal; default 0)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds per path (default 3)")
     p.add_argument("--iters", type=int, default=10, help="timed steps per round (default 10)")
+    p.add_argument("--routing-stats", action="store_true",
+                   help="time the step the engine samples routing statistics on (every ROUTING_STATS_EVERY-th "
+                        "step): every call records into a RoutingStats, flushed at the step's end as the runner does")
     p.add_argument("--output", default=None, help="write the results as JSON here")
     return p
 
@@ -79,10 +82,11 @@ def load_slots(cfg, slots: int, kinds: str, dtype: torch.dtype):
     return table
 
 
-def step_fn(cfg, table, counts: list[int], dtype: torch.dtype):
-    """One decode step's adapter work (every layer, every site group), as the forward calls it."""
+def step_fn(cfg, table, counts: list[int], dtype: torch.dtype, routing_stats: bool = False):
+    """One decode step's adapter work (every layer, every site group), as the forward calls it; with
+    `routing_stats`, a sampled step (records into a RoutingStats, flushed at the end)."""
     from mtlora.sites import site_dims
-    from mtlora_server.engine.lora_ops import SlotPlan
+    from mtlora_server.engine.lora_ops import RoutingStats, SlotPlan
 
     idx = torch.cat([torch.full((c,), s, dtype=torch.long) for s, c in enumerate(counts)])     # [T]
     T, plan = idx.shape[0], SlotPlan(idx)
@@ -90,13 +94,17 @@ def step_fn(cfg, table, counts: list[int], dtype: torch.dtype):
     xs = {k: torch.randn(T, site_dims(cfg, v[0])[0], generator=g).to(dtype) for k, v in GROUPS.items()}
     outs = {k: [(s, torch.zeros(T, site_dims(cfg, s)[1], dtype=dtype)) for s in v] for k, v in GROUPS.items()}
 
+    stats = RoutingStats() if routing_stats else None
+
     def run() -> None:
         for layer in range(cfg.num_hidden_layers):
             active = set(table.active_sites(layer))
             for k in GROUPS:
                 targets = [(s, o) for s, o in outs[k] if s in active]
                 if targets:
-                    table.apply_shared(layer, xs[k], targets, idx, plan=plan)
+                    table.apply_shared(layer, xs[k], targets, idx, stats=stats, plan=plan)
+        if stats is not None:
+            stats.flush()
     return run
 
 
@@ -107,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype)
     cfg = model_dims(args.model)
     counts = rows_per_slot(args.rows, args.slots, args.zipf)
-    run = step_fn(cfg, load_slots(cfg, args.slots, args.kinds, dtype), counts, dtype)
+    run = step_fn(cfg, load_slots(cfg, args.slots, args.kinds, dtype), counts, dtype, args.routing_stats)
     default_min = lora_ops.STACK_MIN_SLOTS
     times: dict[str, list[float]] = {"stacked": [], "per_slot": []}
     try:
@@ -123,10 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         lora_ops.STACK_MIN_SLOTS = default_min
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {"slots": args.slots, "kinds": args.kinds, "rows_per_slot": counts, "dtype": args.dtype,
-              "layers": cfg.num_hidden_layers, "ms_per_step": med, "stacked_over_per_slot": med["stacked"] /
+              "layers": cfg.num_hidden_layers, "routing_stats": args.routing_stats, "ms_per_step": med, "stacked_over_per_slot": med["stacked"] /
               med["per_slot"], "threads": torch.get_num_threads()}
-    print(f"adapter work of one decode step ({args.slots} slots, {args.kinds}, rows {counts}, {args.dtype}, "
-          f"{cfg.num_hidden_layers} layers, {torch.get_num_threads()} threads)")
+    print(f"adapter work of one {'sampled ' if args.routing_stats else ''}decode step ({args.slots} slots, "
+          f"{args.kinds}, rows {counts}, {args.dtype}, {cfg.num_hidden_layers} layers, "
+          f"{torch.get_num_threads()} threads)")
     for k, v in med.items():
         print(f"  {k:9s} {v:8.2f} ms   (every step: {' '.join(f'{t:.1f}' for t in times[k])})")
     print(f"  stacked / per_slot: {result['stacked_over_per_slot']:.2f}x")

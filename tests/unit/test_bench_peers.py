@@ -194,7 +194,8 @@ def test_bench_cli_has_the_profile_subcommand(monkeypatch):
     assert "profile" in bench.build_parser().format_help()
 
 
-def test_ops_bench_times_both_paths_and_restores_the_default(tiny_model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("extra", [[], ["--routing-stats"]])
+def test_ops_bench_times_both_paths_and_restores_the_default(tiny_model_dir, tmp_path, capsys, extra):
     from mtlora_server import bench_ops
     from mtlora_server.engine import lora_ops
 
@@ -202,8 +203,9 @@ def test_ops_bench_times_both_paths_and_restores_the_default(tiny_model_dir, tmp
     out = tmp_path / "ops.json"
     assert bench_ops.main(["--model", str(tiny_model_dir), "--dtype", "float32", "--slots", "8", "--rows", "20",
                            "--kinds", "mix",
-                           "--zipf", "1.1", "--rounds", "1", "--iters", "1", "--output", str(out)]) == 0
+                           "--zipf", "1.1", "--rounds", "1", "--iters", "1", "--output", str(out)] + extra) == 0
     r = json.loads(out.read_text())
+    assert r["routing_stats"] == bool(extra)
     assert sum(r["rows_per_slot"]) == 20 and min(r["rows_per_slot"]) >= 1 and len(r["rows_per_slot"]) == 8
     assert set(r["ms_per_step"]) == {"stacked", "per_slot"} and r["stacked_over_per_slot"] > 0
     assert lora_ops.STACK_MIN_SLOTS == default and "stacked / per_slot" in capsys.readouterr().out

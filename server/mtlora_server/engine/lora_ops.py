@@ -35,7 +35,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from mtlora import grouped
 from mtlora.config import AdapterConfig
@@ -402,7 +401,6 @@ class AdapterSlots:
 
             def record(i: int, w: torch.Tensor) -> None:   # w [n_real, g, N] fp32, rows in rows.owner order
                 buf = buf_of[i]
-                w = F.pad(w, (0, buf.expert_mask.shape[1] - w.shape[2]))           # [n_real, g, N_max]
                 stats.record(rows.owner.to(x.device), w, buf.groups, buf.expert_mask)
         slot_stack.apply(x, stack, rows, targets, record)
 
@@ -435,8 +433,7 @@ class AdapterSlots:
         """Routing statistics of n tokens of one slot at one site (w [n, g, N] fp32; None: one expert)."""
         if w is None:
             w = torch.ones(n, part.g, 1, device=device)
-        w = F.pad(w, (0, buf.expert_mask.shape[1] - part.N))                       # [n, g, N_max]
-        stats.record(torch.full((n,), slot, dtype=torch.long, device=device), w, buf.groups, buf.expert_mask)
+        stats.record(slot, w, buf.groups, buf.expert_mask)
 
     @staticmethod
     def _triton() -> bool:

@@ -3,11 +3,29 @@
 Contract: accumulates, per slot, the sum of per-token routing weight per expert (averaged over the slot's groups),
 the sum of per-token routing entropy (nats, averaged over groups) and the token count; `summary(slot)` returns the
 means. Every adapter path (per-slot, stacked, Triton) records through `record`.
+
+`record` only keeps what it is given; `flush()` does the arithmetic for every record since the last flush in one
+batched computation (the runner flushes after each sampled forward; `summary`, `reset` and the sum attributes
+flush first, so a reader never sees a stale sum). Why: a sampled step records once per (layer, site, slot) -- with
+32 slots that is ~2,000 records -- and computing each one on its own (~15 small ops) cost ~5 % of every step of
+the many-adapter benchmark (py-spy, docs/benchmarks.md); batched, it is ~2 ops per record.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class _Record:
+    slots: torch.Tensor | int          # [n] slot of each row, or one slot for all n rows
+    weights: torch.Tensor               # [n, g, N] fp32 routing weights (N <= the site's N_max)
+    groups: torch.Tensor                # [S] routing groups per slot (the site's buffer)
+    expert_mask: torch.Tensor           # [S, N_max] bool
+    valid: torch.Tensor | None          # [n] bool, or None (all rows count)
 
 
 class RoutingStats:
@@ -18,55 +36,112 @@ class RoutingStats:
     """
 
     def __init__(self, max_adapters: int = 0, max_experts: int = 0):
-        self.weight_sum = torch.zeros(max_adapters, max_experts, dtype=torch.float64)   # [S, N_max]
-        self.entropy_sum = torch.zeros(max_adapters, dtype=torch.float64)               # [S]
-        self.count = torch.zeros(max_adapters, dtype=torch.float64)                     # [S]
+        self._weight_sum = torch.zeros(max_adapters, max_experts, dtype=torch.float64)  # [S, N_max]
+        self._entropy_sum = torch.zeros(max_adapters, dtype=torch.float64)              # [S]
+        self._count = torch.zeros(max_adapters, dtype=torch.float64)                    # [S]
         self._experts: torch.Tensor | None = None                                   # [S] experts per slot
+        self._pending: list[_Record] = []
+
+    # the sums, always flushed
+    @property
+    def weight_sum(self) -> torch.Tensor:
+        self.flush()
+        return self._weight_sum
+
+    @property
+    def entropy_sum(self) -> torch.Tensor:
+        self.flush()
+        return self._entropy_sum
+
+    @property
+    def count(self) -> torch.Tensor:
+        self.flush()
+        return self._count
 
     def reset(self, slot: int | None = None) -> None:
         """Forget everything (slot None) or one slot's sums (e.g. after it was re-loaded)."""
+        self.flush()
         rows = slice(None) if slot is None else slot
-        for t in (self.weight_sum, self.entropy_sum, self.count) + (() if self._experts is None else (self._experts,)):
+        for t in (self._weight_sum, self._entropy_sum, self._count) + (() if self._experts is None else
+                                                                        (self._experts,)):
             if slot is None or slot < t.shape[0]:
                 t[rows] = 0
 
     def _grow(self, slots: int, experts: int, device: torch.device) -> None:
-        S, N = max(slots, self.weight_sum.shape[0]), max(experts, self.weight_sum.shape[1])
-        if (S, N) != tuple(self.weight_sum.shape) or self.weight_sum.device != device:
+        S, N = max(slots, self._weight_sum.shape[0]), max(experts, self._weight_sum.shape[1])
+        if (S, N) != tuple(self._weight_sum.shape) or self._weight_sum.device != device:
             ws = torch.zeros(S, N, dtype=torch.float64, device=device)
-            ws[: self.weight_sum.shape[0], : self.weight_sum.shape[1]] = self.weight_sum.to(device)
+            ws[: self._weight_sum.shape[0], : self._weight_sum.shape[1]] = self._weight_sum.to(device)
             es, ct = (torch.zeros(S, dtype=torch.float64, device=device) for _ in range(2))
-            es[: self.entropy_sum.shape[0]] = self.entropy_sum.to(device)
-            ct[: self.count.shape[0]] = self.count.to(device)
-            self.weight_sum, self.entropy_sum, self.count = ws, es, ct
+            es[: self._entropy_sum.shape[0]] = self._entropy_sum.to(device)
+            ct[: self._count.shape[0]] = self._count.to(device)
+            self._weight_sum, self._entropy_sum, self._count = ws, es, ct
 
-    def record(self, slots: torch.Tensor, weights: torch.Tensor, groups: torch.Tensor,
+    def record(self, slots: torch.Tensor | int, weights: torch.Tensor, groups: torch.Tensor,
                expert_mask: torch.Tensor, valid: torch.Tensor | None = None) -> None:
-        """slots: [n] slot of each routed token; weights: [n, g_max, N_max] fp32 routing weights;
-        groups: [S] routing groups per slot; expert_mask: [S, N_max] (only used to remember N per slot);
-        valid: [n] bool, rows that count (None: all). A mask instead of boolean indexing keeps it sync-free."""
-        S, N = expert_mask.shape
-        self._grow(S, N, weights.device)
-        g = groups[slots]                                                           # [n]
-        real = torch.arange(weights.shape[1], device=weights.device)[None, :] < g[:, None]   # [n, g_max]
-        w = weights.double() * real[:, :, None]                                     # [n, g_max, N] (pad groups 0)
-        per_expert = w.sum(1) / g[:, None]                                          # [n, N]
-        ent = -(w * w.clamp_min(1e-30).log()).sum(-1).sum(-1) / g                   # [n]
-        ones = torch.ones_like(ent)
-        if valid is not None:
-            keep = valid.to(ent.dtype)                                              # [n]
-            per_expert, ent, ones = per_expert * keep[:, None], ent * keep, keep
-        self.weight_sum[:, :N].index_add_(0, slots, per_expert)
-        self.entropy_sum.index_add_(0, slots, ent)
-        self.count.index_add_(0, slots, ones)
-        n_exp = expert_mask.sum(1).to(self.count.device)                            # [S]; 0 where site unused
-        # Max over sites seen (a slot's mask is empty at sites it does not adapt); no host sync here.
-        self._experts = n_exp if self._experts is None else torch.maximum(self._experts.to(n_exp.device), n_exp)
+        """slots: [n] slot of each routed token, or an int (every row is that slot's); weights: [n, g, N] fp32
+        routing weights, N <= expert_mask.shape[1] (zero-padded here); groups: [S] routing groups per slot;
+        expert_mask: [S, N_max] (only used to remember N per slot); valid: [n] bool, rows that count (None: all).
+        Masks instead of boolean indexing keep it sync-free. Kept until `flush()`; the tensors must not be written
+        in place before then (the adapter paths hand over fresh ones)."""
+        self._pending.append(_Record(slots, weights, groups, expert_mask, valid))
+
+    def flush(self) -> None:
+        """Add every pending record to the sums (module doc)."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        dev = pending[0].weights.device
+        S = max(r.expert_mask.shape[0] for r in pending)
+        G = max(r.weights.shape[1] for r in pending)
+        N = max(r.expert_mask.shape[1] for r in pending)
+        self._grow(S, N, dev)
+        slots, g, w, keep = [], [], [], []
+        for r in pending:
+            n = r.weights.shape[0]
+            s = r.slots if isinstance(r.slots, torch.Tensor) else torch.full((n,), r.slots, dtype=torch.long,
+                                                                              device=dev)
+            slots.append(s)
+            g.append(r.groups[s])
+            gw, nw = r.weights.shape[1], r.weights.shape[2]
+            w.append(r.weights if (gw, nw) == (G, N) else F.pad(r.weights, (0, N - nw, 0, G - gw)))
+            keep.append(r.valid if r.valid is not None else torch.ones(n, dtype=torch.bool, device=dev))
+        self._accumulate(torch.cat(slots), torch.cat(w), torch.cat(g), torch.cat(keep))
+        self._count_experts(pending)
+
+    def _accumulate(self, slots: torch.Tensor, weights: torch.Tensor, g: torch.Tensor, keep: torch.Tensor) -> None:
+        """slots, g: [n]; weights: [n, G, N]; keep: [n] bool."""
+        real = torch.arange(weights.shape[1], device=weights.device)[None, :] < g[:, None]       # [n, G]
+        w = weights.double() * real[:, :, None]                                     # [n, G, N] (pad groups 0)
+        gd = g.to(torch.float64)
+        per_expert = w.sum(1) / gd[:, None]                                         # [n, N]
+        ent = -(w * w.clamp_min(1e-30).log()).sum(-1).sum(-1) / gd                  # [n]
+        k = keep.to(torch.float64)
+        N = weights.shape[2]
+        self._weight_sum[:, :N].index_add_(0, slots, per_expert * k[:, None])
+        self._entropy_sum.index_add_(0, slots, ent * k)
+        self._count.index_add_(0, slots, k)
+
+    def _count_experts(self, pending: list[_Record]) -> None:
+        """Experts per slot: the max over the sites recorded of the mask's count (a slot's mask is empty at sites it
+        does not adapt). Each distinct mask once, all masks of one shape in one stacked reduction."""
+        by_shape: dict[tuple, dict[int, torch.Tensor]] = {}
+        for r in pending:
+            by_shape.setdefault(tuple(r.expert_mask.shape), {})[id(r.expert_mask)] = r.expert_mask
+        for masks in by_shape.values():
+            n_exp = torch.stack(list(masks.values())).sum(2).amax(0).to(self._count.device)   # [S]; no host sync
+            S = n_exp.shape[0]
+            if self._experts is None or self._experts.shape[0] < S:
+                old, self._experts = self._experts, torch.zeros_like(n_exp)
+                if old is not None:
+                    self._experts[: old.shape[0]] = old.to(n_exp.device)
+            self._experts[:S] = torch.maximum(self._experts[:S].to(n_exp.device), n_exp)
 
     def summary(self, slot: int) -> tuple[list[float], float]:
         """(mean routing weight per expert of this slot's adapter, mean routing entropy in nats)."""
-        if slot >= self.count.shape[0] or float(self.count[slot]) == 0:
+        self.flush()
+        if slot >= self._count.shape[0] or float(self._count[slot]) == 0:
             return [], 0.0
-        n = float(self.count[slot])
-        N = int(self._experts[slot]) if self._experts is not None else self.weight_sum.shape[1]
-        return (self.weight_sum[slot, :N] / n).tolist(), float(self.entropy_sum[slot]) / n
+        n = float(self._count[slot])
+        N = int(self._experts[slot]) if self._experts is not None else self._weight_sum.shape[1]
+        return (self._weight_sum[slot, :N] / n).tolist(), float(self._entropy_sum[slot]) / n

@@ -164,6 +164,8 @@ class ModelRunner:
         if out is None:
             batch = build_batch(chunks, self.pool.block_size, self.device, self.slot_sites)
             out = self.model.forward(batch, self.pool, self.adapters, stats)
+            if stats is not None:
+                stats.flush()                 # the step's routing records in one batched computation
         return RunnerOutput(out.logits, _chunk_outputs(chunks, out))
 
     def _decode_graphs(self, chunks: list[Chunk]) -> ForwardOutput | None:

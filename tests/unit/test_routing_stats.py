@@ -1,4 +1,5 @@
-"""RoutingStats: the deferred, batched flush equals the plain per-token definition, record by record."""
+"""RoutingStats: the deferred, batched flush equals the plain per-token definition, record by record, for both
+record forms (exact: the CPU paths; padded with masks: the Triton path) and any mix of them in one flush."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def _reference(records) -> tuple[dict, dict, dict]:
             if valid is not None and not bool(valid[i]):
                 continue
             s = slots if isinstance(slots, int) else int(slots[i])
-            g = int(groups[s])
+            g = w.shape[1] if groups is None else int(groups[s])
             per = [sum(float(w[i, k, e]) for k in range(g)) / g for e in range(w.shape[2])]
             ent = sum(-float(p) * math.log(max(float(p), 1e-30)) for k in range(g) for p in w[i, k]) / g
             acc = wsum.setdefault(s, [0.0] * N_MAX)
@@ -65,9 +66,20 @@ def _records():
     ]
 
 
-def test_flush_equals_per_token_definition():
+def _exact_records():
+    """The CPU paths' form: every row's slot routes exactly w.shape[1] groups over w.shape[2] experts."""
+    return [
+        (4, _weights(3, 2, 4, 5), None, None, None),                               # per-slot path: one slot
+        (torch.tensor([5, 4, 5]), _weights(3, 2, 4, 6), None, None, None),         # stacked: slots of one shape
+        (5, torch.ones(2, 1, 1), None, None, None),                                # one expert
+        (torch.tensor([0, 0]), _weights(2, 1, 6, 7), None, None, None),            # another shape
+    ]
+
+
+@pytest.mark.parametrize("which", ["padded", "exact", "both"])
+def test_flush_equals_per_token_definition(which):
     stats = RoutingStats()
-    recs = _records()
+    recs = {"padded": _records(), "exact": _exact_records(), "both": _records() + _exact_records()}[which]
     for r in recs:
         stats.record(*r[:4], valid=r[4])
     wsum, esum, cnt = _reference(recs)
@@ -75,7 +87,8 @@ def test_flush_equals_per_token_definition():
         assert float(stats.count[s]) == cnt.get(s, 0)
         if s in cnt:
             got = stats.weight_sum[s].tolist()
-            assert got == pytest.approx(wsum[s], abs=1e-9)
+            assert got[:len(wsum[s])] == pytest.approx(wsum[s][:len(got)], abs=1e-9)
+            assert not any(got[len(wsum[s]):]) and not any(wsum[s][len(got):])
             assert float(stats.entropy_sum[s]) == pytest.approx(esum[s], abs=1e-9)
 
 
@@ -88,6 +101,21 @@ def test_summary_truncates_to_the_slots_experts_and_flushes_first():
     usage, entropy = stats.summary(1)
     assert usage == [pytest.approx(1.0)] and entropy == pytest.approx(0.0)
     assert sum(stats.summary(0)[0]) == pytest.approx(1.0)
+
+
+def test_exact_form_counts_experts_per_slot_as_the_max_over_sites():
+    stats = RoutingStats()
+    for r in _exact_records() + _records():
+        stats.record(*r[:4], valid=r[4])
+    # slot 0: 4 experts from site a's mask, 6 from an exact record; slot 4: 4; slot 5: max(4, 1)
+    assert [len(stats.summary(s)[0]) for s in range(S)] == [6, 1, 8, 2, 4, 4]
+
+
+@pytest.mark.parametrize("kwargs", [{"groups": torch.ones(2, dtype=torch.long)},
+                                    {"valid": torch.ones(1, dtype=torch.bool)}])
+def test_record_refuses_half_a_form(kwargs):
+    with pytest.raises(ValueError, match="groups and expert_mask together"):
+        RoutingStats().record(0, torch.ones(1, 1, 1), **kwargs)
 
 
 def test_records_across_flushes_accumulate_and_reset_forgets_one_slot():

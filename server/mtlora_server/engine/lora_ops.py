@@ -332,7 +332,6 @@ class AdapterSlots:
         if not bufs:
             return
         key_sites = tuple(targets[i][0] for i, _ in bufs)
-        buf_of = dict(bufs)                                                         # target index -> buffers
         stacked = set()
         if not self.row_tile and not x.is_cuda:
             stacked = self._apply_stacked(layer, x, targets, bufs, key_sites, plan, stats)
@@ -342,7 +341,7 @@ class AdapterSlots:
             if sp is None:                                                          # slot adapts none of these
                 continue
             if isinstance(rows, slice) and not self.row_tile:
-                self._apply_slot_view(x, rows, sp, targets, buf_of, slot, stats, x32)
+                self._apply_slot_view(x, rows, sp, targets, slot, stats, x32)
                 continue
             xs = x.index_select(0, rows) if isinstance(rows, torch.Tensor) else x[rows]
             n = xs.shape[0]
@@ -356,7 +355,7 @@ class AdapterSlots:
                 else:
                     out.index_add_(0, rows, delta.to(out.dtype))
                 if stats is not None:
-                    self._record(stats, buf_of[i], slot, part, w, n, x.device)
+                    self._record(stats, slot, part, w, n, x.device)
 
     def _slot_pack(self, layer: int, key_sites: tuple, bufs, slot: int) -> "_SlotPack | None":
         """The slot's pack for these sites (built on first use, kept until the slot changes)."""
@@ -397,11 +396,8 @@ class AdapterSlots:
         rows = plan.memo[memo]
         record = None
         if stats is not None:
-            buf_of = dict(bufs)
-
             def record(i: int, w: torch.Tensor) -> None:   # w [n_real, g, N] fp32, rows in rows.owner order
-                buf = buf_of[i]
-                stats.record(rows.owner.to(x.device), w, buf.groups, buf.expert_mask)
+                stats.record(rows.owner.to(x.device), w)                            # exact: one shape
         slot_stack.apply(x, stack, rows, targets, record)
 
     @staticmethod
@@ -410,7 +406,7 @@ class AdapterSlots:
         of = dict(bufs)
         return [of.get(i) for i in range(len(targets))]
 
-    def _apply_slot_view(self, x: torch.Tensor, rows: slice, sp: _SlotPack, targets, buf_of, slot: int,
+    def _apply_slot_view(self, x: torch.Tensor, rows: slice, sp: _SlotPack, targets, slot: int,
                          stats: RoutingStats | None, x32: list[torch.Tensor]) -> None:
         """The common case (contiguous rows, not batch-invariant): shrink on the row view, each site's delta added
         in place into its target's row view. A slot with few rows computes in fp32 (`SMALL_ROWS`), reading x32[0],
@@ -425,15 +421,14 @@ class AdapterSlots:
         for i, part in zip(sp.targets, pk.parts):
             w = grouped.expand_into(hz, part, targets[i][1][rows])
             if stats is not None:
-                self._record(stats, buf_of[i], slot, part, w, n, x.device)
+                self._record(stats, slot, part, w, n, x.device)
 
     @staticmethod
-    def _record(stats: RoutingStats, buf: "_SiteBuffers", slot: int, part: grouped.PackedSite,
-                w: torch.Tensor | None, n: int, device) -> None:
-        """Routing statistics of n tokens of one slot at one site (w [n, g, N] fp32; None: one expert)."""
-        if w is None:
-            w = torch.ones(n, part.g, 1, device=device)
-        stats.record(slot, w, buf.groups, buf.expert_mask)
+    def _record(stats: RoutingStats, slot: int, part: grouped.PackedSite, w: torch.Tensor | None, n: int,
+                device) -> None:
+        """Routing statistics of n tokens of one slot at one site (w [n, g, N] fp32, the slot's own g and N;
+        None: one expert)."""
+        stats.record(slot, torch.ones(n, part.g, 1, device=device) if w is None else w)
 
     @staticmethod
     def _triton() -> bool:

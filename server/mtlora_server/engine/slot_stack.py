@@ -21,11 +21,10 @@ Contract:
   `refresh(slot, pack)` rewrites a slot's row when its pack object changed (the adapter in the slot was replaced);
   `forget(slot)` frees a cleared slot's row for reuse (`lora_ops` drops a stack when its last slot is forgotten,
   so stacks of shapes no longer loaded do not accumulate in a long-running server).
-- `StepRows.build(groups, slots, stack_rows)`: the step's rows of those slots (each a contiguous slice) in the
-  [m, n_max] layout ordered by stack row, as a gather index [m*n_max] (pad rows repeat a real row: finite, never
-  written back), the stack rows (a range view, holes for stack rows not in the run included, while the range is
-  at most HOLE_RATIO x the run; else an index, i.e. a copy of the weights), and how to add back (one view when the
-  rows are exactly the layout, else index_add of the real rows).
+- `StepRows.build(groups, slots, stack_rows)`: the step's rows of those slots (each a contiguous slice) as a gather
+  index [m*n_max] (pad rows repeat a real row: finite, never written back), the stack rows (a range view when
+  consecutive, else an index), and how to add back (one view when the rows are exactly the [m, n_max] layout, else
+  index_add of the real rows).
 - `apply(x, stack, rows, targets)`: adds every stacked site's delta, in place, into its target (out [T, d_out]
   views); per row exactly the math of `mtlora.grouped` on the row's own slot pack (fp32; summation order aside).
   Not batch-invariant (`lora_ops` does not use it in that mode); routing statistics through `record`.
@@ -41,9 +40,6 @@ from mtlora import grouped
 
 
 Shape = tuple  # per target site: (r, N, g) or None (the slot does not adapt that site)
-# A run's stack rows are read through a range view (holes included) while the range spans at most this many
-# times the run's slots; beyond, through an index (a copy).
-HOLE_RATIO = 2
 
 
 @dataclass
@@ -153,38 +149,26 @@ class StepRows:
 
     @classmethod
     def build(cls, groups: dict, slots: list[int], stack_rows: list[int]) -> "StepRows":
-        """groups: slot -> slice of its rows (the plan's); slots: each with a slice; stack_rows: each slot's row in
-        the stack. The layout follows the stack rows (sorted), so the weights are read through a range view
-        whenever the rows lie within 2x their count (HOLE_RATIO): a stack row in the range whose slot is not in
-        this run is a hole, computed on a copy of a real row and never added back. Only rows further apart take
-        an index (a copy of their weights: ~6 % of the many-adapter step when every run did)."""
-        order = sorted(range(len(slots)), key=lambda k: stack_rows[k])
-        slots, stack_rows = [slots[k] for k in order], [stack_rows[k] for k in order]
+        """groups: slot -> slice of its rows (the plan's); slots: in row order, each with a slice; stack_rows: each
+        slot's row in the stack."""
         spans = [groups[s] for s in slots]
         n = max(sp.stop - sp.start for sp in spans)
-        lo, hi = stack_rows[0], stack_rows[-1] + 1
-        ranged = hi - lo <= HOLE_RATIO * len(slots)
-        entries = list(range(lo, hi)) if ranged else stack_rows                     # layout entry -> stack row
-        of_row = {row: (slot, sp) for row, slot, sp in zip(stack_rows, slots, spans)}
         gather, src, dst, owner = [], [], [], []
-        fill = spans[0].start                                                       # any real row: finite
-        for k, row in enumerate(entries):
-            if row not in of_row:                                                   # a hole
-                gather += [fill] * n
-                continue
-            slot, sp = of_row[row]
+        lo, hi = stack_rows[0], stack_rows[-1] + 1
+        consecutive = stack_rows == list(range(lo, hi))
+        for k, sp in enumerate(spans):
             rows = list(range(sp.start, sp.stop))
             src += range(k * n, k * n + len(rows))
             dst += rows
-            owner += [slot] * len(rows)
+            owner += [slots[k]] * len(rows)
             gather += rows + [sp.start] * (n - len(rows))
         dense = None
-        if len(entries) == len(slots) and all(sp.stop - sp.start == n for sp in spans) and \
+        if all(sp.stop - sp.start == n for sp in spans) and \
                 all(a.stop == b.start for a, b in zip(spans, spans[1:])):
             dense = slice(spans[0].start, spans[-1].stop)
-        sel = slice(lo, hi) if ranged else torch.tensor(stack_rows)
+        sel = slice(lo, hi) if consecutive else torch.tensor(stack_rows)
         t = torch.tensor
-        return cls(t(gather), sel, len(entries), n, dense, None if dense else t(src), None if dense else t(dst),
+        return cls(t(gather), sel, len(slots), n, dense, None if dense else t(src), None if dense else t(dst),
                    t(owner))
 
 

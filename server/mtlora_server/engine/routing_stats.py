@@ -125,10 +125,8 @@ class RoutingStats:
         slots += [r.slots for r in rows]
         slots_t = torch.cat(slots)                                                  # [n]
         self._grow(top + 1, N, dev)
-        wd = torch.cat(w).double()                                                  # [n, g, N]
-        self._weight_sum[:, :N].index_add_(0, slots_t, wd.sum(1) / g)
-        self._entropy_sum.index_add_(0, slots_t, -(wd * wd.clamp_min(1e-30).log()).sum((1, 2)) / g)
-        self._count.index_add_(0, slots_t, torch.ones_like(slots_t, dtype=torch.float64))
+        self._accumulate(slots_t, torch.cat(w), torch.full_like(slots_t, g),      # a few ops per shape, not record
+                         torch.ones_like(slots_t, dtype=torch.bool))
         self._raise_experts(top + 1, slots_t, N)
 
     def _flush_padded(self, recs: list[_Record]) -> None:

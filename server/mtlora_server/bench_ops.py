@@ -131,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         lora_ops.STACK_MIN_SLOTS = default_min
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {"slots": args.slots, "kinds": args.kinds, "rows_per_slot": counts, "dtype": args.dtype,
-              "layers": cfg.num_hidden_layers, "routing_stats": args.routing_stats, "ms_per_step": med, "stacked_over_per_slot": med["stacked"] /
-              med["per_slot"], "threads": torch.get_num_threads()}
+              "layers": cfg.num_hidden_layers, "routing_stats": args.routing_stats, "ms_per_step": med,
+              "stacked_over_per_slot": med["stacked"] / med["per_slot"], "threads": torch.get_num_threads()}
     print(f"adapter work of one {'sampled ' if args.routing_stats else ''}decode step ({args.slots} slots, "
           f"{args.kinds}, rows {counts}, {args.dtype}, {cfg.num_hidden_layers} layers, "
           f"{torch.get_num_threads()} threads)")

@@ -146,7 +146,8 @@ def test_study_config_errors_name_the_key(tmp_path, capsys):
 def test_shipped_study_config_parses():
     s = study_mod.load_study("training/configs/study_smollm2_bigbench.yaml")
     names = [r.name for r in s.runs]
-    assert names == ["base", "lora-s42", "lora-s43", "lora_lr5e4-s42", "hydralora-s42", "hydralora-s43",
+    assert names == ["base", "lora-s42", "lora-s43", "lora_lr5e4-s42", "lora_lr5e4-s43",
+                     "hydralora-s42", "hydralora-s43", "hydralora_lr5e4-s42", "hydralora_lr5e4-s43",
                      "block_ffn-s42", "block_ffn_lr1e4-s42", "block_ffn_lr5e4-s42", "block_ffn_lr5e4-s43",
                      "block_ffn_alpha64-s42", "block_ffn_fgr-s42", "block_ffn_spectral-s42", "mtlora-s42", "mtlora-s43",
                      "mtlora_lr5e4-s42", "mtlora_lr5e4-s43"]
@@ -154,7 +155,11 @@ def test_shipped_study_config_parses():
     budgets = {(c.max_steps, c.per_device_train_batch_size, c.max_seq_length, c.lora_rank) for c in configs.values()}
     assert budgets == {(400, 8, 256, 16)}
     lrs = {name.rsplit("-s", 1)[0]: c.learning_rate for name, c in configs.items()}
-    assert {arm for arm, lr in lrs.items() if lr == 5e-4} == {"lora_lr5e4", "block_ffn_lr5e4", "mtlora_lr5e4"}
+    assert {arm for arm, lr in lrs.items() if lr == 5e-4} == {"lora_lr5e4", "hydralora_lr5e4", "block_ffn_lr5e4",
+                                                                     "mtlora_lr5e4"}
     # the tuned full mtLoRA arm is the mtlora arm at the tuned lr, nothing else changed
     mt, mt5 = configs["mtlora-s42"].to_dict(), configs["mtlora_lr5e4-s42"].to_dict()
     assert {k for k in mt if mt[k] != mt5[k]} == {"learning_rate", "output_dir"}
+    for arm in ("lora", "hydralora"):  # so are the fairness arms of the component-level methods
+        a, a5 = configs[f"{arm}-s43"].to_dict(), configs[f"{arm}_lr5e4-s43"].to_dict()
+        assert {k for k in a if a[k] != a5[k]} == {"learning_rate", "output_dir"}

@@ -158,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "logprobs whatever else is in its batch, however its prompt is chunked and whether its "
                         "prefix came from the cache (docs/serving.md). Costs some speed; recommended for "
                         "reproducible evaluation scores.")
+    p.add_argument("--cpu-attention", default="auto", choices=["auto", "kernel", "torch"],
+                   help="Native engine on CPU: how decode attention reads the paged KV cache. kernel: a small C++ "
+                        "kernel reads keys and values in place (built with the system C++ compiler on first use, "
+                        "~40 s once per machine, cached; fails at start-up if it cannot be built); torch: gathers "
+                        "them into a dense copy per layer and uses torch ops; auto: the kernel when it builds, "
+                        "else torch (logged). Batch-invariant mode always uses its own attention.")
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="Let chat requests with tools use tool_choice 'auto' (the default with tools): the model's "
                         "free output is read with --tool-call-parser and calls found become tool_calls. Named and "
@@ -230,7 +236,7 @@ def engine_args_from(ns: argparse.Namespace, adapters: dict[str, str]):
                       adapter_cache_size=ns.adapter_cache_size,
                       seed=ns.seed, enforce_eager=ns.enforce_eager, decode_graphs=ns.decode_graphs,
                       enable_prefix_caching=ns.enable_prefix_caching, batch_invariant=ns.batch_invariant,
-                      gpu_memory_utilization=ns.gpu_memory_utilization)
+                      gpu_memory_utilization=ns.gpu_memory_utilization, cpu_attention=ns.cpu_attention)
 
 
 def _memory_summary() -> str:

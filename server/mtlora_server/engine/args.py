@@ -36,6 +36,7 @@ class EngineArgs:
     decode_graphs: str = "auto"               # auto | cudagraph | compile | static (engine/decode_graphs.py)
     enable_prefix_caching: bool = True        # reuse the K/V blocks of prefixes computed before
     batch_invariant: bool = False             # a request's numbers never depend on its batch (engine/invariant.py)
+    cpu_attention: str = "auto"               # CPU decode attention: auto | kernel | torch (engine/cpu_attention.py)
     gpu_memory_utilization: float | None = None   # CUDA: KV cache share of the memory free after loading (0, 1]
 
     def __post_init__(self) -> None:
@@ -63,6 +64,9 @@ class EngineArgs:
         if self.decode_graphs not in ("auto", "cudagraph", "compile", "static"):
             raise ConfigError(f"unknown decode_graphs {self.decode_graphs!r}; expected auto, cudagraph, compile or "
                               "static", field="decode_graphs")
+        if self.cpu_attention not in ("auto", "kernel", "torch"):
+            raise ConfigError(f"unknown cpu_attention {self.cpu_attention!r}; expected auto, kernel or torch",
+                              field="cpu_attention")
         if not isinstance(self.adapters, dict):
             raise ConfigError("adapters must map names to adapter directories", field="adapters")
 

@@ -116,6 +116,9 @@ class EngineCore(AdapterMethods):
         if (not mode and self.device.type == "cpu" and self.dtype == torch.bfloat16 and not args.batch_invariant
                 and self.model.prepack_weights()):
             log.info("projection and lm_head weights prepacked for oneDNN (bf16 on CPU)")
+        if self.device.type == "cpu" and not args.batch_invariant and args.cpu_attention != "torch":
+            if self.model.enable_paged_kernel(self.pool.k.dtype, required=args.cpu_attention == "kernel"):
+                log.info("decode attention reads the paged KV pool in place (cpu_attention kernel)")
         graphs = mode and DecodeGraphs(self.model, self.pool, self.slots, args.max_num_seqs, self.max_model_len, mode)
         self.runner = ModelRunner(self.model, self.pool, self.slots, self.device, self.slot_sites, graphs)
         self.eos_ids = set(c.eos_token_ids)

@@ -189,9 +189,10 @@ class StaticDecoder:
         return h + out
 
     def attend(self, idx: int, q, k, v, kv, slot_mapping, kv_slots, mask):
-        """Write this step's K/V, gather the rows' contexts [KV, B, Kw, hd], attend (LlamaDecoder's math)."""
+        """Write this step's K/V, attend over the rows' contexts (LlamaDecoder.decode_attention: gathered into
+        [KV, B, Kw, hd], or read in place by the CPU paged kernel when the model has it)."""
         kv.write(idx, slot_mapping, k, v)
-        return self.model._decode_attention(q, *kv.gather(idx, kv_slots), mask)    # [B, H*hd]
+        return self.model.decode_attention(idx, q, kv, kv_slots, mask)              # [B, H*hd]
 
     def head(self, h):
         h = rms_norm(h, self.model.final_norm, self.eps)

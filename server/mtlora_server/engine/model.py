@@ -15,6 +15,8 @@ Contract:
 - Attention is a few batched computations per layer: the step's decodes (one query each, two matmuls) and its
   prefill chunks by class of query length (queries scattered into `[B, Qmax]`, SDPA with a causal + length mask),
   K/V gathered from the paged pool by block table into `[B, Kmax]`; there is no Python loop over sequences.
+  `enable_paged_kernel()` (CPU, the core decides) makes decode attention read K/V in place instead
+  (cpu_attention.py: no dense copy; parity-tested against the gather path).
 - Batch-invariant mode (`enable_batch_invariance`, engine flag `batch_invariant`): token-row matmuls padded to the
   row tile probed on this machine and one attention computation for decodes and prefill chunks alike
   (`invariant.invariant_attention`), so a token's numbers do not depend on the rest of the step (invariant.py).
@@ -39,7 +41,7 @@ from mtlora.base import load_config, load_state_dict, rope_parameters
 from mtlora.errors import CheckpointError, ConfigError
 from mtlora.sites import FUSED, FusedColumn, fused_columns, site_of_module
 
-from . import invariant
+from . import cpu_attention, invariant
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 PREPACK_ROWS_HINT = 64       # rows oneDNN tunes a prepacked weight's layout for (a decode batch; any count works)
@@ -236,6 +238,7 @@ class LlamaDecoder:
         self.scale = cfg.head_dim ** -0.5
         self.columns = {f: fused_columns(cfg, f) for f in FUSED}          # adapter sites inside qkv / gate_up
         self.row_tile = 0            # > 0: batch-invariant mode, the row tile (invariant.py); see below
+        self.paged_kernel = None     # cpu_attention's extension: decode attention read in place from the pool
 
     def enable_batch_invariance(self, max_rows: int) -> int:
         """Switch to batch-invariant numerics after probing this machine's matmuls on the model's own shapes
@@ -316,7 +319,7 @@ class LlamaDecoder:
             for g in b.attn:
                 out.index_copy_(0, *self._invariant_attention(idx, q, g, kv))
         elif g0.decode and g0.q_index is None:                              # decode-only step: T == B, in order
-            out = self._decode_attention(q, *kv.gather(idx, g0.kv_slots), g0.mask)          # [T, H*hd]
+            out = self.decode_attention(idx, q, kv, g0.kv_slots, g0.mask)                   # [T, H*hd]
         else:
             out = q.new_empty(T, self.q_size)                               # every row is written below
             for g in b.attn:
@@ -327,9 +330,9 @@ class LlamaDecoder:
 
     def _group_attention(self, idx, q, g: AttnGroup, kv) -> tuple[torch.Tensor, torch.Tensor]:
         """(flat rows [n], attention output [n, H*hd]) of one group's queries. q: [T, H, hd]."""
-        keys, values = kv.gather(idx, g.kv_slots)                           # [KV, G, Kmax, hd]
         if g.decode:
-            return g.q_index, self._decode_attention(q[g.q_index], keys, values, g.mask)
+            return g.q_index, self.decode_attention(idx, q[g.q_index], kv, g.kv_slots, g.mask)
+        keys, values = kv.gather(idx, g.kv_slots)                           # [KV, G, Kmax, hd]
         # Scatter queries into the padded [G, Qmax] layout; index T reads an appended zero row.
         qp = torch.cat([q, q.new_zeros(1, *q.shape[1:])])[g.q_index]      # [G, Qmax, H, hd]
         out = F.scaled_dot_product_attention(qp.transpose(1, 2), keys.transpose(0, 1), values.transpose(0, 1),
@@ -346,6 +349,27 @@ class LlamaDecoder:
         qp = torch.cat([q, q.new_zeros(1, *q.shape[1:])])[g.q_index]      # [G, Qmax, H, hd]
         out = invariant.invariant_attention(qp, keys, values, g.mask, self.scale, self.row_tile)
         return g.scatter.rows, out.reshape(-1, self.q_size)[g.scatter.padded_at]          # [n], [n, H*hd]
+
+    def decode_attention(self, idx: int, q, kv, kv_slots, mask) -> torch.Tensor:
+        """[B, H*hd] attention of one query per sequence (q: [B, H, hd]) over layer idx of the pool: read in place
+        by the paged kernel when enabled (`enable_paged_kernel`), else gathered into a dense copy for
+        `_decode_attention`. kv_slots: [B, Kmax]; mask: [B, 1, 1, Kmax]."""
+        if self.paged_kernel is not None:
+            return cpu_attention.decode_attention(self.paged_kernel, q, kv.k[idx], kv.v[idx], kv_slots, mask,
+                                                  self.scale)
+        return self._decode_attention(q, *kv.gather(idx, kv_slots), mask)
+
+    def enable_paged_kernel(self, kv_dtype: torch.dtype, required: bool = False) -> bool:
+        """Use cpu_attention's kernel for decode attention (CPU, fp32 / bf16, K/V in the model's dtype, not
+        batch-invariant: the core decides). False, and the torch path stays, when it is unavailable; `required`
+        raises instead (engine flag cpu_attention=kernel)."""
+        usable = self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16) and kv_dtype == self.dtype
+        ext = cpu_attention.kernel() if usable else None
+        if ext is None and required:
+            raise ConfigError("cpu_attention=kernel: the paged CPU attention kernel is unavailable here (CPU with "
+                              "float32 / bfloat16 only; a build failure is logged above)", field="cpu_attention")
+        self.paged_kernel = ext
+        return ext is not None
 
     def _decode_attention(self, q, keys, values, mask) -> torch.Tensor:
         """One query per sequence, as two batched matmuls over (KV head, sequence). q: [B, H, hd]; keys/values:

@@ -1,0 +1,148 @@
+"""The CPU paged decode-attention kernel (engine/cpu_attention.py) against the torch path it replaces: the kernel
+alone on random pools (fp32 to 1e-5, bf16 to its rounding), and whole decoder steps with and without it. Also:
+the fallback when it cannot be built, and the engine flag."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from mtlora.errors import ConfigError
+from mtlora.testing import make_tiny_model_dir
+from mtlora_server.engine import cpu_attention
+from mtlora_server.engine.args import EngineArgs
+from mtlora_server.engine.kv_cache import KVCachePool
+from mtlora_server.engine.model import LlamaDecoder
+from mtlora_server.engine.runner import ModelRunner
+from mtlora_server.engine.scheduler import Chunk, Sequence
+
+
+@pytest.fixture(scope="module")
+def ext():
+    ext = cpu_attention.kernel()
+    if ext is None:
+        if shutil.which("c++") is None and shutil.which("g++") is None:
+            pytest.skip("no C++ compiler on this machine: the paged CPU attention kernel cannot be built")
+        pytest.fail("a C++ compiler is present but the paged CPU attention kernel did not build (see the log)")
+    return ext
+
+
+def _oracle(q, k, v, kv_slots, mask, scale):
+    """Gather + softmax(q k^T) v in float64, masked positions excluded: [B, H*hd]."""
+    B, H, hd = q.shape
+    G = H // k.shape[0]
+    keys = k.double()[:, kv_slots].repeat_interleave(G, dim=0).transpose(0, 1)       # [B, H, Kmax, hd]
+    values = v.double()[:, kv_slots].repeat_interleave(G, dim=0).transpose(0, 1)
+    scores = torch.einsum("bhd,bhkd->bhk", q.double() * scale, keys).masked_fill(~mask[:, None], float("-inf"))
+    return torch.einsum("bhk,bhkd->bhd", scores.softmax(-1), values).reshape(B, H * hd)
+
+
+CASES = [  # (B, H, KV, hd, Kmax): GQA as SmolLM2 (3 query heads per KV head), MHA, MQA, unrolled and generic dims
+    (5, 9, 3, 64, 40),
+    (3, 4, 4, 128, 33),
+    (4, 6, 1, 12, 17),
+    (1, 2, 2, 64, 1),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_equals_the_gathered_attention(ext, case, dtype):
+    """Random pool, each sequence's slots scattered over it, masks with holes and different lengths: the kernel
+    equals the float64 oracle (fp32: 1e-5; bf16: rounding of the output) and the torch path to the same tolerance."""
+    B, H, KV, hd, K = case
+    g = torch.Generator().manual_seed(B * 100 + hd)
+    S = 4 * B * K + 7
+    k, v = (torch.randn(KV, S, hd, generator=g).to(dtype) for _ in range(2))
+    q = torch.randn(B, H, hd, generator=g).to(dtype)
+    kv_slots = torch.stack([torch.randperm(S, generator=g)[:K] for _ in range(B)])             # [B, Kmax]
+    mask = torch.rand(B, K, generator=g) < 0.7
+    mask[:, 0] = True                                                                          # no empty row
+    scale = hd ** -0.5
+    got = cpu_attention.decode_attention(ext, q, k, v, kv_slots, mask[:, None, None, :], scale)
+    want = _oracle(q, k, v, kv_slots, mask, scale)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    assert got.dtype == dtype and got.shape == (B, H * hd)
+    torch.testing.assert_close(got.double(), want, **tol)
+    keys, values = KVCachePool.gather(SimpleNamespace(k=k[None], v=v[None]), 0, kv_slots)      # [KV, B, Kmax, hd]
+    torch_path = LlamaDecoder._decode_attention(SimpleNamespace(scale=scale), q, keys, values, mask[:, None, None, :])
+    torch.testing.assert_close(got.float(), torch_path.float(), **tol)
+
+
+def test_kernel_refuses_unmasked_slots_outside_the_pool_and_ignores_masked_ones(ext):
+    k = v = torch.randn(1, 10, 64)
+    q = torch.randn(2, 1, 64)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    slots = torch.tensor([[0, 9, 10_000], [3, -5, 10]])          # out-of-pool slots only where masked: fine
+    out = cpu_attention.decode_attention(ext, q, k, v, slots, mask, 0.125)
+    torch.testing.assert_close(out.double(), _oracle(q, k, v, slots.clamp(0, 9), mask, 0.125), atol=1e-5, rtol=0)
+    with pytest.raises(RuntimeError, match="1 unmasked kv_slots outside the pool's 10 slots"):
+        cpu_attention.decode_attention(ext, q, k, v, torch.tensor([[0, 10, 0], [3, 0, 0]]), mask, 0.125)
+    empty = cpu_attention.decode_attention(ext, q, k, v, slots, torch.zeros_like(mask), 0.125)
+    assert torch.equal(empty, torch.zeros_like(empty))                  # no key to attend: zeros, not NaN
+    with pytest.raises(RuntimeError, match="one dtype"):
+        cpu_attention.decode_attention(ext, q.bfloat16(), k, v, slots, mask, 0.125)
+
+
+def _runner(model_dir, paged: bool):
+    model = LlamaDecoder.from_dir(model_dir, torch.float32, "cpu", max_len=256)
+    c = model.cfg
+    pool = KVCachePool(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, 64, 16, torch.float32)
+    if paged:
+        assert model.enable_paged_kernel(pool.k.dtype)
+    return ModelRunner(model, pool, None, torch.device("cpu")), pool
+
+
+def test_decoder_steps_are_the_same_with_the_kernel(ext, tmp_path):
+    """Prefill, decode-only steps (the whole-step path) and a mixed step (a decode group beside prefill chunks):
+    fp32 logits with the kernel equal those of the gather path to 1e-5."""
+    model_dir = make_tiny_model_dir(tmp_path, seed=6)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 259, (n,), generator=gen).tolist() for n in (12, 26, 14)]
+    outs = []
+    for paged in (False, True):
+        runner, pool = _runner(model_dir, paged)
+        s = [Sequence(i, ids, len(ids), blocks=pool.allocate(3)) for i, ids in enumerate(prompts)]
+        rows = [runner.run([Chunk(s[0], 0, 8), Chunk(s[1], 0, 22)], [[7], [21]])]
+        rows.append(runner.run([Chunk(s[0], 8, 1), Chunk(s[1], 22, 1)], [[8], [22]]))          # decode only
+        rows.append(runner.run([Chunk(s[2], 0, 14), Chunk(s[0], 9, 1), Chunk(s[1], 23, 1)],       # mixed
+                               [[13], [9], [23]]))
+        outs.append(torch.cat(rows))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+
+
+def test_kernel_build_failure_falls_back_and_a_required_kernel_names_the_flag(monkeypatch, tmp_path, caplog):
+    import torch.utils.cpp_extension as cpp
+
+    def broken(*a, **k):
+        raise RuntimeError("Error building extension\nc++: not found")
+
+    monkeypatch.setattr(cpu_attention, "_state", {})
+    monkeypatch.setattr(cpp, "load", broken)
+    with caplog.at_level(logging.WARNING, logger=cpu_attention.__name__):
+        assert cpu_attention.kernel() is None
+    assert "could not be built" in caplog.text and "c++: not found" in caplog.text
+    model = LlamaDecoder.from_dir(make_tiny_model_dir(tmp_path, seed=1), torch.float32, "cpu", max_len=64)
+    assert model.enable_paged_kernel(torch.float32) is False and model.paged_kernel is None
+    with pytest.raises(ConfigError) as info:
+        model.enable_paged_kernel(torch.float32, required=True)
+    assert info.value.field == "cpu_attention"
+
+
+def test_env_forces_the_torch_path_and_engine_args_validate(monkeypatch):
+    monkeypatch.setattr(cpu_attention, "_state", {})
+    monkeypatch.setenv(cpu_attention.ENV, "torch")
+    assert cpu_attention.kernel() is None
+    with pytest.raises(ConfigError) as info:
+        EngineArgs(cpu_attention="fast")
+    assert info.value.field == "cpu_attention"
+
+
+def test_build_name_depends_on_the_source_and_this_cpu(monkeypatch):
+    a = cpu_attention.build_name()
+    monkeypatch.setattr(cpu_attention, "_cpu_flags", lambda: "flags : fpu sse2")
+    assert cpu_attention.build_name() != a and cpu_attention.build_name().startswith("mtlora_paged_attention_")

@@ -146,3 +146,11 @@ def test_build_name_depends_on_the_source_and_this_cpu(monkeypatch):
     a = cpu_attention.build_name()
     monkeypatch.setattr(cpu_attention, "_cpu_flags", lambda: "flags : fpu sse2")
     assert cpu_attention.build_name() != a and cpu_attention.build_name().startswith("mtlora_paged_attention_")
+
+
+def test_ninja_from_the_wheel_is_put_on_path_when_none_is_there(monkeypatch):
+    ninja = pytest.importorskip("ninja", reason="the ninja wheel is a serve / dev dependency")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(cpu_attention.shutil, "which", lambda name: None)
+    cpu_attention._ninja_on_path()
+    assert cpu_attention.os.environ["PATH"].split(cpu_attention.os.pathsep)[0] == ninja.BIN_DIR

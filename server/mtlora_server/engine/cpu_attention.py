@@ -11,7 +11,8 @@ Contract:
 - `kernel() -> module | None`: the compiled extension, built on first call with `torch.utils.cpp_extension.load`
   (`-O3 -march=native`; the build directory's name carries a hash of the source, the flags and this CPU's flags, so
   machines sharing a home directory never load each other's builds). ~40 s the first time on a machine, cached
-  after. None, with one warning naming the reason, when it cannot be built (no C++ compiler, a build error) or
+  after; needs a C++ compiler and ninja (the `ninja` wheel is a serve dependency and is found even when the venv is
+  not activated). None, with one warning naming the reason, when it cannot be built (no compiler, a build error) or
   when `MTLORA_CPU_ATTENTION=torch` is set: callers then use the torch path. Never raises.
 - `decode_attention(ext, q [B, H, hd], k, v [KV, S, hd] (one layer of the pool), kv_slots [B, Kmax] long,
   mask [B, Kmax] bool, scale) -> [B, H*hd]` in q's dtype: the same function as gather + `_decode_attention` (query
@@ -28,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -53,6 +55,17 @@ def _cpu_flags() -> str:
     return ""
 
 
+def _ninja_on_path() -> None:
+    """torch's JIT build runs `ninja` from PATH; a venv used without activation has the `ninja` wheel's binary
+    off PATH, so add its directory (only when no ninja is on PATH already)."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 def build_name() -> str:
     """Extension name: a hash of the source, the flags and this CPU's feature flags."""
     h = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + _cpu_flags().encode())
@@ -70,6 +83,7 @@ def kernel():
         else:
             try:
                 from torch.utils.cpp_extension import load
+                _ninja_on_path()
                 log.info("CPU decode attention: loading the paged kernel (compiled on first use on a machine, ~40 s)")
                 ext = load(build_name(), [str(SOURCE)], extra_cflags=CFLAGS, verbose=False)
             except Exception as e:  # noqa: BLE001 - any build failure means: use the torch path

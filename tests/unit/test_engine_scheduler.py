@@ -138,3 +138,29 @@ def test_preemption_by_recompute_keeps_outputs_exact(model_dir):
     for i, p in enumerate(prompts):
         assert res[f"r{i}"].tokens[0] == ref.greedy(p, 20)
     assert core.pool.num_free == core.pool.num_total
+
+
+def test_a_prefill_preempted_midway_still_returns_every_prompt_logprob(model_dir):
+    """A long prompt asking for prompt logprobs is preempted in the middle of its chunked prefill (a small pool,
+    16-token chunks): its re-prefill keeps producing the missing entries, so it gets all of them, equal to a run
+    with room to spare (they used to stop at the preemption point)."""
+    gen = torch.Generator().manual_seed(5)
+    a, b = (torch.randint(3, 259, (n,), generator=gen).tolist() for n in (46, 64))
+
+    def run(blocks):
+        core = EngineCore(tiny_engine_args(model_dir, kv_cache_memory=blocks * 2 * 2 * 16 * 2 * 16 * 4,
+                                           max_num_batched_tokens=16))
+        reqs = [GenerationRequest("a", a, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)),
+                GenerationRequest("b", b, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True,
+                                                         prompt_logprobs=1))]
+        return core, run_to_completion(core, reqs)
+
+    small, got = run(7)
+    assert small.scheduler.num_preemptions > 0
+    big, want = run(64)
+    assert big.scheduler.num_preemptions == 0
+    lp = got["b"].prompt_logprobs
+    assert len(lp) == len(b) and lp[0] is None and all(x is not None for x in lp[1:])
+    torch.testing.assert_close(torch.tensor([x.logprob for x in lp[1:]]),
+                               torch.tensor([x.logprob for x in want["b"].prompt_logprobs[1:]]), atol=1e-5, rtol=0)
+    assert got["b"].tokens == want["b"].tokens and got["a"].tokens == want["a"].tokens

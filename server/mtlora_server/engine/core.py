@@ -311,7 +311,9 @@ class EngineCore(AdapterMethods):
     def _record(self, c: Chunk, out: ChunkOutput) -> None:
         """One chunk's bookkeeping after the forward: its prompt logprobs, then its blocks (scheduler)."""
         seq, state = c.seq, c.seq.owner
-        if out.tail_logits is not None:                   # logprob of the first token after the cached prefix
+        # the logprob of the first token after the cached prefix, unless the request has it already (a sequence
+        # preempted mid-prefill comes back with more entries than its cached blocks hold)
+        if out.tail_logits is not None and len(state.prompt_logprobs) == c.start:
             state.prompt_logprobs.extend(self._prompt_entries(out.tail_logits, seq, [c.start - 1]))
         if out.prompt_logits is not None:
             state.prompt_logprobs.extend(self._prompt_entries(out.prompt_logits, seq,

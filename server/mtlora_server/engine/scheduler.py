@@ -241,7 +241,9 @@ class Scheduler:
         self.running.remove(seq)
         self._release(seq)
         seq.num_computed = 0
-        seq.want_prompt_logits = False                  # prompt logprobs were already produced (or never asked)
+        # A sequence preempted in the middle of its chunked prefill has not produced all its prompt logprobs yet:
+        # it keeps asking for them (the re-prefill resumes after the entries it has, see _plan).
+        seq.want_prompt_logits = seq.want_prompt_logits and not seq.owner.prompt_logprobs_done()
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
         log.debug("preempted sequence %d (recompute %d tokens)", seq.seq_id, seq.num_tokens)

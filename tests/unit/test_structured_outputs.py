@@ -122,3 +122,45 @@ async def test_constrained_and_free_requests_share_batches(client):
                                      [_complete(client, **free)] * 4))
     assert [r[0]["text"] for r in results[4:]] == [alone["text"]] * 4
     assert {r[0]["text"] for r in results[:4]} <= {"yes", "no"}
+
+
+async def test_a_finished_grammar_stops_the_choice_even_when_eos_is_not_allowed_to(client):
+    """min_tokens / ignore_eos keep a sequence going past EOS, but nothing can follow a finished grammar: the
+    choice stops with the constrained text (each used to fail with a 500 on the next step's mask). The API refuses
+    ignore_eos beside the guided fields, but a named tool choice (a JSON-schema grammar) takes it."""
+    (c,) = await _complete(client, guided_choice=["ab"], max_tokens=10, min_tokens=5)
+    assert c["finish_reason"] == "stop" and c["text"] == "ab", c
+    tool = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"], "additionalProperties": False}}}
+    r = await client.post("/v1/chat/completions", json={
+        "messages": MSG, "max_tokens": 40, "temperature": 0.0, "ignore_eos": True, "tools": [tool],
+        "tool_choice": {"type": "function", "function": {"name": "f"}}})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    if choice["finish_reason"] != "length":                      # a tiny random model may not close the object
+        (call,) = choice["message"]["tool_calls"]
+        assert call["function"]["name"] == "f" and set(json.loads(call["function"]["arguments"])) == {"a"}
+    await _complete(client, max_tokens=2)
+
+
+async def test_logit_processing_that_bans_every_allowed_token_is_a_400_for_that_request_only(client):
+    """bad_words that forbid the only continuation the constraint allows: a 400 naming the conflict (was a 500:
+    "the output grammar rejected token 0"); the server serves on."""
+    r = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 6, "temperature": 0.0,
+                                                   "guided_choice": ["ab"], "bad_words": ["b"]})
+    assert r.status_code == 400, r.text
+    assert "forbids every token its output constraint allows" in r.json()["error"]["message"]
+    await _complete(client, max_tokens=2)
+
+
+async def test_a_constraint_too_costly_to_mask_fails_its_request_alone(client, monkeypatch):
+    """A row whose grammar mask takes longer than FILL_LIMIT_S (an ambiguous grammar late in a long output) fails
+    its request with a 400, while a free request in the same batches is served (limit forced to -1 here)."""
+    import mtlora_server.engine.core as core_mod
+
+    monkeypatch.setattr(core_mod, "FILL_LIMIT_S", -1.0)
+    slow, free = await asyncio.gather(
+        client.post("/v1/completions", json={"prompt": "x", "max_tokens": 8, "guided_choice": ["ab", "cd"]}),
+        client.post("/v1/completions", json={"prompt": "x", "max_tokens": 8, "temperature": 0.0}))
+    assert slow.status_code == 400 and "too costly to evaluate" in slow.json()["error"]["message"], slow.text
+    assert free.status_code == 200, free.text

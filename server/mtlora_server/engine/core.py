@@ -50,7 +50,7 @@ import time
 import torch
 
 from mtlora.base import load_config, load_tokenizer, parse_dtype, resolve_model
-from mtlora.errors import (AdapterNotFoundError, ContextLengthError, InvalidRequestError,
+from mtlora.errors import (AdapterNotFoundError, ContextLengthError, InvalidRequestError, MtloraError,
                            RequestFailedError)
 
 from . import faults
@@ -66,7 +66,7 @@ from .request_state import RequestState
 from .decode_graphs import DecodeGraphs, resolve_mode
 from .runner import ChunkOutput, ModelRunner, RunnerOutput
 from .scheduler import Chunk, Scheduler, SchedulerOutput, Sequence
-from .structured import GrammarBackend, GrammarState, mask_rows
+from .structured import FILL_LIMIT_S, GrammarBackend, GrammarState, mask_rows
 from .types import EngineStats, GenerationRequest, RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -340,7 +340,7 @@ class EngineCore(AdapterMethods):
 
     # -- per-request failures --------------------------------------------------------------------------------------
     def _fail(self, state: RequestState, exc: BaseException, doing: str,
-              error: RequestFailedError | None = None) -> None:
+              error: MtloraError | None = None) -> None:
         """Fail one request: free its sequences' KV blocks, forget it, queue its error (default: one naming
         `doing` and `exc`) for `take_failures`."""
         rid = state.request.request_id
@@ -390,12 +390,21 @@ class EngineCore(AdapterMethods):
             try:
                 faults.check("detokenize", [seq.owner.request])
                 grammar = _grammar_of(seq)
+                if grammar is not None and grammar.fill_s > FILL_LIMIT_S:
+                    raise InvalidRequestError(f"the output constraint is too costly to evaluate: its mask took "
+                                              f"{grammar.fill_s * 1e3:.0f} ms for one token (limit "
+                                              f"{FILL_LIMIT_S * 1e3:.0f} ms); simplify the grammar")
                 if grammar is not None and not grammar.accept(token):
                     raise RuntimeError(f"the output grammar rejected token {token}")
                 if seq.owner.on_token(seq, token, lp):
                     self.scheduler.finish(seq)
+                elif grammar is not None and grammar.done:
+                    # The grammar ended (on EOS) but min_tokens / ignore_eos kept the sequence going: nothing more
+                    # can follow a finished grammar, so it stops here (the matcher would refuse the next mask).
+                    seq.owner.finish_seq(seq, "stop")
+                    self.scheduler.finish(seq)
             except Exception as exc:
-                self._fail(seq.owner, exc, "recording / detokenising a sampled token")
+                self._fail(seq.owner, exc, "recording / detokenising a sampled token", _request_error(exc))
 
     def _choose_isolated(self, live: list[tuple[Sequence, int]], logits: torch.Tensor):
         """[(seq, token, logprob)] for the rows `live`, sampled in one batch. If the batch raises, the rows are
@@ -407,7 +416,7 @@ class EngineCore(AdapterMethods):
             return self._choose(live, logits)
         except Exception as exc:
             if len(live) == 1:
-                self._fail(live[0][0].owner, exc, "sampling")
+                self._fail(live[0][0].owner, exc, "sampling", _request_error(exc))
                 return []
             log.warning("batched sampling of %d rows failed (%s: %s); sampling them one by one", len(live),
                         type(exc).__name__, exc)
@@ -420,7 +429,7 @@ class EngineCore(AdapterMethods):
             try:
                 chosen.extend(self._choose([one], logits))
             except Exception as exc:
-                self._fail(one[0].owner, exc, "sampling")
+                self._fail(one[0].owner, exc, "sampling", _request_error(exc))
         return chosen
 
     def _choose(self, live: list[tuple[Sequence, int]], logits: torch.Tensor):
@@ -442,6 +451,11 @@ class EngineCore(AdapterMethods):
         params = [seq.owner.params for seq, _ in live]
         if any(p.processes_logits for p in params):       # the default request skips this entirely
             rows = process_logits(rows, params, *processing_inputs([s for s, _ in live], raw.device))
+            for i in torch.isneginf(rows).all(-1).nonzero().flatten().tolist():
+                if grammars[i] is not None:               # bad_words / logit_bias / ... ban all it allows
+                    raise InvalidRequestError("the request's logit processing (bad_words, logit_bias, allowed_token_ids "
+                                              f"or penalties) forbids every token its output constraint allows at "
+                                              f"output position {len(live[i][0].output_ids)}")
         gens = [seq.owner.generators[seq.index] for seq, _ in live]
         chosen = sample(rows, params, gens).cpu()
         faults.check("sample", [seq.owner.request for seq, _ in live])   # after the draws: the worst case
@@ -469,6 +483,12 @@ class EngineCore(AdapterMethods):
                 st.expert_usage[name] = usage
                 st.routing_entropy[name] = entropy
         return st
+
+
+def _request_error(exc: BaseException) -> MtloraError | None:
+    """The error a request failed by `exc` gets: the request's own contradiction stays a 400 (InvalidRequestError),
+    anything else becomes _fail's RequestFailedError (500)."""
+    return exc if isinstance(exc, InvalidRequestError) else None
 
 
 def _grammar_of(seq: Sequence) -> GrammarState | None:

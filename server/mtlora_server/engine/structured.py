@@ -5,15 +5,19 @@ Contract:
   kind "json" (a JSON schema as a JSON string), "json_object" (any JSON object), "regex", "choice" (a JSON list of
   strings) or "grammar" (EBNF / GBNF, as vLLM's `guided_grammar`).
 - `GrammarBackend(tokenizer, vocab_size, stop_token_ids)` owns one xgrammar compiler for the engine's tokenizer
-  (its cache keyed by the constraint). `compile(guided)` returns a compiled grammar or raises InvalidRequestError
+  (its cache keyed by the constraint, bounded by GRAMMAR_CACHE_BYTES). `compile(guided)` returns a compiled grammar or raises InvalidRequestError
   naming the request field (`param`), so a bad schema or regex, or one that admits no first token, is a 400 before
-  the request reaches the engine; the API calls it off the event loop. (A grammar that dead-ends later fails its
-  request alone with a 500 from the sampler, as any per-request engine failure does.) It is thread-safe (xgrammar's compiler is), holds no torch state.
+  the request reaches the engine; the API calls it off the event loop. (When the request's own logit processing
+  -- bad_words, logit_bias, ... -- bans every token its grammar allows, the core fails that request alone with a
+  400 naming the conflict; any other dead end fails it alone with a 500.) Thread-safe (xgrammar's compiler is),
+  holds no torch state.
 - `GrammarState(compiled)`: one matcher per sequence. `mask_rows(logits [S, V], states)` sets the logits of tokens
   a row's grammar forbids to -inf, in place, for the rows with a state (one bitmask for the whole batch, filled row
   by row by xgrammar, applied in one call); rows without a state are untouched, so constrained and free requests
-  share batches. `GrammarState.accept(token)` advances the matcher after the draw; `done` is true once the grammar
-  is complete and nothing else may follow (the sequence then finishes with finish_reason "stop").
+  share batches; each state's `fill_s` is the time its row's mask took (the core fails a request whose mask took
+  more than FILL_LIMIT_S). `GrammarState.accept(token)` advances the matcher after the draw; `done` is true once the grammar
+  is complete and nothing else may follow: the sequence then finishes with finish_reason "stop", even where
+  min_tokens or ignore_eos would carry on past EOS.
 - Row-wise throughout: a request's constraint never changes another row's logits (seeded sampling and the
   batch-invariant mode keep their guarantees).
 """
@@ -24,6 +28,7 @@ import json
 import logging
 import re
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +38,13 @@ from mtlora.errors import InvalidRequestError
 log = logging.getLogger(__name__)
 
 KINDS = ("json", "json_object", "regex", "choice", "grammar")
+# xgrammar caches every compiled grammar; unbounded by default, so a stream of distinct schemas grew the server's
+# memory without limit (~0.3 MiB each with SmolLM2's vocabulary). Least recently used entries go past this.
+GRAMMAR_CACHE_BYTES = 256 << 20
+# One row's mask for one token runs in the engine's step, before every request's next token. An ambiguous grammar
+# can take ever longer per token as its output grows (hundreds of ms after ~150 tokens); past this the core fails
+# that request (400), so it stalls the other requests' steps once, not for the rest of its output.
+FILL_LIMIT_S = 0.05
 _XGRAMMAR_PREFIX = re.compile(r"^\[[0-9:]+\] \S+:[0-9]+: ")
 
 
@@ -65,7 +77,7 @@ class GrammarBackend:
 
                 info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
                                                           stop_token_ids=self.stop_token_ids or None)
-                self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+                self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_limit_bytes=GRAMMAR_CACHE_BYTES)
             return self._compiler
 
     def compile(self, guided: GuidedDecoding):
@@ -115,6 +127,7 @@ class GrammarState:
         import xgrammar as xgr
 
         self.matcher = xgr.GrammarMatcher(compiled)
+        self.fill_s = 0.0                   # CPU seconds the last mask of this row took (mask_rows)
 
     def accept(self, token: int) -> bool:
         """Advance by the sampled token; False if the grammar rejects it (it was masked, so only after a bug)."""
@@ -133,6 +146,8 @@ def mask_rows(logits: torch.Tensor, states: list[GrammarState | None]) -> None:
     import xgrammar as xgr
 
     bitmask = xgr.allocate_token_bitmask(len(states), logits.shape[-1])           # [S, ceil(V / 32)] int32
-    for i in rows:
+    for i in rows:                          # CPU time of this thread: a descheduled step thread does not count
+        t0 = time.thread_time()
         states[i].matcher.fill_next_token_bitmask(bitmask, i)
+        states[i].fill_s = time.thread_time() - t0
     xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)

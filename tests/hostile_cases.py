@@ -195,6 +195,7 @@ def _size_cases() -> list[Case]:
         Case("completions.prompt=1M_ids", "/v1/completions", {**CMPL, "prompt": [5] * 1_000_000}, ANY, (400, 413)),
         Case("completions.stop=100k", "/v1/completions", {**CMPL, "stop": ["a"] * 100_000}, ANY, (400, 413)),
         Case("completions.n=1e6", "/v1/completions", {**CMPL, "n": 1_000_000}, "n"),
+        Case("completions.prompt=1025_prompts", "/v1/completions", {**CMPL, "prompt": ["a"] * 1025}, "prompt"),
         Case("chat.completions.messages=20k", "/v1/chat/completions",
              {**CHAT, "messages": [{"role": "user", "content": "a"}] * 20_000}, ANY, (400, 413)),
         Case("detokenize.tokens=1M_oov", "/detokenize", {"tokens": [OOV] * 1_000_000}, ANY, (400, 413)),
@@ -207,6 +208,11 @@ def _size_cases() -> list[Case]:
         Case("tokenize.body=deep_array", "/tokenize", _deep(100_000).encode(), ANY, (400, 413)),
         Case("completions.prompt=deep_990", "/v1/completions",
              f'{{"prompt": {_deep(990)}}}'.encode(), ANY),
+        # JSON text inside a string field, nested past json's recursion limit (was a RecursionError -> 500)
+        Case("completions.guided_json=deep_string", "/v1/completions",
+             {**CMPL, "guided_json": _deep(100_000)}, "guided_json"),
+        Case("completions.structured_outputs.json=deep_string", "/v1/completions",
+             {**CMPL, "structured_outputs": {"json": _deep(100_000)}}, "structured_outputs.json"),
     ]
 
 
@@ -283,6 +289,15 @@ SURVIVABLE = [
                          "top_k": 1_000_000}),
     ("/v1/chat/completions", {**CHAT, "temperature": 1e-40, "logprobs": True, "top_logprobs": 20}),
     ("/v1/completions", {"prompt": "hi", "stream": None, "n": None, "echo": None, "max_tokens": 4}),
+    # a tool call in the history whose arguments nest past json's limit: kept as text (was a RecursionError -> 500)
+    ("/v1/chat/completions", {**CHAT, "messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "[" * 100_000}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "ok"}]}),
+    ("/tokenize", {"messages": [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "[" * 100_000}}]}]}),
 ]
 
 

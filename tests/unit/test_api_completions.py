@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 
@@ -176,3 +177,32 @@ async def test_seeded_sampling_is_reproducible():
     b = (await post(engine, body)).json()["choices"][0]["text"]
     c = (await post(engine, {**body, "seed": 43})).json()["choices"][0]["text"]
     assert a == b != c
+
+
+class _Barrier(FakeEngine):
+    """No first output until `expected` requests have been admitted: a server that submits a batch's prompts one
+    first token after another never gets there."""
+
+    def __init__(self, expected: int):
+        super().__init__()
+        self.expected, self.all_in = expected, asyncio.Event()
+
+    async def generate(self, req):
+        gen = super().generate(req)
+        first = await gen.__anext__()                       # admits req (FakeEngine._admit)
+        if len(self.seen) >= self.expected:
+            self.all_in.set()
+        await self.all_in.wait()
+        yield first
+        async for out in gen:
+            yield out
+
+
+async def test_a_batch_of_prompts_is_submitted_at_once():
+    engine = _Barrier(expected=6)
+    async with api_client(engine) as client:
+        r = await asyncio.wait_for(client.post("/v1/completions", json={"prompt": [f"p{i}" for i in range(6)],
+                                                                         "max_tokens": 2}), timeout=30)
+    assert r.status_code == 200, r.text
+    assert sorted(c["index"] for c in r.json()["choices"]) == list(range(6))
+    assert engine.active == {}

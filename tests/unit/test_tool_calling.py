@@ -60,10 +60,15 @@ def test_refused_tool_requests_name_the_field(kw, param):
                '{"b": "x"}}</tool_call>', None, [("f", {}), ("g", {"b": "x"})]),
     ("hermes", "no calls here", "no calls here", []),
     ("hermes", "<tool_call>{broken</tool_call>", "<tool_call>{broken</tool_call>", []),
+    ("hermes", 'a <tool_call> {"name": "f", "arguments": {}}  ', "a", [("f", {})]),        # unclosed: cut off
+    ("hermes", "<tool_call>" + "[" * 100_000 + "</tool_call>", "<tool_call>" + "[" * 100_000 + "</tool_call>",
+     []),                                                                          # nested past json's limit
+    ("hermes", "<tool_call>x" + " " * 50_000 + "y", "<tool_call>x" + " " * 50_000 + "y", []),   # was quadratic
     ("llama3_json", '{"name": "f", "parameters": {"a": 2}}', None, [("f", {"a": 2})]),
     ("llama3_json", '{"name": "f", "parameters": {}}; {"name": "g", "parameters": {"c": 3}}', None,
      [("f", {}), ("g", {"c": 3})]),
     ("llama3_json", "Hello", "Hello", []),
+    ("llama3_json", "{" * 100_000, "{" * 100_000, []),
 ])
 def test_parsers(parser, text, content, calls):
     got_content, got = parse_tool_calls(parser, text)

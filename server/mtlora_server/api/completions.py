@@ -13,6 +13,7 @@ cached_tokens` counts the prompt tokens the prefix cache supplied.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from fastapi.responses import JSONResponse
@@ -58,6 +59,8 @@ async def _engine_requests(ctx: ServingContext, req: CompletionRequest, engine_i
     items = _items(req)
     prompts, requests = [], []
     for i, item in enumerate(items):
+        if i and i % 64 == 0:
+            await asyncio.sleep(0)                                 # a long prompt list: let other requests run
         param = "prompt" if len(items) == 1 else f"prompt.{i}"
         ids, text = await _prompt(ctx, req, item, param)
         prompts.append((ids, text))

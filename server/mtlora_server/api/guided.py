@@ -67,6 +67,8 @@ def _schema_text(schema: str | dict, param: str) -> str:
         json.loads(schema)
     except ValueError:
         raise InvalidRequestError("the JSON schema is not valid JSON", param=param) from None
+    except RecursionError:
+        raise InvalidRequestError("the JSON schema is nested too deeply", param=param) from None
     return schema
 
 

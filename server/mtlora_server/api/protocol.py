@@ -46,6 +46,7 @@ MAX_N = 16
 MAX_STOP = 16
 MAX_LOGPROBS = 20
 MAX_BAD_WORDS = 256
+MAX_PROMPTS = 1024             # prompts in one completions request: each is an engine request (default max_waiting)
 INT32_MAX = 2**31 - 1          # token counts and ids: far beyond any context or vocabulary, far below overflow
 
 Float = Annotated[float, Strict()]                  # a JSON number (integers too), never a string or a boolean
@@ -207,6 +208,8 @@ class CompletionRequest(_SamplingFields):
             raise ValueError("prompt must not be an empty list")
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], list) and any(not p for p in prompt):
             raise ValueError("token-id prompts must not be empty")
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) and len(prompt) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request, got {len(prompt)}")
         return prompt
 
     def to_sampling_params(self, max_tokens: int) -> SamplingParams:
@@ -256,7 +259,7 @@ class ChatMessage(ApiModel):
 def _arguments(text: str):
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):                # not JSON, or nested past the parser's limit: kept as text
         return text
     return value if isinstance(value, dict) else text
 

@@ -152,15 +152,19 @@ class EngineStream:
 
 async def open_streams(engine, requests: list[GenerationRequest], metrics: Metrics,
                        adapter_label: str) -> list[EngineStream]:
-    streams: list[EngineStream] = []
+    """Submit every request at once (a batch of prompts is scheduled together, not one first token after another)
+    and wait for each first output; if any is refused, every stream is closed (aborted) and the first error, in
+    request order, is raised."""
+    streams = [EngineStream(engine, req, metrics, adapter_label) for req in requests]
     try:
-        for req in requests:
-            stream = EngineStream(engine, req, metrics, adapter_label)
-            streams.append(stream)
-            await stream.start()
-    except BaseException:
+        results = await asyncio.gather(*(s.start() for s in streams), return_exceptions=True)
+    except BaseException:                   # cancelled (the client left): gather cancelled the starts
         await close_all(streams)
         raise
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        await close_all(streams)
+        raise errors[0]
     return streams
 
 

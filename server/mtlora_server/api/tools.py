@@ -23,7 +23,6 @@ Contract:
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -150,7 +149,7 @@ def read_output(plan: ToolPlan, text: str) -> tuple[str | None, list[ToolCall]]:
     if plan.mode == "required":
         try:
             calls = json.loads(text)
-        except ValueError:                              # cut by max_tokens: no complete call to return
+        except (ValueError, RecursionError):            # cut by max_tokens: no complete call to return
             return text, []
         return None, [ToolCall(c["name"], json.dumps(c["parameters"])) for c in calls]
     if plan.mode == "auto":
@@ -159,7 +158,22 @@ def read_output(plan: ToolPlan, text: str) -> tuple[str | None, list[ToolCall]]:
 
 
 # -- parsers -----------------------------------------------------------------------------------------------------
-_HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+_OPEN, _CLOSE = "<tool_call>", "</tool_call>"
+
+
+def _hermes_bodies(text: str) -> list[str]:
+    """The stripped text of each `<tool_call>` block (the last may be unclosed: cut by max_tokens). A linear scan:
+    the regex it replaces (`<tool_call>\\s*(.*?)\\s*(?:</tool_call>|$)`) backtracks quadratically on long runs of
+    whitespace, which a model's output (or a guided choice) can hold, and this runs on the event loop."""
+    bodies, pos = [], 0
+    while (start := text.find(_OPEN, pos)) != -1:
+        start += len(_OPEN)
+        end = text.find(_CLOSE, start)
+        bodies.append(text[start:end if end != -1 else len(text)].strip())
+        if end == -1:
+            break
+        pos = end + len(_CLOSE)
+    return bodies
 
 
 def _call_of(obj, args_key: str) -> ToolCall | None:
@@ -171,17 +185,17 @@ def _call_of(obj, args_key: str) -> ToolCall | None:
 
 def _parse_hermes(text: str) -> tuple[str | None, list[ToolCall]]:
     calls = []
-    for body in _HERMES.findall(text):
+    for body in _hermes_bodies(text):
         try:
             call = _call_of(json.loads(body), "arguments")
-        except ValueError:
+        except (ValueError, RecursionError):            # model output nested past the parser's limit: content
             call = None
         if call is None:
             return text, []                             # a malformed block: leave everything as content
         calls.append(call)
     if not calls:
         return text, []
-    content = text[:text.index("<tool_call>")].strip()
+    content = text[:text.index(_OPEN)].strip()
     return content or None, calls
 
 
@@ -193,7 +207,7 @@ def _parse_llama3_json(text: str) -> tuple[str | None, list[ToolCall]]:
     for part in body.split(";"):
         try:
             call = _call_of(json.loads(part), "parameters")
-        except ValueError:
+        except (ValueError, RecursionError):
             return text, []
         if call is None:
             return text, []

@@ -156,9 +156,9 @@ async def test_logit_processing_that_bans_every_allowed_token_is_a_400_for_that_
 async def test_a_constraint_too_costly_to_mask_fails_its_request_alone(client, monkeypatch):
     """A row whose grammar mask takes longer than FILL_LIMIT_S (an ambiguous grammar late in a long output) fails
     its request with a 400, while a free request in the same batches is served (limit forced to -1 here)."""
-    import mtlora_server.engine.core as core_mod
+    import mtlora_server.engine.structured as structured
 
-    monkeypatch.setattr(core_mod, "FILL_LIMIT_S", -1.0)
+    monkeypatch.setattr(structured, "FILL_LIMIT_S", -1.0)
     slow, free = await asyncio.gather(
         client.post("/v1/completions", json={"prompt": "x", "max_tokens": 8, "guided_choice": ["ab", "cd"]}),
         client.post("/v1/completions", json={"prompt": "x", "max_tokens": 8, "temperature": 0.0}))

@@ -66,7 +66,7 @@ from .request_state import RequestState
 from .decode_graphs import DecodeGraphs, resolve_mode
 from .runner import ChunkOutput, ModelRunner, RunnerOutput
 from .scheduler import Chunk, Scheduler, SchedulerOutput, Sequence
-from .structured import FILL_LIMIT_S, GrammarBackend, GrammarState, mask_rows
+from .structured import GrammarBackend, GrammarState, mask_rows, refuse_dead_rows
 from .types import EngineStats, GenerationRequest, RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -390,10 +390,8 @@ class EngineCore(AdapterMethods):
             try:
                 faults.check("detokenize", [seq.owner.request])
                 grammar = _grammar_of(seq)
-                if grammar is not None and grammar.fill_s > FILL_LIMIT_S:
-                    raise InvalidRequestError(f"the output constraint is too costly to evaluate: its mask took "
-                                              f"{grammar.fill_s * 1e3:.0f} ms for one token (limit "
-                                              f"{FILL_LIMIT_S * 1e3:.0f} ms); simplify the grammar")
+                if grammar is not None:
+                    grammar.check_cost()
                 if grammar is not None and not grammar.accept(token):
                     raise RuntimeError(f"the output grammar rejected token {token}")
                 if seq.owner.on_token(seq, token, lp):
@@ -451,11 +449,7 @@ class EngineCore(AdapterMethods):
         params = [seq.owner.params for seq, _ in live]
         if any(p.processes_logits for p in params):       # the default request skips this entirely
             rows = process_logits(rows, params, *processing_inputs([s for s, _ in live], raw.device))
-            for i in torch.isneginf(rows).all(-1).nonzero().flatten().tolist():
-                if grammars[i] is not None:               # bad_words / logit_bias / ... ban all it allows
-                    raise InvalidRequestError("the request's logit processing (bad_words, logit_bias, allowed_token_ids "
-                                              f"or penalties) forbids every token its output constraint allows at "
-                                              f"output position {len(live[i][0].output_ids)}")
+            refuse_dead_rows(rows, grammars, [len(seq.output_ids) for seq, _ in live])
         gens = [seq.owner.generators[seq.index] for seq, _ in live]
         chosen = sample(rows, params, gens).cpu()
         faults.check("sample", [seq.owner.request for seq, _ in live])   # after the draws: the worst case

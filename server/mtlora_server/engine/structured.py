@@ -14,8 +14,9 @@ Contract:
 - `GrammarState(compiled)`: one matcher per sequence. `mask_rows(logits [S, V], states)` sets the logits of tokens
   a row's grammar forbids to -inf, in place, for the rows with a state (one bitmask for the whole batch, filled row
   by row by xgrammar, applied in one call); rows without a state are untouched, so constrained and free requests
-  share batches; each state's `fill_s` is the time its row's mask took (the core fails a request whose mask took
-  more than FILL_LIMIT_S). `GrammarState.accept(token)` advances the matcher after the draw; `done` is true once the grammar
+  share batches; each state's `fill_s` is the CPU time its row's mask took, and `check_cost()` raises a 400 past
+  FILL_LIMIT_S. `refuse_dead_rows(logits, states, positions)` raises a 400 for a constrained row left with no
+  allowed token by the request's own logit processing. `GrammarState.accept(token)` advances the matcher after the draw; `done` is true once the grammar
   is complete and nothing else may follow: the sequence then finishes with finish_reason "stop", even where
   min_tokens or ignore_eos would carry on past EOS.
 - Row-wise throughout: a request's constraint never changes another row's logits (seeded sampling and the
@@ -133,6 +134,13 @@ class GrammarState:
         """Advance by the sampled token; False if the grammar rejects it (it was masked, so only after a bug)."""
         return bool(self.matcher.accept_token(token))
 
+    def check_cost(self) -> None:
+        """InvalidRequestError (400) when this row's last mask took more than FILL_LIMIT_S of CPU."""
+        if self.fill_s > FILL_LIMIT_S:
+            raise InvalidRequestError(f"the output constraint is too costly to evaluate: its mask took "
+                                      f"{self.fill_s * 1e3:.0f} ms for one token (limit {FILL_LIMIT_S * 1e3:.0f} ms); "
+                                      "simplify the grammar")
+
     @property
     def done(self) -> bool:
         return bool(self.matcher.is_terminated())
@@ -151,3 +159,13 @@ def mask_rows(logits: torch.Tensor, states: list[GrammarState | None]) -> None:
         states[i].matcher.fill_next_token_bitmask(bitmask, i)
         states[i].fill_s = time.thread_time() - t0
     xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)
+
+
+def refuse_dead_rows(logits: torch.Tensor, states: list[GrammarState | None], positions: list[int]) -> None:
+    """InvalidRequestError (400) when a constrained row of `logits` [S, V] has no finite logit left: the request's own
+    logit processing (bad_words, logit_bias, ...) banned every token its grammar allows. positions: output lengths."""
+    for i in torch.isneginf(logits).all(-1).nonzero().flatten().tolist():
+        if states[i] is not None:
+            raise InvalidRequestError("the request's logit processing (bad_words, logit_bias, allowed_token_ids or "
+                                      "penalties) forbids every token its output constraint allows at output position "
+                                      f"{positions[i]}")

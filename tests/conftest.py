@@ -44,3 +44,13 @@ def default_model_dir() -> Path:
         return resolve_model()
     except ModelResolutionError as exc:
         pytest.skip(f"default model unavailable: {exc}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cpu_attention_kernel_built():
+    """Build the CPU decode-attention kernel once, up front (~40 s on a fresh machine; cached after), so server
+    processes started by tests load it instead of each waiting for the build inside its start-up timeout. Without a
+    compiler this logs a warning and the engine uses the torch path (tests/unit/test_cpu_attention.py says so)."""
+    from mtlora_server.engine import cpu_attention
+
+    cpu_attention.kernel()

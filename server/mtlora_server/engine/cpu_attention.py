@@ -9,8 +9,8 @@ table, in fp32 (scores, softmax, weighted sum), and writes one output row per qu
 
 Contract:
 - `kernel() -> module | None`: the compiled extension, built on first call with `torch.utils.cpp_extension.load`
-  (`-O3 -march=native`; the build directory's name carries a hash of the source, the flags and this CPU's flags, so
-  machines sharing a home directory never load each other's builds). ~40 s the first time on a machine, cached
+  (`-O3 -march=native`; the build directory's name carries a hash of the source, the flags, torch's version and
+  this CPU's flags, so machines or venvs sharing a home directory never load each other's builds). ~40 s the first time on a machine, cached
   after; needs a C++ compiler and ninja (the `ninja` wheel is a serve dependency and is found even when the venv is
   not activated). None, with one warning naming the reason, when it cannot be built (no compiler, a build error) or
   when `MTLORA_CPU_ATTENTION=torch` is set: callers then use the torch path. Never raises.
@@ -67,8 +67,9 @@ def _ninja_on_path() -> None:
 
 
 def build_name() -> str:
-    """Extension name: a hash of the source, the flags and this CPU's feature flags."""
-    h = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + _cpu_flags().encode())
+    """Extension name: a hash of the source, the flags, torch's version and this CPU's feature flags."""
+    h = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + torch.__version__.encode()
+                       + _cpu_flags().encode())
     return f"mtlora_paged_attention_{h.hexdigest()[:12]}"
 
 

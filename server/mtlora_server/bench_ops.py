@@ -1,13 +1,15 @@
-"""`mtlora-bench ops`: the adapter work of one decode step, alone (no base model), stacked vs per-slot.
+"""`mtlora-bench ops`: the adapter work of one decode step, alone (no base model): kernel vs stacked vs per-slot.
 
 What it times: `AdapterSlots.apply_shared` for every layer and every group of sites sharing an input, exactly as
 the model's forward calls it, for DECODE rows (one row per request) spread over the loaded slots, the runner's
 layout (each slot's rows contiguous). Adapters: the engine bench's four (`bench_engine.adapter_specs`: mtlora FFN,
 mtlora attention, hydralora, lora) in turn over `--slots`, or `--kinds lora` (all plain LoRA, q/k/v/o, r 16);
 random weights (scale 0.02). Rows per slot: equal (`--zipf 0`), or Zipf-like (slot k gets ~1/(k+1)^s of the rows,
-at least one). Two paths, alternating round by round in one process so the machine's drift hits both alike:
-`stacked` (the engine: same-shape small slots together, engine/slot_stack.py) and `per_slot` (every slot on its
-own, `lora_ops.STACK_MIN_SLOTS` raised past the number of slots). Reports medians (ms per step) and the ratio.
+at least one). Three paths, alternating round by round in one process so the machine's drift hits all alike:
+`kernel` (the engine's default on CPU: every small slot of a site group in one C++ call, engine/cpu_adapters.py;
+left out with a note when it cannot be built), `stacked` (the torch fallback: same-shape small slots together,
+engine/slot_stack.py) and `per_slot` (every slot on its own, `lora_ops.STACK_MIN_SLOTS` raised past the number
+of slots). Reports medians (ms per step) and the ratios to per_slot.
 Only the model's config.json is read (dims and layer count). CPU; on CUDA the Triton path runs instead.
 """
 
@@ -109,19 +111,28 @@ def step_fn(cfg, table, counts: list[int], dtype: torch.dtype, routing_stats: bo
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mtlora_server.engine import lora_ops
+    from mtlora_server.engine import cpu_adapters, lora_ops
 
     args = build_parser().parse_args(argv)
     dtype = getattr(torch, args.dtype)
     cfg = model_dims(args.model)
     counts = rows_per_slot(args.rows, args.slots, args.zipf)
-    run = step_fn(cfg, load_slots(cfg, args.slots, args.kinds, dtype), counts, dtype, args.routing_stats)
+    table = load_slots(cfg, args.slots, args.kinds, dtype)
+    run = step_fn(cfg, table, counts, dtype, args.routing_stats)
     default_min = lora_ops.STACK_MIN_SLOTS
-    times: dict[str, list[float]] = {"stacked": [], "per_slot": []}
+    ext = cpu_adapters.kernel()
+    paths = [("stacked", default_min, None), ("per_slot", args.slots + 1, None)]
+    if ext is None or args.routing_stats:
+        print("kernel path left out: " + ("sampled steps take the torch paths" if args.routing_stats
+                                          else "the CPU adapter kernel is unavailable here (see the log)"))
+    else:
+        paths.insert(0, ("kernel", default_min, ext))
+    times: dict[str, list[float]] = {name: [] for name, _, _ in paths}
     try:
         for _ in range(args.rounds):
-            for path, minimum in (("stacked", default_min), ("per_slot", args.slots + 1)):
+            for path, minimum, kernel in paths:
                 lora_ops.STACK_MIN_SLOTS = minimum
+                table.cpu_kernel = kernel
                 run()                                                       # warm (packs, stacks)
                 for _ in range(args.iters):
                     t0 = time.perf_counter()
@@ -132,13 +143,17 @@ def main(argv: list[str] | None = None) -> int:
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {"slots": args.slots, "kinds": args.kinds, "rows_per_slot": counts, "dtype": args.dtype,
               "layers": cfg.num_hidden_layers, "routing_stats": args.routing_stats, "ms_per_step": med,
-              "stacked_over_per_slot": med["stacked"] / med["per_slot"], "threads": torch.get_num_threads()}
+              "stacked_over_per_slot": med["stacked"] / med["per_slot"], "threads": torch.get_num_threads(),
+              "kernel_over_stacked": med["kernel"] / med["stacked"] if "kernel" in med else None}
     print(f"adapter work of one {'sampled ' if args.routing_stats else ''}decode step ({args.slots} slots, "
           f"{args.kinds}, rows {counts}, {args.dtype}, {cfg.num_hidden_layers} layers, "
           f"{torch.get_num_threads()} threads)")
     for k, v in med.items():
         print(f"  {k:9s} {v:8.2f} ms   (every step: {' '.join(f'{t:.1f}' for t in times[k])})")
     print(f"  stacked / per_slot: {result['stacked_over_per_slot']:.2f}x")
+    if result["kernel_over_stacked"] is not None:
+        print(f"  kernel / stacked: {result['kernel_over_stacked']:.2f}x, kernel / per_slot: "
+              f"{med['kernel'] / med['per_slot']:.2f}x")
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     return 0

@@ -164,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "~40 s once per machine, cached; fails at start-up if it cannot be built); torch: gathers "
                         "them into a dense copy per layer and uses torch ops; auto: the kernel when it builds, "
                         "else torch (logged). Batch-invariant mode always uses its own attention.")
+    p.add_argument("--cpu-adapters", default="auto", choices=["auto", "kernel", "torch"],
+                   help="Native engine on CPU: how the adapter work of decode-sized slots (a few rows each) runs. "
+                        "kernel: one C++ call per layer and site group for all of them (built on first use like "
+                        "--cpu-attention's kernel; fails at start-up if it cannot be built); torch: torch ops per "
+                        "slot (same-shape slots stacked); auto: the kernel when it builds, else torch (logged). "
+                        "Steps that sample routing statistics and batch-invariant mode use the torch ops.")
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="Let chat requests with tools use tool_choice 'auto' (the default with tools): the model's "
                         "free output is read with --tool-call-parser and calls found become tool_calls. Named and "
@@ -236,7 +242,8 @@ def engine_args_from(ns: argparse.Namespace, adapters: dict[str, str]):
                       adapter_cache_size=ns.adapter_cache_size,
                       seed=ns.seed, enforce_eager=ns.enforce_eager, decode_graphs=ns.decode_graphs,
                       enable_prefix_caching=ns.enable_prefix_caching, batch_invariant=ns.batch_invariant,
-                      gpu_memory_utilization=ns.gpu_memory_utilization, cpu_attention=ns.cpu_attention)
+                      gpu_memory_utilization=ns.gpu_memory_utilization, cpu_attention=ns.cpu_attention,
+                      cpu_adapters=ns.cpu_adapters)
 
 
 def _memory_summary() -> str:

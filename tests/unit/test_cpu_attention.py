@@ -13,7 +13,7 @@ import torch
 
 from mtlora.errors import ConfigError
 from mtlora.testing import make_tiny_model_dir
-from mtlora_server.engine import cpu_attention
+from mtlora_server.engine import cpu_attention, cpu_ext
 from mtlora_server.engine.args import EngineArgs
 from mtlora_server.engine.kv_cache import KVCachePool
 from mtlora_server.engine.model import LlamaDecoder
@@ -121,9 +121,9 @@ def test_kernel_build_failure_falls_back_and_a_required_kernel_names_the_flag(mo
     def broken(*a, **k):
         raise RuntimeError("Error building extension\nc++: not found")
 
-    monkeypatch.setattr(cpu_attention, "_state", {})
+    monkeypatch.setattr(cpu_attention.EXTENSION, "_state", {})
     monkeypatch.setattr(cpp, "load", broken)
-    with caplog.at_level(logging.WARNING, logger=cpu_attention.__name__):
+    with caplog.at_level(logging.WARNING, logger=cpu_ext.__name__):
         assert cpu_attention.kernel() is None
     assert "could not be built" in caplog.text and "c++: not found" in caplog.text
     model = LlamaDecoder.from_dir(make_tiny_model_dir(tmp_path, seed=1), torch.float32, "cpu", max_len=64)
@@ -134,7 +134,7 @@ def test_kernel_build_failure_falls_back_and_a_required_kernel_names_the_flag(mo
 
 
 def test_env_forces_the_torch_path_and_engine_args_validate(monkeypatch):
-    monkeypatch.setattr(cpu_attention, "_state", {})
+    monkeypatch.setattr(cpu_attention.EXTENSION, "_state", {})
     monkeypatch.setenv(cpu_attention.ENV, "torch")
     assert cpu_attention.kernel() is None
     with pytest.raises(ConfigError) as info:
@@ -143,14 +143,15 @@ def test_env_forces_the_torch_path_and_engine_args_validate(monkeypatch):
 
 
 def test_build_name_depends_on_the_source_and_this_cpu(monkeypatch):
-    a = cpu_attention.build_name()
-    monkeypatch.setattr(cpu_attention, "_cpu_flags", lambda: "flags : fpu sse2")
-    assert cpu_attention.build_name() != a and cpu_attention.build_name().startswith("mtlora_paged_attention_")
+    a = cpu_attention.EXTENSION.build_name()
+    monkeypatch.setattr(cpu_ext, "_cpu_flags", lambda: "flags : fpu sse2")
+    b = cpu_attention.EXTENSION.build_name()
+    assert b != a and b.startswith("mtlora_paged_attention_")
 
 
 def test_ninja_from_the_wheel_is_put_on_path_when_none_is_there(monkeypatch):
     ninja = pytest.importorskip("ninja", reason="the ninja wheel is a serve / dev dependency")
     monkeypatch.setenv("PATH", "/nonexistent")
-    monkeypatch.setattr(cpu_attention.shutil, "which", lambda name: None)
-    cpu_attention._ninja_on_path()
-    assert cpu_attention.os.environ["PATH"].split(cpu_attention.os.pathsep)[0] == ninja.BIN_DIR
+    monkeypatch.setattr(cpu_ext.shutil, "which", lambda name: None)
+    cpu_ext._ninja_on_path()
+    assert cpu_ext.os.environ["PATH"].split(cpu_ext.os.pathsep)[0] == ninja.BIN_DIR

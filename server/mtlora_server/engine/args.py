@@ -37,6 +37,7 @@ class EngineArgs:
     enable_prefix_caching: bool = True        # reuse the K/V blocks of prefixes computed before
     batch_invariant: bool = False             # a request's numbers never depend on its batch (engine/invariant.py)
     cpu_attention: str = "auto"               # CPU decode attention: auto | kernel | torch (engine/cpu_attention.py)
+    cpu_adapters: str = "auto"                # CPU small-slot adapter work: auto | kernel | torch (cpu_adapters.py)
     gpu_memory_utilization: float | None = None   # CUDA: KV cache share of the memory free after loading (0, 1]
 
     def __post_init__(self) -> None:
@@ -64,9 +65,10 @@ class EngineArgs:
         if self.decode_graphs not in ("auto", "cudagraph", "compile", "static"):
             raise ConfigError(f"unknown decode_graphs {self.decode_graphs!r}; expected auto, cudagraph, compile or "
                               "static", field="decode_graphs")
-        if self.cpu_attention not in ("auto", "kernel", "torch"):
-            raise ConfigError(f"unknown cpu_attention {self.cpu_attention!r}; expected auto, kernel or torch",
-                              field="cpu_attention")
+        for name in ("cpu_attention", "cpu_adapters"):
+            if getattr(self, name) not in ("auto", "kernel", "torch"):
+                raise ConfigError(f"unknown {name} {getattr(self, name)!r}; expected auto, kernel or torch",
+                                  field=name)
         if not isinstance(self.adapters, dict):
             raise ConfigError("adapters must map names to adapter directories", field="adapters")
 

@@ -18,9 +18,11 @@ Contract:
   plan=SlotPlan)` takes the step's token -> slot segmentation (`SlotPlan`, computed once per step and reused by every
   site of every layer), fuses all sites that read the same input into one shrink matmul per slot (each slot's pack
   trimmed to its own r / N / g, cached until the slot changes), and adds each site's delta in place into its
-  target (the matching slice of the fused projection output). On CPU, slots of the same shape with few rows in
-  the step (<= SMALL_ROWS: decode) run together instead, STACK_MIN_SLOTS or more at a time (`slot_stack.py`: one
-  bmm for their shrinks, one per site for their expands). The site list is `mtlora.sites.SITE_NAMES`.
+  target (the matching slice of the fused projection output). On CPU, the slots with few contiguous rows in the
+  step (<= SMALL_ROWS: decode) all go through one call of `cpu_adapters`' C++ kernel per site group when
+  `cpu_kernel` is set (the engine sets it; steps sampling routing statistics excepted); without it, such slots of
+  the same shape run together, STACK_MIN_SLOTS or more at a time (`slot_stack.py`: one bmm for their shrinks, one
+  per site for their expands). The site list is `mtlora.sites.SITE_NAMES`.
   Test-only variants over the stacked layout (per-token loop, batched torch) live in tests/unit/molora_stacked.py.
   On CUDA, `apply_shared` with a plan runs the Triton kernels with the step's tile metadata (`SlotPlan.tiles`,
   engine/slot_plan.py), adding each site's delta in place, with no host sync inside a layer.
@@ -42,7 +44,7 @@ from mtlora.errors import AdapterLoadError, ConfigError
 from mtlora.inject import expected_shapes
 from mtlora.sites import SITE_NAMES, site_dims
 
-from . import slot_stack
+from . import cpu_adapters, slot_stack
 from .invariant import pad_rows
 from .routing_stats import RoutingStats  # noqa: F401  (re-exported: the engine and tests import it from here)
 from .slot_plan import SlotPlan  # noqa: F401  (re-exported: the runner and tests import it from here)
@@ -169,6 +171,8 @@ class AdapterSlots:
         self._stacks: dict[tuple, slot_stack.SlotStack] = {}                     # (layer, sites, shape) -> stack
         self.row_tile = 0              # batch-invariant mode: each slot's rows padded to a multiple (invariant.py)
         self.version = 0               # bumped by every load / clear (static-shape paths re-read `layout()`)
+        self.cpu_kernel = None         # cpu_adapters' extension: small slots in one call per site group (CPU)
+        self._arenas: dict[tuple, tuple[int, cpu_adapters.Arena]] = {}         # (layer, sites) -> (version, arena)
 
     # -- loading -------------------------------------------------------------------------------------------------
     def _check_limits(self, slot: int, config: AdapterConfig) -> dict[str, int]:
@@ -265,6 +269,7 @@ class AdapterSlots:
         self.version += 1
         # A pack holds one slot's rows only: the other slots' packs stay valid (adapter swaps rebuild one slot's).
         self._packs = {key: pack for key, pack in self._packs.items() if key[-1] != slot}
+        self._arenas.clear()
         for key, stack in list(self._stacks.items()):
             stack.forget(slot)
             if not stack.row_of:
@@ -334,7 +339,10 @@ class AdapterSlots:
         key_sites = tuple(targets[i][0] for i, _ in bufs)
         stacked = set()
         if not self.row_tile and not x.is_cuda:
-            stacked = self._apply_stacked(layer, x, targets, bufs, key_sites, plan, stats)
+            if self.cpu_kernel is not None and stats is None:
+                stacked = self._apply_kernel(layer, x, targets, bufs, key_sites, plan)
+            else:
+                stacked = self._apply_stacked(layer, x, targets, bufs, key_sites, plan, stats)
         x32: list[torch.Tensor] = []                # x in fp32, cast once for all the small slots of this call
         for slot, rows in plan.groups.items():
             sp = None if slot in stacked else self._slot_pack(layer, key_sites, bufs, slot)
@@ -363,6 +371,38 @@ class AdapterSlots:
         if key not in self._packs:
             self._packs[key] = _pack_slot(bufs, slot)
         return self._packs[key]
+
+    def _apply_kernel(self, layer: int, x: torch.Tensor, targets, bufs, key_sites: tuple,
+                      plan: SlotPlan) -> set[int]:
+        """Every slot with few contiguous rows (<= SMALL_ROWS: decode) in one call of cpu_adapters' kernel for this
+        site group; returns the slots done (none when dtypes or layouts do not suit the kernel). Routing
+        statistics are never sampled here: a step that samples them takes the torch paths."""
+        outs = [targets[i][1] for i, _ in bufs]
+        if x.dtype not in (torch.float32, torch.bfloat16) or x.stride(1) != 1 \
+                or any(o.dtype != x.dtype or o.stride(1) != 1 for o in outs):
+            return set()
+        if "kernel_segs" not in plan.memo:
+            segs = cpu_adapters.segments(plan.groups, SMALL_ROWS)
+            plan.memo["kernel_segs"] = (segs, set() if segs is None else set(segs[:, 0].tolist()))
+        segs, slots = plan.memo["kernel_segs"]
+        if segs is None:
+            return set()
+        cpu_adapters.add_rows(self.cpu_kernel, x, outs, self._arena(layer, key_sites, bufs), segs)
+        return slots
+
+    def _arena(self, layer: int, key_sites: tuple, bufs) -> cpu_adapters.Arena:
+        """Every slot's fp32 pack for these sites in one arena (built on first use, rebuilt after a load/clear)."""
+        key = (layer, key_sites)
+        cached = self._arenas.get(key)
+        if cached is None or cached[0] != self.version:
+            position = {i: k for k, (i, _) in enumerate(bufs)}
+            packs = {}
+            for slot in self._configs:
+                sp = self._slot_pack(layer, key_sites, bufs, slot)
+                if sp is not None:
+                    packs[slot] = (sp.pack.float(), [position[t] for t in sp.targets])
+            cached = self._arenas[key] = (self.version, cpu_adapters.Arena.build(packs, len(bufs), self.max_adapters))
+        return cached[1]
 
     def _apply_stacked(self, layer: int, x: torch.Tensor, targets, bufs, key_sites: tuple,
                        plan: SlotPlan, stats: RoutingStats | None) -> set[int]:

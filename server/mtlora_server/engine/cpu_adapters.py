@@ -1,0 +1,99 @@
+"""Adapter deltas of decode-sized slots on CPU: one C++ call per layer and site group instead of ~5 torch ops
+per slot and site.
+
+Why: at decode every slot has a handful of rows, and the per-slot torch path (`lora_ops`, `mtlora.grouped`) spends
+each op's fixed cost (dispatch, allocation, oneDNN set-up: ~5-20 us) on a few hundred FLOPs; with 4 adapters this
+was ~20 ms of a ~100 ms SmolLM2 decode step at batch 64 (docs/benchmarks.md), most of it overhead. The kernel
+(`csrc/adapter_rows.cpp`) does shrink, router softmax, routed expand and the in-place add for every small slot of
+one site group in one call, reading each weight row once per block of 4 rows.
+
+Contract:
+- `kernel() -> module | None`: the compiled extension (`cpu_ext.CpuExtension`, built on first use, ~40 s once
+  per machine), or None when it cannot be built or `MTLORA_CPU_ADAPTERS=torch` is set (callers keep the torch
+  path). Never raises.
+- `enable(slots, required=False) -> bool`: hands the kernel to an `AdapterSlots` (`slots.cpu_kernel`); the
+  engine calls it on CPU unless `cpu_adapters=torch` or batch-invariant mode; `required` (`cpu_adapters=kernel`)
+  turns "unavailable" into a ConfigError naming the flag.
+- `Arena.build(packs, nsite, num_slots)`: packs = {slot: (fp32 `mtlora.grouped.Pack`, positions)} where
+  positions[i] is the site index (0..nsite-1, the order of the `outs` given to `add_rows`) of pack.parts[i].
+  `Arena.data` [numel] fp32 holds every slot's W then its sites' B; `Arena.meta` [num_slots, 2 + 7*nsite] int64
+  the offsets (layout: the C++ file's header). A slot absent from `packs` has rows 0 and is skipped. Derived
+  data: rebuild when a slot changes.
+- `segments(groups, max_rows) -> [P, 3] int64 | None`: (slot, lo, hi) of each slot whose rows are one contiguous
+  range of at most max_rows (the decode case), from a `SlotPlan.groups`; None when there is none.
+- `add_rows(ext, x [T, d_in], outs [[T, d_out_s]], arena, segs)`: adds every listed slot's delta into each site's
+  out, in place (x and outs in one dtype, float32 or bfloat16; outs may be column views). Math: exactly
+  `mtlora.grouped.expand_into` in fp32 (the same as lora_ops' small-slot path); parity: tests/unit/
+  test_cpu_adapters.py against `mtlora.grouped` and the `mtlora.adapters` oracle, and whole decoder steps.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from mtlora import grouped
+from mtlora.errors import ConfigError
+
+from .cpu_ext import CSRC, CpuExtension
+
+log = logging.getLogger(__name__)
+
+ENV = "MTLORA_CPU_ADAPTERS"           # "torch": never build or use the kernel
+EXTENSION = CpuExtension(CSRC / "adapter_rows.cpp", "mtlora_adapter_rows", ENV, "CPU adapter rows")
+HEAD, SITE = 2, 7                     # meta: (w_off, rows), then per site (used, a_off, r, r_off, N, g, b_off)
+
+
+def kernel():
+    """The compiled extension, or None (module doc)."""
+    return EXTENSION.load()
+
+
+def enable(slots, required: bool = False) -> bool:
+    """Give `lora_ops.AdapterSlots` the kernel (CPU engines); False when it is unavailable, or a ConfigError
+    naming the engine flag when `required` (cpu_adapters=kernel)."""
+    slots.cpu_kernel = kernel()
+    if slots.cpu_kernel is None and required:
+        raise ConfigError("cpu_adapters=kernel: the CPU adapter kernel is unavailable here (a build failure is "
+                          "logged above)", field="cpu_adapters")
+    if slots.cpu_kernel is not None:
+        log.info("adapter work of decode-sized slots runs in one C++ call per site group (cpu_adapters kernel)")
+    return slots.cpu_kernel is not None
+
+
+@dataclass
+class Arena:
+    data: torch.Tensor        # [numel] float32: per slot W [rows, d_in], then each site's B [g, N*r, d_out/g]
+    meta: torch.Tensor        # [num_slots, 2 + 7*nsite] int64
+
+    @classmethod
+    def build(cls, packs: dict[int, tuple[grouped.Pack, list[int]]], nsite: int, num_slots: int) -> "Arena":
+        meta = torch.zeros(num_slots, HEAD + SITE * nsite, dtype=torch.long)
+        chunks, off = [], 0
+        for slot, (pk, positions) in sorted(packs.items()):
+            if pk.W.dtype != torch.float32:
+                raise ValueError(f"slot {slot}: the arena holds float32 packs, got {pk.W.dtype}")
+            meta[slot, 0], meta[slot, 1] = off, pk.W.shape[0]
+            chunks.append(pk.W.reshape(-1))
+            off += pk.W.numel()
+            for part, pos in zip(pk.parts, positions):
+                base = HEAD + SITE * pos
+                meta[slot, base:base + SITE] = torch.tensor([1, part.a_off, part.r, part.r_off, part.N, part.g, off])
+                chunks.append(part.B.reshape(-1))
+                off += part.B.numel()
+        data = torch.cat(chunks).contiguous() if chunks else torch.zeros(0)
+        return cls(data, meta)
+
+
+def segments(groups: dict[int, torch.Tensor | slice], max_rows: int) -> torch.Tensor | None:
+    """[P, 3] (slot, lo, hi) of the contiguous slots with at most max_rows rows, or None (module doc)."""
+    segs = [(slot, rows.start, rows.stop) for slot, rows in groups.items()
+            if isinstance(rows, slice) and rows.stop - rows.start <= max_rows]
+    return torch.tensor(segs, dtype=torch.long) if segs else None
+
+
+def add_rows(ext, x: torch.Tensor, outs: list[torch.Tensor], arena: Arena, segs: torch.Tensor) -> None:
+    """Add the listed slots' deltas into outs in place (module doc)."""
+    ext.adapter_rows(x, outs, arena.data, arena.meta, segs)

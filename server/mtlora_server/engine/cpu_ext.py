@@ -1,0 +1,93 @@
+"""Small C++ CPU kernels (csrc/*.cpp), each built on first use with the system compiler and cached per machine.
+
+Contract:
+- `CpuExtension(source, prefix, env, what)`: one kernel source. `load() -> module | None` builds it on first call
+  with `torch.utils.cpp_extension.load` (`CFLAGS`: -O3 -march=native, OpenMP through torch's own pool) and keeps
+  the result for the process (thread-safe; tried once). The build directory's name (`build_name()`) carries a hash
+  of the source, the flags, torch's version and this CPU's flags, so machines or venvs sharing a home directory
+  never load each other's builds. ~40 s the first time on a machine, cached after; needs a C++ compiler and ninja
+  (the `ninja` wheel is a serve dependency and is found even when the venv is not activated).
+- `load()` returns None, with one warning naming the reason, when the kernel cannot be built (no compiler, a
+  build error), or with an info line when the environment variable `env` is set to "torch": callers then use
+  their torch path. Never raises.
+- `at::parallel_for` inside a kernel uses the calling thread's OpenMP pool (torch's libgomp; no extension links
+  its own), so the engine's step thread keeps one pool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CSRC = Path(__file__).parent / "csrc"
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def _ninja_on_path() -> None:
+    """torch's JIT build runs `ninja` from PATH; a venv used without activation has the `ninja` wheel's binary
+    off PATH, so add its directory (only when no ninja is on PATH already)."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+class CpuExtension:
+    """One C++ kernel source built on first use (module doc)."""
+
+    def __init__(self, source: Path, prefix: str, env: str, what: str):
+        self.source, self.prefix, self.env, self.what = source, prefix, env, what
+        self._lock = threading.Lock()
+        self._state: dict[str, object] = {}          # "ext": the module or None once tried
+
+    def build_name(self) -> str:
+        """Extension name: a hash of the source, the flags, torch's version and this CPU's feature flags."""
+        h = hashlib.sha256(self.source.read_bytes() + " ".join(CFLAGS).encode() + torch.__version__.encode()
+                           + _cpu_flags().encode())
+        return f"{self.prefix}_{h.hexdigest()[:12]}"
+
+    def reset(self) -> None:
+        """Forget the result of an earlier `load` (tests)."""
+        with self._lock:
+            self._state.clear()
+
+    def load(self):
+        """The compiled extension, or None (module doc). Built at most once per process."""
+        with self._lock:
+            if "ext" in self._state:
+                return self._state["ext"]
+            ext = None
+            if os.environ.get(self.env, "").lower() == "torch":
+                log.info("%s: the torch path (%s=torch)", self.what, self.env)
+            else:
+                try:
+                    from torch.utils.cpp_extension import load
+                    _ninja_on_path()
+                    log.info("%s: loading the C++ kernel (compiled on first use on a machine, ~40 s)", self.what)
+                    ext = load(self.build_name(), [str(self.source)], extra_cflags=CFLAGS, verbose=False)
+                except Exception as e:  # noqa: BLE001 - any build failure means: use the torch path
+                    msg = str(e).strip()
+                    log.warning("%s: the C++ kernel could not be built (%s: %s); using the torch path", self.what,
+                                type(e).__name__, msg.splitlines()[-1][:300] if msg else "")
+            self._state["ext"] = ext
+            return ext

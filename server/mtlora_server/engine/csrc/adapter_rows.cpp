@@ -1,0 +1,237 @@
+// Adapter deltas of decode-sized slots in one call per site group (issue 15): every slot with a few rows in the
+// step (the decode case), all the sites that read one input, shrink + router softmax + routed expand + the add
+// into each site's output, without the ~5 small torch ops per slot and site that cost more in fixed overhead than
+// in arithmetic.
+//
+// Contract (the Python side: mtlora_server/engine/cpu_adapters.py builds `arena` and `meta`):
+//   x      [T, d_in]         float32 or bfloat16, row stride any, column stride 1
+//   outs   list of nsite [T, d_out_s] tensors (x's dtype, column stride 1; may be column views of one fused
+//          projection output): each site's delta is added in place
+//   arena  [numel] float32   every slot's packed weights (mtlora.grouped.Pack in fp32): W [rows, d_in] (the shrink
+//          rows of all its sites and their routers), and per site B [g, N*r, d_out/g] (scaling folded in)
+//   meta   [S, 2 + 7*nsite] int64, per slot: w_off, rows (0: the slot adapts none of these sites), then per site:
+//          used, a_off, r, r_off (-1: no router, N == 1), N, g, b_off
+//   segs   [P, 3] int64: (slot, first row, end row) of each slot's contiguous rows in this call
+// Math per row t of slot s (exactly mtlora.grouped.expand_into in fp32): hz = W x_t; per site h = hz[a_off:+r];
+// with a router w[j] = softmax(hz[r_off + j*N : +N]) per group j and u_j = (w[j, i] * h) over experts i, else
+// u_j = h; out[t, group j's columns] += u_j @ B[j], accumulated in fp32 and rounded to the output dtype once.
+// Work is split over blocks of up to 4 rows of one slot (rows of a block share every weight read) with
+// at::parallel_for (the calling thread's OpenMP pool). Offsets are checked against the arena before any write.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t RB = 4;          // rows per block
+constexpr int64_t HEAD = 2;        // meta: w_off, rows
+constexpr int64_t SITE = 7;        // meta per site: used, a_off, r, r_off, N, g, b_off
+
+struct Site {
+  int64_t used, a_off, r, r_off, N, g, b_off;
+};
+
+inline Site site_of(const int64_t* m, int64_t s) {
+  const int64_t* p = m + HEAD + s * SITE;
+  return {p[0], p[1], p[2], p[3], p[4], p[5], p[6]};
+}
+
+struct Out {
+  void* ptr;
+  int64_t stride, d_out;
+};
+
+struct Block {
+  int64_t slot, lo, n;
+};
+
+struct Sizes {
+  int64_t d_in, rows, lhs, d_out;    // maxima over the slots used: buffer sizes per row
+};
+
+// hz[b][k] = W[k] . xf[b] for the block's nb rows: each weight row read once for all of them.
+void shrink(const float* W, int64_t rows, const float* xf, int64_t nb, int64_t d_in, float* hz, int64_t hz_stride) {
+  for (int64_t k = 0; k < rows; ++k) {
+    const float* w = W + k * d_in;
+    if (nb == RB) {
+      const float *x0 = xf, *x1 = xf + d_in, *x2 = xf + 2 * d_in, *x3 = xf + 3 * d_in;
+      float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+      for (int64_t i = 0; i < d_in; ++i) {
+        a0 += w[i] * x0[i];
+        a1 += w[i] * x1[i];
+        a2 += w[i] * x2[i];
+        a3 += w[i] * x3[i];
+      }
+      hz[k] = a0;
+      hz[hz_stride + k] = a1;
+      hz[2 * hz_stride + k] = a2;
+      hz[3 * hz_stride + k] = a3;
+    } else {
+      for (int64_t b = 0; b < nb; ++b) {
+        const float* x = xf + b * d_in;
+        float a = 0.f;
+#pragma omp simd reduction(+ : a)
+        for (int64_t i = 0; i < d_in; ++i) a += w[i] * x[i];
+        hz[b * hz_stride + k] = a;
+      }
+    }
+  }
+}
+
+// lhs = the routed input of group j for one row: w[j, i] * h over experts i (softmax of the group's logits), or h.
+void routed(const float* hz, const Site& s, int64_t j, float* lhs) {
+  const float* h = hz + s.a_off;
+  if (s.r_off < 0) {
+    std::copy(h, h + s.r, lhs);
+    return;
+  }
+  const float* z = hz + s.r_off + j * s.N;
+  float mx = -std::numeric_limits<float>::infinity(), sum = 0.f;
+  for (int64_t i = 0; i < s.N; ++i) mx = std::max(mx, z[i]);
+  for (int64_t i = 0; i < s.N; ++i) {
+    const float w = std::exp(z[i] - mx);
+    sum += w;
+    for (int64_t q = 0; q < s.r; ++q) lhs[i * s.r + q] = w * h[q];
+  }
+  const float inv = 1.f / sum;
+  for (int64_t q = 0; q < s.N * s.r; ++q) lhs[q] *= inv;
+}
+
+// delta[b][group j's columns] = lhs[b] @ B[j] for the block's rows (each B row read once for all of them).
+void expand(const float* B, const Site& s, int64_t d_out, const float* lhs, int64_t lhs_stride, int64_t nb,
+            float* delta, int64_t delta_stride, int64_t j) {
+  const int64_t Nr = s.N * s.r, dg = d_out / s.g;
+  const float* Bj = B + j * Nr * dg;
+  for (int64_t k = 0; k < Nr; ++k) {
+    const float* brow = Bj + k * dg;
+    for (int64_t b = 0; b < nb; ++b) {
+      const float a = lhs[b * lhs_stride + k];
+      float* d = delta + b * delta_stride + j * dg;
+#pragma omp simd
+      for (int64_t c = 0; c < dg; ++c) d[c] += a * brow[c];
+    }
+  }
+}
+
+template <typename T>
+void run_block(const Block& blk, const T* xp, int64_t x_stride, const float* arena, const int64_t* meta,
+               int64_t nsite, const std::vector<Out>& outs, const Sizes& z, std::vector<float>& buf) {
+  const int64_t* m = meta;
+  const int64_t nb = blk.n, d_in = z.d_in;
+  buf.resize(RB * (d_in + z.rows + z.lhs + z.d_out));
+  float* xf = buf.data();                 // [RB, d_in]
+  float* hz = xf + RB * d_in;             // [RB, rows]
+  float* lhs = hz + RB * z.rows;          // [RB, lhs]
+  float* delta = lhs + RB * z.lhs;        // [RB, d_out]
+  for (int64_t b = 0; b < nb; ++b) {
+    const T* src = xp + (blk.lo + b) * x_stride;
+#pragma omp simd
+    for (int64_t i = 0; i < d_in; ++i) xf[b * d_in + i] = static_cast<float>(src[i]);
+  }
+  shrink(arena + m[0], m[1], xf, nb, d_in, hz, z.rows);
+  for (int64_t si = 0; si < nsite; ++si) {
+    const Site s = site_of(m, si);
+    if (!s.used) continue;
+    const Out& o = outs[si];
+    std::fill(delta, delta + RB * z.d_out, 0.f);
+    for (int64_t j = 0; j < s.g; ++j) {
+      for (int64_t b = 0; b < nb; ++b) routed(hz + b * z.rows, s, j, lhs + b * z.lhs);
+      expand(arena + s.b_off, s, o.d_out, lhs, z.lhs, nb, delta, z.d_out, j);
+    }
+    for (int64_t b = 0; b < nb; ++b) {
+      T* dst = static_cast<T*>(o.ptr) + (blk.lo + b) * o.stride;
+      const float* d = delta + b * z.d_out;
+      for (int64_t c = 0; c < o.d_out; ++c) dst[c] = static_cast<T>(static_cast<float>(dst[c]) + d[c]);
+    }
+  }
+}
+
+// Every slot's meta row checked against the arena and the outputs; returns the buffer sizes.
+Sizes check_meta(const at::Tensor& meta, int64_t nsite, int64_t numel, int64_t d_in, const std::vector<Out>& outs) {
+  Sizes z{d_in, 1, 1, 1};
+  for (const Out& o : outs) z.d_out = std::max(z.d_out, o.d_out);
+  const int64_t* mp = meta.data_ptr<int64_t>();
+  for (int64_t slot = 0; slot < meta.size(0); ++slot) {
+    const int64_t* m = mp + slot * meta.size(1);
+    if (m[1] == 0) continue;
+    TORCH_CHECK(m[0] >= 0 && m[1] > 0 && m[0] + m[1] * d_in <= numel, "adapter_rows: slot ", slot,
+                " shrink rows outside the arena");
+    z.rows = std::max(z.rows, m[1]);
+    for (int64_t si = 0; si < nsite; ++si) {
+      const Site s = site_of(m, si);
+      if (!s.used) continue;
+      const int64_t d_out = outs[si].d_out;
+      TORCH_CHECK(s.r > 0 && s.N > 0 && s.g > 0 && d_out % s.g == 0, "adapter_rows: slot ", slot, " site ", si,
+                  ": bad r / N / g for d_out ", d_out);
+      TORCH_CHECK(s.a_off >= 0 && s.a_off + s.r <= m[1], "adapter_rows: slot ", slot, " site ", si,
+                  ": shrink rows out of range");
+      TORCH_CHECK(s.r_off < 0 ? s.N == 1 : s.r_off + s.g * s.N <= m[1], "adapter_rows: slot ", slot, " site ",
+                  si, ": router rows out of range");
+      TORCH_CHECK(s.b_off >= 0 && s.b_off + s.N * s.r * d_out <= numel, "adapter_rows: slot ", slot, " site ",
+                  si, ": B outside the arena");
+      z.lhs = std::max(z.lhs, s.N * s.r);
+    }
+  }
+  return z;
+}
+
+template <typename T>
+void run(const at::Tensor& x, const std::vector<Out>& outs, const at::Tensor& arena, const at::Tensor& meta,
+         const std::vector<Block>& blocks, const Sizes& z) {
+  const T* xp = x.data_ptr<T>();
+  const float* ap = arena.data_ptr<float>();
+  const int64_t* mp = meta.data_ptr<int64_t>();
+  const int64_t nsite = static_cast<int64_t>(outs.size()), mstride = meta.size(1), xs = x.stride(0);
+  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf;
+    for (int64_t i = begin; i < end; ++i) {
+      run_block<T>(blocks[i], xp, xs, ap, mp + blocks[i].slot * mstride, nsite, outs, z, buf);
+    }
+  });
+}
+
+}  // namespace
+
+void adapter_rows(const at::Tensor& x, const std::vector<at::Tensor>& outs, const at::Tensor& arena,
+                  const at::Tensor& meta, const at::Tensor& segs) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "adapter_rows: x must be [T, d_in] with column stride 1");
+  TORCH_CHECK(arena.scalar_type() == at::kFloat && arena.is_contiguous() && arena.dim() == 1,
+              "adapter_rows: arena must be a contiguous float32 vector");
+  const int64_t nsite = static_cast<int64_t>(outs.size()), T_ = x.size(0), d_in = x.size(1);
+  TORCH_CHECK(meta.scalar_type() == at::kLong && meta.is_contiguous() && meta.dim() == 2 &&
+              meta.size(1) == HEAD + SITE * nsite, "adapter_rows: meta must be contiguous int64 [S, 2 + 7 * sites]");
+  TORCH_CHECK(segs.scalar_type() == at::kLong && segs.is_contiguous() && segs.dim() == 2 && segs.size(1) == 3,
+              "adapter_rows: segs must be contiguous int64 [P, 3]");
+  std::vector<Out> o;
+  for (const at::Tensor& t : outs) {
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == T_ && t.stride(1) == 1 && t.scalar_type() == x.scalar_type(),
+                "adapter_rows: each out must be [T, d_out] in x's dtype with column stride 1");
+    o.push_back({t.data_ptr(), t.stride(0), t.size(1)});
+  }
+  const Sizes z = check_meta(meta, nsite, arena.numel(), d_in, o);
+  std::vector<Block> blocks;
+  const int64_t* sp = segs.data_ptr<int64_t>();
+  for (int64_t p = 0; p < segs.size(0); ++p) {
+    const int64_t slot = sp[3 * p], lo = sp[3 * p + 1], hi = sp[3 * p + 2];
+    TORCH_CHECK(slot >= 0 && slot < meta.size(0) && lo >= 0 && lo <= hi && hi <= T_, "adapter_rows: segment ",
+                p, " (slot ", slot, ", rows ", lo, "..", hi, ") out of range");
+    if (meta.data_ptr<int64_t>()[slot * meta.size(1) + 1] == 0) continue;
+    for (int64_t r = lo; r < hi; r += RB) blocks.push_back({slot, r, std::min(RB, hi - r)});
+  }
+  if (x.scalar_type() == at::kFloat) {
+    run<float>(x, o, arena, meta, blocks, z);
+  } else if (x.scalar_type() == at::kBFloat16) {
+    run<at::BFloat16>(x, o, arena, meta, blocks, z);
+  } else {
+    TORCH_CHECK(false, "adapter_rows: float32 or bfloat16, got ", x.scalar_type());
+  }
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("adapter_rows", &adapter_rows, "adapter deltas of decode-sized slots, added in place (CPU)");
+}

@@ -1,0 +1,206 @@
+"""The CPU small-slot adapter kernel (engine/cpu_adapters.py, csrc/adapter_rows.cpp): per token it must equal the
+MoLoRA module of the token's own adapter (fp32 1e-5) in every layout the plan gives it, match the torch small-slot
+path in bf16 (to the rounding of the output), follow an adapter replaced in its slot, refuse malformed inputs
+before writing, and give whole engine runs the same tokens and logprobs as the torch ops. Also: the engine flag,
+the environment switch and the build-failure fallback."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+
+from mtlora.errors import ConfigError
+from mtlora.sites import site_dims
+from mtlora.testing import make_tiny_model_dir
+from mtlora_server.engine import cpu_adapters, lora_ops
+from mtlora_server.engine.args import EngineArgs
+from mtlora_server.engine.core import EngineCore
+from mtlora_server.engine.lora_ops import SMALL_ROWS, SlotPlan
+from mtlora_server.engine.testing import run_to_completion, tiny_engine_args, write_tiny_adapters
+from mtlora_server.engine.types import GenerationRequest, SamplingParams
+from test_lora_ops import CFG, SHARED, _native, _oracle_delta
+from test_slot_stack import LAYOUTS, LORA, MT, _modules, _run, _slots
+
+
+@pytest.fixture(scope="module")
+def ext():
+    ext = cpu_adapters.kernel()
+    if ext is None:
+        if shutil.which("c++") is None and shutil.which("g++") is None:
+            pytest.skip("no C++ compiler on this machine: the CPU adapter kernel cannot be built")
+        pytest.fail("a C++ compiler is present but the CPU adapter kernel did not build (see the log)")
+    return ext
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Segments handed to the kernel, per call."""
+    seen = []
+    real = cpu_adapters.add_rows
+
+    def counting(ext, x, outs, arena, segs):
+        seen.append(segs[:, 0].tolist())
+        return real(ext, x, outs, arena, segs)
+
+    monkeypatch.setattr(cpu_adapters, "add_rows", counting)
+    return seen
+
+
+def _kernel_slots(ext, dtype=torch.float32):
+    slots, oracles = _slots(dtype)
+    slots.cpu_kernel = ext
+    return slots, oracles
+
+
+LAYOUTS_K = dict(LAYOUTS, rows_not_multiple_of_4=[0] * 5 + [1] * 7 + [2] * 6 + [3] + [4] * 9 + [5] * 2 + [-1] * 3,
+                 one_row_each=[5, 4, 3, 2, 1, 0, -1])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("layout", list(LAYOUTS_K))
+@pytest.mark.parametrize("group", list(SHARED))
+def test_kernel_equals_each_tokens_module(ext, group, layout, calls):
+    slots, oracles = _kernel_slots(ext)
+    slot_idx = torch.tensor(LAYOUTS_K[layout])
+    x = torch.randn(slot_idx.shape[0], site_dims(CFG, SHARED[group][0])[0], generator=torch.Generator().manual_seed(3))
+    for layer in range(CFG.num_hidden_layers):
+        for site, got in _run(slots, group, slot_idx, x, layer):
+            want = _oracle_delta(oracles, slot_idx, x, layer, site, got.shape[1])
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    plan = SlotPlan(slot_idx)
+    small = {s for s, rows in plan.groups.items() if isinstance(rows, slice) and rows.stop - rows.start <= SMALL_ROWS}
+    assert bool(calls) == bool(small) and all(set(c) == small for c in calls)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("group", list(SHARED))
+def test_kernel_bf16_matches_the_torch_small_slot_path(ext, group, monkeypatch):
+    """bf16 x and outputs: the kernel and the per-slot torch path compute in fp32 and round once; they agree to
+    one bf16 rounding step of the output."""
+    monkeypatch.setattr(lora_ops, "STACK_MIN_SLOTS", 10 ** 6)                     # torch side: per slot, fp32
+    slot_idx = torch.tensor(LAYOUTS_K["rows_not_multiple_of_4"])
+    x = torch.randn(slot_idx.shape[0], site_dims(CFG, SHARED[group][0])[0],
+                    generator=torch.Generator().manual_seed(5)).bfloat16()
+    got = {}
+    for kernel in (None, ext):
+        slots, _ = _slots(torch.bfloat16)
+        slots.cpu_kernel = kernel
+        got[kernel is not None] = [t for _, t in _run(slots, group, slot_idx, x, 1)]
+    for a, b in zip(got[True], got[False]):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2 * float(b.abs().max()), rtol=2 ** -7)
+        assert (a == b).float().mean() > 0.9
+
+
+@torch.no_grad()
+def test_an_adapter_replaced_in_its_slot_is_followed(ext, calls):
+    slots, oracles = _kernel_slots(ext)
+    slot_idx = torch.tensor(LAYOUTS["equal_rows_view"])
+    x = torch.randn(slot_idx.shape[0], 48, generator=torch.Generator().manual_seed(4))
+    _run(slots, "attn_in", slot_idx, x, 0)                                         # arenas built
+    for cfg, seed in ((MT, 99), (LORA, 98)):          # same shape, then another shape
+        oracles[1] = _modules(cfg, seed)
+        slots.load(1, cfg, _native(oracles[1]))
+        for site, got in _run(slots, "attn_in", slot_idx, x, 0):
+            want = _oracle_delta(oracles, slot_idx, x, 0, site, got.shape[1])
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    slots.clear(1)
+    oracles.pop(1)
+    for site, got in _run(slots, "attn_in", slot_idx, x, 0):
+        torch.testing.assert_close(got, _oracle_delta(oracles, slot_idx, x, 0, site, got.shape[1]), atol=1e-5,
+                                   rtol=1e-5)
+
+
+def _direct_inputs(ext):
+    """A one-site arena for slot 0 (d_in 8, d_out 6, r 2, N 3, g 2) and inputs for 5 rows."""
+    slots, _ = _kernel_slots(ext)
+    from mtlora import grouped
+    g = torch.Generator().manual_seed(0)
+    site = grouped.SiteWeights(torch.randn(2, 8, generator=g), torch.randn(3, 2, 6, generator=g),
+                               torch.randn(2, 3, 8, generator=g), 0.5)
+    pk = grouped.pack([site])
+    arena = cpu_adapters.Arena.build({0: (pk, [0])}, nsite=1, num_slots=2)
+    x, out = torch.randn(5, 8, generator=g), torch.zeros(5, 6)
+    return pk, arena, x, out
+
+
+BAD = {  # name -> (mutation of (x, outs, arena, segs), message fragment)
+    "segment slot out of range": (lambda a: a.update(segs=torch.tensor([[2, 0, 5]])), "segment 0"),
+    "segment rows past T": (lambda a: a.update(segs=torch.tensor([[0, 3, 6]])), "out of range"),
+    "out dtype": (lambda a: a.update(outs=[a["outs"][0].double()]), "x's dtype"),
+    "out rows": (lambda a: a.update(outs=[torch.zeros(4, 6)]), "[T, d_out]"),
+    "meta width": (lambda a: a.update(meta=torch.zeros(2, 3, dtype=torch.long)), "meta"),
+    "B outside arena": (lambda a: a.update(data=a["data"][:-1].clone()), "outside the arena"),
+    "x dtype": (lambda a: a.update(x=a["x"].half(), outs=[a["outs"][0].half()]), "float32 or bfloat16"),
+}
+
+
+@torch.no_grad()
+def test_direct_call_equals_grouped_and_refuses_bad_inputs_before_writing(ext):
+    from mtlora import grouped
+    pk, arena, x, out = _direct_inputs(ext)
+    cpu_adapters.add_rows(ext, x, [out], arena, torch.tensor([[0, 0, 5], [1, 0, 5]]))   # slot 1: not in the arena
+    want = torch.zeros(5, 6)
+    grouped.expand_into(grouped.shrink(x, pk), pk.parts[0], want)
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-6)
+    for name, (mutate, fragment) in BAD.items():
+        args = dict(x=x, outs=[torch.zeros(5, 6)], data=arena.data, meta=arena.meta, segs=torch.tensor([[0, 0, 5]]))
+        mutate(args)
+        before = [o.clone() for o in args["outs"]]
+        with pytest.raises(RuntimeError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
+            ext.adapter_rows(args["x"], args["outs"], args["data"], args["meta"], args["segs"])
+        assert all(torch.equal(o, b) for o, b in zip(args["outs"], before)), name
+
+
+def _generate(model_dir, adapters, mode: str, dtype: str):
+    core = EngineCore(tiny_engine_args(model_dir, adapters=adapters, cpu_adapters=mode, dtype=dtype))
+    assert (core.slots.cpu_kernel is not None) == (mode == "kernel")
+    gen = torch.Generator().manual_seed(7)
+    names = list(adapters) + [None]
+    reqs = [GenerationRequest(f"r{i}", torch.randint(3, 250, (5 + 3 * i,), generator=gen).tolist(),
+                              SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=2,
+                                             prompt_logprobs=1),
+                              adapter=names[i % len(names)]) for i in range(12)]
+    return run_to_completion(core, reqs)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_engine_runs_are_the_same_with_the_kernel(ext, tmp_path, dtype):
+    """Every tiny adapter kind mixed in one batch with base requests: the same greedy tokens with the kernel as
+    with the torch ops, and (fp32) the same logprobs to 1e-5."""
+    model_dir = make_tiny_model_dir(tmp_path / "m", seed=2)
+    from mtlora.base import load_config
+    adapters = write_tiny_adapters(tmp_path / "a", load_config(model_dir))
+    torch_run, kernel_run = (_generate(model_dir, adapters, mode, dtype) for mode in ("torch", "kernel"))
+    for rid, want in torch_run.items():
+        got = kernel_run[rid]
+        assert got.tokens == want.tokens, rid
+        if dtype == "float32":
+            for a, b in zip(got.logprobs[0], want.logprobs[0]):
+                assert abs(a.logprob - b.logprob) < 1e-5
+
+
+def test_required_kernel_names_the_flag_and_env_forces_torch(monkeypatch, caplog):
+    import torch.utils.cpp_extension as cpp
+
+    def broken(*a, **k):
+        raise RuntimeError("Error building extension\nc++: not found")
+
+    monkeypatch.setattr(cpu_adapters.EXTENSION, "_state", {})
+    monkeypatch.setattr(cpp, "load", broken)
+    slots, _ = _slots()
+    with caplog.at_level(logging.WARNING):
+        assert cpu_adapters.enable(slots) is False and slots.cpu_kernel is None
+    assert "could not be built" in caplog.text and "c++: not found" in caplog.text
+    with pytest.raises(ConfigError) as info:
+        cpu_adapters.enable(slots, required=True)
+    assert info.value.field == "cpu_adapters"
+    monkeypatch.setattr(cpu_adapters.EXTENSION, "_state", {})
+    monkeypatch.setenv(cpu_adapters.ENV, "torch")
+    assert cpu_adapters.kernel() is None
+    with pytest.raises(ConfigError) as info:
+        EngineArgs(cpu_adapters="fast")
+    assert info.value.field == "cpu_adapters"

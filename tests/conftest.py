@@ -48,11 +48,12 @@ def default_model_dir() -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def _cpu_kernels_built():
-    """Build the CPU kernels (decode attention, small-slot adapter rows) once, up front (~40 s each on a fresh
+    """Build the CPU kernels (decode attention, small-slot adapter rows, fused row ops) once, up front (~40 s each on a fresh
     machine; cached after), so server processes started by tests load them instead of each waiting for the builds
     inside its start-up timeout. Without a compiler this logs warnings and the engine uses the torch paths
     (tests/unit/test_cpu_attention.py and test_cpu_adapters.py say so)."""
-    from mtlora_server.engine import cpu_adapters, cpu_attention
+    from mtlora_server.engine import cpu_adapters, cpu_attention, cpu_fused
 
     cpu_attention.kernel()
     cpu_adapters.kernel()
+    cpu_fused.kernel()

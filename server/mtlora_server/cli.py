@@ -170,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "--cpu-attention's kernel; fails at start-up if it cannot be built); torch: torch ops per "
                         "slot (same-shape slots stacked); auto: the kernel when it builds, else torch (logged). "
                         "Steps that sample routing statistics and batch-invariant mode use the torch ops.")
+    p.add_argument("--cpu-fused-ops", default="auto", choices=["auto", "kernel", "torch"],
+                   help="Native engine on CPU: RMSNorm after the residual add, silu(gate) * up and rotary embedding. "
+                        "kernel: one C++ pass over each row per function (built on first use like --cpu-attention's "
+                        "kernel; fails at start-up if it cannot be built); torch: several torch ops each; auto: the "
+                        "kernel when it builds, else torch (logged). Same numbers, rounding included. "
+                        "Batch-invariant mode and compiled / static decode keep the torch ops.")
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="Let chat requests with tools use tool_choice 'auto' (the default with tools): the model's "
                         "free output is read with --tool-call-parser and calls found become tool_calls. Named and "
@@ -243,7 +249,7 @@ def engine_args_from(ns: argparse.Namespace, adapters: dict[str, str]):
                       seed=ns.seed, enforce_eager=ns.enforce_eager, decode_graphs=ns.decode_graphs,
                       enable_prefix_caching=ns.enable_prefix_caching, batch_invariant=ns.batch_invariant,
                       gpu_memory_utilization=ns.gpu_memory_utilization, cpu_attention=ns.cpu_attention,
-                      cpu_adapters=ns.cpu_adapters)
+                      cpu_adapters=ns.cpu_adapters, cpu_fused_ops=ns.cpu_fused_ops)
 
 
 def _memory_summary() -> str:

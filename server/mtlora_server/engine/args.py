@@ -38,6 +38,7 @@ class EngineArgs:
     batch_invariant: bool = False             # a request's numbers never depend on its batch (engine/invariant.py)
     cpu_attention: str = "auto"               # CPU decode attention: auto | kernel | torch (engine/cpu_attention.py)
     cpu_adapters: str = "auto"                # CPU small-slot adapter work: auto | kernel | torch (cpu_adapters.py)
+    cpu_fused_ops: str = "auto"               # CPU norms / silu * up / rope: auto | kernel | torch (cpu_fused.py)
     gpu_memory_utilization: float | None = None   # CUDA: KV cache share of the memory free after loading (0, 1]
 
     def __post_init__(self) -> None:
@@ -65,7 +66,7 @@ class EngineArgs:
         if self.decode_graphs not in ("auto", "cudagraph", "compile", "static"):
             raise ConfigError(f"unknown decode_graphs {self.decode_graphs!r}; expected auto, cudagraph, compile or "
                               "static", field="decode_graphs")
-        for name in ("cpu_attention", "cpu_adapters"):
+        for name in ("cpu_attention", "cpu_adapters", "cpu_fused_ops"):
             if getattr(self, name) not in ("auto", "kernel", "torch"):
                 raise ConfigError(f"unknown {name} {getattr(self, name)!r}; expected auto, kernel or torch",
                                   field=name)

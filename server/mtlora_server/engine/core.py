@@ -53,7 +53,7 @@ from mtlora.base import load_config, load_tokenizer, parse_dtype, resolve_model
 from mtlora.errors import (AdapterNotFoundError, ContextLengthError, InvalidRequestError, MtloraError,
                            RequestFailedError)
 
-from . import cpu_adapters, faults
+from . import cpu_ext, faults
 from .adapter_registry import AdapterRegistry
 from .args import EngineArgs
 from .core_adapters import AdapterMethods, _Adapter
@@ -116,11 +116,8 @@ class EngineCore(AdapterMethods):
         if (not mode and self.device.type == "cpu" and self.dtype == torch.bfloat16 and not args.batch_invariant
                 and self.model.prepack_weights()):
             log.info("projection and lm_head weights prepacked for oneDNN (bf16 on CPU)")
-        if self.device.type == "cpu" and not args.batch_invariant and args.cpu_attention != "torch":
-            if self.model.enable_paged_kernel(self.pool.k.dtype, required=args.cpu_attention == "kernel"):
-                log.info("decode attention reads the paged KV pool in place (cpu_attention kernel)")
-        if self.device.type == "cpu" and not args.batch_invariant and args.cpu_adapters != "torch":
-            cpu_adapters.enable(self.slots, required=args.cpu_adapters == "kernel")
+        if self.device.type == "cpu" and not args.batch_invariant:
+            cpu_ext.enable_kernels(args, self.model, self.slots, self.pool.k.dtype, compiled=bool(mode))
         graphs = mode and DecodeGraphs(self.model, self.pool, self.slots, args.max_num_seqs, self.max_model_len, mode)
         self.runner = ModelRunner(self.model, self.pool, self.slots, self.device, self.slot_sites, graphs)
         self.eos_ids = set(c.eos_token_ids)

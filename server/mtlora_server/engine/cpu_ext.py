@@ -10,6 +10,10 @@ Contract:
 - `load()` returns None, with one warning naming the reason, when the kernel cannot be built (no compiler, a
   build error), or with an info line when the environment variable `env` is set to "torch": callers then use
   their torch path. Never raises.
+- `enable_kernels(args, model, slots, kv_dtype, compiled)`: the CPU engine's switch-on of every kernel its flags
+  allow (`cpu_attention`, `cpu_adapters`, `cpu_fused_ops`: auto | kernel | torch; "kernel" raises a ConfigError
+  naming the flag when unavailable). The caller has checked: CPU, not batch-invariant. The fused row ops need the
+  eager forward (`compiled`: compiled / static decode reads the torch functions).
 - `at::parallel_for` inside a kernel uses the calling thread's OpenMP pool (torch's libgomp; no extension links
   its own), so the engine's step thread keeps one pool.
 """
@@ -91,3 +95,16 @@ class CpuExtension:
                                 type(e).__name__, msg.splitlines()[-1][:300] if msg else "")
             self._state["ext"] = ext
             return ext
+
+
+def enable_kernels(args, model, slots, kv_dtype, compiled: bool) -> None:
+    """Switch the CPU engine's model and adapter slots to the kernels its flags allow (module doc)."""
+    from . import cpu_adapters
+    if args.cpu_attention != "torch":
+        if model.enable_paged_kernel(kv_dtype, required=args.cpu_attention == "kernel"):
+            log.info("decode attention reads the paged KV pool in place (cpu_attention kernel)")
+    if args.cpu_adapters != "torch":
+        cpu_adapters.enable(slots, required=args.cpu_adapters == "kernel")
+    if not compiled and args.cpu_fused_ops != "torch":
+        if model.enable_fused_ops(required=args.cpu_fused_ops == "kernel"):
+            log.info("norms, residual adds, silu * up and rope run fused (cpu_fused kernels)")

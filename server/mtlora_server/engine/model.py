@@ -41,7 +41,7 @@ from mtlora.base import load_config, load_state_dict, rope_parameters
 from mtlora.errors import CheckpointError, ConfigError
 from mtlora.sites import FUSED, FusedColumn, fused_columns, site_of_module
 
-from . import cpu_attention, invariant
+from . import cpu_attention, cpu_fused, invariant
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 PREPACK_ROWS_HINT = 64       # rows oneDNN tunes a prepacked weight's layout for (a decode batch; any count works)
@@ -239,6 +239,7 @@ class LlamaDecoder:
         self.columns = {f: fused_columns(cfg, f) for f in FUSED}          # adapter sites inside qkv / gate_up
         self.row_tile = 0            # > 0: batch-invariant mode, the row tile (invariant.py); see below
         self.paged_kernel = None     # cpu_attention's extension: decode attention read in place from the pool
+        self.fused = None            # cpu_fused's extension: norm / residual add, silu * up, rope in one pass each
 
     def enable_batch_invariance(self, max_rows: int) -> int:
         """Switch to batch-invariant numerics after probing this machine's matmuls on the model's own shapes
@@ -285,20 +286,23 @@ class LlamaDecoder:
         use_adapters = adapters is not None and b.any_adapter
         h = F.embedding(b.input_ids, self.embed)                            # h: [T, d]
         cos, sin = self.cos[b.positions], self.sin[b.positions]             # [T, hd]
+        delta = None                   # the last block's output, added into h (in place) by the next norm
         for idx, w in enumerate(self.layers):
             sites = adapters.active_sites(idx) if use_adapters else ()
             if b.sites is not None:                                         # skip sites no token of this step uses
                 sites = [s for s in sites if s in b.sites]
             ctx = AdaptContext(adapters, idx, sites, b.adapter_slots, stats, b.adapter_plan)
-            x = rms_norm(h, w["in_norm"], self.cfg.rms_norm_eps)            # x: [T, d]
-            h = h + self._attention(idx, w, x, cos, sin, b, kv, ctx)
-            x = rms_norm(h, w["post_norm"], self.cfg.rms_norm_eps)
-            h = h + self._mlp(w, x, ctx)
+            x = self._add_norm(h, delta, w["in_norm"])                      # h += delta; x: [T, d]
+            delta = self._attention(idx, w, x, cos, sin, b, kv, ctx)
+            x = self._add_norm(h, delta, w["post_norm"])
+            delta = self._mlp(w, x, ctx)
+        if delta is not None:
+            h += delta
         hidden = h[b.hidden_index] if b.hidden_index is not None else None   # [C, d] kept for the prefix cache
         h = h[b.logits_index]                                               # only rows that need logits
         if b.extra_hidden is not None:                                      # [L + E, d]
             h = torch.cat([h, b.extra_hidden.to(h.dtype)])
-        h = rms_norm(h, self.final_norm, self.cfg.rms_norm_eps)
+        h = self._add_norm(h, None, self.final_norm)
         return ForwardOutput(self._linear(h, self.lm_head).float(), hidden)  # [L + E, V], [C, d]
 
     def _attention(self, idx, w, x, cos, sin, b: StepBatch, kv, ctx: AdaptContext) -> torch.Tensor:
@@ -309,8 +313,12 @@ class LlamaDecoder:
         blk = x.new_zeros(T, cfg.hidden_size) if "self_attn" in ctx.sites else None
         _adapt(ctx, x, [("self_attn", blk)] + _columns(qkv, self.columns["qkv"]))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rope(q.reshape(T, cfg.num_attention_heads, cfg.head_dim), cos, sin)
-        k = apply_rope(k.reshape(T, cfg.num_key_value_heads, cfg.head_dim), cos, sin)
+        q, k = q.reshape(T, cfg.num_attention_heads, cfg.head_dim), k.reshape(T, cfg.num_key_value_heads, cfg.head_dim)
+        if self.fused is not None:                                          # in place, in qkv
+            self.fused.rope_(q, cos, sin)
+            self.fused.rope_(k, cos, sin)
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = v.reshape(T, cfg.num_key_value_heads, cfg.head_dim)
         kv.write(idx, b.slot_mapping, k, v)
         g0 = b.attn[0]
@@ -371,6 +379,27 @@ class LlamaDecoder:
         self.paged_kernel = ext
         return ext is not None
 
+    def enable_fused_ops(self, required: bool = False) -> bool:
+        """Use cpu_fused's kernels for the norms, residual adds, silu * up and rope (CPU, fp32 / bf16, eager, not
+        batch-invariant: the core decides). False when unavailable; `required` raises (cpu_fused_ops=kernel)."""
+        usable = self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16)
+        ext = cpu_fused.kernel() if usable else None
+        if ext is None and required:
+            raise ConfigError("cpu_fused_ops=kernel: the CPU fused row kernels are unavailable here (CPU with "
+                              "float32 / bfloat16 only; a build failure is logged above)", field="cpu_fused_ops")
+        self.fused = ext
+        return ext is not None
+
+    def _add_norm(self, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
+        """h += delta in place (none: skipped), then RMSNorm of h [T, d]; one pass each with the fused kernels."""
+        eps = self.cfg.rms_norm_eps
+        if self.fused is not None:
+            return self.fused.rms_norm(h, weight, eps) if delta is None else self.fused.add_rms_norm(h, delta, weight,
+                                                                                                       eps)
+        if delta is not None:
+            h += delta
+        return rms_norm(h, weight, eps)
+
     def _decode_attention(self, q, keys, values, mask) -> torch.Tensor:
         """One query per sequence, as two batched matmuls over (KV head, sequence). q: [B, H, hd]; keys/values:
         [KV, B, Kmax, hd]; mask: [B, 1, 1, Kmax]. On CPU this is ~10x faster than SDPA's flash kernel, which is
@@ -394,8 +423,11 @@ class LlamaDecoder:
         gu = self._linear(x, w["gate_up"])                                  # [T, 2F]
         blk = x.new_zeros(x.shape[0], self.cfg.hidden_size) if "mlp" in ctx.sites else None
         _adapt(ctx, x, [("mlp", blk)] + _columns(gu, self.columns["gate_up"]))
-        gate, up = gu.split([F_, F_], dim=-1)
-        act = F.silu(gate) * up                                             # [T, F]
+        if self.fused is not None:
+            act = self.fused.silu_mul(gu)                                   # [T, F]
+        else:
+            gate, up = gu.split([F_, F_], dim=-1)
+            act = F.silu(gate) * up                                         # [T, F]
         out = self._linear(act, w["down"])                                  # [T, d]
         _adapt(ctx, act, [("mlp.down_proj", out)])
         return out if blk is None else out.add_(blk)

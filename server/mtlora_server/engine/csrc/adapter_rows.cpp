@@ -53,32 +53,38 @@ struct Sizes {
   int64_t d_in, rows, lhs, d_out;    // maxima over the slots used: buffer sizes per row
 };
 
-// hz[b][k] = W[k] . xf[b] for the block's nb rows: each weight row read once for all of them.
+// hz[b][k] = W[k] . xf[b] for the block's nb rows: each weight row read once for all of them. Full blocks take
+// 4 weight rows x 4 input rows at a time (16 accumulators: 8 loads feed 16 FMAs).
 void shrink(const float* W, int64_t rows, const float* xf, int64_t nb, int64_t d_in, float* hz, int64_t hz_stride) {
-  for (int64_t k = 0; k < rows; ++k) {
-    const float* w = W + k * d_in;
-    if (nb == RB) {
-      const float *x0 = xf, *x1 = xf + d_in, *x2 = xf + 2 * d_in, *x3 = xf + 3 * d_in;
-      float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
+  int64_t k = 0;
+  if (nb == RB) {
+    const float *x0 = xf, *x1 = xf + d_in, *x2 = xf + 2 * d_in, *x3 = xf + 3 * d_in;
+    for (; k + 4 <= rows; k += 4) {
+      const float *w0 = W + k * d_in, *w1 = w0 + d_in, *w2 = w1 + d_in, *w3 = w2 + d_in;
+      float a00 = 0.f, a01 = 0.f, a02 = 0.f, a03 = 0.f, a10 = 0.f, a11 = 0.f, a12 = 0.f, a13 = 0.f;
+      float a20 = 0.f, a21 = 0.f, a22 = 0.f, a23 = 0.f, a30 = 0.f, a31 = 0.f, a32 = 0.f, a33 = 0.f;
+#pragma omp simd reduction(+ : a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33)
       for (int64_t i = 0; i < d_in; ++i) {
-        a0 += w[i] * x0[i];
-        a1 += w[i] * x1[i];
-        a2 += w[i] * x2[i];
-        a3 += w[i] * x3[i];
+        const float v0 = x0[i], v1 = x1[i], v2 = x2[i], v3 = x3[i];
+        a00 += w0[i] * v0; a01 += w0[i] * v1; a02 += w0[i] * v2; a03 += w0[i] * v3;
+        a10 += w1[i] * v0; a11 += w1[i] * v1; a12 += w1[i] * v2; a13 += w1[i] * v3;
+        a20 += w2[i] * v0; a21 += w2[i] * v1; a22 += w2[i] * v2; a23 += w2[i] * v3;
+        a30 += w3[i] * v0; a31 += w3[i] * v1; a32 += w3[i] * v2; a33 += w3[i] * v3;
       }
-      hz[k] = a0;
-      hz[hz_stride + k] = a1;
-      hz[2 * hz_stride + k] = a2;
-      hz[3 * hz_stride + k] = a3;
-    } else {
-      for (int64_t b = 0; b < nb; ++b) {
-        const float* x = xf + b * d_in;
-        float a = 0.f;
+      const float acc[4][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}, {a20, a21, a22, a23},
+                               {a30, a31, a32, a33}};
+      for (int64_t q = 0; q < 4; ++q)
+        for (int64_t b = 0; b < RB; ++b) hz[b * hz_stride + k + q] = acc[q][b];
+    }
+  }
+  for (; k < rows; ++k) {
+    const float* w = W + k * d_in;
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* x = xf + b * d_in;
+      float a = 0.f;
 #pragma omp simd reduction(+ : a)
-        for (int64_t i = 0; i < d_in; ++i) a += w[i] * x[i];
-        hz[b * hz_stride + k] = a;
-      }
+      for (int64_t i = 0; i < d_in; ++i) a += w[i] * x[i];
+      hz[b * hz_stride + k] = a;
     }
   }
 }
@@ -102,20 +108,35 @@ void routed(const float* hz, const Site& s, int64_t j, float* lhs) {
   for (int64_t q = 0; q < s.N * s.r; ++q) lhs[q] *= inv;
 }
 
-// delta[b][group j's columns] = lhs[b] @ B[j] for the block's rows (each B row read once for all of them).
+// delta[b][group j's columns] = lhs[b] @ B[j] for the block's rows: columns in chunks of CW held in local
+// accumulators across all N*r rows of B (each B chunk read once for all rows, no stores inside the k loop).
+constexpr int64_t CW = 32;
+
+template <int64_t W>
+inline void expand_chunk(const float* Bj, int64_t Nr, int64_t dg, int64_t c0, const float* lhs, int64_t lhs_stride,
+                         int64_t nb, float* d, int64_t delta_stride, int64_t cw) {
+  float acc[RB][W > 0 ? W : CW] = {};
+  const int64_t w = W > 0 ? W : cw;
+  for (int64_t k = 0; k < Nr; ++k) {
+    const float* brow = Bj + k * dg + c0;
+    for (int64_t b = 0; b < nb; ++b) {
+      const float a = lhs[b * lhs_stride + k];
+#pragma omp simd
+      for (int64_t c = 0; c < w; ++c) acc[b][c] += a * brow[c];
+    }
+  }
+  for (int64_t b = 0; b < nb; ++b)
+    for (int64_t c = 0; c < w; ++c) d[b * delta_stride + c0 + c] += acc[b][c];
+}
+
 void expand(const float* B, const Site& s, int64_t d_out, const float* lhs, int64_t lhs_stride, int64_t nb,
             float* delta, int64_t delta_stride, int64_t j) {
   const int64_t Nr = s.N * s.r, dg = d_out / s.g;
   const float* Bj = B + j * Nr * dg;
-  for (int64_t k = 0; k < Nr; ++k) {
-    const float* brow = Bj + k * dg;
-    for (int64_t b = 0; b < nb; ++b) {
-      const float a = lhs[b * lhs_stride + k];
-      float* d = delta + b * delta_stride + j * dg;
-#pragma omp simd
-      for (int64_t c = 0; c < dg; ++c) d[c] += a * brow[c];
-    }
-  }
+  float* d = delta + j * dg;
+  int64_t c0 = 0;
+  for (; c0 + CW <= dg; c0 += CW) expand_chunk<CW>(Bj, Nr, dg, c0, lhs, lhs_stride, nb, d, delta_stride, CW);
+  if (c0 < dg) expand_chunk<0>(Bj, Nr, dg, c0, lhs, lhs_stride, nb, d, delta_stride, dg - c0);
 }
 
 template <typename T>

@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "kernel: one C++ call per layer and site group for all of them (built on first use like "
                         "--cpu-attention's kernel; fails at start-up if it cannot be built); torch: torch ops per "
                         "slot (same-shape slots stacked); auto: the kernel when it builds, else torch (logged). "
-                        "Steps that sample routing statistics and batch-invariant mode use the torch ops.")
+                        "Batch-invariant mode uses the torch ops.")
     p.add_argument("--cpu-fused-ops", default="auto", choices=["auto", "kernel", "torch"],
                    help="Native engine on CPU: RMSNorm after the residual add, silu(gate) * up and rotary embedding. "
                         "kernel: one C++ pass over each row per function (built on first use like --cpu-attention's "

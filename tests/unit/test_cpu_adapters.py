@@ -41,9 +41,9 @@ def calls(monkeypatch):
     seen = []
     real = cpu_adapters.add_rows
 
-    def counting(ext, x, outs, arena, segs):
+    def counting(ext, x, outs, arena, segs, stats=None):
         seen.append(segs[:, 0].tolist())
-        return real(ext, x, outs, arena, segs)
+        return real(ext, x, outs, arena, segs, stats)
 
     monkeypatch.setattr(cpu_adapters, "add_rows", counting)
     return seen
@@ -127,6 +127,7 @@ def _direct_inputs(ext):
     return pk, arena, x, out
 
 
+NO_STATS = (torch.zeros(0), torch.zeros(0, 0, dtype=torch.long))
 BAD = {  # name -> (mutation of (x, outs, arena, segs), message fragment)
     "segment slot out of range": (lambda a: a.update(segs=torch.tensor([[2, 0, 5]])), "segment 0"),
     "segment rows past T": (lambda a: a.update(segs=torch.tensor([[0, 3, 6]])), "out of range"),
@@ -151,8 +152,13 @@ def test_direct_call_equals_grouped_and_refuses_bad_inputs_before_writing(ext):
         mutate(args)
         before = [o.clone() for o in args["outs"]]
         with pytest.raises(RuntimeError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
-            ext.adapter_rows(args["x"], args["outs"], args["data"], args["meta"], args["segs"])
+            ext.adapter_rows(args["x"], args["outs"], args["data"], args["meta"], args["segs"], *NO_STATS)
         assert all(torch.equal(o, b) for o, b in zip(args["outs"], before)), name
+    out = torch.zeros(5, 6)
+    with pytest.raises(RuntimeError, match="routing weights outside wout"):    # 5 rows x g 2 x N 3 need 30 floats
+        ext.adapter_rows(x, [out], arena.data, arena.meta, torch.tensor([[0, 0, 5]]), torch.zeros(29),
+                         torch.zeros(1, 1, dtype=torch.long))
+    assert not out.any()
 
 
 def _generate(model_dir, adapters, mode: str, dtype: str):
@@ -204,3 +210,32 @@ def test_required_kernel_names_the_flag_and_env_forces_torch(monkeypatch, caplog
     with pytest.raises(ConfigError) as info:
         EngineArgs(cpu_adapters="fast")
     assert info.value.field == "cpu_adapters"
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("layout", ["rows_not_multiple_of_4", "large_slot_beside_small", "one_row_each"])
+def test_routing_stats_from_the_kernel_equal_the_torch_paths(ext, layout, calls):
+    """A sampled step: the kernel returns the softmax weights it routed with; per-slot sums, entropies and counts
+    equal those of the torch paths (exact-form records: ones for sites without a router)."""
+    from mtlora_server.engine.lora_ops import RoutingStats
+    slot_idx = torch.tensor(LAYOUTS_K[layout])
+    got = {}
+    for kernel in (None, ext):
+        slots, _ = _slots()
+        slots.cpu_kernel = kernel
+        stats = RoutingStats()
+        for group in SHARED:
+            x = torch.randn(slot_idx.shape[0], site_dims(CFG, SHARED[group][0])[0],
+                            generator=torch.Generator().manual_seed(11))
+            for layer in range(CFG.num_hidden_layers):
+                sites = SHARED[group]
+                widths = [site_dims(CFG, s)[1] for s in sites]
+                fused = torch.zeros(x.shape[0], sum(widths))
+                starts = [sum(widths[:k]) for k in range(len(sites))]
+                targets = [(s, fused[:, a:a + w]) for s, a, w in zip(sites, starts, widths)]
+                slots.apply_shared(layer, x, targets, slot_idx, stats=stats, plan=SlotPlan(slot_idx))
+        got[kernel is not None] = (stats.weight_sum.clone(), stats.entropy_sum.clone(), stats.count.clone())
+    assert calls, "the kernel did not run"
+    for a, b in zip(got[True], got[False]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert got[True][2].sum() > 0

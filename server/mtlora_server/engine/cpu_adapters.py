@@ -21,8 +21,9 @@ Contract:
   data: rebuild when a slot changes.
 - `segments(groups, max_rows) -> [P, 3] int64 | None`: (slot, lo, hi) of each slot whose rows are one contiguous
   range of at most max_rows (the decode case), from a `SlotPlan.groups`; None when there is none.
-- `add_rows(ext, x [T, d_in], outs [[T, d_out_s]], arena, segs)`: adds every listed slot's delta into each site's
-  out, in place (x and outs in one dtype, float32 or bfloat16; outs may be column views). Math: exactly
+- `add_rows(ext, x [T, d_in], outs [[T, d_out_s]], arena, segs, stats=None)`: adds every listed slot's delta into
+  each site's out, in place; with a `RoutingStats`, also records the routing weights the kernel computed (the
+  step that samples them: same records as the torch paths) (x and outs in one dtype, float32 or bfloat16; outs may be column views). Math: exactly
   `mtlora.grouped.expand_into` in fp32 (the same as lora_ops' small-slot path); parity: tests/unit/
   test_cpu_adapters.py against `mtlora.grouped` and the `mtlora.adapters` oracle, and whole decoder steps.
 """
@@ -30,7 +31,7 @@ Contract:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -67,6 +68,11 @@ def enable(slots, required: bool = False) -> bool:
 class Arena:
     data: torch.Tensor        # [numel] float32: per slot W [rows, d_in], then each site's B [g, N*r, d_out/g]
     meta: torch.Tensor        # [num_slots, 2 + 7*nsite] int64
+    meta_rows: list[list[int]] = field(default_factory=list)    # meta as Python ints (the stats layout)
+
+    def __post_init__(self):
+        if not self.meta_rows:
+            self.meta_rows = self.meta.tolist()
 
     @classmethod
     def build(cls, packs: dict[int, tuple[grouped.Pack, list[int]]], nsite: int, num_slots: int) -> "Arena":
@@ -94,6 +100,36 @@ def segments(groups: dict[int, torch.Tensor | slice], max_rows: int) -> torch.Te
     return torch.tensor(segs, dtype=torch.long) if segs else None
 
 
-def add_rows(ext, x: torch.Tensor, outs: list[torch.Tensor], arena: Arena, segs: torch.Tensor) -> None:
-    """Add the listed slots' deltas into outs in place (module doc)."""
-    ext.adapter_rows(x, outs, arena.data, arena.meta, segs)
+_NONE = torch.zeros(0)
+_NO_OFF = torch.zeros(0, 0, dtype=torch.long)
+
+
+def add_rows(ext, x: torch.Tensor, outs: list[torch.Tensor], arena: Arena, segs: torch.Tensor,
+             stats=None) -> None:
+    """Add the listed slots' deltas into outs in place (module doc); with `stats` (a RoutingStats), record every
+    slot's routing weights at every site it adapts, as the torch paths do (ones [n, g, 1] for a site without a
+    router)."""
+    if stats is None:
+        ext.adapter_rows(x, outs, arena.data, arena.meta, segs, _NONE, _NO_OFF)
+        return
+    nsite = len(outs)
+    woff = torch.full((segs.shape[0], nsite), -1, dtype=torch.long)
+    routed, ones, off = [], [], 0
+    for p, (slot, lo, hi) in enumerate(segs.tolist()):
+        m = arena.meta_rows[slot]
+        for si in range(nsite):
+            used, _, _, r_off, N, g, _ = m[HEAD + SITE * si:HEAD + SITE * (si + 1)]
+            if not used or not m[1]:
+                continue
+            if r_off < 0:
+                ones.append((slot, hi - lo, g))
+                continue
+            woff[p, si] = off
+            routed.append((slot, off, hi - lo, g, N))
+            off += (hi - lo) * g * N
+    wout = torch.empty(off, dtype=torch.float32)
+    ext.adapter_rows(x, outs, arena.data, arena.meta, segs, wout if off else _NONE, woff if off else _NO_OFF)
+    for slot, o, n, g, N in routed:
+        stats.record(slot, wout[o:o + n * g * N].view(n, g, N))
+    for slot, n, g in ones:
+        stats.record(slot, torch.ones(n, g, 1))

@@ -20,7 +20,7 @@ Contract:
   trimmed to its own r / N / g, cached until the slot changes), and adds each site's delta in place into its
   target (the matching slice of the fused projection output). On CPU, the slots with few contiguous rows in the
   step (<= SMALL_ROWS: decode) all go through one call of `cpu_adapters`' C++ kernel per site group when
-  `cpu_kernel` is set (the engine sets it; steps sampling routing statistics excepted); without it, such slots of
+  `cpu_kernel` is set (the engine sets it); without it, such slots of
   the same shape run together, STACK_MIN_SLOTS or more at a time (`slot_stack.py`: one bmm for their shrinks, one
   per site for their expands). The site list is `mtlora.sites.SITE_NAMES`.
   Test-only variants over the stacked layout (per-token loop, batched torch) live in tests/unit/molora_stacked.py.
@@ -339,8 +339,8 @@ class AdapterSlots:
         key_sites = tuple(targets[i][0] for i, _ in bufs)
         stacked = set()
         if not self.row_tile and not x.is_cuda:
-            if self.cpu_kernel is not None and stats is None:
-                stacked = self._apply_kernel(layer, x, targets, bufs, key_sites, plan)
+            if self.cpu_kernel is not None:
+                stacked = self._apply_kernel(layer, x, targets, bufs, key_sites, plan, stats)
             else:
                 stacked = self._apply_stacked(layer, x, targets, bufs, key_sites, plan, stats)
         x32: list[torch.Tensor] = []                # x in fp32, cast once for all the small slots of this call
@@ -373,10 +373,10 @@ class AdapterSlots:
         return self._packs[key]
 
     def _apply_kernel(self, layer: int, x: torch.Tensor, targets, bufs, key_sites: tuple,
-                      plan: SlotPlan) -> set[int]:
+                      plan: SlotPlan, stats: RoutingStats | None) -> set[int]:
         """Every slot with few contiguous rows (<= SMALL_ROWS: decode) in one call of cpu_adapters' kernel for this
-        site group; returns the slots done (none when dtypes or layouts do not suit the kernel). Routing
-        statistics are never sampled here: a step that samples them takes the torch paths."""
+        site group, recording routing weights when the step samples them; returns the slots done (none when
+        dtypes or layouts do not suit the kernel)."""
         outs = [targets[i][1] for i, _ in bufs]
         if x.dtype not in (torch.float32, torch.bfloat16) or x.stride(1) != 1 \
                 or any(o.dtype != x.dtype or o.stride(1) != 1 for o in outs):
@@ -387,7 +387,7 @@ class AdapterSlots:
         segs, slots = plan.memo["kernel_segs"]
         if segs is None:
             return set()
-        cpu_adapters.add_rows(self.cpu_kernel, x, outs, self._arena(layer, key_sites, bufs), segs)
+        cpu_adapters.add_rows(self.cpu_kernel, x, outs, self._arena(layer, key_sites, bufs), segs, stats)
         return slots
 
     def _arena(self, layer: int, key_sites: tuple, bufs) -> cpu_adapters.Arena:

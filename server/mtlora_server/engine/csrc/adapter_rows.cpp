@@ -12,6 +12,8 @@
 //   meta   [S, 2 + 7*nsite] int64, per slot: w_off, rows (0: the slot adapts none of these sites), then per site:
 //          used, a_off, r, r_off (-1: no router, N == 1), N, g, b_off
 //   segs   [P, 3] int64: (slot, first row, end row) of each slot's contiguous rows in this call
+//   wout, woff  routing weights for statistics: wout float32 [numel] (empty: none wanted), woff [P, nsite] int64,
+//          the offset in wout of segment p's [n, g, N] softmax weights at site s (-1: none; routed sites only)
 // Math per row t of slot s (exactly mtlora.grouped.expand_into in fp32): hz = W x_t; per site h = hz[a_off:+r];
 // with a router w[j] = softmax(hz[r_off + j*N : +N]) per group j and u_j = (w[j, i] * h) over experts i, else
 // u_j = h; out[t, group j's columns] += u_j @ B[j], accumulated in fp32 and rounded to the output dtype once.
@@ -46,7 +48,12 @@ struct Out {
 };
 
 struct Block {
-  int64_t slot, lo, n;
+  int64_t slot, lo, n, seg, row0;   // row0: the block's first row within its segment
+};
+
+struct WeightsOut {                 // routing weights for statistics (ptr null: not wanted)
+  float* ptr;
+  const int64_t* off;               // [P, nsite] offset of segment p's [n, g, N] block for site s, -1: none
 };
 
 struct Sizes {
@@ -90,7 +97,7 @@ void shrink(const float* W, int64_t rows, const float* xf, int64_t nb, int64_t d
 }
 
 // lhs = the routed input of group j for one row: w[j, i] * h over experts i (softmax of the group's logits), or h.
-void routed(const float* hz, const Site& s, int64_t j, float* lhs) {
+void routed(const float* hz, const Site& s, int64_t j, float* lhs, float* wrow) {
   const float* h = hz + s.a_off;
   if (s.r_off < 0) {
     std::copy(h, h + s.r, lhs);
@@ -106,6 +113,9 @@ void routed(const float* hz, const Site& s, int64_t j, float* lhs) {
   }
   const float inv = 1.f / sum;
   for (int64_t q = 0; q < s.N * s.r; ++q) lhs[q] *= inv;
+  if (wrow) {
+    for (int64_t i = 0; i < s.N; ++i) wrow[i] = std::exp(z[i] - mx) * inv;
+  }
 }
 
 // delta[b][group j's columns] = lhs[b] @ B[j] for the block's rows: columns in chunks of CW held in local
@@ -141,7 +151,8 @@ void expand(const float* B, const Site& s, int64_t d_out, const float* lhs, int6
 
 template <typename T>
 void run_block(const Block& blk, const T* xp, int64_t x_stride, const float* arena, const int64_t* meta,
-               int64_t nsite, const std::vector<Out>& outs, const Sizes& z, std::vector<float>& buf) {
+               int64_t nsite, const std::vector<Out>& outs, const Sizes& z, const WeightsOut& wo,
+               std::vector<float>& buf) {
   const int64_t* m = meta;
   const int64_t nb = blk.n, d_in = z.d_in;
   buf.resize(RB * (d_in + z.rows + z.lhs + z.d_out));
@@ -160,8 +171,12 @@ void run_block(const Block& blk, const T* xp, int64_t x_stride, const float* are
     if (!s.used) continue;
     const Out& o = outs[si];
     std::fill(delta, delta + RB * z.d_out, 0.f);
+    const int64_t woff = wo.ptr && s.r_off >= 0 ? wo.off[blk.seg * nsite + si] : -1;
     for (int64_t j = 0; j < s.g; ++j) {
-      for (int64_t b = 0; b < nb; ++b) routed(hz + b * z.rows, s, j, lhs + b * z.lhs);
+      for (int64_t b = 0; b < nb; ++b) {
+        float* wrow = woff < 0 ? nullptr : wo.ptr + woff + ((blk.row0 + b) * s.g + j) * s.N;
+        routed(hz + b * z.rows, s, j, lhs + b * z.lhs, wrow);
+      }
       expand(arena + s.b_off, s, o.d_out, lhs, z.lhs, nb, delta, z.d_out, j);
     }
     for (int64_t b = 0; b < nb; ++b) {
@@ -203,7 +218,7 @@ Sizes check_meta(const at::Tensor& meta, int64_t nsite, int64_t numel, int64_t d
 
 template <typename T>
 void run(const at::Tensor& x, const std::vector<Out>& outs, const at::Tensor& arena, const at::Tensor& meta,
-         const std::vector<Block>& blocks, const Sizes& z) {
+         const std::vector<Block>& blocks, const Sizes& z, const WeightsOut& wo) {
   const T* xp = x.data_ptr<T>();
   const float* ap = arena.data_ptr<float>();
   const int64_t* mp = meta.data_ptr<int64_t>();
@@ -211,7 +226,7 @@ void run(const at::Tensor& x, const std::vector<Out>& outs, const at::Tensor& ar
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> buf;
     for (int64_t i = begin; i < end; ++i) {
-      run_block<T>(blocks[i], xp, xs, ap, mp + blocks[i].slot * mstride, nsite, outs, z, buf);
+      run_block<T>(blocks[i], xp, xs, ap, mp + blocks[i].slot * mstride, nsite, outs, z, wo, buf);
     }
   });
 }
@@ -219,7 +234,7 @@ void run(const at::Tensor& x, const std::vector<Out>& outs, const at::Tensor& ar
 }  // namespace
 
 void adapter_rows(const at::Tensor& x, const std::vector<at::Tensor>& outs, const at::Tensor& arena,
-                  const at::Tensor& meta, const at::Tensor& segs) {
+                  const at::Tensor& meta, const at::Tensor& segs, const at::Tensor& wout, const at::Tensor& woff) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "adapter_rows: x must be [T, d_in] with column stride 1");
   TORCH_CHECK(arena.scalar_type() == at::kFloat && arena.is_contiguous() && arena.dim() == 1,
               "adapter_rows: arena must be a contiguous float32 vector");
@@ -242,12 +257,32 @@ void adapter_rows(const at::Tensor& x, const std::vector<at::Tensor>& outs, cons
     TORCH_CHECK(slot >= 0 && slot < meta.size(0) && lo >= 0 && lo <= hi && hi <= T_, "adapter_rows: segment ",
                 p, " (slot ", slot, ", rows ", lo, "..", hi, ") out of range");
     if (meta.data_ptr<int64_t>()[slot * meta.size(1) + 1] == 0) continue;
-    for (int64_t r = lo; r < hi; r += RB) blocks.push_back({slot, r, std::min(RB, hi - r)});
+    for (int64_t r = lo; r < hi; r += RB) blocks.push_back({slot, r, std::min(RB, hi - r), p, r - lo});
+  }
+  WeightsOut wo{nullptr, nullptr};
+  if (wout.numel() > 0) {
+    TORCH_CHECK(wout.scalar_type() == at::kFloat && wout.is_contiguous() && wout.dim() == 1,
+                "adapter_rows: wout must be a contiguous float32 vector");
+    TORCH_CHECK(woff.scalar_type() == at::kLong && woff.is_contiguous() && woff.dim() == 2 &&
+                woff.size(0) == segs.size(0) && woff.size(1) == nsite, "adapter_rows: woff must be int64 [P, sites]");
+    const int64_t* op = woff.data_ptr<int64_t>();
+    for (int64_t p = 0; p < segs.size(0); ++p) {
+      const int64_t* m = meta.data_ptr<int64_t>() + sp[3 * p] * meta.size(1);
+      if (m[1] == 0) continue;
+      for (int64_t si = 0; si < nsite; ++si) {
+        const Site s = site_of(m, si);
+        const int64_t off = op[p * nsite + si];
+        if (!s.used || s.r_off < 0 || off < 0) continue;
+        TORCH_CHECK(off + (sp[3 * p + 2] - sp[3 * p + 1]) * s.g * s.N <= wout.numel(), "adapter_rows: segment ",
+                    p, " site ", si, ": routing weights outside wout");
+      }
+    }
+    wo = {wout.data_ptr<float>(), op};
   }
   if (x.scalar_type() == at::kFloat) {
-    run<float>(x, o, arena, meta, blocks, z);
+    run<float>(x, o, arena, meta, blocks, z, wo);
   } else if (x.scalar_type() == at::kBFloat16) {
-    run<at::BFloat16>(x, o, arena, meta, blocks, z);
+    run<at::BFloat16>(x, o, arena, meta, blocks, z, wo);
   } else {
     TORCH_CHECK(false, "adapter_rows: float32 or bfloat16, got ", x.scalar_type());
   }

@@ -7,7 +7,9 @@ decode builds its bucket then), times --timed decode steps without the profiler 
 --steps decode steps under torch.profiler. Reports, per profiled step: wall ms, the self CPU time of the GEMM ops
 (`GEMM_OPS`: aten::mm / addmm / bmm / baddbmm / linear / matmul and oneDNN's prepacked linear) and their share of
 the step's wall time, split per op (mm / addmm: the weight GEMMs and lm_head; bmm: batched products such as decode
-attention's scores and values), plus the top ops by self CPU time; `--output` writes the same as JSON, `--trace` a Chrome trace.
+attention's scores and values), the engine's own C++ kernels (decode attention, adapter rows, fused norm / silu /
+rope: `mtlora::<function>` ranges, recorded by wrapping the extensions for the profiled steps only) with their
+share, plus the top ops by self CPU time; `--output` writes the same as JSON, `--trace` a Chrome trace.
 
 The GEMM share is the floor the issue asks for: what is left above it is attention, the KV cache, small ops and
 Python. Shares are of the wall time of the profiled steps themselves (perf_counter around each; the profiler's
@@ -29,7 +31,7 @@ import logging
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,6 +41,37 @@ log = logging.getLogger("mtlora.bench_profile")
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear", "aten::matmul",
             "aten::_addmm_activation", "aten::mkldnn_linear", "mkldnn::_linear_pointwise", "aten::_mkl_linear")
 STEP_LABEL = "mtlora_decode_step"
+KERNEL_PREFIX = "mtlora::"
+
+
+class _Traced:
+    """A C++ extension module whose every call shows in torch.profiler as the range `mtlora::<function>`
+    (installed for the profiled steps only: the engine's own calls carry no profiler range)."""
+
+    def __init__(self, ext):
+        self._ext = ext
+
+    def __getattr__(self, name: str):
+        from torch.profiler import record_function
+        fn = getattr(self._ext, name)
+
+        def call(*args, **kwargs):
+            with record_function(KERNEL_PREFIX + name):
+                return fn(*args, **kwargs)
+        return call
+
+
+def _trace_kernels(core, on: bool) -> None:
+    """Wrap (on) or unwrap the engine's C++ extensions: the model's paged attention and fused row ops, the adapter
+    slots' rows kernel."""
+    for owner, attr in ((core.model, "paged_kernel"), (core.model, "fused"), (core.slots, "cpu_kernel")):
+        ext = getattr(owner, attr, None)
+        if ext is None:
+            continue
+        if on and not isinstance(ext, _Traced):
+            setattr(owner, attr, _Traced(ext))
+        elif not on and isinstance(ext, _Traced):
+            setattr(owner, attr, ext._ext)
 
 
 @dataclass
@@ -61,6 +94,7 @@ class Profile:
     gemm_share: float             # gemm_ms / step_ms_wall
     gemm_by_op: dict[str, float]  # GEMM op -> self ms: mm / addmm are the weight GEMMs, bmm the batched products
     top_ops: list[OpTime]
+    kernel_ms: dict[str, float] = field(default_factory=dict)   # mtlora::<C++ kernel function> -> self ms per step
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,12 +183,14 @@ def profile(args) -> Profile:
             _step_full(args, core)
             times.append(time.perf_counter() - t0)
         walls = []
+        _trace_kernels(core, True)
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(args.steps):
                 t0 = time.perf_counter()
                 with record_function(STEP_LABEL):
                     _step_full(args, core)
                 walls.append(time.perf_counter() - t0)
+        _trace_kernels(core, False)
         if args.trace:
             prof.export_chrome_trace(args.trace)
         dtype = str(core.dtype).removeprefix("torch.")
@@ -174,8 +210,9 @@ def summarize_profile(averages, args, dtype: str, unprofiled_ms: float, wall_ms:
     by_op = {e.key: e.self_cpu_time_total / per for e in ops if e.key in GEMM_OPS and e.self_cpu_time_total}
     gemm_ms = sum(by_op.values())
     top = [OpTime(e.key, e.self_cpu_time_total / per, e.count // args.steps) for e in ops[:args.top]]
+    kernels = {e.key: e.self_cpu_time_total / per for e in ops if e.key.startswith(KERNEL_PREFIX)}
     return Profile(args.batch, args.prompt_len, args.adapters, dtype, unprofiled_ms, step_ms, wall_ms, gemm_ms,
-                   gemm_ms / wall_ms if wall_ms else 0.0, by_op, top)
+                   gemm_ms / wall_ms if wall_ms else 0.0, by_op, top, kernels)
 
 
 def print_profile(p: Profile) -> None:
@@ -186,6 +223,10 @@ def print_profile(p: Profile) -> None:
           "profiled step's wall time")
     if p.step_ms_wall:
         print("    of which " + ", ".join(f"{k} {100 * v / p.step_ms_wall:.1f}%" for k, v in p.gemm_by_op.items()))
+    if p.kernel_ms and p.step_ms_wall:
+        total = sum(p.kernel_ms.values())
+        print(f"  engine C++ kernels: {total:.1f} ms = {100 * total / p.step_ms_wall:.1f}%: " + ", ".join(
+            f"{k.removeprefix(KERNEL_PREFIX)} {v:.1f} ms" for k, v in sorted(p.kernel_ms.items(), key=lambda kv: -kv[1])))
     print(f"  {'op':<44}{'self ms':>9}{'share':>8}{'calls':>7}")
     for op in p.top_ops:
         share = op.self_ms / p.step_ms_wall if p.step_ms_wall else 0.0

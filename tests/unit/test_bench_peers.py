@@ -182,7 +182,15 @@ def test_profile_states_the_gemm_share_of_a_decode_step(adapters, tmp_path, tiny
     assert any(op["name"] in bench_profile.GEMM_OPS for op in p["top_ops"])
     assert p["gemm_by_op"] and set(p["gemm_by_op"]) <= set(bench_profile.GEMM_OPS)
     assert sum(p["gemm_by_op"].values()) == pytest.approx(p["gemm_ms"])
-    assert "GEMMs (aten::mm" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "GEMMs (aten::mm" in printed
+    from mtlora_server.engine import cpu_adapters, cpu_attention, cpu_fused
+    want = {"mtlora::paged_decode_attention"} if cpu_attention.kernel() else set()   # built kernels show up
+    want |= {"mtlora::rms_norm", "mtlora::add_rms_norm", "mtlora::silu_mul", "mtlora::rope_"} if cpu_fused.kernel() \
+        else set()
+    want |= {"mtlora::adapter_rows"} if adapters != "none" and cpu_adapters.kernel() else set()
+    assert set(p["kernel_ms"]) == want and all(v > 0 for v in p["kernel_ms"].values())
+    assert ("engine C++ kernels" in printed) == bool(want)
 
 
 def test_bench_cli_has_the_profile_subcommand(monkeypatch):

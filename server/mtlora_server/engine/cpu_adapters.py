@@ -14,18 +14,21 @@ Contract:
 - `enable(slots, required=False) -> bool`: hands the kernel to an `AdapterSlots` (`slots.cpu_kernel`); the
   engine calls it on CPU unless `cpu_adapters=torch` or batch-invariant mode; `required` (`cpu_adapters=kernel`)
   turns "unavailable" into a ConfigError naming the flag.
-- `Arena.build(packs, nsite, num_slots)`: packs = {slot: (fp32 `mtlora.grouped.Pack`, positions)} where
-  positions[i] is the site index (0..nsite-1, the order of the `outs` given to `add_rows`) of pack.parts[i].
-  `Arena.data` [numel] fp32 holds every slot's W then its sites' B; `Arena.meta` [num_slots, 2 + 7*nsite] int64
-  the offsets (layout: the C++ file's header). A slot absent from `packs` has rows 0 and is skipped. Derived
-  data: rebuild when a slot changes.
+- `Arena.build(packs, nsite, num_slots)`: packs = {slot: (`mtlora.grouped.Pack`, positions)}, positions[i] the
+  site index (0..nsite-1, the order of the `outs` given to `add_rows`) of pack.parts[i]; all float32 or all
+  bfloat16, the slots' own dtype: the kernel widens bf16 weights as it reads them, so the arithmetic is that of
+  an fp32 copy at half the bytes (decode is bandwidth-bound: fp32 copies of the 4-adapter mix were ~40 MB read
+  per step and slowed the base GEMMs and attention beside them by ~10 %). `Arena.data` [numel] holds every
+  slot's W then its sites' B; `Arena.meta` [num_slots, 2 + 7*nsite] int64 the offsets (layout: the C++ file's
+  header). A slot absent from `packs` has rows 0 and is skipped. Derived data: rebuild when a slot changes.
 - `segments(groups, max_rows) -> [P, 3] int64 | None`: (slot, lo, hi) of each slot whose rows are one contiguous
   range of at most max_rows (the decode case), from a `SlotPlan.groups`; None when there is none.
 - `add_rows(ext, x [T, d_in], outs [[T, d_out_s]], arena, segs, stats=None)`: adds every listed slot's delta into
-  each site's out, in place; with a `RoutingStats`, also records the routing weights the kernel computed (the
-  step that samples them: same records as the torch paths) (x and outs in one dtype, float32 or bfloat16; outs may be column views). Math: exactly
-  `mtlora.grouped.expand_into` in fp32 (the same as lora_ops' small-slot path); parity: tests/unit/
-  test_cpu_adapters.py against `mtlora.grouped` and the `mtlora.adapters` oracle, and whole decoder steps.
+  each site's out, in place (x and outs in one dtype, float32 or bfloat16; outs may be column views); with a
+  `RoutingStats`, also records the routing weights the kernel computed (the steps that sample them: the same
+  records as the torch paths). Math: exactly `mtlora.grouped.expand_into` in fp32 (as lora_ops' small-slot
+  path); parity: tests/unit/test_cpu_adapters.py against `mtlora.grouped` and the `mtlora.adapters` oracle, the
+  torch paths in bf16, and whole engine runs.
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ def enable(slots, required: bool = False) -> bool:
 
 @dataclass
 class Arena:
-    data: torch.Tensor        # [numel] float32: per slot W [rows, d_in], then each site's B [g, N*r, d_out/g]
+    data: torch.Tensor        # [numel] fp32 / bf16: per slot W [rows, d_in], then each site's B [g, N*r, d_out/g]
     meta: torch.Tensor        # [num_slots, 2 + 7*nsite] int64
     meta_rows: list[list[int]] = field(default_factory=list)    # meta as Python ints (the stats layout)
 
@@ -78,9 +81,10 @@ class Arena:
     def build(cls, packs: dict[int, tuple[grouped.Pack, list[int]]], nsite: int, num_slots: int) -> "Arena":
         meta = torch.zeros(num_slots, HEAD + SITE * nsite, dtype=torch.long)
         chunks, off = [], 0
+        dtypes = {pk.W.dtype for pk, _ in packs.values()}
+        if len(dtypes) > 1 or not dtypes <= {torch.float32, torch.bfloat16}:
+            raise ValueError(f"the arena holds packs of one dtype, float32 or bfloat16; got {sorted(map(str, dtypes))}")
         for slot, (pk, positions) in sorted(packs.items()):
-            if pk.W.dtype != torch.float32:
-                raise ValueError(f"slot {slot}: the arena holds float32 packs, got {pk.W.dtype}")
             meta[slot, 0], meta[slot, 1] = off, pk.W.shape[0]
             chunks.append(pk.W.reshape(-1))
             off += pk.W.numel()
@@ -89,7 +93,7 @@ class Arena:
                 meta[slot, base:base + SITE] = torch.tensor([1, part.a_off, part.r, part.r_off, part.N, part.g, off])
                 chunks.append(part.B.reshape(-1))
                 off += part.B.numel()
-        data = torch.cat(chunks).contiguous() if chunks else torch.zeros(0)
+        data = torch.cat(chunks).contiguous() if chunks else torch.zeros(0)   # the packs' dtype
         return cls(data, meta)
 
 

@@ -391,7 +391,8 @@ class AdapterSlots:
         return slots
 
     def _arena(self, layer: int, key_sites: tuple, bufs) -> cpu_adapters.Arena:
-        """Every slot's fp32 pack for these sites in one arena (built on first use, rebuilt after a load/clear)."""
+        """Every slot's pack (the slots' dtype) for these sites in one arena (built on first use, rebuilt after a
+        load / clear)."""
         key = (layer, key_sites)
         cached = self._arenas.get(key)
         if cached is None or cached[0] != self.version:
@@ -400,7 +401,7 @@ class AdapterSlots:
             for slot in self._configs:
                 sp = self._slot_pack(layer, key_sites, bufs, slot)
                 if sp is not None:
-                    packs[slot] = (sp.pack.float(), [position[t] for t in sp.targets])
+                    packs[slot] = (sp.pack, [position[t] for t in sp.targets])
             cached = self._arenas[key] = (self.version, cpu_adapters.Arena.build(packs, len(bufs), self.max_adapters))
         return cached[1]
 

@@ -7,8 +7,9 @@
 //   x      [T, d_in]         float32 or bfloat16, row stride any, column stride 1
 //   outs   list of nsite [T, d_out_s] tensors (x's dtype, column stride 1; may be column views of one fused
 //          projection output): each site's delta is added in place
-//   arena  [numel] float32   every slot's packed weights (mtlora.grouped.Pack in fp32): W [rows, d_in] (the shrink
-//          rows of all its sites and their routers), and per site B [g, N*r, d_out/g] (scaling folded in)
+//   arena  [numel] float32, or x's dtype: every slot's packed weights (mtlora.grouped.Pack): W [rows, d_in] (the
+//          shrink rows of all its sites and their routers), and per site B [g, N*r, d_out/g] (scaling folded in);
+//          bf16 weights are widened to fp32 as they are read (the same values as an fp32 copy: half the bytes)
 //   meta   [S, 2 + 7*nsite] int64, per slot: w_off, rows (0: the slot adapts none of these sites), then per site:
 //          used, a_off, r, r_off (-1: no router, N == 1), N, g, b_off
 //   segs   [P, 3] int64: (slot, first row, end row) of each slot's contiguous rows in this call
@@ -62,21 +63,24 @@ struct Sizes {
 
 // hz[b][k] = W[k] . xf[b] for the block's nb rows: each weight row read once for all of them. Full blocks take
 // 4 weight rows x 4 input rows at a time (16 accumulators: 8 loads feed 16 FMAs).
-void shrink(const float* W, int64_t rows, const float* xf, int64_t nb, int64_t d_in, float* hz, int64_t hz_stride) {
+template <typename WT>
+void shrink(const WT* W, int64_t rows, const float* xf, int64_t nb, int64_t d_in, float* hz, int64_t hz_stride) {
   int64_t k = 0;
   if (nb == RB) {
     const float *x0 = xf, *x1 = xf + d_in, *x2 = xf + 2 * d_in, *x3 = xf + 3 * d_in;
     for (; k + 4 <= rows; k += 4) {
-      const float *w0 = W + k * d_in, *w1 = w0 + d_in, *w2 = w1 + d_in, *w3 = w2 + d_in;
+      const WT *w0 = W + k * d_in, *w1 = w0 + d_in, *w2 = w1 + d_in, *w3 = w2 + d_in;
       float a00 = 0.f, a01 = 0.f, a02 = 0.f, a03 = 0.f, a10 = 0.f, a11 = 0.f, a12 = 0.f, a13 = 0.f;
       float a20 = 0.f, a21 = 0.f, a22 = 0.f, a23 = 0.f, a30 = 0.f, a31 = 0.f, a32 = 0.f, a33 = 0.f;
 #pragma omp simd reduction(+ : a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33)
       for (int64_t i = 0; i < d_in; ++i) {
         const float v0 = x0[i], v1 = x1[i], v2 = x2[i], v3 = x3[i];
-        a00 += w0[i] * v0; a01 += w0[i] * v1; a02 += w0[i] * v2; a03 += w0[i] * v3;
-        a10 += w1[i] * v0; a11 += w1[i] * v1; a12 += w1[i] * v2; a13 += w1[i] * v3;
-        a20 += w2[i] * v0; a21 += w2[i] * v1; a22 += w2[i] * v2; a23 += w2[i] * v3;
-        a30 += w3[i] * v0; a31 += w3[i] * v1; a32 += w3[i] * v2; a33 += w3[i] * v3;
+        const float u0 = static_cast<float>(w0[i]), u1 = static_cast<float>(w1[i]);
+        const float u2 = static_cast<float>(w2[i]), u3 = static_cast<float>(w3[i]);
+        a00 += u0 * v0; a01 += u0 * v1; a02 += u0 * v2; a03 += u0 * v3;
+        a10 += u1 * v0; a11 += u1 * v1; a12 += u1 * v2; a13 += u1 * v3;
+        a20 += u2 * v0; a21 += u2 * v1; a22 += u2 * v2; a23 += u2 * v3;
+        a30 += u3 * v0; a31 += u3 * v1; a32 += u3 * v2; a33 += u3 * v3;
       }
       const float acc[4][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}, {a20, a21, a22, a23},
                                {a30, a31, a32, a33}};
@@ -85,12 +89,12 @@ void shrink(const float* W, int64_t rows, const float* xf, int64_t nb, int64_t d
     }
   }
   for (; k < rows; ++k) {
-    const float* w = W + k * d_in;
+    const WT* w = W + k * d_in;
     for (int64_t b = 0; b < nb; ++b) {
       const float* x = xf + b * d_in;
       float a = 0.f;
 #pragma omp simd reduction(+ : a)
-      for (int64_t i = 0; i < d_in; ++i) a += w[i] * x[i];
+      for (int64_t i = 0; i < d_in; ++i) a += static_cast<float>(w[i]) * x[i];
       hz[b * hz_stride + k] = a;
     }
   }
@@ -122,35 +126,36 @@ void routed(const float* hz, const Site& s, int64_t j, float* lhs, float* wrow) 
 // accumulators across all N*r rows of B (each B chunk read once for all rows, no stores inside the k loop).
 constexpr int64_t CW = 32;
 
-template <int64_t W>
-inline void expand_chunk(const float* Bj, int64_t Nr, int64_t dg, int64_t c0, const float* lhs, int64_t lhs_stride,
+template <int64_t W, typename WT>
+inline void expand_chunk(const WT* Bj, int64_t Nr, int64_t dg, int64_t c0, const float* lhs, int64_t lhs_stride,
                          int64_t nb, float* d, int64_t delta_stride, int64_t cw) {
   float acc[RB][W > 0 ? W : CW] = {};
   const int64_t w = W > 0 ? W : cw;
   for (int64_t k = 0; k < Nr; ++k) {
-    const float* brow = Bj + k * dg + c0;
+    const WT* brow = Bj + k * dg + c0;
     for (int64_t b = 0; b < nb; ++b) {
       const float a = lhs[b * lhs_stride + k];
 #pragma omp simd
-      for (int64_t c = 0; c < w; ++c) acc[b][c] += a * brow[c];
+      for (int64_t c = 0; c < w; ++c) acc[b][c] += a * static_cast<float>(brow[c]);
     }
   }
   for (int64_t b = 0; b < nb; ++b)
     for (int64_t c = 0; c < w; ++c) d[b * delta_stride + c0 + c] += acc[b][c];
 }
 
-void expand(const float* B, const Site& s, int64_t d_out, const float* lhs, int64_t lhs_stride, int64_t nb,
+template <typename WT>
+void expand(const WT* B, const Site& s, int64_t d_out, const float* lhs, int64_t lhs_stride, int64_t nb,
             float* delta, int64_t delta_stride, int64_t j) {
   const int64_t Nr = s.N * s.r, dg = d_out / s.g;
-  const float* Bj = B + j * Nr * dg;
+  const WT* Bj = B + j * Nr * dg;
   float* d = delta + j * dg;
   int64_t c0 = 0;
-  for (; c0 + CW <= dg; c0 += CW) expand_chunk<CW>(Bj, Nr, dg, c0, lhs, lhs_stride, nb, d, delta_stride, CW);
-  if (c0 < dg) expand_chunk<0>(Bj, Nr, dg, c0, lhs, lhs_stride, nb, d, delta_stride, dg - c0);
+  for (; c0 + CW <= dg; c0 += CW) expand_chunk<CW, WT>(Bj, Nr, dg, c0, lhs, lhs_stride, nb, d, delta_stride, CW);
+  if (c0 < dg) expand_chunk<0, WT>(Bj, Nr, dg, c0, lhs, lhs_stride, nb, d, delta_stride, dg - c0);
 }
 
-template <typename T>
-void run_block(const Block& blk, const T* xp, int64_t x_stride, const float* arena, const int64_t* meta,
+template <typename T, typename WT>
+void run_block(const Block& blk, const T* xp, int64_t x_stride, const WT* arena, const int64_t* meta,
                int64_t nsite, const std::vector<Out>& outs, const Sizes& z, const WeightsOut& wo,
                std::vector<float>& buf) {
   const int64_t* m = meta;
@@ -216,17 +221,17 @@ Sizes check_meta(const at::Tensor& meta, int64_t nsite, int64_t numel, int64_t d
   return z;
 }
 
-template <typename T>
+template <typename T, typename WT>
 void run(const at::Tensor& x, const std::vector<Out>& outs, const at::Tensor& arena, const at::Tensor& meta,
          const std::vector<Block>& blocks, const Sizes& z, const WeightsOut& wo) {
   const T* xp = x.data_ptr<T>();
-  const float* ap = arena.data_ptr<float>();
+  const WT* ap = arena.data_ptr<WT>();
   const int64_t* mp = meta.data_ptr<int64_t>();
   const int64_t nsite = static_cast<int64_t>(outs.size()), mstride = meta.size(1), xs = x.stride(0);
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> buf;
     for (int64_t i = begin; i < end; ++i) {
-      run_block<T>(blocks[i], xp, xs, ap, mp + blocks[i].slot * mstride, nsite, outs, z, wo, buf);
+      run_block<T, WT>(blocks[i], xp, xs, ap, mp + blocks[i].slot * mstride, nsite, outs, z, wo, buf);
     }
   });
 }
@@ -236,8 +241,9 @@ void run(const at::Tensor& x, const std::vector<Out>& outs, const at::Tensor& ar
 void adapter_rows(const at::Tensor& x, const std::vector<at::Tensor>& outs, const at::Tensor& arena,
                   const at::Tensor& meta, const at::Tensor& segs, const at::Tensor& wout, const at::Tensor& woff) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "adapter_rows: x must be [T, d_in] with column stride 1");
-  TORCH_CHECK(arena.scalar_type() == at::kFloat && arena.is_contiguous() && arena.dim() == 1,
-              "adapter_rows: arena must be a contiguous float32 vector");
+  TORCH_CHECK((arena.scalar_type() == at::kFloat || arena.scalar_type() == x.scalar_type()) &&
+              arena.is_contiguous() && arena.dim() == 1,
+              "adapter_rows: arena must be a contiguous float32 vector or one in x's dtype");
   const int64_t nsite = static_cast<int64_t>(outs.size()), T_ = x.size(0), d_in = x.size(1);
   TORCH_CHECK(meta.scalar_type() == at::kLong && meta.is_contiguous() && meta.dim() == 2 &&
               meta.size(1) == HEAD + SITE * nsite, "adapter_rows: meta must be contiguous int64 [S, 2 + 7 * sites]");
@@ -279,10 +285,12 @@ void adapter_rows(const at::Tensor& x, const std::vector<at::Tensor>& outs, cons
     }
     wo = {wout.data_ptr<float>(), op};
   }
+  const bool wf = arena.scalar_type() == at::kFloat;
   if (x.scalar_type() == at::kFloat) {
-    run<float>(x, o, arena, meta, blocks, z, wo);
+    run<float, float>(x, o, arena, meta, blocks, z, wo);
   } else if (x.scalar_type() == at::kBFloat16) {
-    run<at::BFloat16>(x, o, arena, meta, blocks, z, wo);
+    wf ? run<at::BFloat16, float>(x, o, arena, meta, blocks, z, wo)
+       : run<at::BFloat16, at::BFloat16>(x, o, arena, meta, blocks, z, wo);
   } else {
     TORCH_CHECK(false, "adapter_rows: float32 or bfloat16, got ", x.scalar_type());
   }

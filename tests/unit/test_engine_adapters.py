@@ -47,7 +47,11 @@ def test_engine_matches_reference(env, adapter):
     got = res.prompt_logprobs
     assert got[0] is None and len(got) == len(ids)
     assert [g.token_id for g in got[1:]] == ids[1:]
-    torch.testing.assert_close(torch.tensor([g.logprob for g in got[1:]]), torch.tensor(want[1:]), atol=1e-4, rtol=0)
+    # fp32 against the oracle's fp32: summation orders differ (the CPU adapter kernel's blocked dot products vs the
+    # oracle's matmuls); the random hydra adapter (7 sites, scale 0.2) amplifies that most: 5e-5 through the
+    # per-slot torch path, 1.1e-4 through the kernel, i.e. 2e-5 relative on logprobs of ~-5.6.
+    torch.testing.assert_close(torch.tensor([g.logprob for g in got[1:]]), torch.tensor(want[1:]), atol=1e-4,
+                               rtol=5e-5)
     # Sampled-token logprobs and top-2 alternatives against the oracle's full-sequence logits.
     logp = torch.log_softmax(ref.logits(ids + tokens), -1)[len(ids) - 1:-1]           # [6, V]
     for t, lp in enumerate(res.logprobs[0]):

@@ -19,9 +19,9 @@ Contract:
   site of every layer), fuses all sites that read the same input into one shrink matmul per slot (each slot's pack
   trimmed to its own r / N / g, cached until the slot changes), and adds each site's delta in place into its
   target (the matching slice of the fused projection output). On CPU, the slots with few contiguous rows in the
-  step (<= SMALL_ROWS: decode) all go through one call of `cpu_adapters`' C++ kernel per site group when
-  `cpu_kernel` is set (the engine sets it); without it, such slots of
-  the same shape run together, STACK_MIN_SLOTS or more at a time (`slot_stack.py`: one bmm for their shrinks, one
+  step (<= KERNEL_ROWS: decode, short prefill chunks) all go through one call of `cpu_adapters`' C++ kernel per
+  site group when `cpu_kernel` is set (the engine sets it); without it, slots with <= SMALL_ROWS rows of the
+  same shape run together, STACK_MIN_SLOTS or more at a time (`slot_stack.py`: one bmm for their shrinks, one
   per site for their expands). The site list is `mtlora.sites.SITE_NAMES`.
   Test-only variants over the stacked layout (per-token loop, batched torch) live in tests/unit/molora_stacked.py.
   On CUDA, `apply_shared` with a plan runs the Triton kernels with the step's tile metadata (`SlotPlan.tiles`,
@@ -57,6 +57,11 @@ _MAX_TILE = 256
 # bf16 GEMM costs ~20 us of fixed overhead per call against ~6 us in fp32 (measured on an avx512_bf16 EPYC; from
 # ~64 rows bf16 wins). Decode steps are this case: each slot has a handful of rows per step.
 SMALL_ROWS = 32
+# With the CPU adapter kernel (cpu_adapters.py), slots with at most this many contiguous rows in the step go through
+# it: measured against the per-slot torch path on SmolLM2's sites (4 mixed slots, bf16, 2 threads), the kernel is
+# faster up to ~128 rows per slot (8.2 vs 18.9 ms per 30 layers at 32 rows, 32.7 vs 45.6 at 128) and slower from
+# ~256 (58.6 vs 40.3), where oneDNN's GEMMs win. Decode slots and the short prefill chunks of many-adapter steps.
+KERNEL_ROWS = 128
 # With at least this many small slots adapting a site group in one step, they run together (slot_stack.py).
 STACK_MIN_SLOTS = 2
 # ... and slots with very unequal rows are split into runs (padding every slot to the largest costs arithmetic).
@@ -374,15 +379,15 @@ class AdapterSlots:
 
     def _apply_kernel(self, layer: int, x: torch.Tensor, targets, bufs, key_sites: tuple,
                       plan: SlotPlan, stats: RoutingStats | None) -> set[int]:
-        """Every slot with few contiguous rows (<= SMALL_ROWS: decode) in one call of cpu_adapters' kernel for this
-        site group, recording routing weights when the step samples them; returns the slots done (none when
+        """Every slot with few contiguous rows (<= KERNEL_ROWS: decode, short prefill chunks) in one call of
+        cpu_adapters' kernel for this site group, recording routing weights when the step samples them; returns the slots done (none when
         dtypes or layouts do not suit the kernel)."""
         outs = [targets[i][1] for i, _ in bufs]
         if x.dtype not in (torch.float32, torch.bfloat16) or x.stride(1) != 1 \
                 or any(o.dtype != x.dtype or o.stride(1) != 1 for o in outs):
             return set()
         if "kernel_segs" not in plan.memo:
-            segs = cpu_adapters.segments(plan.groups, SMALL_ROWS)
+            segs = cpu_adapters.segments(plan.groups, KERNEL_ROWS)
             plan.memo["kernel_segs"] = (segs, set() if segs is None else set(segs[:, 0].tolist()))
         segs, slots = plan.memo["kernel_segs"]
         if segs is None:

@@ -104,7 +104,11 @@ def test_an_adapter_replaced_in_its_slot_is_followed(ext, calls):
     _run(slots, "attn_in", slot_idx, x, 0)                                         # arenas built
     for cfg, seed in ((MT, 99), (LORA, 98)):          # same shape, then another shape
         oracles[1] = _modules(cfg, seed)
+        others = {k: a for k, a in slots._slot_arenas.items() if k[-1] != 1}
         slots.load(1, cfg, _native(oracles[1]))
+        # A swap drops that slot's arenas only: the others are kept, not rebuilt (loads under churn stay cheap).
+        assert others and all(slots._slot_arenas.get(k) is a for k, a in others.items())
+        assert not any(k[-1] == 1 for k in slots._slot_arenas)
         for site, got in _run(slots, "attn_in", slot_idx, x, 0):
             want = _oracle_delta(oracles, slot_idx, x, 0, site, got.shape[1])
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -117,25 +121,26 @@ def test_an_adapter_replaced_in_its_slot_is_followed(ext, calls):
 
 def _direct_inputs(ext):
     """A one-site arena for slot 0 (d_in 8, d_out 6, r 2, N 3, g 2) and inputs for 5 rows."""
-    slots, _ = _kernel_slots(ext)
     from mtlora import grouped
     g = torch.Generator().manual_seed(0)
     site = grouped.SiteWeights(torch.randn(2, 8, generator=g), torch.randn(3, 2, 6, generator=g),
                                torch.randn(2, 3, 8, generator=g), 0.5)
     pk = grouped.pack([site])
-    arena = cpu_adapters.Arena.build({0: (pk, [0])}, nsite=1, num_slots=2)
+    arena = cpu_adapters.Arena.of([cpu_adapters.SlotArena.build(pk, [0], 1)], nsite=1)
     x, out = torch.randn(5, 8, generator=g), torch.zeros(5, 6)
     return pk, arena, x, out
 
 
 NO_STATS = (torch.zeros(0), torch.zeros(0, 0, dtype=torch.long))
 BAD = {  # name -> (mutation of (x, outs, arena, segs), message fragment)
-    "segment slot out of range": (lambda a: a.update(segs=torch.tensor([[2, 0, 5]])), "segment 0"),
+    "an arena per segment": (lambda a: a.update(segs=torch.tensor([[0, 0, 5], [1, 0, 5]])), "meta must be"),
     "segment rows past T": (lambda a: a.update(segs=torch.tensor([[0, 3, 6]])), "out of range"),
     "out dtype": (lambda a: a.update(outs=[a["outs"][0].double()]), "x's dtype"),
     "out rows": (lambda a: a.update(outs=[torch.zeros(4, 6)]), "[T, d_out]"),
-    "meta width": (lambda a: a.update(meta=torch.zeros(2, 3, dtype=torch.long)), "meta"),
-    "B outside arena": (lambda a: a.update(data=a["data"][:-1].clone()), "outside the arena"),
+    "meta width": (lambda a: a.update(meta=torch.zeros(1, 3, dtype=torch.long)), "meta"),
+    "arena count": (lambda a: a.update(data=a["data"] * 2), "one arena per segment"),
+    "B outside arena": (lambda a: a.update(data=[a["data"][0][:-1].clone()]), "outside the arena"),
+    "arena dtype": (lambda a: a.update(data=[a["data"][0].double()]), "arenas must be"),
     "x dtype": (lambda a: a.update(x=a["x"].half(), outs=[a["outs"][0].half()]), "float32 or bfloat16"),
 }
 
@@ -144,12 +149,14 @@ BAD = {  # name -> (mutation of (x, outs, arena, segs), message fragment)
 def test_direct_call_equals_grouped_and_refuses_bad_inputs_before_writing(ext):
     from mtlora import grouped
     pk, arena, x, out = _direct_inputs(ext)
-    cpu_adapters.add_rows(ext, x, [out], arena, torch.tensor([[0, 0, 5], [1, 0, 5]]))   # slot 1: not in the arena
+    empty = cpu_adapters.SlotArena(torch.zeros(0), [0] * 9)                        # a slot adapting no site here
+    both = cpu_adapters.Arena.of([cpu_adapters.SlotArena.build(pk, [0], 1), empty], nsite=1)
+    cpu_adapters.add_rows(ext, x, [out], both, torch.tensor([[0, 0, 5], [1, 0, 5]]))
     want = torch.zeros(5, 6)
     grouped.expand_into(grouped.shrink(x, pk), pk.parts[0], want)
     torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-6)
     for name, (mutate, fragment) in BAD.items():
-        args = dict(x=x, outs=[torch.zeros(5, 6)], data=arena.data, meta=arena.meta, segs=torch.tensor([[0, 0, 5]]))
+        args = dict(x=x, outs=[torch.zeros(5, 6)], data=arena.datas, meta=arena.meta, segs=torch.tensor([[0, 0, 5]]))
         mutate(args)
         before = [o.clone() for o in args["outs"]]
         with pytest.raises(RuntimeError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
@@ -157,7 +164,7 @@ def test_direct_call_equals_grouped_and_refuses_bad_inputs_before_writing(ext):
         assert all(torch.equal(o, b) for o, b in zip(args["outs"], before)), name
     out = torch.zeros(5, 6)
     with pytest.raises(RuntimeError, match="routing weights outside wout"):    # 5 rows x g 2 x N 3 need 30 floats
-        ext.adapter_rows(x, [out], arena.data, arena.meta, torch.tensor([[0, 0, 5]]), torch.zeros(29),
+        ext.adapter_rows(x, [out], arena.datas, arena.meta, torch.tensor([[0, 0, 5]]), torch.zeros(29),
                          torch.zeros(1, 1, dtype=torch.long))
     assert not out.any()
 

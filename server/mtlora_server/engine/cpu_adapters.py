@@ -14,13 +14,14 @@ Contract:
 - `enable(slots, required=False) -> bool`: hands the kernel to an `AdapterSlots` (`slots.cpu_kernel`); the
   engine calls it on CPU unless `cpu_adapters=torch` or batch-invariant mode; `required` (`cpu_adapters=kernel`)
   turns "unavailable" into a ConfigError naming the flag.
-- `Arena.build(packs, nsite, num_slots)`: packs = {slot: (`mtlora.grouped.Pack`, positions)}, positions[i] the
-  site index (0..nsite-1, the order of the `outs` given to `add_rows`) of pack.parts[i]; all float32 or all
-  bfloat16, the slots' own dtype: the kernel widens bf16 weights as it reads them, so the arithmetic is that of
-  an fp32 copy at half the bytes (decode is bandwidth-bound: fp32 copies of the 4-adapter mix were ~40 MB read
-  per step and slowed the base GEMMs and attention beside them by ~10 %). `Arena.data` [numel] holds every
-  slot's W then its sites' B; `Arena.meta` [num_slots, 2 + 7*nsite] int64 the offsets (layout: the C++ file's
-  header). A slot absent from `packs` has rows 0 and is skipped. Derived data: rebuild when a slot changes.
+- `SlotArena.build(pack, positions, nsite)`: one slot's `mtlora.grouped.Pack` for one site group as a flat vector
+  (W, then each site's B) and its meta row; positions[i] is the site index (0..nsite-1, the order of the `outs`
+  given to `add_rows`) of pack.parts[i]. float32 or bfloat16, the slots' own dtype: the kernel widens bf16
+  weights as it reads them, so the arithmetic is that of an fp32 copy at half the bytes (decode is bandwidth-
+  bound: fp32 copies of the 4-adapter mix were ~40 MB read per step). Derived data: rebuild when the slot
+  changes; other slots' arenas stay (an adapter swap rebuilds one slot's, not every slot's).
+- `Arena.of(slot_arenas, nsite)`: the arenas of one call's segments in segment order, meta [P, 2 + 7*nsite]
+  (layout: the C++ file's header); a slot with rows 0 (adapting none of these sites) is skipped.
 - `segments(groups, max_rows) -> [P, 3] int64 | None`: (slot, lo, hi) of each slot whose rows are one contiguous
   range of at most max_rows (the decode case), from a `SlotPlan.groups`; None when there is none.
 - `add_rows(ext, x [T, d_in], outs [[T, d_out_s]], arena, segs, stats=None)`: adds every listed slot's delta into
@@ -68,33 +69,41 @@ def enable(slots, required: bool = False) -> bool:
 
 
 @dataclass
-class Arena:
-    data: torch.Tensor        # [numel] fp32 / bf16: per slot W [rows, d_in], then each site's B [g, N*r, d_out/g]
-    meta: torch.Tensor        # [num_slots, 2 + 7*nsite] int64
-    meta_rows: list[list[int]] = field(default_factory=list)    # meta as Python ints (the stats layout)
+class SlotArena:
+    """One slot's pack for one site group as a flat vector and its meta row (offsets into that vector)."""
 
-    def __post_init__(self):
-        if not self.meta_rows:
-            self.meta_rows = self.meta.tolist()
+    data: torch.Tensor        # [numel] fp32 / bf16: W [rows, d_in], then each site's B [g, N*r, d_out/g]
+    meta: list[int]           # 2 + 7*nsite ints: w_off, rows, then per site (used, a_off, r, r_off, N, g, b_off)
 
     @classmethod
-    def build(cls, packs: dict[int, tuple[grouped.Pack, list[int]]], nsite: int, num_slots: int) -> "Arena":
-        meta = torch.zeros(num_slots, HEAD + SITE * nsite, dtype=torch.long)
-        chunks, off = [], 0
-        dtypes = {pk.W.dtype for pk, _ in packs.values()}
-        if len(dtypes) > 1 or not dtypes <= {torch.float32, torch.bfloat16}:
-            raise ValueError(f"the arena holds packs of one dtype, float32 or bfloat16; got {sorted(map(str, dtypes))}")
-        for slot, (pk, positions) in sorted(packs.items()):
-            meta[slot, 0], meta[slot, 1] = off, pk.W.shape[0]
-            chunks.append(pk.W.reshape(-1))
-            off += pk.W.numel()
-            for part, pos in zip(pk.parts, positions):
-                base = HEAD + SITE * pos
-                meta[slot, base:base + SITE] = torch.tensor([1, part.a_off, part.r, part.r_off, part.N, part.g, off])
-                chunks.append(part.B.reshape(-1))
-                off += part.B.numel()
-        data = torch.cat(chunks).contiguous() if chunks else torch.zeros(0)   # the packs' dtype
-        return cls(data, meta)
+    def build(cls, pk: grouped.Pack, positions: list[int], nsite: int) -> "SlotArena":
+        if pk.W.dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"the adapter kernel reads float32 or bfloat16 packs, got {pk.W.dtype}")
+        meta = [0, pk.W.shape[0]] + [0] * (SITE * nsite)
+        chunks, off = [pk.W.reshape(-1)], pk.W.numel()
+        for part, pos in zip(pk.parts, positions):
+            meta[HEAD + SITE * pos:HEAD + SITE * (pos + 1)] = [1, part.a_off, part.r, part.r_off, part.N, part.g, off]
+            chunks.append(part.B.reshape(-1))
+            off += part.B.numel()
+        return cls(torch.cat(chunks).contiguous(), meta)
+
+
+@dataclass
+class Arena:
+    """The arenas of one call's segments, in segment order (built per set of slots, from their `SlotArena`s)."""
+
+    datas: list[torch.Tensor]
+    meta: torch.Tensor                                      # [P, 2 + 7*nsite] int64
+    meta_rows: list[list[int]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, slot_arenas: list[SlotArena], nsite: int) -> "Arena":
+        rows = [a.meta for a in slot_arenas]
+        dtypes = {a.data.dtype for a in slot_arenas}
+        if len(dtypes) > 1:
+            raise ValueError(f"one call's arenas share one dtype; got {sorted(map(str, dtypes))}")
+        return cls([a.data for a in slot_arenas], torch.tensor(rows, dtype=torch.long).view(-1, HEAD + SITE * nsite),
+                   rows)
 
 
 def segments(groups: dict[int, torch.Tensor | slice], max_rows: int) -> torch.Tensor | None:
@@ -114,13 +123,13 @@ def add_rows(ext, x: torch.Tensor, outs: list[torch.Tensor], arena: Arena, segs:
     slot's routing weights at every site it adapts, as the torch paths do (ones [n, g, 1] for a site without a
     router)."""
     if stats is None:
-        ext.adapter_rows(x, outs, arena.data, arena.meta, segs, _NONE, _NO_OFF)
+        ext.adapter_rows(x, outs, arena.datas, arena.meta, segs, _NONE, _NO_OFF)
         return
     nsite = len(outs)
     woff = torch.full((segs.shape[0], nsite), -1, dtype=torch.long)
     routed, ones, off = [], [], 0
     for p, (slot, lo, hi) in enumerate(segs.tolist()):
-        m = arena.meta_rows[slot]
+        m = arena.meta_rows[p]
         for si in range(nsite):
             used, _, _, r_off, N, g, _ = m[HEAD + SITE * si:HEAD + SITE * (si + 1)]
             if not used or not m[1]:
@@ -132,7 +141,7 @@ def add_rows(ext, x: torch.Tensor, outs: list[torch.Tensor], arena: Arena, segs:
             routed.append((slot, off, hi - lo, g, N))
             off += (hi - lo) * g * N
     wout = torch.empty(off, dtype=torch.float32)
-    ext.adapter_rows(x, outs, arena.data, arena.meta, segs, wout if off else _NONE, woff if off else _NO_OFF)
+    ext.adapter_rows(x, outs, arena.datas, arena.meta, segs, wout if off else _NONE, woff if off else _NO_OFF)
     for slot, o, n, g, N in routed:
         stats.record(slot, wout[o:o + n * g * N].view(n, g, N))
     for slot, n, g in ones:

@@ -177,7 +177,8 @@ class AdapterSlots:
         self.row_tile = 0              # batch-invariant mode: each slot's rows padded to a multiple (invariant.py)
         self.version = 0               # bumped by every load / clear (static-shape paths re-read `layout()`)
         self.cpu_kernel = None         # cpu_adapters' extension: small slots in one call per site group (CPU)
-        self._arenas: dict[tuple, tuple[int, cpu_adapters.Arena]] = {}         # (layer, sites) -> (version, arena)
+        self._slot_arenas: dict[tuple, cpu_adapters.SlotArena] = {}           # (layer, sites, slot) -> arena
+        self._arena_sets: dict[tuple, tuple] = {}       # (layer, sites) -> ((step's slots, version), Arena)
 
     # -- loading -------------------------------------------------------------------------------------------------
     def _check_limits(self, slot: int, config: AdapterConfig) -> dict[str, int]:
@@ -274,7 +275,7 @@ class AdapterSlots:
         self.version += 1
         # A pack holds one slot's rows only: the other slots' packs stay valid (adapter swaps rebuild one slot's).
         self._packs = {key: pack for key, pack in self._packs.items() if key[-1] != slot}
-        self._arenas.clear()
+        self._slot_arenas = {key: a for key, a in self._slot_arenas.items() if key[-1] != slot}
         for key, stack in list(self._stacks.items()):
             stack.forget(slot)
             if not stack.row_of:
@@ -392,23 +393,31 @@ class AdapterSlots:
         segs, slots = plan.memo["kernel_segs"]
         if segs is None:
             return set()
-        cpu_adapters.add_rows(self.cpu_kernel, x, outs, self._arena(layer, key_sites, bufs), segs, stats)
+        cpu_adapters.add_rows(self.cpu_kernel, x, outs, self._arena(layer, key_sites, bufs, segs), segs, stats)
         return slots
 
-    def _arena(self, layer: int, key_sites: tuple, bufs) -> cpu_adapters.Arena:
-        """Every slot's pack (the slots' dtype) for these sites in one arena (built on first use, rebuilt after a
-        load / clear)."""
+    def _arena(self, layer: int, key_sites: tuple, bufs, segs: torch.Tensor) -> cpu_adapters.Arena:
+        """The step's segments' slot arenas for these sites, in segment order: each slot's built on first use
+        and kept until that slot changes; the set is kept while the step's slots and the table stay the same."""
+        slots = tuple(segs[:, 0].tolist())
         key = (layer, key_sites)
-        cached = self._arenas.get(key)
-        if cached is None or cached[0] != self.version:
-            position = {i: k for k, (i, _) in enumerate(bufs)}
-            packs = {}
-            for slot in self._configs:
+        cached = self._arena_sets.get(key)
+        if cached is not None and cached[0] == (slots, self.version):
+            return cached[1]
+        position = {i: k for k, (i, _) in enumerate(bufs)}
+        parts = []
+        for slot in slots:
+            sa = self._slot_arenas.get((layer, key_sites, slot))
+            if sa is None:
                 sp = self._slot_pack(layer, key_sites, bufs, slot)
-                if sp is not None:
-                    packs[slot] = (sp.pack, [position[t] for t in sp.targets])
-            cached = self._arenas[key] = (self.version, cpu_adapters.Arena.build(packs, len(bufs), self.max_adapters))
-        return cached[1]
+                sa = (cpu_adapters.SlotArena.build(sp.pack, [position[t] for t in sp.targets], len(bufs))
+                      if sp is not None else cpu_adapters.SlotArena(torch.zeros(0, dtype=self.dtype),
+                                                                    [0] * (2 + 7 * len(bufs))))
+                self._slot_arenas[(layer, key_sites, slot)] = sa
+            parts.append(sa)
+        arena = cpu_adapters.Arena.of(parts, len(bufs))
+        self._arena_sets[key] = ((slots, self.version), arena)
+        return arena
 
     def _apply_stacked(self, layer: int, x: torch.Tensor, targets, bufs, key_sites: tuple,
                        plan: SlotPlan, stats: RoutingStats | None) -> set[int]:

@@ -3,15 +3,16 @@
 // into each site's output, without the ~5 small torch ops per slot and site that cost more in fixed overhead than
 // in arithmetic.
 //
-// Contract (the Python side: mtlora_server/engine/cpu_adapters.py builds `arena` and `meta`):
+// Contract (the Python side: mtlora_server/engine/cpu_adapters.py builds `arenas` and `meta`):
 //   x      [T, d_in]         float32 or bfloat16, row stride any, column stride 1
 //   outs   list of nsite [T, d_out_s] tensors (x's dtype, column stride 1; may be column views of one fused
 //          projection output): each site's delta is added in place
-//   arena  [numel] float32, or x's dtype: every slot's packed weights (mtlora.grouped.Pack): W [rows, d_in] (the
-//          shrink rows of all its sites and their routers), and per site B [g, N*r, d_out/g] (scaling folded in);
-//          bf16 weights are widened to fp32 as they are read (the same values as an fp32 copy: half the bytes)
-//   meta   [S, 2 + 7*nsite] int64, per slot: w_off, rows (0: the slot adapts none of these sites), then per site:
-//          used, a_off, r, r_off (-1: no router, N == 1), N, g, b_off
+//   arenas list of P vectors, one per segment: that slot's packed weights (mtlora.grouped.Pack), float32 or x's
+//          dtype (one dtype for all): W [rows, d_in] (the shrink rows of all its sites and their routers), then
+//          per site B [g, N*r, d_out/g] (scaling folded in); bf16 weights are widened to fp32 as they are read
+//          (the same values as an fp32 copy: half the bytes)
+//   meta   [P, 2 + 7*nsite] int64, per segment (offsets into its arena): w_off, rows (0: the slot adapts none of
+//          these sites), then per site: used, a_off, r, r_off (-1: no router, N == 1), N, g, b_off
 //   segs   [P, 3] int64: (slot, first row, end row) of each slot's contiguous rows in this call
 //   wout, woff  routing weights for statistics: wout float32 [numel] (empty: none wanted), woff [P, nsite] int64,
 //          the offset in wout of segment p's [n, g, N] softmax weights at site s (-1: none; routed sites only)
@@ -19,7 +20,7 @@
 // with a router w[j] = softmax(hz[r_off + j*N : +N]) per group j and u_j = (w[j, i] * h) over experts i, else
 // u_j = h; out[t, group j's columns] += u_j @ B[j], accumulated in fp32 and rounded to the output dtype once.
 // Work is split over blocks of up to 4 rows of one slot (rows of a block share every weight read) with
-// at::parallel_for (the calling thread's OpenMP pool). Offsets are checked against the arena before any write.
+// at::parallel_for (the calling thread's OpenMP pool). Offsets are checked against the arenas before any write.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -192,28 +193,29 @@ void run_block(const Block& blk, const T* xp, int64_t x_stride, const WT* arena,
   }
 }
 
-// Every slot's meta row checked against the arena and the outputs; returns the buffer sizes.
-Sizes check_meta(const at::Tensor& meta, int64_t nsite, int64_t numel, int64_t d_in, const std::vector<Out>& outs) {
+// Every segment's meta row checked against its arena and the outputs; returns the buffer sizes.
+Sizes check_meta(const at::Tensor& meta, int64_t nsite, const std::vector<int64_t>& numel, int64_t d_in,
+                 const std::vector<Out>& outs) {
   Sizes z{d_in, 1, 1, 1};
   for (const Out& o : outs) z.d_out = std::max(z.d_out, o.d_out);
   const int64_t* mp = meta.data_ptr<int64_t>();
-  for (int64_t slot = 0; slot < meta.size(0); ++slot) {
-    const int64_t* m = mp + slot * meta.size(1);
+  for (int64_t p = 0; p < meta.size(0); ++p) {
+    const int64_t* m = mp + p * meta.size(1);
     if (m[1] == 0) continue;
-    TORCH_CHECK(m[0] >= 0 && m[1] > 0 && m[0] + m[1] * d_in <= numel, "adapter_rows: slot ", slot,
+    TORCH_CHECK(m[0] >= 0 && m[1] > 0 && m[0] + m[1] * d_in <= numel[p], "adapter_rows: segment ", p,
                 " shrink rows outside the arena");
     z.rows = std::max(z.rows, m[1]);
     for (int64_t si = 0; si < nsite; ++si) {
       const Site s = site_of(m, si);
       if (!s.used) continue;
       const int64_t d_out = outs[si].d_out;
-      TORCH_CHECK(s.r > 0 && s.N > 0 && s.g > 0 && d_out % s.g == 0, "adapter_rows: slot ", slot, " site ", si,
+      TORCH_CHECK(s.r > 0 && s.N > 0 && s.g > 0 && d_out % s.g == 0, "adapter_rows: segment ", p, " site ", si,
                   ": bad r / N / g for d_out ", d_out);
-      TORCH_CHECK(s.a_off >= 0 && s.a_off + s.r <= m[1], "adapter_rows: slot ", slot, " site ", si,
+      TORCH_CHECK(s.a_off >= 0 && s.a_off + s.r <= m[1], "adapter_rows: segment ", p, " site ", si,
                   ": shrink rows out of range");
-      TORCH_CHECK(s.r_off < 0 ? s.N == 1 : s.r_off + s.g * s.N <= m[1], "adapter_rows: slot ", slot, " site ",
+      TORCH_CHECK(s.r_off < 0 ? s.N == 1 : s.r_off + s.g * s.N <= m[1], "adapter_rows: segment ", p, " site ",
                   si, ": router rows out of range");
-      TORCH_CHECK(s.b_off >= 0 && s.b_off + s.N * s.r * d_out <= numel, "adapter_rows: slot ", slot, " site ",
+      TORCH_CHECK(s.b_off >= 0 && s.b_off + s.N * s.r * d_out <= numel[p], "adapter_rows: segment ", p, " site ",
                   si, ": B outside the arena");
       z.lhs = std::max(z.lhs, s.N * s.r);
     }
@@ -222,58 +224,67 @@ Sizes check_meta(const at::Tensor& meta, int64_t nsite, int64_t numel, int64_t d
 }
 
 template <typename T, typename WT>
-void run(const at::Tensor& x, const std::vector<Out>& outs, const at::Tensor& arena, const at::Tensor& meta,
-         const std::vector<Block>& blocks, const Sizes& z, const WeightsOut& wo) {
+void run(const at::Tensor& x, const std::vector<Out>& outs, const std::vector<at::Tensor>& arenas,
+         const at::Tensor& meta, const std::vector<Block>& blocks, const Sizes& z, const WeightsOut& wo) {
   const T* xp = x.data_ptr<T>();
-  const WT* ap = arena.data_ptr<WT>();
+  std::vector<const WT*> ap;
+  for (const at::Tensor& a : arenas) ap.push_back(a.data_ptr<WT>());
   const int64_t* mp = meta.data_ptr<int64_t>();
   const int64_t nsite = static_cast<int64_t>(outs.size()), mstride = meta.size(1), xs = x.stride(0);
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> buf;
     for (int64_t i = begin; i < end; ++i) {
-      run_block<T, WT>(blocks[i], xp, xs, ap, mp + blocks[i].slot * mstride, nsite, outs, z, wo, buf);
+      const Block& b = blocks[i];
+      run_block<T, WT>(b, xp, xs, ap[b.seg], mp + b.seg * mstride, nsite, outs, z, wo, buf);
     }
   });
 }
 
 }  // namespace
 
-void adapter_rows(const at::Tensor& x, const std::vector<at::Tensor>& outs, const at::Tensor& arena,
+void adapter_rows(const at::Tensor& x, const std::vector<at::Tensor>& outs, const std::vector<at::Tensor>& arenas,
                   const at::Tensor& meta, const at::Tensor& segs, const at::Tensor& wout, const at::Tensor& woff) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "adapter_rows: x must be [T, d_in] with column stride 1");
-  TORCH_CHECK((arena.scalar_type() == at::kFloat || arena.scalar_type() == x.scalar_type()) &&
-              arena.is_contiguous() && arena.dim() == 1,
-              "adapter_rows: arena must be a contiguous float32 vector or one in x's dtype");
   const int64_t nsite = static_cast<int64_t>(outs.size()), T_ = x.size(0), d_in = x.size(1);
-  TORCH_CHECK(meta.scalar_type() == at::kLong && meta.is_contiguous() && meta.dim() == 2 &&
-              meta.size(1) == HEAD + SITE * nsite, "adapter_rows: meta must be contiguous int64 [S, 2 + 7 * sites]");
   TORCH_CHECK(segs.scalar_type() == at::kLong && segs.is_contiguous() && segs.dim() == 2 && segs.size(1) == 3,
               "adapter_rows: segs must be contiguous int64 [P, 3]");
+  const int64_t P = segs.size(0);
+  TORCH_CHECK(meta.scalar_type() == at::kLong && meta.is_contiguous() && meta.dim() == 2 && meta.size(0) == P &&
+              meta.size(1) == HEAD + SITE * nsite, "adapter_rows: meta must be contiguous int64 [P, 2 + 7 * sites]");
+  TORCH_CHECK(static_cast<int64_t>(arenas.size()) == P, "adapter_rows: one arena per segment");
+  std::vector<int64_t> numel;
+  for (const at::Tensor& a : arenas) {
+    TORCH_CHECK((a.scalar_type() == at::kFloat || a.scalar_type() == x.scalar_type()) &&
+                a.scalar_type() == arenas[0].scalar_type() && a.is_contiguous() && a.dim() == 1,
+                "adapter_rows: arenas must be contiguous vectors of one dtype, float32 or x's");
+    numel.push_back(a.numel());
+  }
   std::vector<Out> o;
   for (const at::Tensor& t : outs) {
     TORCH_CHECK(t.dim() == 2 && t.size(0) == T_ && t.stride(1) == 1 && t.scalar_type() == x.scalar_type(),
                 "adapter_rows: each out must be [T, d_out] in x's dtype with column stride 1");
     o.push_back({t.data_ptr(), t.stride(0), t.size(1)});
   }
-  const Sizes z = check_meta(meta, nsite, arena.numel(), d_in, o);
+  const Sizes z = check_meta(meta, nsite, numel, d_in, o);
+  const int64_t* mp = meta.data_ptr<int64_t>();
   std::vector<Block> blocks;
   const int64_t* sp = segs.data_ptr<int64_t>();
-  for (int64_t p = 0; p < segs.size(0); ++p) {
-    const int64_t slot = sp[3 * p], lo = sp[3 * p + 1], hi = sp[3 * p + 2];
-    TORCH_CHECK(slot >= 0 && slot < meta.size(0) && lo >= 0 && lo <= hi && hi <= T_, "adapter_rows: segment ",
-                p, " (slot ", slot, ", rows ", lo, "..", hi, ") out of range");
-    if (meta.data_ptr<int64_t>()[slot * meta.size(1) + 1] == 0) continue;
-    for (int64_t r = lo; r < hi; r += RB) blocks.push_back({slot, r, std::min(RB, hi - r), p, r - lo});
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t lo = sp[3 * p + 1], hi = sp[3 * p + 2];
+    TORCH_CHECK(lo >= 0 && lo <= hi && hi <= T_, "adapter_rows: segment ", p, " (rows ", lo, "..", hi,
+                ") out of range");
+    if (mp[p * meta.size(1) + 1] == 0) continue;
+    for (int64_t r = lo; r < hi; r += RB) blocks.push_back({sp[3 * p], r, std::min(RB, hi - r), p, r - lo});
   }
   WeightsOut wo{nullptr, nullptr};
   if (wout.numel() > 0) {
     TORCH_CHECK(wout.scalar_type() == at::kFloat && wout.is_contiguous() && wout.dim() == 1,
                 "adapter_rows: wout must be a contiguous float32 vector");
-    TORCH_CHECK(woff.scalar_type() == at::kLong && woff.is_contiguous() && woff.dim() == 2 &&
-                woff.size(0) == segs.size(0) && woff.size(1) == nsite, "adapter_rows: woff must be int64 [P, sites]");
+    TORCH_CHECK(woff.scalar_type() == at::kLong && woff.is_contiguous() && woff.dim() == 2 && woff.size(0) == P &&
+                woff.size(1) == nsite, "adapter_rows: woff must be int64 [P, sites]");
     const int64_t* op = woff.data_ptr<int64_t>();
-    for (int64_t p = 0; p < segs.size(0); ++p) {
-      const int64_t* m = meta.data_ptr<int64_t>() + sp[3 * p] * meta.size(1);
+    for (int64_t p = 0; p < P; ++p) {
+      const int64_t* m = mp + p * meta.size(1);
       if (m[1] == 0) continue;
       for (int64_t si = 0; si < nsite; ++si) {
         const Site s = site_of(m, si);
@@ -285,12 +296,13 @@ void adapter_rows(const at::Tensor& x, const std::vector<at::Tensor>& outs, cons
     }
     wo = {wout.data_ptr<float>(), op};
   }
-  const bool wf = arena.scalar_type() == at::kFloat;
+  if (blocks.empty()) return;
+  const bool wf = arenas[0].scalar_type() == at::kFloat;
   if (x.scalar_type() == at::kFloat) {
-    run<float, float>(x, o, arena, meta, blocks, z, wo);
+    run<float, float>(x, o, arenas, meta, blocks, z, wo);
   } else if (x.scalar_type() == at::kBFloat16) {
-    wf ? run<at::BFloat16, float>(x, o, arena, meta, blocks, z, wo)
-       : run<at::BFloat16, at::BFloat16>(x, o, arena, meta, blocks, z, wo);
+    wf ? run<at::BFloat16, float>(x, o, arenas, meta, blocks, z, wo)
+       : run<at::BFloat16, at::BFloat16>(x, o, arenas, meta, blocks, z, wo);
   } else {
     TORCH_CHECK(false, "adapter_rows: float32 or bfloat16, got ", x.scalar_type());
   }

@@ -7,11 +7,11 @@ the environment switch and the build-failure fallback."""
 from __future__ import annotations
 
 import logging
-import shutil
 
 import pytest
 import torch
 
+from cpu_kernels import break_the_build, built
 from mtlora.errors import ConfigError
 from mtlora.sites import site_dims
 from mtlora.testing import make_tiny_model_dir
@@ -27,12 +27,7 @@ from test_slot_stack import LAYOUTS, LORA, MT, _modules, _run, _slots
 
 @pytest.fixture(scope="module")
 def ext():
-    ext = cpu_adapters.kernel()
-    if ext is None:
-        if shutil.which("c++") is None and shutil.which("g++") is None:
-            pytest.skip("no C++ compiler on this machine: the CPU adapter kernel cannot be built")
-        pytest.fail("a C++ compiler is present but the CPU adapter kernel did not build (see the log)")
-    return ext
+    return built(cpu_adapters, "CPU adapter kernel")
 
 
 @pytest.fixture
@@ -202,13 +197,7 @@ def test_engine_runs_are_the_same_with_the_kernel(ext, tmp_path, dtype, monkeypa
 
 
 def test_required_kernel_names_the_flag_and_env_forces_torch(monkeypatch, caplog):
-    import torch.utils.cpp_extension as cpp
-
-    def broken(*a, **k):
-        raise RuntimeError("Error building extension\nc++: not found")
-
-    monkeypatch.setattr(cpu_adapters.EXTENSION, "_state", {})
-    monkeypatch.setattr(cpp, "load", broken)
+    break_the_build(monkeypatch, cpu_adapters)
     slots, _ = _slots()
     with caplog.at_level(logging.WARNING):
         assert cpu_adapters.enable(slots) is False and slots.cpu_kernel is None

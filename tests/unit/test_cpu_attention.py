@@ -5,12 +5,12 @@ the fallback when it cannot be built, and the engine flag."""
 from __future__ import annotations
 
 import logging
-import shutil
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from cpu_kernels import break_the_build, built
 from mtlora.errors import ConfigError
 from mtlora.testing import make_tiny_model_dir
 from mtlora_server.engine import cpu_attention, cpu_ext
@@ -23,12 +23,7 @@ from mtlora_server.engine.scheduler import Chunk, Sequence
 
 @pytest.fixture(scope="module")
 def ext():
-    ext = cpu_attention.kernel()
-    if ext is None:
-        if shutil.which("c++") is None and shutil.which("g++") is None:
-            pytest.skip("no C++ compiler on this machine: the paged CPU attention kernel cannot be built")
-        pytest.fail("a C++ compiler is present but the paged CPU attention kernel did not build (see the log)")
-    return ext
+    return built(cpu_attention, "paged CPU attention kernel")
 
 
 def _oracle(q, k, v, kv_slots, mask, scale):
@@ -116,13 +111,7 @@ def test_decoder_steps_are_the_same_with_the_kernel(ext, tmp_path):
 
 
 def test_kernel_build_failure_falls_back_and_a_required_kernel_names_the_flag(monkeypatch, tmp_path, caplog):
-    import torch.utils.cpp_extension as cpp
-
-    def broken(*a, **k):
-        raise RuntimeError("Error building extension\nc++: not found")
-
-    monkeypatch.setattr(cpu_attention.EXTENSION, "_state", {})
-    monkeypatch.setattr(cpp, "load", broken)
+    break_the_build(monkeypatch, cpu_attention)
     with caplog.at_level(logging.WARNING, logger=cpu_ext.__name__):
         assert cpu_attention.kernel() is None
     assert "could not be built" in caplog.text and "c++: not found" in caplog.text

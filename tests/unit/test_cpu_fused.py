@@ -7,12 +7,12 @@ the flag, the environment switch and the build-failure fallback."""
 from __future__ import annotations
 
 import logging
-import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from cpu_kernels import break_the_build, built
 from mtlora.errors import ConfigError
 from mtlora.testing import make_tiny_model_dir
 from mtlora_server.engine import cpu_fused
@@ -27,12 +27,7 @@ DTYPES = [torch.float32, torch.bfloat16]
 
 @pytest.fixture(scope="module")
 def ext():
-    ext = cpu_fused.kernel()
-    if ext is None:
-        if shutil.which("c++") is None and shutil.which("g++") is None:
-            pytest.skip("no C++ compiler on this machine: the CPU fused row kernels cannot be built")
-        pytest.fail("a C++ compiler is present but the CPU fused row kernels did not build (see the log)")
-    return ext
+    return built(cpu_fused, "CPU fused row kernels")
 
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -148,13 +143,7 @@ def test_decoder_steps_are_the_same_with_the_kernels(ext, tmp_path, dtype):
 
 def test_build_failure_falls_back_a_required_kernel_names_the_flag_and_env_forces_torch(monkeypatch, tmp_path,
                                                                                        caplog):
-    import torch.utils.cpp_extension as cpp
-
-    def broken(*a, **k):
-        raise RuntimeError("Error building extension\nc++: not found")
-
-    monkeypatch.setattr(cpu_fused.EXTENSION, "_state", {})
-    monkeypatch.setattr(cpp, "load", broken)
+    break_the_build(monkeypatch, cpu_fused)
     model = LlamaDecoder.from_dir(make_tiny_model_dir(tmp_path, seed=1), torch.float32, "cpu", max_len=64)
     with caplog.at_level(logging.WARNING):
         assert model.enable_fused_ops() is False and model.fused is None

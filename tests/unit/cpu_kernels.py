@@ -27,3 +27,20 @@ def break_the_build(monkeypatch, module) -> None:
 
     monkeypatch.setattr(module.EXTENSION, "_state", {})
     monkeypatch.setattr(cpp, "load", broken)
+
+
+def three_steps(runner, pool):
+    """Logits of a prefill step, a decode-only step and a mixed step (a decode group beside a prefill chunk) of
+    three random prompts (12, 26, 14 tokens) through `runner` (a ModelRunner without adapters) over `pool`."""
+    import torch
+
+    from mtlora_server.engine.scheduler import Chunk, Sequence
+
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 259, (n,), generator=gen).tolist() for n in (12, 26, 14)]
+    s = [Sequence(i, ids, len(ids), blocks=pool.allocate(3)) for i, ids in enumerate(prompts)]
+    rows = [runner.run([Chunk(s[0], 0, 8), Chunk(s[1], 0, 22)], [[7], [21]])]
+    rows.append(runner.run([Chunk(s[0], 8, 1), Chunk(s[1], 22, 1)], [[8], [22]]))              # decode only
+    rows.append(runner.run([Chunk(s[2], 0, 14), Chunk(s[0], 9, 1), Chunk(s[1], 23, 1)],           # mixed
+                           [[13], [9], [23]]))
+    return torch.cat(rows)

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cpu_kernels import break_the_build, built
+from cpu_kernels import break_the_build, built, three_steps
 from mtlora.errors import ConfigError
 from mtlora.testing import make_tiny_model_dir
 from mtlora_server.engine import cpu_fused
@@ -20,7 +20,6 @@ from mtlora_server.engine.args import EngineArgs
 from mtlora_server.engine.kv_cache import KVCachePool
 from mtlora_server.engine.model import LlamaDecoder, apply_rope, rms_norm
 from mtlora_server.engine.runner import ModelRunner
-from mtlora_server.engine.scheduler import Chunk, Sequence
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -123,17 +122,7 @@ def test_decoder_steps_are_the_same_with_the_kernels(ext, tmp_path, dtype):
     """Prefill, decode-only and mixed steps: fp32 logits equal to 1e-5; bf16 the same greedy tokens and logits
     within bf16 noise."""
     model_dir = make_tiny_model_dir(tmp_path, seed=6)
-    gen = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(3, 259, (n,), generator=gen).tolist() for n in (12, 26, 14)]
-    outs = []
-    for fused in (False, True):
-        runner, pool = _runner(model_dir, fused, dtype)
-        s = [Sequence(i, ids, len(ids), blocks=pool.allocate(3)) for i, ids in enumerate(prompts)]
-        rows = [runner.run([Chunk(s[0], 0, 8), Chunk(s[1], 0, 22)], [[7], [21]])]
-        rows.append(runner.run([Chunk(s[0], 8, 1), Chunk(s[1], 22, 1)], [[8], [22]]))          # decode only
-        rows.append(runner.run([Chunk(s[2], 0, 14), Chunk(s[0], 9, 1), Chunk(s[1], 23, 1)],       # mixed
-                               [[13], [9], [23]]))
-        outs.append(torch.cat(rows))
+    outs = [three_steps(*_runner(model_dir, fused, dtype)) for fused in (False, True)]
     if dtype == torch.float32:
         torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
     else:

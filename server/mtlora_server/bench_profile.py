@@ -225,8 +225,9 @@ def print_profile(p: Profile) -> None:
         print("    of which " + ", ".join(f"{k} {100 * v / p.step_ms_wall:.1f}%" for k, v in p.gemm_by_op.items()))
     if p.kernel_ms and p.step_ms_wall:
         total = sum(p.kernel_ms.values())
+        by_time = sorted(p.kernel_ms.items(), key=lambda kv: -kv[1])
         print(f"  engine C++ kernels: {total:.1f} ms = {100 * total / p.step_ms_wall:.1f}%: " + ", ".join(
-            f"{k.removeprefix(KERNEL_PREFIX)} {v:.1f} ms" for k, v in sorted(p.kernel_ms.items(), key=lambda kv: -kv[1])))
+            f"{k.removeprefix(KERNEL_PREFIX)} {v:.1f} ms" for k, v in by_time))
     print(f"  {'op':<44}{'self ms':>9}{'share':>8}{'calls':>7}")
     for op in p.top_ops:
         share = op.self_ms / p.step_ms_wall if p.step_ms_wall else 0.0

@@ -381,8 +381,8 @@ class AdapterSlots:
     def _apply_kernel(self, layer: int, x: torch.Tensor, targets, bufs, key_sites: tuple,
                       plan: SlotPlan, stats: RoutingStats | None) -> set[int]:
         """Every slot with few contiguous rows (<= KERNEL_ROWS: decode, short prefill chunks) in one call of
-        cpu_adapters' kernel for this site group, recording routing weights when the step samples them; returns the slots done (none when
-        dtypes or layouts do not suit the kernel)."""
+        cpu_adapters' kernel for this site group, recording routing weights when the step samples them; returns
+        the slots done (none when dtypes or layouts do not suit the kernel)."""
         outs = [targets[i][1] for i, _ in bufs]
         if x.dtype not in (torch.float32, torch.bfloat16) or x.stride(1) != 1 \
                 or any(o.dtype != x.dtype or o.stride(1) != 1 for o in outs):

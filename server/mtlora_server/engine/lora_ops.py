@@ -389,17 +389,16 @@ class AdapterSlots:
             return set()
         if "kernel_segs" not in plan.memo:
             segs = cpu_adapters.segments(plan.groups, KERNEL_ROWS)
-            plan.memo["kernel_segs"] = (segs, set() if segs is None else set(segs[:, 0].tolist()))
+            plan.memo["kernel_segs"] = (segs, () if segs is None else tuple(segs[:, 0].tolist()))
         segs, slots = plan.memo["kernel_segs"]
         if segs is None:
             return set()
-        cpu_adapters.add_rows(self.cpu_kernel, x, outs, self._arena(layer, key_sites, bufs, segs), segs, stats)
-        return slots
+        cpu_adapters.add_rows(self.cpu_kernel, x, outs, self._arena(layer, key_sites, bufs, slots), segs, stats)
+        return set(slots)
 
-    def _arena(self, layer: int, key_sites: tuple, bufs, segs: torch.Tensor) -> cpu_adapters.Arena:
-        """The step's segments' slot arenas for these sites, in segment order: each slot's built on first use
-        and kept until that slot changes; the set is kept while the step's slots and the table stay the same."""
-        slots = tuple(segs[:, 0].tolist())
+    def _arena(self, layer: int, key_sites: tuple, bufs, slots: tuple[int, ...]) -> cpu_adapters.Arena:
+        """The step's segments' slot arenas (`slots`, in segment order) for these sites: each slot's built on first
+        use and kept until that slot changes; the set is kept while the step's slots and the table stay the same."""
         key = (layer, key_sites)
         cached = self._arena_sets.get(key)
         if cached is not None and cached[0] == (slots, self.version):

@@ -144,7 +144,7 @@ BAD = {  # name -> (mutation of (x, outs, arena, segs), message fragment)
 def test_direct_call_equals_grouped_and_refuses_bad_inputs_before_writing(ext):
     from mtlora import grouped
     pk, arena, x, out = _direct_inputs(ext)
-    empty = cpu_adapters.SlotArena(torch.zeros(0), [0] * 9)                        # a slot adapting no site here
+    empty = cpu_adapters.SlotArena.empty(1, torch.float32)                         # a slot adapting no site here
     both = cpu_adapters.Arena.of([cpu_adapters.SlotArena.build(pk, [0], 1), empty], nsite=1)
     cpu_adapters.add_rows(ext, x, [out], both, torch.tensor([[0, 0, 5], [1, 0, 5]]))
     want = torch.zeros(5, 6)

@@ -40,7 +40,6 @@ from dataclasses import dataclass, field
 import torch
 
 from mtlora import grouped
-from mtlora.errors import ConfigError
 
 from .cpu_ext import CSRC, CpuExtension
 
@@ -59,10 +58,7 @@ def kernel():
 def enable(slots, required: bool = False) -> bool:
     """Give `lora_ops.AdapterSlots` the kernel (CPU engines); False when it is unavailable, or a ConfigError
     naming the engine flag when `required` (cpu_adapters=kernel)."""
-    slots.cpu_kernel = kernel()
-    if slots.cpu_kernel is None and required:
-        raise ConfigError("cpu_adapters=kernel: the CPU adapter kernel is unavailable here (a build failure is "
-                          "logged above)", field="cpu_adapters")
+    slots.cpu_kernel = EXTENSION.require("cpu_adapters", required)
     if slots.cpu_kernel is not None:
         log.info("adapter work of decode-sized slots runs in one C++ call per site group (cpu_adapters kernel)")
     return slots.cpu_kernel is not None
@@ -74,6 +70,11 @@ class SlotArena:
 
     data: torch.Tensor        # [numel] fp32 / bf16: W [rows, d_in], then each site's B [g, N*r, d_out/g]
     meta: list[int]           # 2 + 7*nsite ints: w_off, rows, then per site (used, a_off, r, r_off, N, g, b_off)
+
+    @classmethod
+    def empty(cls, nsite: int, dtype: torch.dtype) -> "SlotArena":
+        """A slot that adapts none of the group's sites (rows 0: the kernel skips it)."""
+        return cls(torch.zeros(0, dtype=dtype), [0] * (HEAD + SITE * nsite))
 
     @classmethod
     def build(cls, pk: grouped.Pack, positions: list[int], nsite: int) -> "SlotArena":

@@ -9,7 +9,8 @@ Contract:
   (the `ninja` wheel is a serve dependency and is found even when the venv is not activated).
 - `load()` returns None, with one warning naming the reason, when the kernel cannot be built (no compiler, a
   build error), or with an info line when the environment variable `env` is set to "torch": callers then use
-  their torch path. Never raises.
+  their torch path. Never raises. `require(flag, required, usable)`: the same, where a missing kernel is a
+  ConfigError naming the engine flag when that flag asked for the kernel.
 - `enable_kernels(args, model, slots, kv_dtype, compiled)`: the CPU engine's switch-on of every kernel its flags
   allow (`cpu_attention`, `cpu_adapters`, `cpu_fused_ops`: auto | kernel | torch; "kernel" raises a ConfigError
   naming the flag when unavailable). The caller has checked: CPU, not batch-invariant. The fused row ops need the
@@ -28,6 +29,8 @@ import threading
 from pathlib import Path
 
 import torch
+
+from mtlora.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +77,15 @@ class CpuExtension:
         """Forget the result of an earlier `load` (tests)."""
         with self._lock:
             self._state.clear()
+
+    def require(self, flag: str, required: bool, usable: bool = True):
+        """`load()` where `usable` (the caller's dtype / device conditions), else None; with `required` (the engine
+        flag set to "kernel") None becomes a ConfigError naming `flag`."""
+        ext = self.load() if usable else None
+        if ext is None and required:
+            raise ConfigError(f"{flag}=kernel: the {self.what} kernel is unavailable here (CPU with float32 / "
+                              "bfloat16 only; a build failure is logged above)", field=flag)
+        return ext
 
     def load(self):
         """The compiled extension, or None (module doc). Built at most once per process."""

@@ -410,8 +410,7 @@ class AdapterSlots:
             if sa is None:
                 sp = self._slot_pack(layer, key_sites, bufs, slot)
                 sa = (cpu_adapters.SlotArena.build(sp.pack, [position[t] for t in sp.targets], len(bufs))
-                      if sp is not None else cpu_adapters.SlotArena(torch.zeros(0, dtype=self.dtype),
-                                                                    [0] * (2 + 7 * len(bufs))))
+                      if sp is not None else cpu_adapters.SlotArena.empty(len(bufs), self.dtype))
                 self._slot_arenas[(layer, key_sites, slot)] = sa
             parts.append(sa)
         arena = cpu_adapters.Arena.of(parts, len(bufs))

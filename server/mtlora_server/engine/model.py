@@ -372,10 +372,7 @@ class LlamaDecoder:
         batch-invariant: the core decides). False, and the torch path stays, when it is unavailable; `required`
         raises instead (engine flag cpu_attention=kernel)."""
         usable = self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16) and kv_dtype == self.dtype
-        ext = cpu_attention.kernel() if usable else None
-        if ext is None and required:
-            raise ConfigError("cpu_attention=kernel: the paged CPU attention kernel is unavailable here (CPU with "
-                              "float32 / bfloat16 only; a build failure is logged above)", field="cpu_attention")
+        ext = cpu_attention.EXTENSION.require("cpu_attention", required, usable)
         self.paged_kernel = ext
         return ext is not None
 
@@ -383,10 +380,7 @@ class LlamaDecoder:
         """Use cpu_fused's kernels for the norms, residual adds, silu * up and rope (CPU, fp32 / bf16, eager, not
         batch-invariant: the core decides). False when unavailable; `required` raises (cpu_fused_ops=kernel)."""
         usable = self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16)
-        ext = cpu_fused.kernel() if usable else None
-        if ext is None and required:
-            raise ConfigError("cpu_fused_ops=kernel: the CPU fused row kernels are unavailable here (CPU with "
-                              "float32 / bfloat16 only; a build failure is logged above)", field="cpu_fused_ops")
+        ext = cpu_fused.EXTENSION.require("cpu_fused_ops", required, usable)
         self.fused = ext
         return ext is not None
 

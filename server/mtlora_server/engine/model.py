@@ -293,9 +293,9 @@ class LlamaDecoder:
                 sites = [s for s in sites if s in b.sites]
             ctx = AdaptContext(adapters, idx, sites, b.adapter_slots, stats, b.adapter_plan)
             x = self._add_norm(h, delta, w["in_norm"])                      # h += delta; x: [T, d]
-            delta = self._attention(idx, w, x, cos, sin, b, kv, ctx)
+            delta = self._attention(idx, w, x, h, cos, sin, b, kv, ctx)
             x = self._add_norm(h, delta, w["post_norm"])
-            delta = self._mlp(w, x, ctx)
+            delta = self._mlp(w, x, h, ctx)
         if delta is not None:
             h += delta
         hidden = h[b.hidden_index] if b.hidden_index is not None else None   # [C, d] kept for the prefix cache
@@ -305,13 +305,14 @@ class LlamaDecoder:
         h = self._add_norm(h, None, self.final_norm)
         return ForwardOutput(self._linear(h, self.lm_head).float(), hidden)  # [L + E, V], [C, d]
 
-    def _attention(self, idx, w, x, cos, sin, b: StepBatch, kv, ctx: AdaptContext) -> torch.Tensor:
+    def _attention(self, idx, w, x, h, cos, sin, b: StepBatch, kv, ctx: AdaptContext) -> torch.Tensor:
+        """The attention block's output [T, d] for x = norm(h) [T, d]; a block-level self_attn delta (it reads
+        the same x as q/k/v, so it shares their fused shrink) is added straight into the residual h, which the
+        next norm adds this output to: no [T, d] buffer to zero and add per layer."""
         cfg = self.cfg
         T = x.shape[0]
         qkv = self._linear(x, w["qkv"])                                     # [T, q + 2kv]
-        # Block-level self_attn delta reads the same x as q/k/v: computed in the same fused shrink, added at the end.
-        blk = x.new_zeros(T, cfg.hidden_size) if "self_attn" in ctx.sites else None
-        _adapt(ctx, x, [("self_attn", blk)] + _columns(qkv, self.columns["qkv"]))
+        _adapt(ctx, x, [("self_attn", h)] + _columns(qkv, self.columns["qkv"]))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = q.reshape(T, cfg.num_attention_heads, cfg.head_dim), k.reshape(T, cfg.num_key_value_heads, cfg.head_dim)
         if self.fused is not None:                                          # in place, in qkv
@@ -334,7 +335,7 @@ class LlamaDecoder:
                 out.index_copy_(0, *self._group_attention(idx, q, g, kv))
         o = self._linear(out, w["o"])                                       # [T, d]
         _adapt(ctx, out, [("self_attn.o_proj", o)])
-        return o if blk is None else o.add_(blk)
+        return o
 
     def _group_attention(self, idx, q, g: AttnGroup, kv) -> tuple[torch.Tensor, torch.Tensor]:
         """(flat rows [n], attention output [n, H*hd]) of one group's queries. q: [T, H, hd]."""
@@ -412,11 +413,11 @@ class LlamaDecoder:
         out = torch.matmul(probs, values)                                   # [KV, B, G, hd]
         return out.transpose(0, 1).reshape(B, H * hd)                       # [B, H*hd]
 
-    def _mlp(self, w, x, ctx: AdaptContext) -> torch.Tensor:
+    def _mlp(self, w, x, h, ctx: AdaptContext) -> torch.Tensor:
+        """The MLP block's output [T, d] for x = norm(h); a block-level mlp delta goes into h (see _attention)."""
         F_ = self.cfg.intermediate_size
         gu = self._linear(x, w["gate_up"])                                  # [T, 2F]
-        blk = x.new_zeros(x.shape[0], self.cfg.hidden_size) if "mlp" in ctx.sites else None
-        _adapt(ctx, x, [("mlp", blk)] + _columns(gu, self.columns["gate_up"]))
+        _adapt(ctx, x, [("mlp", h)] + _columns(gu, self.columns["gate_up"]))
         if self.fused is not None:
             act = self.fused.silu_mul(gu)                                   # [T, F]
         else:
@@ -424,7 +425,7 @@ class LlamaDecoder:
             act = F.silu(gate) * up                                         # [T, F]
         out = self._linear(act, w["down"])                                  # [T, d]
         _adapt(ctx, act, [("mlp.down_proj", out)])
-        return out if blk is None else out.add_(blk)
+        return out
 
 
 def _columns(fused: torch.Tensor, columns: list[FusedColumn]) -> list[tuple[str, torch.Tensor]]:

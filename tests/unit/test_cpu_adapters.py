@@ -99,11 +99,11 @@ def test_an_adapter_replaced_in_its_slot_is_followed(ext, calls):
     _run(slots, "attn_in", slot_idx, x, 0)                                         # arenas built
     for cfg, seed in ((MT, 99), (LORA, 98)):          # same shape, then another shape
         oracles[1] = _modules(cfg, seed)
-        others = {k: a for k, a in slots._slot_arenas.items() if k[-1] != 1}
+        others = {k: a for k, a in slots._kcalls.slot_arenas.items() if k[-1] != 1}
         slots.load(1, cfg, _native(oracles[1]))
         # A swap drops that slot's arenas only: the others are kept, not rebuilt (loads under churn stay cheap).
-        assert others and all(slots._slot_arenas.get(k) is a for k, a in others.items())
-        assert not any(k[-1] == 1 for k in slots._slot_arenas)
+        assert others and all(slots._kcalls.slot_arenas.get(k) is a for k, a in others.items())
+        assert not any(k[-1] == 1 for k in slots._kcalls.slot_arenas)
         for site, got in _run(slots, "attn_in", slot_idx, x, 0):
             want = _oracle_delta(oracles, slot_idx, x, 0, site, got.shape[1])
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -107,6 +107,74 @@ class Arena:
                    rows)
 
 
+def suits(x: torch.Tensor, outs: list[torch.Tensor]) -> bool:
+    """Whether the kernel takes these operands: x and every out float32 or bfloat16 (one dtype), column stride 1."""
+    return x.dtype in (torch.float32, torch.bfloat16) and x.stride(1) == 1 \
+        and all(o.dtype == x.dtype and o.stride(1) == 1 for o in outs)
+
+
+@dataclass
+class KernelCall:
+    """The layout of one (layer, target sites) call while the step's slots and the slot table stay the same."""
+
+    stamp: tuple                        # (the step's kernel slots, table version, x dtype)
+    positions: list[int] | None         # indices of the targets the kernel adds into; None: it takes no part
+    arena: "Arena | None"
+
+
+class KernelCalls:
+    """What an `AdapterSlots` derives for the kernel, kept across steps: each slot's arena per (layer, sites), a
+    step's slots' arenas per (layer, sites), and per (layer, target sites) a whole call's layout -- so each of a
+    decode step's ~120 calls is a dict lookup and the kernel call in Python (working it out per call cost
+    ~25 us, ~3 ms a step of the 4-adapter mix). Stamped with the step's slots and the table's version: a load or
+    clear rebuilds lazily; `forget(slot)` drops one slot's arenas (the other slots' stay)."""
+
+    def __init__(self):
+        self.slot_arenas: dict[tuple, SlotArena] = {}      # (layer, sites, slot) -> arena
+        self._sets: dict[tuple, tuple] = {}                # (layer, sites) -> ((slots, version), Arena)
+        self._calls: dict[tuple, KernelCall] = {}          # (layer, target sites) -> call layout
+
+    def forget(self, slot: int) -> None:
+        self.slot_arenas = {key: a for key, a in self.slot_arenas.items() if key[-1] != slot}
+        self._sets.clear()
+        self._calls.clear()
+
+    @staticmethod
+    def segments(plan, max_rows: int) -> tuple[torch.Tensor | None, tuple[int, ...], bool]:
+        """(`segments` of the step's plan, their slots, whether they are every slot of the step), once a step."""
+        got = plan.memo.get("kernel_segs")
+        if got is None:
+            segs = segments(plan.groups, max_rows)
+            slots = () if segs is None else tuple(segs[:, 0].tolist())
+            got = plan.memo["kernel_segs"] = (segs, slots, len(slots) == len(plan.groups))
+        return got
+
+    def arena(self, layer: int, sites: tuple, slots: tuple, version: int, dtype: torch.dtype, pack_of) -> "Arena":
+        """The Arena of `slots` (segment order) for these sites; pack_of(slot) -> (grouped.Pack, positions) or
+        None (the slot adapts none of them), called for a slot's first use only."""
+        cached = self._sets.get((layer, sites))
+        if cached is not None and cached[0] == (slots, version):
+            return cached[1]
+        parts = []
+        for slot in slots:
+            sa = self.slot_arenas.get((layer, sites, slot))
+            if sa is None:
+                got = pack_of(slot)
+                sa = SlotArena.build(*got, len(sites)) if got is not None else SlotArena.empty(len(sites), dtype)
+                self.slot_arenas[(layer, sites, slot)] = sa
+            parts.append(sa)
+        arena = Arena.of(parts, len(sites))
+        self._sets[(layer, sites)] = ((slots, version), arena)
+        return arena
+
+    def call(self, key: tuple, stamp: tuple, build) -> KernelCall:
+        """The call layout for key, from build() -> (positions, arena) when the stamp changed."""
+        c = self._calls.get(key)
+        if c is None or c.stamp != stamp:
+            c = self._calls[key] = KernelCall(stamp, *build())
+        return c
+
+
 def segments(groups: dict[int, torch.Tensor | slice], max_rows: int) -> torch.Tensor | None:
     """[P, 3] (slot, lo, hi) of the contiguous slots with at most max_rows rows, or None (module doc)."""
     segs = [(slot, rows.start, rows.stop) for slot, rows in groups.items()

@@ -177,8 +177,7 @@ class AdapterSlots:
         self.row_tile = 0              # batch-invariant mode: each slot's rows padded to a multiple (invariant.py)
         self.version = 0               # bumped by every load / clear (static-shape paths re-read `layout()`)
         self.cpu_kernel = None         # cpu_adapters' extension: small slots in one call per site group (CPU)
-        self._slot_arenas: dict[tuple, cpu_adapters.SlotArena] = {}           # (layer, sites, slot) -> arena
-        self._arena_sets: dict[tuple, tuple] = {}       # (layer, sites) -> ((step's slots, version), Arena)
+        self._kcalls = cpu_adapters.KernelCalls()      # the kernel's arenas and call layouts
 
     # -- loading -------------------------------------------------------------------------------------------------
     def _check_limits(self, slot: int, config: AdapterConfig) -> dict[str, int]:
@@ -275,7 +274,7 @@ class AdapterSlots:
         self.version += 1
         # A pack holds one slot's rows only: the other slots' packs stay valid (adapter swaps rebuild one slot's).
         self._packs = {key: pack for key, pack in self._packs.items() if key[-1] != slot}
-        self._slot_arenas = {key: a for key, a in self._slot_arenas.items() if key[-1] != slot}
+        self._kcalls.forget(slot)
         for key, stack in list(self._stacks.items()):
             stack.forget(slot)
             if not stack.row_of:
@@ -326,6 +325,9 @@ class AdapterSlots:
         if plan is not None and x.is_cuda and self._triton():
             self._apply_triton(layer, x, targets, plan, stats)
             return
+        if plan is not None and self.cpu_kernel is not None and not x.is_cuda and not self.row_tile \
+                and self._kernel_only(layer, x, targets, plan, stats):
+            return
         if plan is None or x.is_cuda:
             for site, out in targets:
                 delta = self.apply(layer, site, x, slot_idx, stats)
@@ -338,8 +340,7 @@ class AdapterSlots:
                        plan: SlotPlan, stats: RoutingStats | None) -> None:
         """Per slot of the plan: one shrink matmul for all its sites among `targets`, then each site's expand
         (`mtlora.grouped`), added in place into the site's target."""
-        bufs = [(i, self._sites.get((layer, site))) for i, (site, _) in enumerate(targets)]
-        bufs = [(i, b) for i, b in bufs if b is not None and b.users]
+        bufs = self._bufs(layer, targets)
         if not bufs:
             return
         key_sites = tuple(targets[i][0] for i, _ in bufs)
@@ -371,6 +372,11 @@ class AdapterSlots:
                 if stats is not None:
                     self._record(stats, slot, part, w, n, x.device)
 
+    def _bufs(self, layer: int, targets) -> list[tuple[int, "_SiteBuffers"]]:
+        """(index in targets, buffers) of the targets' sites allocated here and used by some slot."""
+        bufs = [(i, self._sites.get((layer, site))) for i, (site, _) in enumerate(targets)]
+        return [(i, b) for i, b in bufs if b is not None and b.users]
+
     def _slot_pack(self, layer: int, key_sites: tuple, bufs, slot: int) -> "_SlotPack | None":
         """The slot's pack for these sites (built on first use, kept until the slot changes)."""
         key = (layer, key_sites, slot)
@@ -378,44 +384,51 @@ class AdapterSlots:
             self._packs[key] = _pack_slot(bufs, slot)
         return self._packs[key]
 
+    def _kernel_only(self, layer: int, x: torch.Tensor, targets, plan: SlotPlan,
+                     stats: RoutingStats | None) -> bool:
+        """The decode case, every slot of the step within the kernel's reach (<= KERNEL_ROWS contiguous rows): one
+        kernel call whose layout is cached per (layer, target sites) while the step's slots and the table stay
+        the same. False (nothing done): the general path runs."""
+        segs, slots, whole = cpu_adapters.KernelCalls.segments(plan, KERNEL_ROWS)
+        if not whole:
+            return False
+        c = self._kcalls.call((layer, tuple(site for site, _ in targets)), (slots, self.version, x.dtype),
+                              lambda: self._kernel_layout(layer, x, targets, slots))
+        if c.positions is None:
+            return False
+        if c.positions:
+            cpu_adapters.add_rows(self.cpu_kernel, x, [targets[i][1] for i in c.positions], c.arena, segs, stats)
+        return True
+
+    def _kernel_layout(self, layer: int, x: torch.Tensor, targets, slots: tuple) -> tuple:
+        """(positions of the targets the kernel adds into, their Arena), or (None, None) when it cannot."""
+        bufs = self._bufs(layer, targets)
+        if not cpu_adapters.suits(x, [targets[i][1] for i, _ in bufs]):
+            return None, None
+        key_sites = tuple(targets[i][0] for i, _ in bufs)
+        return [i for i, _ in bufs], (self._arena(layer, key_sites, bufs, slots) if bufs else None)
+
     def _apply_kernel(self, layer: int, x: torch.Tensor, targets, bufs, key_sites: tuple,
                       plan: SlotPlan, stats: RoutingStats | None) -> set[int]:
         """Every slot with few contiguous rows (<= KERNEL_ROWS: decode, short prefill chunks) in one call of
         cpu_adapters' kernel for this site group, recording routing weights when the step samples them; returns
         the slots done (none when dtypes or layouts do not suit the kernel)."""
         outs = [targets[i][1] for i, _ in bufs]
-        if x.dtype not in (torch.float32, torch.bfloat16) or x.stride(1) != 1 \
-                or any(o.dtype != x.dtype or o.stride(1) != 1 for o in outs):
-            return set()
-        if "kernel_segs" not in plan.memo:
-            segs = cpu_adapters.segments(plan.groups, KERNEL_ROWS)
-            plan.memo["kernel_segs"] = (segs, () if segs is None else tuple(segs[:, 0].tolist()))
-        segs, slots = plan.memo["kernel_segs"]
-        if segs is None:
+        segs, slots, _ = cpu_adapters.KernelCalls.segments(plan, KERNEL_ROWS)
+        if segs is None or not cpu_adapters.suits(x, outs):
             return set()
         cpu_adapters.add_rows(self.cpu_kernel, x, outs, self._arena(layer, key_sites, bufs, slots), segs, stats)
         return set(slots)
 
     def _arena(self, layer: int, key_sites: tuple, bufs, slots: tuple[int, ...]) -> cpu_adapters.Arena:
-        """The step's segments' slot arenas (`slots`, in segment order) for these sites: each slot's built on first
-        use and kept until that slot changes; the set is kept while the step's slots and the table stay the same."""
-        key = (layer, key_sites)
-        cached = self._arena_sets.get(key)
-        if cached is not None and cached[0] == (slots, self.version):
-            return cached[1]
+        """The step's segments' slot arenas (`slots`, in segment order) for these sites (cpu_adapters.KernelCalls:
+        each slot's built on first use and kept until that slot changes)."""
         position = {i: k for k, (i, _) in enumerate(bufs)}
-        parts = []
-        for slot in slots:
-            sa = self._slot_arenas.get((layer, key_sites, slot))
-            if sa is None:
-                sp = self._slot_pack(layer, key_sites, bufs, slot)
-                sa = (cpu_adapters.SlotArena.build(sp.pack, [position[t] for t in sp.targets], len(bufs))
-                      if sp is not None else cpu_adapters.SlotArena.empty(len(bufs), self.dtype))
-                self._slot_arenas[(layer, key_sites, slot)] = sa
-            parts.append(sa)
-        arena = cpu_adapters.Arena.of(parts, len(bufs))
-        self._arena_sets[key] = ((slots, self.version), arena)
-        return arena
+
+        def pack_of(slot: int):
+            sp = self._slot_pack(layer, key_sites, bufs, slot)
+            return None if sp is None else (sp.pack, [position[t] for t in sp.targets])
+        return self._kcalls.arena(layer, key_sites, slots, self.version, self.dtype, pack_of)
 
     def _apply_stacked(self, layer: int, x: torch.Tensor, targets, bufs, key_sites: tuple,
                        plan: SlotPlan, stats: RoutingStats | None) -> set[int]:
@@ -447,10 +460,8 @@ class AdapterSlots:
         if memo not in plan.memo:
             plan.memo[memo] = slot_stack.StepRows.build(plan.groups, slots, stack_rows)
         rows = plan.memo[memo]
-        record = None
-        if stats is not None:
-            def record(i: int, w: torch.Tensor) -> None:   # w [n_real, g, N] fp32, rows in rows.owner order
-                stats.record(rows.owner.to(x.device), w)                            # exact: one shape
+        # record(i, w): w [n_real, g, N] fp32, rows in rows.owner order (exact form: one shape)
+        record = None if stats is None else (lambda i, w: stats.record(rows.owner.to(x.device), w))
         slot_stack.apply(x, stack, rows, targets, record)
 
     @staticmethod

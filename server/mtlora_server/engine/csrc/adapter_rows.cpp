@@ -127,21 +127,35 @@ void routed(const float* hz, const Site& s, int64_t j, float* lhs, float* wrow) 
 // accumulators across all N*r rows of B (each B chunk read once for all rows, no stores inside the k loop).
 constexpr int64_t CW = 32;
 
-template <int64_t W, typename WT>
+// NB (the block's rows) and W (the chunk's columns; 0 = runtime cw) are compile-time constants in the common
+// case, so the accumulators stay in registers; each B row chunk is widened to fp32 once for all NB rows.
+template <int64_t NB, int64_t W, typename WT>
 inline void expand_chunk(const WT* Bj, int64_t Nr, int64_t dg, int64_t c0, const float* lhs, int64_t lhs_stride,
-                         int64_t nb, float* d, int64_t delta_stride, int64_t cw) {
-  float acc[RB][W > 0 ? W : CW] = {};
+                         float* d, int64_t delta_stride, int64_t cw) {
+  constexpr int64_t CAP = W > 0 ? W : CW;
+  float acc[NB][CAP] = {};
+  float bf[CAP];
   const int64_t w = W > 0 ? W : cw;
   for (int64_t k = 0; k < Nr; ++k) {
     const WT* brow = Bj + k * dg + c0;
-    for (int64_t b = 0; b < nb; ++b) {
+#pragma omp simd
+    for (int64_t c = 0; c < w; ++c) bf[c] = static_cast<float>(brow[c]);
+    for (int64_t b = 0; b < NB; ++b) {
       const float a = lhs[b * lhs_stride + k];
 #pragma omp simd
-      for (int64_t c = 0; c < w; ++c) acc[b][c] += a * static_cast<float>(brow[c]);
+      for (int64_t c = 0; c < w; ++c) acc[b][c] += a * bf[c];
     }
   }
-  for (int64_t b = 0; b < nb; ++b)
+  for (int64_t b = 0; b < NB; ++b)
     for (int64_t c = 0; c < w; ++c) d[b * delta_stride + c0 + c] += acc[b][c];
+}
+
+template <int64_t NB, typename WT>
+void expand_rows(const WT* Bj, int64_t Nr, int64_t dg, const float* lhs, int64_t lhs_stride, float* d,
+                 int64_t delta_stride) {
+  int64_t c0 = 0;
+  for (; c0 + CW <= dg; c0 += CW) expand_chunk<NB, CW, WT>(Bj, Nr, dg, c0, lhs, lhs_stride, d, delta_stride, CW);
+  if (c0 < dg) expand_chunk<NB, 0, WT>(Bj, Nr, dg, c0, lhs, lhs_stride, d, delta_stride, dg - c0);
 }
 
 template <typename WT>
@@ -150,9 +164,12 @@ void expand(const WT* B, const Site& s, int64_t d_out, const float* lhs, int64_t
   const int64_t Nr = s.N * s.r, dg = d_out / s.g;
   const WT* Bj = B + j * Nr * dg;
   float* d = delta + j * dg;
-  int64_t c0 = 0;
-  for (; c0 + CW <= dg; c0 += CW) expand_chunk<CW, WT>(Bj, Nr, dg, c0, lhs, lhs_stride, nb, d, delta_stride, CW);
-  if (c0 < dg) expand_chunk<0, WT>(Bj, Nr, dg, c0, lhs, lhs_stride, nb, d, delta_stride, dg - c0);
+  switch (nb) {
+    case 4: expand_rows<4, WT>(Bj, Nr, dg, lhs, lhs_stride, d, delta_stride); break;
+    case 3: expand_rows<3, WT>(Bj, Nr, dg, lhs, lhs_stride, d, delta_stride); break;
+    case 2: expand_rows<2, WT>(Bj, Nr, dg, lhs, lhs_stride, d, delta_stride); break;
+    default: expand_rows<1, WT>(Bj, Nr, dg, lhs, lhs_stride, d, delta_stride); break;
+  }
 }
 
 template <typename T, typename WT>

@@ -125,8 +125,8 @@ class KernelCall:
 class KernelCalls:
     """What an `AdapterSlots` derives for the kernel, kept across steps: each slot's arena per (layer, sites), a
     step's slots' arenas per (layer, sites), and per (layer, target sites) a whole call's layout -- so each of a
-    decode step's ~120 calls is a dict lookup and the kernel call in Python (working it out per call cost
-    ~25 us, ~3 ms a step of the 4-adapter mix). Stamped with the step's slots and the table's version: a load or
+    decode step's ~120 calls is a dict lookup and the kernel call in Python (working it out on every call cost
+    ~0.6 ms a step of the 4-adapter mix, measured against this cache; docs/benchmarks.md). Stamped with the step's slots and the table's version: a load or
     clear rebuilds lazily; `forget(slot)` drops one slot's arenas (the other slots' stay)."""
 
     def __init__(self):

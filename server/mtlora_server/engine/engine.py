@@ -45,7 +45,7 @@ from mtlora.errors import EngineDeadError, EngineDrainingError
 
 from .args import EngineArgs
 from .core import EngineCore
-from .torch_threads import init_this_thread, serial_torch
+from .torch_threads import serial_torch
 from .types import AdapterInfo, EngineStats, GenerationRequest, RequestOutput
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,6 @@ class Engine:
         go = threading.Event()
 
         def thread_main() -> None:
-            init_this_thread()                            # its torch thread count, whatever helpers run meanwhile
             try:
                 core = EngineCore(args)
             except BaseException as exc:  # noqa: BLE001 - the caller of from_args gets it
@@ -173,7 +172,6 @@ class Engine:
 
     # -- step thread ---------------------------------------------------------------------------------------------
     def _run(self) -> None:
-        init_this_thread()
         failed_steps = 0
         try:
             while not self._stopping:

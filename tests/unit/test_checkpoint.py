@@ -236,3 +236,28 @@ def test_only_narrowing_loads_check_for_overflow(source, target, overflows):
     from mtlora.checkpoint import can_overflow
 
     assert can_overflow(source, target) is overflows
+
+
+def _t(values, dtype=torch.float32):
+    return torch.tensor(values, dtype=dtype)
+
+
+@pytest.mark.parametrize("tensors,bad", [
+    ({}, None),
+    ({"a": _t([1.0, 2.0]), "b": torch.zeros(0)}, None),
+    ({"a": _t([1.0, 2.0]), "b": _t([0.0, math.nan])}, "b"),
+    ({"a": _t([math.inf, 1.0]), "b": _t([math.nan])}, "a"),                       # the first one, in order
+    ({"a": _t([-math.inf, 3.0])}, "a"),
+    ({"a": _t([math.inf, -math.inf])}, "a"),                                      # the sum is NaN, not 0
+    ({"a": _t([1e308, 1e308], torch.float64)}, None),                              # finite values, sum overflows
+    ({"a": _t([1e308, math.inf], torch.float64)}, "a"),
+    ({"a": _t([3e38, 3e38, 3e38], torch.bfloat16)}, None),                         # float64 sum: no overflow
+    ({"a": _t([60000.0, 60000.0], torch.float16), "b": _t([1.0, math.nan], torch.float16)}, "b"),
+])
+def test_first_non_finite(tensors, bad):
+    """The summed fast path agrees with an elementwise isfinite check, overflowing sums and NaN from +-Inf
+    included."""
+    from mtlora.checkpoint import first_non_finite
+
+    assert first_non_finite(tensors) == bad
+    assert bad == next((n for n, t in tensors.items() if not torch.isfinite(t).all()), None)

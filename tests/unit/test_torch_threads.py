@@ -177,3 +177,44 @@ def test_bf16_engine_step_thread_keeps_its_team_while_adapters_load(tmp_path, mo
     disk_loads = asyncio.run(run())
     assert disk_loads >= 5            # 2 installed at start; the workers read the other 5 beside the steps
     assert set(counts) == {2}, dict(counts)
+
+
+def test_keep_thread_count_sets_a_changed_count_back(caplog):
+    def run():
+        guard = torch_threads.KeepThreadCount()
+        first = guard.check()
+        torch.set_num_threads(1)                          # what a library could do from any thread
+        with caplog.at_level("WARNING", logger="mtlora_server.engine.torch_threads"):
+            second = guard.check()
+        return guard.count, first, second, torch.get_num_threads(), guard.restored
+
+    assert _in_thread(run) == (2, False, True, 2, 1)
+    assert "changed from 2 to 1" in caplog.text
+
+
+def test_engine_step_thread_recovers_a_count_changed_under_it(tmp_path, monkeypatch):
+    """Something sets the step thread to 1 thread during a step: the next steps run at 2 again."""
+    model_dir = make_tiny_model_dir(tmp_path / "model", seed=7)
+    counts: list[int] = []
+    step = EngineCore.step
+
+    def meddling(self):
+        counts.append(torch.get_num_threads())
+        if len(counts) == 2:
+            torch.set_num_threads(1)
+        return step(self)
+
+    monkeypatch.setattr(EngineCore, "step", meddling)
+
+    async def run():
+        engine = Engine.from_args(tiny_engine_args(model_dir))
+        await engine.start()
+        try:
+            params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+            async for _ in engine.generate(GenerationRequest("r", list(range(3, 20)), params)):
+                pass
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(run())
+    assert len(counts) >= 4 and counts[:2] == [2, 2] and set(counts[2:]) == {2}, counts

@@ -45,7 +45,7 @@ from mtlora.errors import EngineDeadError, EngineDrainingError
 
 from .args import EngineArgs
 from .core import EngineCore
-from .torch_threads import serial_torch
+from .torch_threads import KeepThreadCount, serial_torch
 from .types import AdapterInfo, EngineStats, GenerationRequest, RequestOutput
 
 log = logging.getLogger(__name__)
@@ -173,11 +173,13 @@ class Engine:
     # -- step thread ---------------------------------------------------------------------------------------------
     def _run(self) -> None:
         failed_steps = 0
+        threads = KeepThreadCount()                       # this thread's team, kept (torch_threads)
         try:
             while not self._stopping:
                 self._drain_inbox()
                 if self.core.has_work():
                     failed_steps = self._step(failed_steps)
+                    threads.check()
                     if self.core.last_step_idle:          # everything waits for an adapter load
                         self._wake.wait(IDLE_WAIT_S)
                         self._wake.clear()

@@ -109,3 +109,25 @@ def serial_torch() -> Iterator[None]:
         yield
     finally:
         rt.restore(before, mkl_previous)
+
+
+class KeepThreadCount:
+    """The step thread's safety net: `check()` (after each step) puts this thread's torch thread count back to
+    what it was when the guard was made, with a warning, if anything changed it -- any code that calls
+    `torch.set_num_threads` in any thread can (module docstring), and a step thread on one core halves the
+    engine's speed without another symptom. Costs one `torch.get_num_threads()` per step."""
+
+    def __init__(self) -> None:
+        self.count = torch.get_num_threads()
+        self.restored = 0
+
+    def check(self) -> bool:
+        """True when the count had changed and was set back."""
+        now = torch.get_num_threads()
+        if now == self.count:
+            return False
+        self.restored += 1
+        log.warning("the step thread's torch thread count changed from %d to %d (torch.set_num_threads called "
+                    "in some thread?); set back to %d", self.count, now, self.count)
+        torch.set_num_threads(self.count)
+        return True

@@ -36,7 +36,6 @@ from dataclasses import dataclass
 
 import torch
 
-from mtlora import grouped
 
 
 Shape = tuple  # per target site: (r, N, g) or None (the slot does not adapt that site)

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=0.0, help="Poisson arrival rate, requests/s (0: all at once)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="engine max_num_seqs (default 64)")
     p.add_argument("--adapter-cache-size", type=int, default=2 << 30, help="host cache bytes (default 2 GiB)")
+    p.add_argument("--preload-adapters", action="store_true",
+                   help="the many_adapters row's engine reads its adapters into the host cache at start-up "
+                        "(mtlora-serve --preload-adapters), before the timed part")
     p.add_argument("--load-repeats", type=int, default=5, help="cold loads timed per adapter kind (default 5)")
     p.add_argument("--seed", type=int, default=0, help="seed for prompts, popularity and adapter weights")
     p.add_argument("--output", default="bench_adapters.json", help="where to write the JSON report")
@@ -98,6 +101,7 @@ async def run_row(args, model_dir, registered: dict[str, str], plan: list[str], 
     eng = Engine.from_args(EngineArgs(model=str(model_dir), dtype=args.dtype, device="auto", adapters=registered,
                                       max_adapters=slots, max_num_seqs=args.max_num_seqs,
                                       adapter_cache_size=args.adapter_cache_size, seed=args.seed,
+                                      preload_adapters=args.preload_adapters,
                                       max_num_batched_tokens=2048))
     await eng.start()
     records = eng.core.registry.records

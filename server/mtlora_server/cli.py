@@ -136,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter-cache-size", type=_size_or_zero, default=2 << 30, metavar="SIZE",
                    help="Host memory for validated adapter tensors (LRU, pinned on CUDA) so an evicted adapter "
                         "comes back with a copy instead of a disk read, e.g. 4GiB; 0 turns the cache off.")
+    p.add_argument("--preload-adapters", action="store_true",
+                   help="At start-up, read every registered adapter that gets no slot into the host cache (in "
+                        "registration order, while it fits in --adapter-cache-size), so no request waits on a disk "
+                        "read and no load competes with the steps. Start-up takes ~10-40 ms per adapter longer.")
     p.add_argument("--max-lora-rank", type=_positive, default=16, help="Largest adapter rank a slot holds.")
     p.add_argument("--max-experts", type=_positive, default=16, help="Largest number of experts a slot holds.")
     p.add_argument("--max-groups", type=_positive, default=4, help="Largest number of routing groups a slot holds.")
@@ -245,7 +249,7 @@ def engine_args_from(ns: argparse.Namespace, adapters: dict[str, str]):
                       kv_cache_memory=ns.kv_cache_memory, block_size=ns.block_size, max_adapters=ns.max_adapters,
                       max_lora_rank=ns.max_lora_rank, max_experts=ns.max_experts, max_groups=ns.max_groups,
                       adapters=adapters, served_model_name=ns.served_model_name, max_waiting=ns.max_waiting,
-                      adapter_cache_size=ns.adapter_cache_size,
+                      adapter_cache_size=ns.adapter_cache_size, preload_adapters=ns.preload_adapters,
                       seed=ns.seed, enforce_eager=ns.enforce_eager, decode_graphs=ns.decode_graphs,
                       enable_prefix_caching=ns.enable_prefix_caching, batch_invariant=ns.batch_invariant,
                       gpu_memory_utilization=ns.gpu_memory_utilization, cpu_attention=ns.cpu_attention,

@@ -295,3 +295,29 @@ def test_adapter_installed_from_memory_survives_eviction_without_cache(env):
     assert core.take_failures() == {} and core.registry.counters.evictions_total >= 2
     want = run_to_completion(resident, [_req("m1", _prompt(6, 9), "a4"), _req("m2", _prompt(8, 9), "a4")])
     assert got["m1"].tokens == want["m1"].tokens and got["m2"].tokens == want["m2"].tokens
+
+
+def test_preload_fills_the_host_cache_and_serves_like_all_resident(env, tmp_path, caplog):
+    """--preload-adapters: the non-resident adapters are in the host cache before the first request (none read
+    from disk while serving), outputs equal the all-resident engine's; a broken adapter is skipped with a warning
+    and still fails only its own requests; preloading stops where the cache is full."""
+    model_dir, paths, resident = env
+    adapters = {**paths, "bad": _corrupt(paths["a2"], tmp_path / "bad")}
+    with caplog.at_level("WARNING", logger="mtlora_server.engine.core_adapters"):
+        core = EngineCore(tiny_engine_args(model_dir, adapters=adapters, max_adapters=2, preload_adapters=True))
+    reg = core.registry
+    assert {n for n in adapters if n in reg.cache} == set(paths)          # 2 installed at start, 5 preloaded
+    assert "preload skipped adapter bad" in caplog.text and "corrupt or truncated" in caplog.text
+    preloaded = reg.counters.disk_loads_total
+    reqs = _workload(list(paths), per_adapter=2) + [_req("bad-0", _prompt(1, 7), "bad")]
+    got = run_to_completion(core, reqs)
+    want = run_to_completion(resident, _workload(list(paths), per_adapter=2))
+    assert all(got[rid].tokens == w.tokens for rid, w in want.items())
+    assert set(core.take_failures()) == {"bad-0"}
+    assert reg.counters.disk_loads_total == preloaded + 1        # only "bad" was read while serving (and failed)
+
+    size = {n: reg.cache.get(n).nbytes for n in paths}
+    limit = size["a0"] + size["a1"] + size["a2"] + 1                          # the start-up two, then a2 only
+    small = EngineCore(tiny_engine_args(model_dir, adapters=paths, max_adapters=2, preload_adapters=True,
+                                        adapter_cache_size=limit))
+    assert [n for n in paths if n in small.registry.cache] == ["a0", "a1", "a2"]

@@ -29,6 +29,7 @@ class EngineArgs:
     max_groups: int = 4
     adapters: dict[str, str] = field(default_factory=dict)   # name -> adapter directory, registered at start
     adapter_cache_size: int = 2 << 30         # bytes of validated adapter tensors kept in host memory (0: none)
+    preload_adapters: bool = False            # read registered adapters into the host cache at start-up
     served_model_name: str | None = None      # name of the bare base model in the API; None: the model's name
     max_waiting: int = 1024                   # waiting sequences before EngineOverloadedError
     seed: int = 0                             # seeds sampling of requests without their own seed

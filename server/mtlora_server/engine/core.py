@@ -138,6 +138,8 @@ class EngineCore(AdapterMethods):
                 self.install_adapter(name, *self.read_adapter(path), path)
             else:
                 self.register_adapter(name, path)
+        if args.preload_adapters:
+            self.preload_adapters()
 
     # -- requests ------------------------------------------------------------------------------------------------
     def add_request(self, req: GenerationRequest) -> RequestState:

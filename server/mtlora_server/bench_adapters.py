@@ -157,7 +157,6 @@ def cold_loads(args, model_dir, paths: dict[str, str]) -> dict[str, dict]:
             config, tensors = core.read_adapter(paths[name])
             if core.device.type == "cuda":
                 tensors = {k: t.pin_memory() for k, t in tensors.items()}
-            t1 = time.perf_counter()
             core.slots.load(0, config, tensors, checked=True)       # as the engine installs: validated by the read
             _sync(core.device)
             t2 = time.perf_counter()

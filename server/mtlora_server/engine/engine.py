@@ -5,7 +5,8 @@ Contract (see types.py for the generate() protocol):
   returns when it is ready (a load error is raised to the caller). `await start()` lets the step loop run;
   `generate()` also starts it lazily.
 - Every torch op of the engine runs in that one thread, loading included, and other threads do their torch work
-  in short-lived threads (`run_in_fresh_thread`), single-threaded (`torch_threads.serial_torch`). Why: torch's
+  in short-lived threads (`run_in_fresh_thread`), single-threaded (`torch_threads.serial_torch`; the step thread
+  checks its own count after every step and sets it back if anything changed it: `KeepThreadCount`). Why: torch's
   CPU ops run on libgomp, which keeps one pool of OpenMP workers per thread that ever ran a parallel op; once the
   pools hold more workers than there are CPUs, libgomp stops letting its workers spin between parallel regions,
   and every small op then pays a futex wake-up. Measured on 2 cores, bf16, the bench workload: steps took 1.4x

@@ -20,11 +20,12 @@ slower" of docs/benchmarks.md (found 2026-12-03 with a per-step `torch.get_num_t
 `omp_set_num_threads`). Resetting the default afterwards cannot undo a count another thread already adopted.
 
 How: the calling thread's own counts only, through the runtimes' per-thread calls: `omp_set_num_threads` of the
-OpenMP runtime torch loaded (an OpenMP ICV is per thread) and MKL's `MKL_Set_Num_Threads_Local` (the C entry point; the lower-case symbol is the Fortran one, by reference). The runtime is the
-`libgomp` / `libiomp5` / `libomp` mapped into the process (/proc/self/maps), so the call reaches torch's copy, never a
-second runtime. torch's own count is initialised first (`torch.get_num_threads()`), so its lazy initialisation
-cannot undo the 1 inside the block. Where torch does not run on OpenMP, or no runtime is found (not Linux), the
-block is a no-op: torch's native thread pool is one pool per process, so no second team arises there.
+OpenMP runtime torch loaded (an OpenMP ICV is per thread) and MKL's `MKL_Set_Num_Threads_Local` (the C entry
+point; the lower-case symbol is the Fortran one, taking a pointer). The runtime is the `libgomp` / `libiomp5` /
+`libomp` mapped into the process (/proc/self/maps; torch's own copy first), so the call reaches the copy torch
+uses. torch's own count is initialised first (`torch.get_num_threads()`), so its lazy initialisation cannot undo
+the 1 inside the block. Where torch does not run on OpenMP, or no runtime is found (not Linux), the block is a
+no-op: torch's native thread pool is one pool per process, so no second team arises there.
 """
 
 from __future__ import annotations
@@ -64,16 +65,17 @@ class _Runtime:
 
 
 def _mapped(prefixes: tuple[str, ...]) -> str | None:
+    """The loaded library whose file name starts with one of `prefixes` (torch's own copy first), or None."""
     try:
         with open("/proc/self/maps") as f:
             paths = {parts[5].strip() for parts in (line.split(None, 5) for line in f)
                      if len(parts) == 6 and parts[5].startswith("/")}
     except OSError:
         return None
-    for path in sorted(paths):
-        if os.path.basename(path).startswith(prefixes):
-            return path
-    return None
+    found = sorted(p for p in paths if os.path.basename(p).startswith(prefixes))
+    torch_dir = os.path.dirname(os.path.realpath(torch.__file__))
+    ours = [p for p in found if os.path.realpath(p).startswith(torch_dir + os.sep)]
+    return (ours or found or [None])[0]
 
 
 @lru_cache(maxsize=1)

@@ -303,7 +303,7 @@ def test_preload_fills_the_host_cache_and_serves_like_all_resident(env, tmp_path
     and still fails only its own requests; preloading stops where the cache is full."""
     model_dir, paths, resident = env
     adapters = {**paths, "bad": _corrupt(paths["a2"], tmp_path / "bad")}
-    with caplog.at_level("WARNING", logger="mtlora_server.engine.core_adapters"):
+    with caplog.at_level("WARNING", logger="mtlora_server.engine.adapter_registry"):
         core = EngineCore(tiny_engine_args(model_dir, adapters=adapters, max_adapters=2, preload_adapters=True))
     reg = core.registry
     assert {n for n in adapters if n in reg.cache} == set(paths)          # 2 installed at start, 5 preloaded
@@ -321,3 +321,12 @@ def test_preload_fills_the_host_cache_and_serves_like_all_resident(env, tmp_path
     small = EngineCore(tiny_engine_args(model_dir, adapters=paths, max_adapters=2, preload_adapters=True,
                                         adapter_cache_size=limit))
     assert [n for n in paths if n in small.registry.cache] == ["a0", "a1", "a2"]
+
+
+def test_preload_without_a_host_cache_reads_nothing(env, caplog):
+    model_dir, paths, _ = env
+    with caplog.at_level("WARNING", logger="mtlora_server.engine.adapter_registry"):
+        core = EngineCore(tiny_engine_args(model_dir, adapters=paths, max_adapters=2, preload_adapters=True,
+                                           adapter_cache_size=0))
+    assert core.registry.counters.disk_loads_total == 0 and core.registry.cache.bytes == 0
+    assert "does nothing without a host cache" in caplog.text

@@ -29,7 +29,8 @@ Contract:
   blocks it computed before (the weights are the same tensors), while a re-read from disk never does (the files
   may have changed).
 - The host cache is an LRU of validated tensors bounded by `cache_bytes` (0: off); on CUDA its tensors are pinned
-  so the slot copy is a fast host-to-device transfer. Counters (`counters`) feed the metrics; `wait_seconds`
+  so the slot copy is a fast host-to-device transfer. `preload()` (start-up, `--preload-adapters`) reads the
+  registered adapters without a slot into it, in registration order, while they fit. Counters (`counters`) feed the metrics; `wait_seconds`
   holds the times sequences waited for their adapter, for the histogram.
 - Thread-safety: only the step thread calls these methods, except that worker threads hand results over through
   `_done` (locked) and then call `notify()` (the engine wakes its step loop); `wait_for_load(timeout)` blocks
@@ -309,16 +310,49 @@ class AdapterRegistry:
         loaded, error = None, None
         try:
             with serial_torch():                          # no second OpenMP team beside the step thread's
-                config, tensors = self._read(path)
-                if self.cache.pin:
-                    tensors = {k: t.pin_memory() for k, t in tensors.items()}
-            loaded = LoadedAdapter(config, tensors, uid=0)
+                loaded = self._read_loaded(path)
         except Exception as exc:  # noqa: BLE001 - any failure marks this adapter broken, nothing else
             error = str(exc) or type(exc).__name__
         with self._lock:
             self._done.append((name, generation, loaded, error))
         self._loaded_event.set()
         self.notify()
+
+    def _read_loaded(self, path: str) -> LoadedAdapter:
+        """File read + full validation (+ pinning where the cache pins); uid 0 until the step thread numbers it."""
+        config, tensors = self._read(path)
+        if self.cache.pin:
+            tensors = {k: t.pin_memory() for k, t in tensors.items()}
+        return LoadedAdapter(config, tensors, uid=0)
+
+    def preload(self) -> int:
+        """Read every registered adapter that is not resident into the host cache, in registration order, until
+        the next one would not fit; returns how many. Run at start-up, before any request (in the step thread,
+        with its whole team), so requests for these adapters never wait on a disk read and no load worker competes
+        with the steps for the cores (S-LoRA keeps every adapter in host memory the same way). An adapter that
+        fails to load is skipped with a warning: its requests get the error through the usual path."""
+        if self.cache.limit == 0:
+            log.warning("--preload-adapters does nothing without a host cache (--adapter-cache-size 0)")
+            return 0
+        count = 0
+        for name, rec in self.records.items():
+            if rec.slot is not None or name in self.cache:
+                continue
+            self.counters.disk_loads_total += 1
+            try:
+                loaded = self._read_loaded(rec.path)
+            except Exception as exc:  # noqa: BLE001 - a broken adapter fails its own requests later, nothing else
+                log.warning("preload skipped adapter %s: %s", name, exc)
+                continue
+            if self.cache.bytes + loaded.nbytes > self.cache.limit:
+                log.info("preload stopped before adapter %s: the host cache is full (%.1f of %.1f MiB)", name,
+                         self.cache.bytes / 2**20, self.cache.limit / 2**20)
+                break
+            loaded.uid = self.new_uid()
+            self.cache.put(name, loaded)
+            count += 1
+        log.info("preloaded %d adapter(s) into the host cache (%.1f MiB)", count, self.cache.bytes / 2**20)
+        return count
 
     def _collect_loads(self) -> None:
         with self._lock:

@@ -139,7 +139,7 @@ class EngineCore(AdapterMethods):
             else:
                 self.register_adapter(name, path)
         if args.preload_adapters:
-            self.preload_adapters()
+            self.registry.preload()                       # host cache filled before any request
 
     # -- requests ------------------------------------------------------------------------------------------------
     def add_request(self, req: GenerationRequest) -> RequestState:

@@ -7,8 +7,6 @@ Contract (see core.py and adapter_registry.py for the whole picture):
   else kept in the host cache until a request needs it. A dynamic load never fails for lack of a slot.
 - `register_adapter(name, path)`: registers from adapter_config.json alone (checked against the slot limits); the
   tensors are read on first use.
-- `preload_adapters()`: reads the registered, non-resident adapters into the host cache while they fit (start-up,
-  `--preload-adapters`); one that fails to load is left for its requests to report.
 - `remove_adapter(name)`: unregisters (clearing its slot); AdapterBusyError while an unfinished request uses it.
 - `_slot_install` / `_slot_evict` are the registry's callbacks (step thread); `_advance_adapters()` runs at the
   start of each step and fails the requests waiting for an adapter whose load failed.
@@ -71,34 +69,6 @@ class AdapterMethods:
                 raise
             self.registry.place(name, free[0], loaded)
         return info
-
-    def preload_adapters(self) -> int:
-        """Read every registered adapter that is not resident into the host cache, in registration order, until
-        the next one would not fit (`adapter_cache_size`); returns how many. Run at start-up, before any request,
-        so requests for these adapters never wait on a disk read and no load worker competes with the steps for
-        the cores (S-LoRA keeps every adapter in host memory the same way). An adapter that fails to load is
-        skipped with a warning: its requests get the error through the usual path."""
-        reg, count = self.registry, 0
-        for name, rec in reg.records.items():
-            if rec.slot is not None or name in reg.cache:
-                continue
-            try:
-                config, tensors = self.read_adapter(rec.path)
-            except AdapterLoadError as exc:
-                log.warning("preload skipped adapter %s: %s", name, exc)
-                continue
-            if reg.cache.pin:
-                tensors = {k: t.pin_memory() for k, t in tensors.items()}
-            loaded = LoadedAdapter(config, tensors, uid=reg.new_uid())
-            if reg.cache.bytes + loaded.nbytes > reg.cache.limit:
-                log.info("preload stopped before adapter %s: the host cache is full (%.1f of %.1f MiB)", name,
-                         reg.cache.bytes / 2**20, reg.cache.limit / 2**20)
-                break
-            reg.cache.put(name, loaded)
-            reg.counters.disk_loads_total += 1
-            count += 1
-        log.info("preloaded %d adapter(s) into the host cache (%.1f MiB)", count, reg.cache.bytes / 2**20)
-        return count
 
     def register_adapter(self, name: str, path: str) -> AdapterInfo:
         """Register an adapter from its adapter_config.json only (checked against the slot limits); its tensors

@@ -127,6 +127,18 @@ def test_build_name_depends_on_the_source_and_this_cpu(monkeypatch):
     assert b != a and b.startswith("mtlora_paged_attention_")
 
 
+def test_build_name_depends_on_the_headers_the_sources_include(tmp_path):
+    """exp_poly.h is shared by two kernels: editing it must rebuild them, not reuse a stale build."""
+    src = tmp_path / "k.cpp"
+    src.write_text('#include "shared.h"\n')
+    (tmp_path / "shared.h").write_text("// v1\n")
+    ext = cpu_ext.CpuExtension(src, "mtlora_test", "MTLORA_TEST_KERNEL", "test kernel")
+    a = ext.build_name()
+    (tmp_path / "shared.h").write_text("// v2\n")
+    assert ext.build_name() != a
+    assert '#include "exp_poly.h"' in (cpu_ext.CSRC / "paged_decode_attention.cpp").read_text()
+
+
 def test_ninja_from_the_wheel_is_put_on_path_when_none_is_there(monkeypatch):
     ninja = pytest.importorskip("ninja", reason="the ninja wheel is a serve / dev dependency")
     monkeypatch.setenv("PATH", "/nonexistent")

@@ -68,9 +68,11 @@ class CpuExtension:
         self._state: dict[str, object] = {}          # "ext": the module or None once tried
 
     def build_name(self) -> str:
-        """Extension name: a hash of the source, the flags, torch's version and this CPU's feature flags."""
-        h = hashlib.sha256(self.source.read_bytes() + " ".join(CFLAGS).encode() + torch.__version__.encode()
-                           + _cpu_flags().encode())
+        """Extension name: a hash of the source, the headers beside it (csrc/*.h, which sources include), the
+        flags, torch's version and this CPU's feature flags."""
+        headers = b"".join(h.read_bytes() for h in sorted(self.source.parent.glob("*.h")))
+        h = hashlib.sha256(self.source.read_bytes() + headers + " ".join(CFLAGS).encode()
+                           + torch.__version__.encode() + _cpu_flags().encode())
         return f"{self.prefix}_{h.hexdigest()[:12]}"
 
     def reset(self) -> None:

@@ -158,3 +158,26 @@ def test_incremental_detokenisation_multibyte_and_split_stop(core, include):
             break
     assert "".join(streamed) == "h\u00e9llo w\u00f6rld \u20acuro " + ("stop-here" if include else "")
     assert out.finished and out.deltas[-1].finish_reason == "stop" and out.deltas[-1].stop_reason == "stop-here"
+
+
+def test_sampling_never_writes_into_the_steps_logits(model_dir, monkeypatch):
+    """Decode rows are handed to sampling as a view of the step's logits (not a copy): min_tokens, penalties,
+    logit_bias, seeded draws and logprobs must all work on copies, or a batched sampling failure would retry the
+    rows one by one on logits it had already changed."""
+    core = EngineCore(tiny_engine_args(model_dir))
+    seen = []
+    choose = core._choose
+
+    def checked(live, logits):
+        before = logits.clone()
+        out = choose(live, logits)
+        seen.append(len(live))
+        assert torch.equal(logits, before)
+        return out
+    monkeypatch.setattr(core, "_choose", checked)
+    params = [SamplingParams(max_tokens=6, temperature=0.0, min_tokens=4),
+              SamplingParams(max_tokens=6, temperature=0.9, seed=3, repetition_penalty=1.3, logit_bias={5: 4.0}),
+              SamplingParams(max_tokens=6, temperature=0.0, logprobs=2, frequency_penalty=0.5),
+              SamplingParams(max_tokens=6, temperature=0.7, top_k=5)]
+    run_to_completion(core, [GenerationRequest(f"r{i}", list(PROMPT), p) for i, p in enumerate(params)])
+    assert max(seen) == len(params)                       # the rows were sampled together (the view's case)

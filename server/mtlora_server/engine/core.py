@@ -433,7 +433,11 @@ class EngineCore(AdapterMethods):
 
     def _choose(self, live: list[tuple[Sequence, int]], logits: torch.Tensor):
         """[(seq, token, logprob or None)]: one sampled token per row of `live` (seq, logits row)."""
-        raw = logits[torch.tensor([r for _, r in live], device=logits.device)]          # [S, V]
+        idx = [r for _, r in live]
+        if idx == list(range(idx[0], idx[0] + len(idx))):  # the decode case: a view, not a copy of [S, V] fp32
+            raw = logits[idx[0]:idx[0] + len(idx)]      # (~12 MB at 64 rows; nothing below writes into raw)
+        else:
+            raw = logits[torch.tensor(idx, device=logits.device)]                        # [S, V]
         banned = []                                           # forbid ending before min_tokens
         for seq, _ in live:
             p = seq.owner.params

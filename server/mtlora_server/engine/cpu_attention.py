@@ -5,7 +5,10 @@ dense `[kv, B, Kmax, hd]` copy (one `index_select` each per layer), then runs tw
 it. At decode the data is read three times and written once, and the profile of a SmolLM2 decode step at batch 64
 puts the gather at ~17 % and the attention matmuls at ~17 % of the step (docs/benchmarks.md). The kernel
 (`csrc/paged_decode_attention.cpp`) reads each key and value row once, in place, through the sequence's slot
-table, in fp32 (scores, softmax, weighted sum), and writes one output row per query head.
+table, in fp32 (scores, softmax, weighted sum), and writes one output row per query head. Keys and values go
+eight at a time (eight independent dot products per query head, one pass over the accumulators per eight value
+rows) and the softmax uses a vectorised exp (`csrc/exp_poly.h`): 30 layers of 64 sequences x 192 keys take ~20 ms
+on 2 avx512 cores, against ~37 ms for one key at a time with std::exp.
 
 Contract:
 - `kernel() -> module | None`: the compiled extension (`cpu_ext.CpuExtension`: built on first use, ~40 s once per

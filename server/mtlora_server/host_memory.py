@@ -12,7 +12,7 @@ Contract:
 Why: every engine step allocates a few large temporaries (the logits of a batch-64 decode step are 12.6 MB in fp32,
 6.3 MB in bf16) and frees them again. glibc's adaptive thresholds handed some of that memory back to the kernel
 between steps, so the next step touched fresh pages: a batch-64 decode step with 4 LoRA adapters took 520 page
-faults (~3 ms of a ~95 ms step, visible as a slow `aten::copy_`), the bare model's none. With these settings: 2.
+faults (~3 ms of a ~95 ms step, visible as a slow `aten::copy_`), the bare model's 0.5. With these settings: 2.
 vLLM's CPU backend gets the same effect by preloading tcmalloc; this needs nothing installed. The cost: the process
 keeps its peak heap (what it freed is reused, not returned), which a server that preallocates its KV pool and
 adapter slots does anyway.
@@ -21,7 +21,6 @@ adapter slots does anyway.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3        # glibc's malloc.h
@@ -41,7 +40,7 @@ def keep_freed_memory(environ=os.environ) -> bool:
     if environ.get(OPT_OUT, "") == "default" or _tunes_malloc_itself(environ):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)            # the process's own symbols (libc's among them); no ldconfig subprocess
         mallopt = libc.mallopt
         if not hasattr(libc, "gnu_get_libc_version"):              # musl and others: no glibc mallopt semantics
             return False

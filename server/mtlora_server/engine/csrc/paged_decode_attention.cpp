@@ -8,8 +8,8 @@
 //   mask     [B, Kmax]       bool, true = attend
 //   returns  [B, H * hd]     q's dtype; query head h reads KV head h / (H / KV) (grouped-query attention)
 // Arithmetic is float32 throughout (scores, softmax with exp_poly.h's vectorised exp, within ~2 ulp of expf,
-// weighted sum), rounded to q's dtype once at the end. A row
-// with no unmasked key returns zeros. Work is split over (sequence, KV head) with at::parallel_for.
+// weighted sum), rounded to q's dtype once at the end. A row with no unmasked key returns zeros. Work is split
+// over (sequence, KV head) with at::parallel_for.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 

@@ -6,6 +6,7 @@ the environment switch and the build-failure fallback."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -162,6 +163,34 @@ def test_direct_call_equals_grouped_and_refuses_bad_inputs_before_writing(ext):
         ext.adapter_rows(x, [out], arena.datas, arena.meta, torch.tensor([[0, 0, 5]]), torch.zeros(29),
                          torch.zeros(1, 1, dtype=torch.long))
     assert not out.any()
+
+
+@torch.no_grad()
+def test_bf16_kernel_is_fp32_math_of_the_bf16_values_over_several_chunks(ext):
+    """bf16 x and weights, d_in and d_out/g spanning several column chunks with narrower tails, rows in blocks of 4
+    and a remainder (the AVX-512 BF16 shrink where the CPU has it, else the widening one): the kernel's output is
+    the fp32 math of the same bf16 values, rounded once -- within one bf16 step everywhere, equal almost
+    everywhere. Also: the arena's chunk width is the kernel's."""
+    from mtlora import grouped
+    assert ext.CHUNK == cpu_adapters.CHUNK
+    g = torch.Generator().manual_seed(1)
+    d_in, d_out, r, N, groups, T = 80, 144, 4, 3, 2, 9
+    site = grouped.SiteWeights(torch.randn(r, d_in, generator=g), torch.randn(N, r, d_out, generator=g),
+                               torch.randn(groups, N, d_in, generator=g), 0.5)
+    pk = grouped.pack([site])
+    pk16 = grouped.Pack(pk.W.bfloat16(), [dataclasses.replace(p, B=p.B.bfloat16()) for p in pk.parts])
+    x = torch.randn(T, d_in, generator=g).bfloat16()
+    base = torch.randn(T, d_out, generator=g).bfloat16()
+    out = base.clone()
+    arena = cpu_adapters.Arena.of([cpu_adapters.SlotArena.build(pk16, [0], 1)], nsite=1)
+    cpu_adapters.add_rows(ext, x, [out], arena, torch.tensor([[0, 0, T]]))
+    pk32 = pk16.float()
+    delta = torch.zeros(T, d_out)
+    grouped.expand_into(grouped.shrink(x.float(), pk32), pk32.parts[0], delta)
+    want = (base.float() + delta).bfloat16()
+    step = want.float().abs().clamp_min(2 ** -100) * 2 ** -7
+    assert ((out.float() - want.float()).abs() <= step).all()
+    assert (out == want).float().mean() > 0.97
 
 
 def _generate(model_dir, adapters, mode: str, dtype: str):

@@ -15,7 +15,8 @@ Contract:
   engine calls it on CPU unless `cpu_adapters=torch` or batch-invariant mode; `required` (`cpu_adapters=kernel`)
   turns "unavailable" into a ConfigError naming the flag.
 - `SlotArena.build(pack, positions, nsite)`: one slot's `mtlora.grouped.Pack` for one site group as a flat vector
-  (W, then each site's B) and its meta row; positions[i] is the site index (0..nsite-1, the order of the `outs`
+  (W, then each site's B, chunk-major: per group the columns in chunks of `CHUNK`, each chunk's [N*r, width] rows
+  contiguous, so the kernel streams them in order) and its meta row; positions[i] is the site index (0..nsite-1, the order of the `outs`
   given to `add_rows`) of pack.parts[i]. float32 or bfloat16, the slots' own dtype: the kernel widens bf16
   weights as it reads them, so the arithmetic is that of an fp32 copy at half the bytes (decode is bandwidth-
   bound: fp32 copies of the 4-adapter mix were ~40 MB read per step). Derived data: rebuild when the slot
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 ENV = "MTLORA_CPU_ADAPTERS"           # "torch": never build or use the kernel
 EXTENSION = CpuExtension(CSRC / "adapter_rows.cpp", "mtlora_adapter_rows", ENV, "CPU adapter rows")
 HEAD, SITE = 2, 7                     # meta: (w_off, rows), then per site (used, a_off, r, r_off, N, g, b_off)
+CHUNK = 32                            # columns per chunk of B in an arena (the kernel's CW, exported as ext.CHUNK)
 
 
 def kernel():
@@ -84,9 +86,16 @@ class SlotArena:
         chunks, off = [pk.W.reshape(-1)], pk.W.numel()
         for part, pos in zip(pk.parts, positions):
             meta[HEAD + SITE * pos:HEAD + SITE * (pos + 1)] = [1, part.a_off, part.r, part.r_off, part.N, part.g, off]
-            chunks.append(part.B.reshape(-1))
+            chunks.append(chunk_major(part.B))
             off += part.B.numel()
         return cls(torch.cat(chunks).contiguous(), meta)
+
+
+def chunk_major(B: torch.Tensor) -> torch.Tensor:
+    """B [g, Nr, dg] as a flat vector, per group its columns in chunks of CHUNK (the last narrower), each chunk's
+    [Nr, width] contiguous: the expand reads every chunk front to back instead of one cache line per row."""
+    return torch.cat([B[:, :, c0:c0 + CHUNK].reshape(B.shape[0], -1)
+                      for c0 in range(0, B.shape[2], CHUNK)], dim=1).reshape(-1)
 
 
 @dataclass

@@ -9,8 +9,10 @@
 //          projection output): each site's delta is added in place
 //   arenas list of P vectors, one per segment: that slot's packed weights (mtlora.grouped.Pack), float32 or x's
 //          dtype (one dtype for all): W [rows, d_in] (the shrink rows of all its sites and their routers), then
-//          per site B [g, N*r, d_out/g] (scaling folded in); bf16 weights are widened to fp32 as they are read
-//          (the same values as an fp32 copy: half the bytes)
+//          per site B [g, N*r, d_out/g] (scaling folded in) stored chunk-major: for each group j, the columns in
+//          chunks of CW (the last one narrower), each chunk's [N*r, width] rows contiguous, so the expand streams
+//          its weights in order; bf16 weights are widened to fp32 as they are read (the same values as an fp32
+//          copy: half the bytes)
 //   meta   [P, 2 + 7*nsite] int64, per segment (offsets into its arena): w_off, rows (0: the slot adapts none of
 //          these sites), then per site: used, a_off, r, r_off (-1: no router, N == 1), N, g, b_off
 //   segs   [P, 3] int64: (slot, first row, end row) of each slot's contiguous rows in this call
@@ -21,13 +23,20 @@
 // u_j = h; out[t, group j's columns] += u_j @ B[j], accumulated in fp32 and rounded to the output dtype once.
 // Work is split over blocks of up to 4 rows of one slot (rows of a block share every weight read) with
 // at::parallel_for (the calling thread's OpenMP pool). Offsets are checked against the arenas before any write.
+// With bf16 x and bf16 weights on a CPU with AVX-512 BF16, the shrink uses its dot products (vdpbf16ps: products
+// of bf16 pairs exact in fp32, sums in fp32 -- the same arithmetic in another summation order, no widening).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -101,6 +110,46 @@ void shrink(const WT* W, int64_t rows, const float* xf, int64_t nb, int64_t d_in
   }
 }
 
+#if defined(__AVX512BF16__)
+// A masked load of up to 32 bf16 values (zeros past n).
+inline __m512bh load_bf16(const at::BFloat16* p, int64_t n) {
+  const __mmask32 m = n >= 32 ? ~__mmask32(0) : ((__mmask32(1) << n) - 1);
+  return (__m512bh)_mm512_maskz_loadu_epi16(m, p);
+}
+
+// shrink's hz for bf16 weights and bf16 input rows xr[b], with AVX-512 BF16 dot products (32 pairs a
+// instruction): 4 weight rows x 4 input rows at a time, 16 accumulators.
+void shrink_bf16(const at::BFloat16* W, int64_t rows, const at::BFloat16* const* xr, int64_t nb, int64_t d_in,
+                 float* hz, int64_t hz_stride) {
+  int64_t k = 0;
+  if (nb == RB) {
+    for (; k + 4 <= rows; k += 4) {
+      __m512 acc[4][RB];
+      for (auto& a : acc)
+        for (auto& v : a) v = _mm512_setzero_ps();
+      for (int64_t i = 0; i < d_in; i += 32) {
+        __m512bh xv[RB], wv[4];
+        for (int64_t b = 0; b < RB; ++b) xv[b] = load_bf16(xr[b] + i, d_in - i);
+        for (int64_t q = 0; q < 4; ++q) wv[q] = load_bf16(W + (k + q) * d_in + i, d_in - i);
+        for (int64_t q = 0; q < 4; ++q)
+          for (int64_t b = 0; b < RB; ++b) acc[q][b] = _mm512_dpbf16_ps(acc[q][b], wv[q], xv[b]);
+      }
+      for (int64_t q = 0; q < 4; ++q)
+        for (int64_t b = 0; b < RB; ++b) hz[b * hz_stride + k + q] = _mm512_reduce_add_ps(acc[q][b]);
+    }
+  }
+  for (; k < rows; ++k) {
+    const at::BFloat16* w = W + k * d_in;
+    for (int64_t b = 0; b < nb; ++b) {
+      __m512 a = _mm512_setzero_ps();
+      for (int64_t i = 0; i < d_in; i += 32)
+        a = _mm512_dpbf16_ps(a, load_bf16(w + i, d_in - i), load_bf16(xr[b] + i, d_in - i));
+      hz[b * hz_stride + k] = _mm512_reduce_add_ps(a);
+    }
+  }
+}
+#endif
+
 // lhs = the routed input of group j for one row: w[j, i] * h over experts i (softmax of the group's logits), or h.
 void routed(const float* hz, const Site& s, int64_t j, float* lhs, float* wrow) {
   const float* h = hz + s.a_off;
@@ -124,7 +173,8 @@ void routed(const float* hz, const Site& s, int64_t j, float* lhs, float* wrow) 
 }
 
 // delta[b][group j's columns] = lhs[b] @ B[j] for the block's rows: columns in chunks of CW held in local
-// accumulators across all N*r rows of B (each B chunk read once for all rows, no stores inside the k loop).
+// accumulators across all N*r rows of B (each B chunk read once for all rows, no stores inside the k loop). B[j]
+// is chunk-major (file header): chunk c0's rows start at c0 * N*r, each `width` long.
 constexpr int64_t CW = 32;
 
 // NB (the block's rows) and W (the chunk's columns; 0 = runtime cw) are compile-time constants in the common
@@ -137,7 +187,7 @@ inline void expand_chunk(const WT* Bj, int64_t Nr, int64_t dg, int64_t c0, const
   float bf[CAP];
   const int64_t w = W > 0 ? W : cw;
   for (int64_t k = 0; k < Nr; ++k) {
-    const WT* brow = Bj + k * dg + c0;
+    const WT* brow = Bj + c0 * Nr + k * w;
 #pragma omp simd
     for (int64_t c = 0; c < w; ++c) bf[c] = static_cast<float>(brow[c]);
     for (int64_t b = 0; b < NB; ++b) {
@@ -183,12 +233,21 @@ void run_block(const Block& blk, const T* xp, int64_t x_stride, const WT* arena,
   float* hz = xf + RB * d_in;             // [RB, rows]
   float* lhs = hz + RB * z.rows;          // [RB, lhs]
   float* delta = lhs + RB * z.lhs;        // [RB, d_out]
-  for (int64_t b = 0; b < nb; ++b) {
-    const T* src = xp + (blk.lo + b) * x_stride;
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, at::BFloat16> && std::is_same_v<WT, at::BFloat16>) {
+    const at::BFloat16* xr[RB];
+    for (int64_t b = 0; b < nb; ++b) xr[b] = xp + (blk.lo + b) * x_stride;
+    shrink_bf16(arena + m[0], m[1], xr, nb, d_in, hz, z.rows);
+  } else
+#endif
+  {
+    for (int64_t b = 0; b < nb; ++b) {
+      const T* src = xp + (blk.lo + b) * x_stride;
 #pragma omp simd
-    for (int64_t i = 0; i < d_in; ++i) xf[b * d_in + i] = static_cast<float>(src[i]);
+      for (int64_t i = 0; i < d_in; ++i) xf[b * d_in + i] = static_cast<float>(src[i]);
+    }
+    shrink(arena + m[0], m[1], xf, nb, d_in, hz, z.rows);
   }
-  shrink(arena + m[0], m[1], xf, nb, d_in, hz, z.rows);
   for (int64_t si = 0; si < nsite; ++si) {
     const Site s = site_of(m, si);
     if (!s.used) continue;
@@ -327,4 +386,5 @@ void adapter_rows(const at::Tensor& x, const std::vector<at::Tensor>& outs, cons
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("adapter_rows", &adapter_rows, "adapter deltas of decode-sized slots, added in place (CPU)");
+  m.attr("CHUNK") = CW;   // the column chunk of the arenas' B layout (cpu_adapters.CHUNK must equal it)
 }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import types
 
 import pytest
 import torch
@@ -193,6 +194,27 @@ def test_bf16_kernel_is_fp32_math_of_the_bf16_values_over_several_chunks(ext):
     assert (out == want).float().mean() > 0.97
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("bf16_dot", [True, False])
+def test_bf16_slots_beyond_kernel_rows_go_to_the_kernel_only_with_bf16_dot_products(ext, bf16_dot, calls):
+    """bf16 with a kernel that has AVX-512 BF16 dot products: every contiguous slot goes through it whatever its
+    rows (prefill chunks too), and each token's delta is its own adapter's (to bf16 rounding); without them the
+    limit stays KERNEL_ROWS."""
+    kernel = ext if bf16_dot else types.SimpleNamespace(adapter_rows=ext.adapter_rows, BF16_DOT=False)
+    slots, oracles = _kernel_slots(ext, torch.bfloat16)
+    slots.cpu_kernel = kernel
+    slot_idx = torch.tensor(LAYOUTS_K["beyond_kernel_rows"])
+    x = torch.randn(slot_idx.shape[0], site_dims(CFG, SHARED["attn_in"][0])[0],
+                    generator=torch.Generator().manual_seed(6)).bfloat16()
+    for site, got in _run(slots, "attn_in", slot_idx, x, 0):
+        want = _oracle_delta(oracles, slot_idx, x.float(), 0, site, got.shape[1])
+        torch.testing.assert_close(got.float(), want, atol=3e-2 * float(want.abs().max()), rtol=2 ** -6)
+    big = {s for s, rows in SlotPlan(slot_idx).groups.items()
+           if isinstance(rows, slice) and rows.stop - rows.start > KERNEL_ROWS}
+    assert big and calls
+    assert all(big <= set(c) if bf16_dot else not big & set(c) for c in calls)
+
+
 def _generate(model_dir, adapters, mode: str, dtype: str):
     core = EngineCore(tiny_engine_args(model_dir, adapters=adapters, cpu_adapters=mode, dtype=dtype))
     assert (core.slots.cpu_kernel is not None) == (mode == "kernel")
@@ -213,6 +235,7 @@ def test_engine_runs_are_the_same_with_the_kernel(ext, tmp_path, dtype, monkeypa
     takes only the slots both compute in fp32 (decode), and those must give the same tokens."""
     if dtype == "bfloat16":
         monkeypatch.setattr(lora_ops, "KERNEL_ROWS", lora_ops.SMALL_ROWS)
+        monkeypatch.setattr(lora_ops, "KERNEL_ROWS_BF16_DOT", lora_ops.SMALL_ROWS)
     model_dir = make_tiny_model_dir(tmp_path / "m", seed=2)
     from mtlora.base import load_config
     adapters = write_tiny_adapters(tmp_path / "a", load_config(model_dir))

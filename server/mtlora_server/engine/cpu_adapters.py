@@ -151,11 +151,11 @@ class KernelCalls:
     @staticmethod
     def segments(plan, max_rows: int) -> tuple[torch.Tensor | None, tuple[int, ...], bool]:
         """(`segments` of the step's plan, their slots, whether they are every slot of the step), once a step."""
-        got = plan.memo.get("kernel_segs")
+        got = plan.memo.get(("kernel_segs", max_rows))
         if got is None:
             segs = segments(plan.groups, max_rows)
             slots = () if segs is None else tuple(segs[:, 0].tolist())
-            got = plan.memo["kernel_segs"] = (segs, slots, len(slots) == len(plan.groups))
+            got = plan.memo[("kernel_segs", max_rows)] = (segs, slots, len(slots) == len(plan.groups))
         return got
 
     def arena(self, layer: int, sites: tuple, slots: tuple, version: int, dtype: torch.dtype, pack_of) -> "Arena":

@@ -19,7 +19,8 @@ Contract:
   site of every layer), fuses all sites that read the same input into one shrink matmul per slot (each slot's pack
   trimmed to its own r / N / g, cached until the slot changes), and adds each site's delta in place into its
   target (the matching slice of the fused projection output). On CPU, the slots with few contiguous rows in the
-  step (<= KERNEL_ROWS: decode, short prefill chunks) all go through one call of `cpu_adapters`' C++ kernel per
+  step (<= KERNEL_ROWS: decode, short prefill chunks; any number in bf16 where the kernel has AVX-512 BF16 dot
+  products) all go through one call of `cpu_adapters`' C++ kernel per
   site group when `cpu_kernel` is set (the engine sets it); without it, slots with <= SMALL_ROWS rows of the
   same shape run together, STACK_MIN_SLOTS or more at a time (`slot_stack.py`: one bmm for their shrinks, one
   per site for their expands). The site list is `mtlora.sites.SITE_NAMES`.
@@ -62,6 +63,11 @@ SMALL_ROWS = 32
 # faster up to ~128 rows per slot (8.2 vs 18.9 ms per 30 layers at 32 rows, 32.7 vs 45.6 at 128) and slower from
 # ~256 (58.6 vs 40.3), where oneDNN's GEMMs win. Decode slots and the short prefill chunks of many-adapter steps.
 KERNEL_ROWS = 128
+# ... except bf16 on a CPU with AVX-512 BF16 (the kernel's `BF16_DOT`): there its shrink runs on bf16 dot products
+# and it beats the torch path at any slot size (a 2048-token prefill step of SmolLM2, bf16, 2 threads, adapter time:
+# 4 slots of 512 rows lora4 81 -> 64 ms, mix4 177 -> 102 ms; one slot of 2048 rows lora4 75 / 76, mtlora 131 -> 99;
+# docs/benchmarks.md), and computes in fp32 where the torch path rounds h to bf16: no row limit.
+KERNEL_ROWS_BF16_DOT = 1 << 62
 # With at least this many small slots adapting a site group in one step, they run together (slot_stack.py).
 STACK_MIN_SLOTS = 2
 # ... and slots with very unequal rows are split into runs (padding every slot to the largest costs arithmetic).
@@ -392,7 +398,7 @@ class AdapterSlots:
         """The decode case, every slot of the step within the kernel's reach (<= KERNEL_ROWS contiguous rows): one
         kernel call whose layout is cached per (layer, target sites) while the step's slots and the table stay
         the same. False (nothing done): the general path runs."""
-        segs, slots, whole = cpu_adapters.KernelCalls.segments(plan, KERNEL_ROWS)
+        segs, slots, whole = cpu_adapters.KernelCalls.segments(plan, self._kernel_rows(x))
         if not whole:
             return False
         c = self._kcalls.call((layer, tuple(site for site, _ in targets)), (slots, self.version, x.dtype),
@@ -402,6 +408,12 @@ class AdapterSlots:
         if c.positions:
             cpu_adapters.add_rows(self.cpu_kernel, x, [targets[i][1] for i in c.positions], c.arena, segs, stats)
         return True
+
+    def _kernel_rows(self, x: torch.Tensor) -> int:
+        """The most contiguous rows of one slot the kernel takes (KERNEL_ROWS / KERNEL_ROWS_BF16_DOT above)."""
+        if x.dtype == torch.bfloat16 and getattr(self.cpu_kernel, "BF16_DOT", False):
+            return KERNEL_ROWS_BF16_DOT
+        return KERNEL_ROWS
 
     def _kernel_layout(self, layer: int, x: torch.Tensor, targets, slots: tuple) -> tuple:
         """(positions of the targets the kernel adds into, their Arena), or (None, None) when it cannot."""
@@ -417,7 +429,7 @@ class AdapterSlots:
         cpu_adapters' kernel for this site group, recording routing weights when the step samples them; returns
         the slots done (none when dtypes or layouts do not suit the kernel)."""
         outs = [targets[i][1] for i, _ in bufs]
-        segs, slots, _ = cpu_adapters.KernelCalls.segments(plan, KERNEL_ROWS)
+        segs, slots, _ = cpu_adapters.KernelCalls.segments(plan, self._kernel_rows(x))
         if segs is None or not cpu_adapters.suits(x, outs):
             return set()
         cpu_adapters.add_rows(self.cpu_kernel, x, outs, self._arena(layer, key_sites, bufs, slots), segs, stats)

@@ -387,4 +387,9 @@ void adapter_rows(const at::Tensor& x, const std::vector<at::Tensor>& outs, cons
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("adapter_rows", &adapter_rows, "adapter deltas of decode-sized slots, added in place (CPU)");
   m.attr("CHUNK") = CW;   // the column chunk of the arenas' B layout (cpu_adapters.CHUNK must equal it)
+#if defined(__AVX512BF16__)
+  m.attr("BF16_DOT") = true;    // the bf16 shrink runs on AVX-512 BF16 dot products (lora_ops.kernel_rows)
+#else
+  m.attr("BF16_DOT") = false;
+#endif
 }

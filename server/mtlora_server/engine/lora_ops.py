@@ -20,8 +20,7 @@ Contract:
   trimmed to its own r / N / g, cached until the slot changes), and adds each site's delta in place into its
   target (the matching slice of the fused projection output). On CPU, the slots with few contiguous rows in the
   step (<= KERNEL_ROWS: decode, short prefill chunks; any number in bf16 where the kernel has AVX-512 BF16 dot
-  products) all go through one call of `cpu_adapters`' C++ kernel per
-  site group when `cpu_kernel` is set (the engine sets it); without it, slots with <= SMALL_ROWS rows of the
+  products) all go through one call of `cpu_adapters`' C++ kernel per site group when `cpu_kernel` is set (the engine sets it); without it, slots with <= SMALL_ROWS rows of the
   same shape run together, STACK_MIN_SLOTS or more at a time (`slot_stack.py`: one bmm for their shrinks, one
   per site for their expands). The site list is `mtlora.sites.SITE_NAMES`.
   Test-only variants over the stacked layout (per-token loop, batched torch) live in tests/unit/molora_stacked.py.
@@ -64,7 +63,7 @@ SMALL_ROWS = 32
 # ~256 (58.6 vs 40.3), where oneDNN's GEMMs win. Decode slots and the short prefill chunks of many-adapter steps.
 KERNEL_ROWS = 128
 # ... except bf16 on a CPU with AVX-512 BF16 (the kernel's `BF16_DOT`): there its shrink runs on bf16 dot products
-# and it beats the torch path at any slot size (a 2048-token prefill step of SmolLM2, bf16, 2 threads, adapter time:
+# and it is as fast as the torch path or faster at every slot size measured (a 2048-token prefill step of SmolLM2, bf16, 2 threads, adapter time:
 # 4 slots of 512 rows lora4 81 -> 64 ms, mix4 177 -> 102 ms; one slot of 2048 rows lora4 75 / 76, mtlora 131 -> 99;
 # docs/benchmarks.md), and computes in fp32 where the torch path rounds h to bf16: no row limit.
 KERNEL_ROWS_BF16_DOT = 1 << 62

@@ -20,8 +20,8 @@ Contract:
   trimmed to its own r / N / g, cached until the slot changes), and adds each site's delta in place into its
   target (the matching slice of the fused projection output). On CPU, the slots with few contiguous rows in the
   step (<= KERNEL_ROWS: decode, short prefill chunks; any number in bf16 where the kernel has AVX-512 BF16 dot
-  products) all go through one call of `cpu_adapters`' C++ kernel per site group when `cpu_kernel` is set (the engine sets it); without it, slots with <= SMALL_ROWS rows of the
-  same shape run together, STACK_MIN_SLOTS or more at a time (`slot_stack.py`: one bmm for their shrinks, one
+  products) all go through one call of `cpu_adapters`' C++ kernel per site group when `cpu_kernel` is set (the
+  engine sets it); without it, slots with <= SMALL_ROWS rows of the same shape run together, STACK_MIN_SLOTS or more at a time (`slot_stack.py`: one bmm for their shrinks, one
   per site for their expands). The site list is `mtlora.sites.SITE_NAMES`.
   Test-only variants over the stacked layout (per-token loop, batched torch) live in tests/unit/molora_stacked.py.
   On CUDA, `apply_shared` with a plan runs the Triton kernels with the step's tile metadata (`SlotPlan.tiles`,

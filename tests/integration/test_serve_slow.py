@@ -10,7 +10,7 @@ import pytest
 
 from serve_helpers import MTLORA_CFG, serve_process, write_adapter
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 HERE = Path(__file__).parent
 
 

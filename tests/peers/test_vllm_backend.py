@@ -34,7 +34,7 @@ from mtlora.reference import ReferenceModel, random_adapter_tensors
 from mtlora.testing import make_tiny_model_dir
 from mtlora_server.vllm_backend import launch
 
-pytestmark = pytest.mark.peers
+pytestmark = [pytest.mark.peers, pytest.mark.timeout(2400)]
 
 DEFAULT_VLLM_PYTHON = Path.home() / ".cache" / "mtlora-peers" / "vllm-cpu" / "bin" / "python"
 STARTUP_TIMEOUT_S = 600          # first start of vLLM's CPU build on a busy 2-core machine takes 1-3 minutes

@@ -7,6 +7,10 @@ Contract:
   of the source, the flags, torch's version and this CPU's flags, so machines or venvs sharing a home directory
   never load each other's builds. ~40 s the first time on a machine, cached after; needs a C++ compiler and ninja
   (the `ninja` wheel is a serve dependency and is found even when the venv is not activated).
+- A build never waits forever on a dead builder: torch's JIT build marks a build in progress with a `lock` file
+  that a killed process leaves behind, and every later load would spin on it. Builders of one name here hold an
+  `fcntl` lock on `<build dir>.flock` (the kernel drops it when its holder dies), so a `lock` file found while
+  holding it is stale and is removed, with a warning, before the build.
 - `load()` returns None, with one warning naming the reason, when the kernel cannot be built (no compiler, a
   build error), or with an info line when the environment variable `env` is set to "torch": callers then use
   their torch path. Never raises. `require(flag, required, usable)`: the same, where a missing kernel is a
@@ -21,10 +25,13 @@ Contract:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
 import shutil
+import sys
 import threading
 from pathlib import Path
 
@@ -59,6 +66,28 @@ def _ninja_on_path() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
+@contextlib.contextmanager
+def _build_guard(build_dir: Path):
+    """Hold this build's fcntl lock (waiting for a live builder of the same name); remove the torch `lock` file a
+    killed builder left behind (module doc). Where the file system refuses fcntl locks, nothing is removed."""
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir.with_name(build_dir.name + ".flock"), "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX)          # blocks only while another process builds this very name
+        except OSError as e:
+            log.info("no fcntl lock for %s (%s): a stale torch build lock cannot be told apart", build_dir, e)
+            yield
+            return
+        try:
+            stale = build_dir / "lock"
+            if stale.exists():
+                log.warning("removing %s, left by a build that was killed (no live builder holds its lock)", stale)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 class CpuExtension:
     """One C++ kernel source built on first use (module doc)."""
 
@@ -74,6 +103,16 @@ class CpuExtension:
         h = hashlib.sha256(self.source.read_bytes() + headers + " ".join(CFLAGS).encode()
                            + torch.__version__.encode() + _cpu_flags().encode())
         return f"{self.prefix}_{h.hexdigest()[:12]}"
+
+    def build_dir(self) -> Path:
+        """Where the build lives: torch's own choice for a CPU build ($TORCH_EXTENSIONS_DIR/<build_name>, else
+        ~/.cache/torch_extensions/py<major><minor><abiflags>_cpu/<build_name>), so earlier builds are reused."""
+        from torch.utils.cpp_extension import get_default_build_root
+        root = os.environ.get("TORCH_EXTENSIONS_DIR")
+        if root is None:
+            v = sys.version_info
+            root = str(Path(get_default_build_root()) / f"py{v.major}{v.minor}{getattr(sys, 'abiflags', '')}_cpu")
+        return Path(root) / self.build_name()
 
     def reset(self) -> None:
         """Forget the result of an earlier `load` (tests)."""
@@ -102,7 +141,10 @@ class CpuExtension:
                     from torch.utils.cpp_extension import load
                     _ninja_on_path()
                     log.info("%s: loading the C++ kernel (compiled on first use on a machine, ~40 s)", self.what)
-                    ext = load(self.build_name(), [str(self.source)], extra_cflags=CFLAGS, verbose=False)
+                    build_dir = self.build_dir()
+                    with _build_guard(build_dir):
+                        ext = load(build_dir.name, [str(self.source)], extra_cflags=CFLAGS,
+                                   build_directory=str(build_dir), verbose=False)
                 except Exception as e:  # noqa: BLE001 - any build failure means: use the torch path
                     msg = str(e).strip()
                     log.warning("%s: the C++ kernel could not be built (%s: %s); using the torch path", self.what,

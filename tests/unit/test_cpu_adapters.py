@@ -74,23 +74,29 @@ def test_kernel_equals_each_tokens_module(ext, group, layout, calls):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("pairs", [False, True], ids=["rows", "pairs"])
 @pytest.mark.parametrize("group", list(SHARED))
-def test_kernel_bf16_matches_the_torch_small_slot_path(ext, group, monkeypatch):
-    """bf16 x and outputs: the kernel and the per-slot torch path compute in fp32 and round once; they agree to
-    one bf16 rounding step of the output."""
+def test_kernel_bf16_matches_the_torch_small_slot_path(ext, group, pairs, monkeypatch):
+    """bf16 x and outputs against the per-slot torch path (fp32 math, rounded once). B in rows: the kernel
+    computes in fp32 too, so they agree to one bf16 rounding step of the output almost everywhere. B in pairs
+    (AVX-512 BF16): the kernel rounds the routed input to bf16 first, so more outputs differ by that step; both
+    stay within bf16 tolerances."""
+    if pairs and not ext.BF16_DOT:
+        pytest.skip("the pair layout needs a kernel built with AVX-512 BF16 (this CPU has no avx512_bf16)")
     monkeypatch.setattr(lora_ops, "STACK_MIN_SLOTS", 10 ** 6)                     # torch side: per slot, fp32
     slot_idx = torch.tensor(LAYOUTS_K["rows_not_multiple_of_4"])
     x = torch.randn(slot_idx.shape[0], site_dims(CFG, SHARED[group][0])[0],
                     generator=torch.Generator().manual_seed(5)).bfloat16()
+    kernel = ext if pairs else types.SimpleNamespace(adapter_rows=ext.adapter_rows, BF16_DOT=False)
     got = {}
-    for kernel in (None, ext):
+    for k in (None, kernel):
         slots, _ = _slots(torch.bfloat16)
-        slots.cpu_kernel = kernel
-        got[kernel is not None] = [t for _, t in _run(slots, group, slot_idx, x, 1)]
+        slots.cpu_kernel = k
+        got[k is not None] = [t for _, t in _run(slots, group, slot_idx, x, 1)]
     for a, b in zip(got[True], got[False]):
         assert a.dtype == torch.bfloat16
         torch.testing.assert_close(a.float(), b.float(), atol=2e-2 * float(b.abs().max()), rtol=2 ** -7)
-        assert (a == b).float().mean() > 0.9
+        assert (a == b).float().mean() > (0.75 if pairs else 0.9)
 
 
 @torch.no_grad()
@@ -135,6 +141,8 @@ BAD = {  # name -> (mutation of (x, outs, arena, segs), message fragment)
     "out dtype": (lambda a: a.update(outs=[a["outs"][0].double()]), "x's dtype"),
     "out rows": (lambda a: a.update(outs=[torch.zeros(4, 6)]), "[T, d_out]"),
     "meta width": (lambda a: a.update(meta=torch.zeros(1, 3, dtype=torch.long)), "meta"),
+    "pair layout of fp32 B": (lambda a: a.update(meta=a["meta"].clone().index_fill_(1, torch.tensor([2]), 1)),
+                              "layout 1"),
     "arena count": (lambda a: a.update(data=a["data"] * 2), "one arena per segment"),
     "B outside arena": (lambda a: a.update(data=[a["data"][0][:-1].clone()]), "outside the arena"),
     "arena dtype": (lambda a: a.update(data=[a["data"][0].double()]), "arenas must be"),
@@ -166,16 +174,35 @@ def test_direct_call_equals_grouped_and_refuses_bad_inputs_before_writing(ext):
     assert not out.any()
 
 
+def _fp32_math(x: torch.Tensor, pk: "grouped.Pack", round_lhs: bool) -> torch.Tensor:
+    """One site's delta in fp32 from the pack's values: shrink, per-group softmax, routed input u [T, g, N*r]
+    (rounded to bf16 once with round_lhs, as the pair layout's expand takes it), u @ B per group."""
+    part = pk.parts[0]
+    T, g, N, r = x.shape[0], part.g, part.N, part.r
+    hz = x @ pk.W.T                                                                  # [T, rows]
+    h = hz[:, part.a_off:part.a_off + r]
+    w = torch.softmax(hz[:, part.r_off:part.r_off + g * N].view(T, g, N), dim=-1)
+    u = (w[..., None] * h[:, None, None, :]).reshape(T, g, N * r)
+    if round_lhs:
+        u = u.bfloat16().float()
+    return torch.einsum("tgk,gkc->tgc", u, part.B).reshape(T, -1)
+
+
 @torch.no_grad()
-def test_bf16_kernel_is_fp32_math_of_the_bf16_values_over_several_chunks(ext):
-    """bf16 x and weights, d_in and d_out/g spanning several column chunks with narrower tails, rows in blocks of 4
-    and a remainder (the AVX-512 BF16 shrink where the CPU has it, else the widening one): the kernel's output is
-    the fp32 math of the same bf16 values, rounded once -- within one bf16 step everywhere, equal almost
-    everywhere. Also: the arena's chunk width is the kernel's."""
+@pytest.mark.parametrize("pairs", [False, True], ids=["rows", "pairs"])
+@pytest.mark.parametrize("d_out,r,N", [(144, 4, 3), (104, 3, 3)], ids=["tail8-even", "tail20-odd"])
+def test_bf16_kernel_is_fp32_math_of_the_bf16_values_over_several_chunks(ext, pairs, d_out, r, N):
+    """bf16 x and weights, d_in and d_out/g spanning several column chunks with narrower tails (8 and 20 columns:
+    one and two 16-lane halves), N*r even and odd, rows in blocks of 4 and a remainder (the AVX-512 BF16 shrink
+    where the CPU has it, else the widening one): the kernel's output is the fp32 math of the same bf16 values
+    (with the pair layout: the routed input rounded to bf16 first), rounded once -- within one bf16 step
+    everywhere, equal almost everywhere. Also: the arena's chunk width is the kernel's."""
     from mtlora import grouped
+    if pairs and not ext.BF16_DOT:
+        pytest.skip("the pair layout needs a kernel built with AVX-512 BF16 (this CPU has no avx512_bf16)")
     assert ext.CHUNK == cpu_adapters.CHUNK
     g = torch.Generator().manual_seed(1)
-    d_in, d_out, r, N, groups, T = 80, 144, 4, 3, 2, 9
+    d_in, groups, T = 80, 2, 9
     site = grouped.SiteWeights(torch.randn(r, d_in, generator=g), torch.randn(N, r, d_out, generator=g),
                                torch.randn(groups, N, d_in, generator=g), 0.5)
     pk = grouped.pack([site])
@@ -183,12 +210,9 @@ def test_bf16_kernel_is_fp32_math_of_the_bf16_values_over_several_chunks(ext):
     x = torch.randn(T, d_in, generator=g).bfloat16()
     base = torch.randn(T, d_out, generator=g).bfloat16()
     out = base.clone()
-    arena = cpu_adapters.Arena.of([cpu_adapters.SlotArena.build(pk16, [0], 1)], nsite=1)
+    arena = cpu_adapters.Arena.of([cpu_adapters.SlotArena.build(pk16, [0], 1, pairs=pairs)], nsite=1)
     cpu_adapters.add_rows(ext, x, [out], arena, torch.tensor([[0, 0, T]]))
-    pk32 = pk16.float()
-    delta = torch.zeros(T, d_out)
-    grouped.expand_into(grouped.shrink(x.float(), pk32), pk32.parts[0], delta)
-    want = (base.float() + delta).bfloat16()
+    want = (base.float() + _fp32_math(x.float(), pk16.float(), round_lhs=pairs)).bfloat16()
     step = want.float().abs().clamp_min(2 ** -100) * 2 ** -7
     assert ((out.float() - want.float()).abs() <= step).all()
     assert (out == want).float().mean() > 0.97
@@ -236,6 +260,7 @@ def test_engine_runs_are_the_same_with_the_kernel(ext, tmp_path, dtype, monkeypa
     if dtype == "bfloat16":
         monkeypatch.setattr(lora_ops, "KERNEL_ROWS", lora_ops.SMALL_ROWS)
         monkeypatch.setattr(lora_ops, "KERNEL_ROWS_BF16_DOT", lora_ops.SMALL_ROWS)
+        monkeypatch.setattr(cpu_adapters, "pair_layout", lambda ext, dtype: False)     # fp32 math (next test)
     model_dir = make_tiny_model_dir(tmp_path / "m", seed=2)
     from mtlora.base import load_config
     adapters = write_tiny_adapters(tmp_path / "a", load_config(model_dir))
@@ -246,6 +271,28 @@ def test_engine_runs_are_the_same_with_the_kernel(ext, tmp_path, dtype, monkeypa
         if dtype == "float32":
             for a, b in zip(got.logprobs[0], want.logprobs[0]):
                 assert abs(a.logprob - b.logprob) < 1e-5
+
+
+def _prompt_logprobs(run: dict) -> dict:
+    return {rid: torch.tensor([p.logprob for p in f.prompt_logprobs[1:]]) for rid, f in run.items()}
+
+
+def test_engine_runs_with_the_pair_layout_round_as_the_torch_bf16_path(ext, tmp_path, monkeypatch):
+    """bf16 with B in pairs (AVX-512 BF16 dot products in the expand): the kernel rounds the routed input to bf16
+    as the torch path's bf16 GEMMs do (SMALL_ROWS 0: every torch slot in bf16), so the two engines' prompt
+    logprobs (teacher-forced, no sampling divergence) agree within 0.2 on these tiny random adapters -- where a
+    B layout off by one pair element is off by ~0.6 (measured while writing this test) -- and most greedy tokens
+    agree (a random tiny model's near-ties may flip a few)."""
+    if not ext.BF16_DOT:
+        pytest.skip("the pair layout needs a kernel built with AVX-512 BF16 (this CPU has no avx512_bf16)")
+    monkeypatch.setattr(lora_ops, "SMALL_ROWS", 0)
+    model_dir = make_tiny_model_dir(tmp_path / "m", seed=2)
+    from mtlora.base import load_config
+    adapters = write_tiny_adapters(tmp_path / "a", load_config(model_dir))
+    torch_run, kernel_run = (_generate(model_dir, adapters, mode, "bfloat16") for mode in ("torch", "kernel"))
+    want, got = _prompt_logprobs(torch_run), _prompt_logprobs(kernel_run)
+    assert max(float((got[rid] - want[rid]).abs().max()) for rid in want) < 0.2
+    assert sum(kernel_run[rid].tokens == torch_run[rid].tokens for rid in torch_run) >= 9
 
 
 def test_required_kernel_names_the_flag_and_env_forces_torch(monkeypatch, caplog):

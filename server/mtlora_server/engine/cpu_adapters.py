@@ -14,15 +14,18 @@ Contract:
 - `enable(slots, required=False) -> bool`: hands the kernel to an `AdapterSlots` (`slots.cpu_kernel`); the
   engine calls it on CPU unless `cpu_adapters=torch` or batch-invariant mode; `required` (`cpu_adapters=kernel`)
   turns "unavailable" into a ConfigError naming the flag.
-- `SlotArena.build(pack, positions, nsite)`: one slot's `mtlora.grouped.Pack` for one site group as a flat vector
+- `SlotArena.build(pack, positions, nsite, pairs=False)`: one slot's `mtlora.grouped.Pack` for one site group as a flat vector
   (W, then each site's B, chunk-major: per group the columns in chunks of `CHUNK`, each chunk's [N*r, width] rows
   contiguous, so the kernel streams them in order) and its meta row; positions[i] is the site index (0..nsite-1,
   the order of the `outs` given to `add_rows`) of pack.parts[i]. float32 or bfloat16, the slots' own dtype: the
   kernel widens bf16 weights as it reads them (or, for the bf16 shrink on AVX-512 BF16, multiplies bf16 pairs
   exactly in fp32), so the arithmetic is that of an fp32 copy at half the bytes (decode is bandwidth-
   bound: fp32 copies of the 4-adapter mix were ~40 MB read per step). Derived data: rebuild when the slot
-  changes; other slots' arenas stay (an adapter swap rebuilds one slot's, not every slot's).
-- `Arena.of(slot_arenas, nsite)`: the arenas of one call's segments in segment order, meta [P, 2 + 7*nsite]
+  changes; other slots' arenas stay (an adapter swap rebuilds one slot's, not every slot's). `pairs` (bf16 only;
+  `pair_layout(ext, dtype)` says when: a kernel with AVX-512 BF16): B in row pairs (`pair_major`, the kernel's
+  layout 1, recorded in the meta row), and the kernel's expand runs on bf16 dot products too, on the routed input
+  rounded to bf16 once -- as the torch path's bf16 matmul rounds it -- at about twice the fp32 FMA rate.
+- `Arena.of(slot_arenas, nsite)`: the arenas of one call's segments in segment order, meta [P, 3 + 7*nsite]
   (layout: the C++ file's header); a slot with rows 0 (adapting none of these sites) is skipped.
 - `segments(groups, max_rows) -> [P, 3] int64 | None`: (slot, lo, hi) of each slot whose rows are one contiguous
   range of at most max_rows (the decode case), from a `SlotPlan.groups`; None when there is none.
@@ -49,7 +52,7 @@ log = logging.getLogger(__name__)
 
 ENV = "MTLORA_CPU_ADAPTERS"           # "torch": never build or use the kernel
 EXTENSION = CpuExtension(CSRC / "adapter_rows.cpp", "mtlora_adapter_rows", ENV, "CPU adapter rows")
-HEAD, SITE = 2, 7                     # meta: (w_off, rows), then per site (used, a_off, r, r_off, N, g, b_off)
+HEAD, SITE = 3, 7                     # meta: (w_off, rows, layout), then per site (used, a_off, r, r_off, N, g, b_off)
 CHUNK = 32                            # columns per chunk of B in an arena (the kernel's CW, exported as ext.CHUNK)
 
 
@@ -80,15 +83,18 @@ class SlotArena:
         return cls(torch.zeros(0, dtype=dtype), [0] * (HEAD + SITE * nsite))
 
     @classmethod
-    def build(cls, pk: grouped.Pack, positions: list[int], nsite: int) -> "SlotArena":
+    def build(cls, pk: grouped.Pack, positions: list[int], nsite: int, pairs: bool = False) -> "SlotArena":
         if pk.W.dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"the adapter kernel reads float32 or bfloat16 packs, got {pk.W.dtype}")
-        meta = [0, pk.W.shape[0]] + [0] * (SITE * nsite)
+        if pairs and pk.W.dtype != torch.bfloat16:
+            raise ValueError("the pair layout of B is for bfloat16 packs")
+        meta = [0, pk.W.shape[0], int(pairs)] + [0] * (SITE * nsite)
         chunks, off = [pk.W.reshape(-1)], pk.W.numel()
         for part, pos in zip(pk.parts, positions):
             meta[HEAD + SITE * pos:HEAD + SITE * (pos + 1)] = [1, part.a_off, part.r, part.r_off, part.N, part.g, off]
-            chunks.append(chunk_major(part.B))
-            off += part.B.numel()
+            flat = pair_major(part.B) if pairs else chunk_major(part.B)
+            chunks.append(flat)
+            off += flat.numel()
         return cls(torch.cat(chunks).contiguous(), meta)
 
 
@@ -97,6 +103,22 @@ def chunk_major(B: torch.Tensor) -> torch.Tensor:
     [Nr, width] contiguous: the expand reads every chunk front to back instead of one cache line per row."""
     return torch.cat([B[:, :, c0:c0 + CHUNK].reshape(B.shape[0], -1)
                       for c0 in range(0, B.shape[2], CHUNK)], dim=1).reshape(-1)
+
+
+def pair_major(B: torch.Tensor) -> torch.Tensor:
+    """B [g, Nr, dg] in the kernel's layout 1: per group, chunks of CHUNK columns, each chunk's rows in pairs
+    [ceil(Nr/2), width, 2] (a zero row padding an odd Nr), as AVX-512 BF16 dot products take them."""
+    g, nr, dg = B.shape
+    if nr % 2:
+        B = torch.cat([B, B.new_zeros(g, 1, dg)], dim=1)
+    bp = B.reshape(g, -1, 2, dg)                                                   # [g, Np, 2, dg]
+    return torch.cat([bp[..., c0:c0 + CHUNK].transpose(2, 3).reshape(g, -1)
+                      for c0 in range(0, dg, CHUNK)], dim=1).reshape(-1)
+
+
+def pair_layout(ext, dtype: torch.dtype) -> bool:
+    """Whether arenas of `dtype` for kernel `ext` take the pair layout: bf16 where the kernel has AVX-512 BF16."""
+    return dtype == torch.bfloat16 and bool(getattr(ext, "BF16_DOT", False))
 
 
 @dataclass
@@ -136,8 +158,9 @@ class KernelCalls:
     """What an `AdapterSlots` derives for the kernel, kept across steps: each slot's arena per (layer, sites), a
     step's slots' arenas per (layer, sites), and per (layer, target sites) a whole call's layout -- so each of a
     decode step's ~120 calls is a dict lookup and the kernel call in Python (working it out on every call cost
-    ~0.6 ms a step of the 4-adapter mix, measured against this cache; docs/benchmarks.md). Stamped with the step's slots and the table's version: a load or
-    clear rebuilds lazily; `forget(slot)` drops one slot's arenas (the other slots' stay)."""
+    ~0.6 ms a step of the 4-adapter mix, measured against this cache; docs/benchmarks.md). Stamped with the
+    step's slots and the table's version: a load or clear rebuilds lazily; `forget(slot)` drops one slot's arenas
+    (the other slots' stay)."""
 
     def __init__(self):
         self.slot_arenas: dict[tuple, SlotArena] = {}      # (layer, sites, slot) -> arena
@@ -159,9 +182,10 @@ class KernelCalls:
             got = plan.memo[("kernel_segs", max_rows)] = (segs, slots, len(slots) == len(plan.groups))
         return got
 
-    def arena(self, layer: int, sites: tuple, slots: tuple, version: int, dtype: torch.dtype, pack_of) -> "Arena":
+    def arena(self, layer: int, sites: tuple, slots: tuple, version: int, dtype: torch.dtype, pack_of,
+              pairs: bool = False) -> "Arena":
         """The Arena of `slots` (segment order) for these sites; pack_of(slot) -> (grouped.Pack, positions) or
-        None (the slot adapts none of them), called for a slot's first use only."""
+        None (the slot adapts none of them), called for a slot's first use only; `pairs`: B in the pair layout."""
         cached = self._sets.get((layer, sites))
         if cached is not None and cached[0] == (slots, version):
             return cached[1]
@@ -170,7 +194,7 @@ class KernelCalls:
             sa = self.slot_arenas.get((layer, sites, slot))
             if sa is None:
                 got = pack_of(slot)
-                sa = SlotArena.build(*got, len(sites)) if got is not None else SlotArena.empty(len(sites), dtype)
+                sa = SlotArena.build(*got, len(sites), pairs) if got is not None else SlotArena.empty(len(sites), dtype)
                 self.slot_arenas[(layer, sites, slot)] = sa
             parts.append(sa)
         arena = Arena.of(parts, len(sites))

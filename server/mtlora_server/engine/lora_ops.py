@@ -442,7 +442,8 @@ class AdapterSlots:
         def pack_of(slot: int):
             sp = self._slot_pack(layer, key_sites, bufs, slot)
             return None if sp is None else (sp.pack, [position[t] for t in sp.targets])
-        return self._kcalls.arena(layer, key_sites, slots, self.version, self.dtype, pack_of)
+        return self._kcalls.arena(layer, key_sites, slots, self.version, self.dtype, pack_of,
+                                  cpu_adapters.pair_layout(self.cpu_kernel, self.dtype))
 
     def _apply_stacked(self, layer: int, x: torch.Tensor, targets, bufs, key_sites: tuple,
                        plan: SlotPlan, stats: RoutingStats | None) -> set[int]:

@@ -11,10 +11,11 @@
 //          dtype (one dtype for all): W [rows, d_in] (the shrink rows of all its sites and their routers), then
 //          per site B [g, N*r, d_out/g] (scaling folded in) stored chunk-major: for each group j, the columns in
 //          chunks of CW (the last one narrower), each chunk's [N*r, width] rows contiguous, so the expand streams
-//          its weights in order; bf16 weights are widened to fp32 as they are read (the same values as an fp32
-//          copy: half the bytes)
-//   meta   [P, 2 + 7*nsite] int64, per segment (offsets into its arena): w_off, rows (0: the slot adapts none of
-//          these sites), then per site: used, a_off, r, r_off (-1: no router, N == 1), N, g, b_off
+//          its weights in order (layout 0); bf16 weights are widened to fp32 as they are read (the same values as
+//          an fp32 copy: half the bytes). Layout 1 (bf16 arenas, AVX-512 BF16 builds only): each chunk's rows in
+//          pairs, [ceil(N*r / 2), width, 2] (element (p, c, t) = B[2p + t, c], a zero row padding an odd N*r)
+//   meta   [P, 3 + 7*nsite] int64, per segment (offsets into its arena): w_off, rows (0: the slot adapts none of
+//          these sites), layout (0 | 1), then per site: used, a_off, r, r_off (-1: no router, N == 1), N, g, b_off
 //   segs   [P, 3] int64: (slot, first row, end row) of each slot's contiguous rows in this call
 //   wout, woff  routing weights for statistics: wout float32 [numel] (empty: none wanted), woff [P, nsite] int64,
 //          the offset in wout of segment p's [n, g, N] softmax weights at site s (-1: none; routed sites only)
@@ -24,7 +25,9 @@
 // Work is split over blocks of up to 4 rows of one slot (rows of a block share every weight read) with
 // at::parallel_for (the calling thread's OpenMP pool). Offsets are checked against the arenas before any write.
 // With bf16 x and bf16 weights on a CPU with AVX-512 BF16, the shrink uses its dot products (vdpbf16ps: products
-// of bf16 pairs exact in fp32, sums in fp32 -- the same arithmetic in another summation order, no widening).
+// of bf16 pairs exact in fp32, sums in fp32 -- the same arithmetic in another summation order, no widening); with
+// layout 1 the expand does too, on u_j rounded to bf16 once (as the torch path's bf16 matmul rounds its input):
+// two rows of B per instruction instead of one fp32 FMA per row.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -36,12 +39,15 @@
 
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
+constexpr bool BF16_DOT = true;
+#else
+constexpr bool BF16_DOT = false;
 #endif
 
 namespace {
 
 constexpr int64_t RB = 4;          // rows per block
-constexpr int64_t HEAD = 2;        // meta: w_off, rows
+constexpr int64_t HEAD = 3;        // meta: w_off, rows, layout (0: B rows, 1: B row pairs)
 constexpr int64_t SITE = 7;        // meta per site: used, a_off, r, r_off, N, g, b_off
 
 struct Site {
@@ -222,10 +228,70 @@ void expand(const WT* B, const Site& s, int64_t d_out, const float* lhs, int64_t
   }
 }
 
+#if defined(__AVX512BF16__)
+// lp[p] = the bf16 pair (lhs[2p], lhs[2p+1]) as one 32-bit word (low half first; lhs[Nr] = 0 when Nr is odd): the
+// routed input rounded to bf16 once, as the torch path's bf16 matmul rounds it.
+inline void lhs_pairs(const float* lhs, int64_t Nr, uint32_t* lp) {
+  for (int64_t p = 0; 2 * p < Nr; ++p) {
+    const uint32_t lo = c10::BFloat16(lhs[2 * p]).x;
+    const uint32_t hi = 2 * p + 1 < Nr ? c10::BFloat16(lhs[2 * p + 1]).x : 0u;
+    lp[p] = lo | (hi << 16);
+  }
+}
+
+// The expand on B row pairs (layout 1, file header) with AVX-512 BF16 dot products: per chunk of CW columns, two
+// 16-column accumulators per row; each instruction adds two rows of B (one pair) times the row's lhs pair.
+template <int64_t NB>
+void expand_pairs(const at::BFloat16* Bj, int64_t Np, int64_t dg, const uint32_t* lp, int64_t lp_stride, float* d,
+                  int64_t delta_stride) {
+  for (int64_t c0 = 0; c0 < dg; c0 += CW) {
+    const int64_t w = std::min(CW, dg - c0);
+    const at::BFloat16* chunk = Bj + c0 * 2 * Np;                 // [Np, w, 2]
+    const int64_t n0 = std::min<int64_t>(32, 2 * w), n1 = 2 * w - n0;
+    const __mmask32 m0 = n0 >= 32 ? ~__mmask32(0) : ((__mmask32(1) << n0) - 1);
+    const __mmask32 m1 = n1 >= 32 ? ~__mmask32(0) : ((__mmask32(1) << n1) - 1);
+    __m512 acc[NB][2];
+    for (auto& a : acc) a[0] = a[1] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < Np; ++p) {
+      const at::BFloat16* row = chunk + p * 2 * w;
+      const __m512bh b0 = (__m512bh)_mm512_maskz_loadu_epi16(m0, row);
+      const __m512bh b1 = (__m512bh)_mm512_maskz_loadu_epi16(m1, row + 32);
+      for (int64_t b = 0; b < NB; ++b) {
+        const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(lp[b * lp_stride + p]));
+        acc[b][0] = _mm512_dpbf16_ps(acc[b][0], b0, a);
+        acc[b][1] = _mm512_dpbf16_ps(acc[b][1], b1, a);
+      }
+    }
+    const int64_t w0 = std::min<int64_t>(16, w), w1 = w - w0;
+    const __mmask16 k0 = static_cast<__mmask16>((1u << w0) - 1), k1 = static_cast<__mmask16>((1u << w1) - 1);
+    for (int64_t b = 0; b < NB; ++b) {
+      float* dst = d + b * delta_stride + c0;
+      _mm512_mask_storeu_ps(dst, k0, _mm512_add_ps(_mm512_maskz_loadu_ps(k0, dst), acc[b][0]));
+      if (w1 > 0) _mm512_mask_storeu_ps(dst + 16, k1, _mm512_add_ps(_mm512_maskz_loadu_ps(k1, dst + 16), acc[b][1]));
+    }
+  }
+}
+
+// Group j of a layout-1 site for the block's nb rows: lhs rounded to bf16 pairs, then expand_pairs.
+void expand_bf16(const at::BFloat16* B, const Site& s, int64_t d_out, const float* lhs, int64_t lhs_stride,
+                 int64_t nb, uint32_t* lp, float* delta, int64_t delta_stride, int64_t j) {
+  const int64_t Nr = s.N * s.r, Np = (Nr + 1) / 2, dg = d_out / s.g;
+  for (int64_t b = 0; b < nb; ++b) lhs_pairs(lhs + b * lhs_stride, Nr, lp + b * Np);
+  const at::BFloat16* Bj = B + j * 2 * Np * dg;
+  float* d = delta + j * dg;
+  switch (nb) {
+    case 4: expand_pairs<4>(Bj, Np, dg, lp, Np, d, delta_stride); break;
+    case 3: expand_pairs<3>(Bj, Np, dg, lp, Np, d, delta_stride); break;
+    case 2: expand_pairs<2>(Bj, Np, dg, lp, Np, d, delta_stride); break;
+    default: expand_pairs<1>(Bj, Np, dg, lp, Np, d, delta_stride); break;
+  }
+}
+#endif
+
 template <typename T, typename WT>
 void run_block(const Block& blk, const T* xp, int64_t x_stride, const WT* arena, const int64_t* meta,
                int64_t nsite, const std::vector<Out>& outs, const Sizes& z, const WeightsOut& wo,
-               std::vector<float>& buf) {
+               std::vector<float>& buf, std::vector<uint32_t>& pbuf) {
   const int64_t* m = meta;
   const int64_t nb = blk.n, d_in = z.d_in;
   buf.resize(RB * (d_in + z.rows + z.lhs + z.d_out));
@@ -259,6 +325,15 @@ void run_block(const Block& blk, const T* xp, int64_t x_stride, const WT* arena,
         float* wrow = woff < 0 ? nullptr : wo.ptr + woff + ((blk.row0 + b) * s.g + j) * s.N;
         routed(hz + b * z.rows, s, j, lhs + b * z.lhs, wrow);
       }
+#if defined(__AVX512BF16__)
+      if constexpr (std::is_same_v<WT, at::BFloat16>) {
+        if (m[2] == 1) {
+          pbuf.resize(RB * z.lhs);
+          expand_bf16(arena + s.b_off, s, o.d_out, lhs, z.lhs, nb, pbuf.data(), delta, z.d_out, j);
+          continue;
+        }
+      }
+#endif
       expand(arena + s.b_off, s, o.d_out, lhs, z.lhs, nb, delta, z.d_out, j);
     }
     for (int64_t b = 0; b < nb; ++b) {
@@ -271,7 +346,7 @@ void run_block(const Block& blk, const T* xp, int64_t x_stride, const WT* arena,
 
 // Every segment's meta row checked against its arena and the outputs; returns the buffer sizes.
 Sizes check_meta(const at::Tensor& meta, int64_t nsite, const std::vector<int64_t>& numel, int64_t d_in,
-                 const std::vector<Out>& outs) {
+                 const std::vector<Out>& outs, bool bf16_arenas) {
   Sizes z{d_in, 1, 1, 1};
   for (const Out& o : outs) z.d_out = std::max(z.d_out, o.d_out);
   const int64_t* mp = meta.data_ptr<int64_t>();
@@ -280,6 +355,8 @@ Sizes check_meta(const at::Tensor& meta, int64_t nsite, const std::vector<int64_
     if (m[1] == 0) continue;
     TORCH_CHECK(m[0] >= 0 && m[1] > 0 && m[0] + m[1] * d_in <= numel[p], "adapter_rows: segment ", p,
                 " shrink rows outside the arena");
+    TORCH_CHECK(m[2] == 0 || (m[2] == 1 && bf16_arenas && BF16_DOT), "adapter_rows: segment ", p, " layout ", m[2],
+                ": 0 (B rows), or 1 (B row pairs) with bfloat16 arenas where the kernel has AVX-512 BF16");
     z.rows = std::max(z.rows, m[1]);
     for (int64_t si = 0; si < nsite; ++si) {
       const Site s = site_of(m, si);
@@ -291,7 +368,8 @@ Sizes check_meta(const at::Tensor& meta, int64_t nsite, const std::vector<int64_
                   ": shrink rows out of range");
       TORCH_CHECK(s.r_off < 0 ? s.N == 1 : s.r_off + s.g * s.N <= m[1], "adapter_rows: segment ", p, " site ",
                   si, ": router rows out of range");
-      TORCH_CHECK(s.b_off >= 0 && s.b_off + s.N * s.r * d_out <= numel[p], "adapter_rows: segment ", p, " site ",
+      const int64_t b_rows = m[2] == 1 ? (s.N * s.r + 1) / 2 * 2 : s.N * s.r;
+      TORCH_CHECK(s.b_off >= 0 && s.b_off + b_rows * d_out <= numel[p], "adapter_rows: segment ", p, " site ",
                   si, ": B outside the arena");
       z.lhs = std::max(z.lhs, s.N * s.r);
     }
@@ -309,9 +387,10 @@ void run(const at::Tensor& x, const std::vector<Out>& outs, const std::vector<at
   const int64_t nsite = static_cast<int64_t>(outs.size()), mstride = meta.size(1), xs = x.stride(0);
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> buf;
+    std::vector<uint32_t> pbuf;
     for (int64_t i = begin; i < end; ++i) {
       const Block& b = blocks[i];
-      run_block<T, WT>(b, xp, xs, ap[b.seg], mp + b.seg * mstride, nsite, outs, z, wo, buf);
+      run_block<T, WT>(b, xp, xs, ap[b.seg], mp + b.seg * mstride, nsite, outs, z, wo, buf, pbuf);
     }
   });
 }
@@ -326,7 +405,7 @@ void adapter_rows(const at::Tensor& x, const std::vector<at::Tensor>& outs, cons
               "adapter_rows: segs must be contiguous int64 [P, 3]");
   const int64_t P = segs.size(0);
   TORCH_CHECK(meta.scalar_type() == at::kLong && meta.is_contiguous() && meta.dim() == 2 && meta.size(0) == P &&
-              meta.size(1) == HEAD + SITE * nsite, "adapter_rows: meta must be contiguous int64 [P, 2 + 7 * sites]");
+              meta.size(1) == HEAD + SITE * nsite, "adapter_rows: meta must be contiguous int64 [P, 3 + 7 * sites]");
   TORCH_CHECK(static_cast<int64_t>(arenas.size()) == P, "adapter_rows: one arena per segment");
   std::vector<int64_t> numel;
   for (const at::Tensor& a : arenas) {
@@ -341,7 +420,7 @@ void adapter_rows(const at::Tensor& x, const std::vector<at::Tensor>& outs, cons
                 "adapter_rows: each out must be [T, d_out] in x's dtype with column stride 1");
     o.push_back({t.data_ptr(), t.stride(0), t.size(1)});
   }
-  const Sizes z = check_meta(meta, nsite, numel, d_in, o);
+  const Sizes z = check_meta(meta, nsite, numel, d_in, o, arenas[0].scalar_type() == at::kBFloat16);
   const int64_t* mp = meta.data_ptr<int64_t>();
   std::vector<Block> blocks;
   const int64_t* sp = segs.data_ptr<int64_t>();
@@ -387,9 +466,5 @@ void adapter_rows(const at::Tensor& x, const std::vector<at::Tensor>& outs, cons
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("adapter_rows", &adapter_rows, "adapter deltas of decode-sized slots, added in place (CPU)");
   m.attr("CHUNK") = CW;   // the column chunk of the arenas' B layout (cpu_adapters.CHUNK must equal it)
-#if defined(__AVX512BF16__)
-  m.attr("BF16_DOT") = true;    // the bf16 shrink runs on AVX-512 BF16 dot products (lora_ops.kernel_rows)
-#else
-  m.attr("BF16_DOT") = false;
-#endif
+  m.attr("BF16_DOT") = BF16_DOT;   // bf16 shrink on dot products; layout 1 accepted (cpu_adapters.pair_layout)
 }

@@ -14,13 +14,13 @@ Contract:
 - `enable(slots, required=False) -> bool`: hands the kernel to an `AdapterSlots` (`slots.cpu_kernel`); the
   engine calls it on CPU unless `cpu_adapters=torch` or batch-invariant mode; `required` (`cpu_adapters=kernel`)
   turns "unavailable" into a ConfigError naming the flag.
-- `SlotArena.build(pack, positions, nsite, pairs=False)`: one slot's `mtlora.grouped.Pack` for one site group as a flat vector
-  (W, then each site's B, chunk-major: per group the columns in chunks of `CHUNK`, each chunk's [N*r, width] rows
-  contiguous, so the kernel streams them in order) and its meta row; positions[i] is the site index (0..nsite-1,
-  the order of the `outs` given to `add_rows`) of pack.parts[i]. float32 or bfloat16, the slots' own dtype: the
-  kernel widens bf16 weights as it reads them (or, for the bf16 shrink on AVX-512 BF16, multiplies bf16 pairs
-  exactly in fp32), so the arithmetic is that of an fp32 copy at half the bytes (decode is bandwidth-
-  bound: fp32 copies of the 4-adapter mix were ~40 MB read per step). Derived data: rebuild when the slot
+- `SlotArena.build(pack, positions, nsite, pairs=False)`: one slot's `mtlora.grouped.Pack` for one site group as
+  a flat vector (W, then each site's B, chunk-major: per group the columns in chunks of `CHUNK`, each chunk's
+  [N*r, width] rows contiguous, so the kernel streams them in order) and its meta row; positions[i] is the site
+  index (0..nsite-1, the order of the `outs` given to `add_rows`) of pack.parts[i]. float32 or bfloat16, the
+  slots' own dtype: the kernel widens bf16 weights as it reads them (or, for the bf16 shrink on AVX-512 BF16,
+  multiplies bf16 pairs exactly in fp32), so the arithmetic is that of an fp32 copy at half the bytes (decode is
+  bandwidth-bound: fp32 copies of the 4-adapter mix were ~40 MB read per step). Derived data: rebuild when the slot
   changes; other slots' arenas stay (an adapter swap rebuilds one slot's, not every slot's). `pairs` (bf16 only;
   `pair_layout(ext, dtype)` says when: a kernel with AVX-512 BF16): B in row pairs (`pair_major`, the kernel's
   layout 1, recorded in the meta row), and the kernel's expand runs on bf16 dot products too, on the routed input

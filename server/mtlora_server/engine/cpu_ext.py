@@ -74,18 +74,19 @@ def _build_guard(build_dir: Path):
     with open(build_dir.with_name(build_dir.name + ".flock"), "a+") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX)          # blocks only while another process builds this very name
+            locked = True
         except OSError as e:
             log.info("no fcntl lock for %s (%s): a stale torch build lock cannot be told apart", build_dir, e)
-            yield
-            return
+            locked = False
+        stale = build_dir / "lock"
+        if locked and stale.exists():
+            log.warning("removing %s, left by a build that was killed (no live builder holds its lock)", stale)
+            stale.unlink(missing_ok=True)
         try:
-            stale = build_dir / "lock"
-            if stale.exists():
-                log.warning("removing %s, left by a build that was killed (no live builder holds its lock)", stale)
-                stale.unlink(missing_ok=True)
             yield
         finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            if locked:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 class CpuExtension:

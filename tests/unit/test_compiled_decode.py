@@ -208,6 +208,7 @@ def test_mode_resolution():
         tiny_engine_args("x", decode_graphs="fast")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (none on this machine)")
 def test_cuda_graph_logits_equal_eager(tiny):
     rig = Rig(tiny, "static")

@@ -223,6 +223,7 @@ def test_bf16_autocast_with_checkpointing_on_cuda(tiny_model_dir, mixture, tmp_p
     assert all(a.lora_A.dtype == torch.float32 for a in recipe.adapters.values())   # fp32 master weights
     assert all(torch.isfinite(torch.tensor([h["loss"], h["balance"], h["spectral"]])).all() for h in hist)
     assert all(a.router.grad is None or a.router.grad.dtype == torch.float32 for a in recipe.adapters.values())
+    assert {p.name for p in (tmp_path / "out").glob("*.png")} >= {"loss.png", "spectrum.png"}  # plots from CUDA tensors
 
 
 @pytest.mark.parametrize("content,needle", [

@@ -61,7 +61,9 @@ def plot_history(history: list[dict], path: Path) -> Path:
 
 
 def expert_spectra(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name.removesuffix(".lora_B"): torch.linalg.svdvals(t.float()) for name, t in tensors.items()
+    """Singular values [N, r] of every site's expert matrices, on the CPU (matplotlib reads host memory; a run on
+    CUDA hands over device tensors)."""
+    return {name.removesuffix(".lora_B"): torch.linalg.svdvals(t.detach().float()).cpu() for name, t in tensors.items()
             if name.endswith(".lora_B")}                                    # [N, r] each
 
 
@@ -113,7 +115,7 @@ def routing_usage(model, adapters: dict, batches) -> dict[str, torch.Tensor]:
 def plot_routing(usage: dict[str, torch.Tensor], path: Path) -> Path:
     plt = _pyplot()
     names = list(usage)
-    grid = torch.stack([usage[n] for n in names]).numpy()                   # [sites, N]
+    grid = torch.stack([usage[n].detach().float().cpu() for n in names]).numpy()   # [sites, N]
     fig, ax = plt.subplots(figsize=(1.2 + 0.45 * grid.shape[1], 1.2 + 0.22 * len(names)))
     im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0)
     ax.set_yticks(range(len(names)), [n.removeprefix("layers.") for n in names], fontsize=6)

@@ -13,6 +13,11 @@ Contract:
   of CUDA-event timings, the step's host-side batch building is reported apart. Targets: the better of the two
   within `DECODE_TARGET` x the bound at batch 1-64; mtLoRA overhead (every token on its own adapter among the 8,
   vs the bare base, same path) <= `OVERHEAD_TARGET` at every decode batch and for the prefill.
+- Decode attention is the engine's: on CUDA the Triton kernel reading the paged pool in place
+  (`LlamaDecoder.enable_paged_kernel`, engine/triton_attention.py). `attention_ab` times the base step at the
+  largest batch <= 64 again with the torch gather path, so a report shows what the kernel is worth.
+- `profile`: the eager mtLoRA step at batch 1 and 64 under `torch.profiler`, the kernels with the most device time
+  (name, calls, microseconds) and their total: where the step's time goes, for the next kernel to write.
 - Dry run: a toy config on the CPU, perf_counter timings, no graphs, no targets (the numbers mean nothing).
 """
 
@@ -160,6 +165,45 @@ def decode_row(env, B: int, adapters: bool) -> dict:
     return row
 
 
+def attention_ab(env, B: int) -> dict:
+    """The base decode step at batch B with the engine's decode attention and again with the torch gather path."""
+    model = env["model"]
+    kernel = model.cuda_paged
+    row = {"batch": B, "engine_path": decode_row(env, B, False)}
+    model.cuda_paged = None
+    try:
+        row["torch_gather"] = decode_row(env, B, False)
+    finally:
+        model.cuda_paged = kernel
+    return row
+
+
+def profile_step(env, B: int, top: int = 12) -> dict:
+    """The eager mtLoRA step at batch B under torch.profiler: the `top` kernels by device time (CPU ops in the dry
+    run), with calls and microseconds, and the total over every kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from .engine.runner import build_batch
+
+    model, pool, slots, cuda = env["model"], env["pool"], env["slots"], env["cuda"]
+    chunks = _chunks(B, 1, CTX, env["blocks_per_seq"], pool.block_size, True)
+    batch = build_batch(chunks, pool.block_size, model.device, {s: {"mlp"} for s in range(N_ADAPTERS)})
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch.inference_mode():
+        model.forward(batch, pool, slots)                                      # warm (Triton compiles, cuBLAS)
+        if cuda:
+            torch.cuda.synchronize()
+        with profile(activities=acts) as prof:
+            model.forward(batch, pool, slots)
+            if cuda:
+                torch.cuda.synchronize()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, key, 0) > 0 and (not cuda or e.device_type.name == "CUDA")]
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
+    return {"batch": B, "total_us": round(sum(getattr(e, key) for e in events), 1),
+            "top": [{"name": e.key[:90], "calls": e.count, "us": round(getattr(e, key), 1)} for e in events[:top]]}
+
+
 def prefill_row(env, adapters: bool) -> dict:
     from .engine.runner import build_batch
 
@@ -196,6 +240,11 @@ def _setup(ctx) -> dict:
 
     cfg = TOY if ctx.dry_run else LLAMA2_7B
     model = build_model(cfg, ctx.device, ctx.seed)
+    if ctx.device == "cuda":
+        model.enable_paged_kernel(torch.bfloat16)                              # as the engine does on CUDA
+    elif ctx.dry_run:                  # the dry run exercises the same path through the Triton interpreter
+        from .engine import triton_attention
+        model.cuda_paged = triton_attention if triton_attention.available("cpu") else None
     slots, adapter_bytes = build_adapters(model, ctx.device, ctx.seed + 1)
     batches = (1, 4) if ctx.dry_run else DECODE_BATCHES
     prefill = (2, 16) if ctx.dry_run else PREFILL
@@ -242,8 +291,14 @@ def run(ctx, res) -> None:
                             weight_bytes(env["model"]) / 1e9, "context": CTX, "adapter_MB": env["adapter_bytes"] / 1e6}
     from .engine import triton_molora
     res.metrics["tile_table"] = [[m, str(c)] for m, c in triton_molora.TILE_TABLE]
+    res.metrics["decode_attention"] = "triton, in place" if env["model"].cuda_paged is not None else "torch gather"
     decode = _decode(ctx, res, env, bounds)
     res.metrics["decode"] = decode
+    ab_batch = max((B for B in env["batches"] if B <= 64), default=None)
+    if env["model"].cuda_paged is not None and ab_batch and ctx.budget.left() > 25:
+        res.metrics["attention_ab"] = attention_ab(env, ab_batch)
+    res.metrics["profile"] = [profile_step(env, B) for B in (env["batches"][0], ab_batch)
+                              if B and ctx.budget.left() > 20]
     prefill = {}
     if ctx.budget.left() > 10:
         base, mt = prefill_row(env, False), prefill_row(env, True)
@@ -256,6 +311,7 @@ def run(ctx, res) -> None:
         res.truncated = True
     res.metrics["prefill"] = prefill
     res.metrics["table"] = _table(decode, prefill, bounds)
+    res.metrics["table"].update(_extra_rows(res.metrics))
     if ctx.dry_run or ctx.device != "cuda":
         res.status, res.reason = "skipped", "targets need a CUDA device (ran at toy size to exercise the code)"
         return
@@ -278,4 +334,18 @@ def _table(decode: dict, prefill: dict, bounds: dict) -> dict:
         out["prefill"] = (f"{prefill['prompts']}x{prefill['tokens_each']}: base {prefill['base']['tokens_per_s']:.0f}"
                           f" tok/s ({prefill['base_fraction_of_bound']:.0%} of bound "
                           f"{prefill['bound_tokens_per_s']:.0f}), mtlora overhead {prefill['mtlora_overhead']:+.1%}")
+    return out
+
+
+def _extra_rows(metrics: dict) -> dict:
+    """Table lines for the attention A/B and the profiles' top kernels."""
+    out = {}
+    ab = metrics.get("attention_ab")
+    if ab:
+        best = lambda r: min(v for k, v in r.items() if k in ("eager_ms", "graph_ms"))   # noqa: E731
+        out[f"attention B={ab['batch']}"] = (f"{metrics['decode_attention']} {best(ab['engine_path']):.2f} ms vs torch "
+                                            f"gather {best(ab['torch_gather']):.2f} ms (base step, better path)")
+    for p in metrics.get("profile", []):
+        top = ", ".join(f"{e['name'][:40]} {e['us'] / 1e3:.2f}ms x{e['calls']}" for e in p["top"][:4])
+        out[f"profile B={p['batch']}"] = f"kernels {p['total_us'] / 1e3:.2f} ms; top: {top}"
     return out

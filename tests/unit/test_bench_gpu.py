@@ -68,6 +68,10 @@ def test_dry_run_engine_items_ran_on_cpu_and_perf_says_why_skipped(dry_report):
     assert graphs["status"] == "pass" and graphs["metrics"]["rounds"]["adapters_2"]["tokens_compared"] > 0
     assert perf["status"] == "skipped" and "CUDA" in perf["reason"]
     assert set(perf["metrics"]["decode"]) and perf["metrics"]["prefill"]["base"]["tokens_per_s"] > 0
+    # the Triton decode attention ran (interpreter) against the gather path, and the step was profiled
+    assert perf["metrics"]["decode_attention"] == "triton, in place"
+    assert perf["metrics"]["attention_ab"]["torch_gather"]["eager_ms"] > 0
+    assert [p["batch"] for p in perf["metrics"]["profile"]] == [1, 4] and perf["metrics"]["profile"][0]["top"]
 
 
 def test_bad_flags_are_rejected_with_the_flag_named(capsys):

@@ -15,8 +15,8 @@ Contract:
 - Attention is a few batched computations per layer: the step's decodes (one query each, two matmuls) and its
   prefill chunks by class of query length (queries scattered into `[B, Qmax]`, SDPA with a causal + length mask),
   K/V gathered from the paged pool by block table into `[B, Kmax]`; there is no Python loop over sequences.
-  `enable_paged_kernel()` (CPU, the core decides) makes decode attention read K/V in place instead
-  (cpu_attention.py: no dense copy; parity-tested against the gather path).
+  `enable_paged_kernel()` makes decode attention read K/V in place instead (CPU: cpu_attention.py's C++ kernel;
+  CUDA: triton_attention.py; no dense copy, each parity-tested against the gather path; the core decides).
 - Batch-invariant mode (`enable_batch_invariance`, engine flag `batch_invariant`): token-row matmuls padded to the
   row tile probed on this machine and one attention computation for decodes and prefill chunks alike
   (`invariant.invariant_attention`), so a token's numbers do not depend on the rest of the step (invariant.py).
@@ -239,6 +239,7 @@ class LlamaDecoder:
         self.columns = {f: fused_columns(cfg, f) for f in FUSED}          # adapter sites inside qkv / gate_up
         self.row_tile = 0            # > 0: batch-invariant mode, the row tile (invariant.py); see below
         self.paged_kernel = None     # cpu_attention's extension: decode attention read in place from the pool
+        self.cuda_paged = None       # the triton_attention module when decode attention reads the pool on CUDA
         self.fused = None            # cpu_fused's extension: norm / residual add, silu * up, rope in one pass each
 
     def enable_batch_invariance(self, max_rows: int) -> int:
@@ -366,12 +367,20 @@ class LlamaDecoder:
         if self.paged_kernel is not None:
             return cpu_attention.decode_attention(self.paged_kernel, q, kv.k[idx], kv.v[idx], kv_slots, mask,
                                                   self.scale)
+        if self.cuda_paged is not None:
+            return self.cuda_paged.decode_attention(q, kv.k[idx], kv.v[idx], kv_slots, mask, self.scale)
         return self._decode_attention(q, *kv.gather(idx, kv_slots), mask)
 
     def enable_paged_kernel(self, kv_dtype: torch.dtype, required: bool = False) -> bool:
-        """Use cpu_attention's kernel for decode attention (CPU, fp32 / bf16, K/V in the model's dtype, not
-        batch-invariant: the core decides). False, and the torch path stays, when it is unavailable; `required`
-        raises instead (engine flag cpu_attention=kernel)."""
+        """Read K/V in place for decode attention: on CUDA with triton_attention (any float dtype, K/V in the
+        model's dtype); on CPU with cpu_attention's kernel (fp32 / bf16). Not batch-invariant: the core decides.
+        False, and the torch gather path stays, when it is unavailable; `required` raises instead (engine flag
+        cpu_attention=kernel, CPU only)."""
+        if self.device.type == "cuda":
+            from . import triton_attention
+            self.cuda_paged = triton_attention if triton_attention.available(self.device) and \
+                kv_dtype == self.dtype else None
+            return self.cuda_paged is not None
         usable = self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16) and kv_dtype == self.dtype
         ext = cpu_attention.EXTENSION.require("cpu_attention", required, usable)
         self.paged_kernel = ext

@@ -8,14 +8,18 @@ Contract:
   `mtlora.reference.ReferenceModel` on the CPU and greedy tokens equal to its cached greedy decode; a mixed
   batch (every adapter and the base together) equal to each request run alone (tokens equal, prompt logprobs
   within the same tolerance); a prefix-cache hit (same prompt again, cached tokens > 0) equal to the miss.
-- Item 3 (`run_graphs`), engine in bf16: `enforce_eager=False` vs `enforce_eager=True`, same requests (batch
-  sizes across the engine's decode buckets, or a default set), then one adapter removed and another installed in
-  both engines and the same again. Greedy tokens must be identical, except at a position where the eager engine's
-  own top-2 logprobs are within `TIE_GAP_BF16` (a tie at bf16 precision: counted and reported as "ties"; the rest
-  of that sequence is not compared); sampled-token logprobs within `LOGPROB_TOL_BF16`. The tie gap is twice the
-  logprob tolerance: when each of two logprobs may move by the tolerance between the two paths, their gap may
-  move by twice that, so only a flip beyond it contradicts the tolerance. Every divergence is listed with the
-  eager top-2 gap (`divergences`), so the report shows how close each one was. Whether graphs
+- Item 3 (`run_graphs`): `enforce_eager=False` vs `enforce_eager=True`, same requests (batch sizes across the
+  engine's decode buckets, or a default set), then one adapter removed and another installed in both engines and
+  the same again; in fp32 (the strict check: logprobs within `TOLERANCES["float32"]`) and, on CUDA, in bf16.
+  Greedy tokens must be identical, except at a position where the eager engine's own top-2 logprobs are within
+  the tie gap (counted and reported as "ties"; the rest of that sequence is not compared); sampled-token logprobs
+  within the dtype's tolerance. The tie gap is twice the logprob tolerance: when each of two logprobs may move by
+  the tolerance between the two paths, their gap may move by twice that. fp32 is the correctness check. bf16 is a
+  gross-error check only: two bf16 paths that sum in different orders (bucketed GEMM shapes, the graph's
+  token-gather adapter path vs the eager Triton kernel) round hidden states differently in every layer; on the
+  first H200 runs sampled logprobs differed by up to 0.06 (about 4 bf16 ulps of this model's logits, |logit| < 4:
+  flips' gaps come in multiples of 1/64), so the bound is 0.125, while a wrong KV row or adapter moves logprobs
+  by O(1). Every divergence is listed with the eager top-2 gap (`divergences`). Whether graphs
   were really captured is looked up defensively (`graph_info`) and is itself a check.
 - In the dry run both run on the CPU at toy size (the CUDA result needs a GPU; this only exercises the script).
 """
@@ -30,8 +34,8 @@ import torch
 log = logging.getLogger(__name__)
 
 LOGPROB_TOL_FP32 = 1e-3
-LOGPROB_TOL_BF16 = 5e-2
-TIE_GAP_BF16 = 2 * LOGPROB_TOL_BF16     # a top-2 gap a flip within the logprob tolerance can cross
+LOGPROB_TOL_BF16 = 0.125              # gross errors only; fp32 is the strict check (module doc)
+TOLERANCES = {"float32": LOGPROB_TOL_FP32, "bfloat16": LOGPROB_TOL_BF16}   # graphs vs eager, sampled logprobs
 DEFAULT_BATCHES = (1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33)
 
 
@@ -217,8 +221,9 @@ def _batches(info: dict, dry: bool) -> list[int]:
     return edges or list(DEFAULT_BATCHES)
 
 
-def _compare_round(eager, graphs, batches: list[int], names: list, tag: str, seed: int) -> dict:
-    """Same requests through both engines; first-divergence analysis per sequence (see the module contract)."""
+def _compare_round(eager, graphs, batches: list[int], names: list, tag: str, seed: int, tol: float) -> dict:
+    """Same requests through both engines; first-divergence analysis per sequence (see the module contract): a flip
+    is a tie when the eager top-2 gap is within 2 * tol."""
     mism = ties = compared = 0
     worst, divergences = 0.0, []
     for B in batches:
@@ -233,7 +238,7 @@ def _compare_round(eager, graphs, batches: list[int], names: list, tag: str, see
                 if ta[t] != tb[t]:
                     top = dict(la[t].top)
                     gap = top[ta[t]] - top[tb[t]] if tb[t] in top else None   # None: not in eager's top 2
-                    tie = gap is not None and gap <= TIE_GAP_BF16
+                    tie = gap is not None and gap <= 2 * tol
                     ties += tie
                     mism += not tie
                     divergences.append({"request": r.request_id, "position": t, "eager_top2_gap": gap, "tie": tie})
@@ -250,38 +255,52 @@ def _gaps(divergences: list[dict]) -> str:
     return "none" if not gaps else "[" + ", ".join(f"{g:.3g}" for g in gaps[:6]) + (", ...]" if len(gaps) > 6 else "]")
 
 
-def run_graphs(ctx, res) -> None:
-    res.targets = {"greedy": f"identical (flips where eager's top-2 gap <= {TIE_GAP_BF16} reported as bf16 ties)",
-                   "logprob_max_abs_diff": LOGPROB_TOL_BF16,
-                   "graphs_captured": "> 0 (the compiled decode really ran)"}
-    if ctx.dry_run:
-        res.metrics["note"] = "dry run: CPU at toy size (exercises the script; CUDA graphs need a GPU)"
-    model_dir, paths = setup_model(ctx)
+def _graph_rounds(ctx, res, model_dir, paths: dict[str, str], dtype: str) -> tuple[dict, dict]:
+    """Both rounds (adapters as loaded, then one swapped for a bigger one) for one dtype; (rounds, graph_info)."""
     names = list(paths)
     first = {n: paths[n] for n in names[:3]}
-    dtype = "float32" if ctx.device == "cpu" else "bfloat16"
+    tol = TOLERANCES[dtype]
     eager = _core(ctx, model_dir, first, dtype=dtype, enforce_eager=True)
     graphs = _core(ctx, model_dir, first, dtype=dtype, enforce_eager=False)
     batches = _batches(graph_info(graphs), ctx.dry_run)
-    rounds = {}
-    rounds["adapters_1"] = _compare_round(eager, graphs, batches, [None, *names[:3]], "a", ctx.seed)
+    rounds = {"adapters_1": _compare_round(eager, graphs, batches, [None, *names[:3]], "a", ctx.seed, tol)}
     if ctx.budget.left() > 10:
         for core in (eager, graphs):              # unload one adapter, load another (different r / N / g)
             core.remove_adapter(names[1])
             core.install_adapter(names[5], *core.read_adapter(paths[names[5]]), paths[names[5]])
         rounds["adapters_2"] = _compare_round(eager, graphs, batches, [None, names[0], names[2], names[5]], "b",
-                                              ctx.seed + 1)
+                                              ctx.seed + 1, tol)
     else:
         res.truncated = True
     info = graph_info(graphs)
-    res.metrics.update(rounds=rounds, graph_info=info, graph_info_eager=graph_info(eager))
-    res.checks["greedy_identical"] = all(r["mismatches"] == 0 for r in rounds.values())
-    res.checks["logprobs_within_bf16_tol"] = all(r["logprob_max_diff"] <= LOGPROB_TOL_BF16 for r in rounds.values())
+    res.metrics.setdefault("graph_info_eager", graph_info(eager))
+    del eager, graphs
+    return rounds, info
+
+
+def run_graphs(ctx, res) -> None:
+    res.targets = {"greedy": "identical (a flip where eager's top-2 gap <= 2 x the logprob tolerance is a tie)",
+                   "logprob_max_abs_diff": TOLERANCES, "graphs_captured": "> 0 (the compiled decode really ran)"}
+    if ctx.dry_run:
+        res.metrics["note"] = "dry run: CPU at toy size (exercises the script; CUDA graphs need a GPU)"
+    model_dir, paths = setup_model(ctx)
+    rounds, infos = {}, {}
+    for dtype in ("float32", "bfloat16") if ctx.device == "cuda" else ("float32",):
+        if rounds and ctx.budget.left() < 20:
+            res.truncated = True
+            break
+        per, infos[dtype] = _graph_rounds(ctx, res, model_dir, paths, dtype)
+        rounds.update({f"{dtype}/{k}": v for k, v in per.items()})
+        tol = TOLERANCES[dtype]
+        res.checks[f"greedy_identical_{dtype}"] = all(r["mismatches"] == 0 for r in per.values())
+        res.checks[f"logprobs_within_tol_{dtype}"] = all(r["logprob_max_diff"] <= tol for r in per.values())
+    info = infos.get("bfloat16") or infos["float32"]
+    res.metrics.update(rounds=rounds, graph_info=info)
     if ctx.device == "cuda":
-        res.checks["graphs_captured"] = info["graphs_captured"] > 0
+        res.checks["graphs_captured"] = all(i["graphs_captured"] > 0 for i in infos.values())
     else:
         res.metrics["graphs_captured_check"] = "skipped: CUDA graphs need a GPU"
-    res.metrics["table"] = {k: f"{r['tokens_compared']} tokens, {r['mismatches']} mismatches, {r['ties']} bf16 ties, "
+    res.metrics["table"] = {k: f"{r['tokens_compared']} tokens, {r['mismatches']} mismatches, {r['ties']} ties, "
                                f"max logprob diff {r['logprob_max_diff']:.2e}, eager top-2 gaps at flips "
                                f"{_gaps(r['divergences'])}" for k, r in rounds.items()}
     res.metrics["table"]["graphs"] = f"captured {info['graphs_captured']} (mode {info['mode']})"

@@ -16,6 +16,7 @@ Contract:
 - Decode attention is the engine's: on CUDA the Triton kernel reading the paged pool in place
   (`LlamaDecoder.enable_paged_kernel`, engine/triton_attention.py). `attention_ab` times the base step at the
   largest batch <= 64 again with the torch gather path, so a report shows what the kernel is worth.
+- The norms, silu * up and rope are the engine's too: on CUDA triton_fused.py's one kernel each (`row_ops`).
 - `profile`: the eager mtLoRA step at batch 1 and 64 under `torch.profiler`, the kernels with the most device time
   (name, calls, microseconds) and their total: where the step's time goes, for the next kernel to write.
 - Dry run: a toy config on the CPU, perf_counter timings, no graphs, no targets (the numbers mean nothing).
@@ -240,10 +241,11 @@ def _setup(ctx) -> dict:
 
     cfg = TOY if ctx.dry_run else LLAMA2_7B
     model = build_model(cfg, ctx.device, ctx.seed)
-    if ctx.device == "cuda":
-        model.enable_paged_kernel(torch.bfloat16)                              # as the engine does on CUDA
-    elif ctx.dry_run:                  # the dry run exercises the same path through the Triton interpreter
-        from .engine import triton_attention
+    if ctx.device == "cuda":                                                   # as the engine does on CUDA
+        model.enable_paged_kernel(torch.bfloat16)
+        model.enable_fused_ops()
+    elif ctx.dry_run:   # the dry run exercises the attention A/B through the Triton interpreter (the fused row
+        from .engine import triton_attention       # kernels are checked by tests/unit/test_triton_fused.py)
         model.cuda_paged = triton_attention if triton_attention.available("cpu") else None
     slots, adapter_bytes = build_adapters(model, ctx.device, ctx.seed + 1)
     batches = (1, 4) if ctx.dry_run else DECODE_BATCHES
@@ -292,6 +294,7 @@ def run(ctx, res) -> None:
     from .engine import triton_molora
     res.metrics["tile_table"] = [[m, str(c)] for m, c in triton_molora.TILE_TABLE]
     res.metrics["decode_attention"] = "triton, in place" if env["model"].cuda_paged is not None else "torch gather"
+    res.metrics["row_ops"] = "triton fused" if env["model"].fused is not None else "torch"
     decode = _decode(ctx, res, env, bounds)
     res.metrics["decode"] = decode
     ab_batch = max((B for B in env["batches"] if B <= 64), default=None)

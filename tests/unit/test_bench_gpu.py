@@ -65,7 +65,7 @@ def test_dry_run_engine_items_ran_on_cpu_and_perf_says_why_skipped(dry_report):
     engine, graphs, perf = (report["items"][k] for k in ("engine", "graphs", "perf"))
     assert engine["status"] == "pass" and set(engine["checks"]) == {
         "prompt_logprobs_vs_reference", "greedy_vs_reference", "mixed_batch_equals_serial", "prefix_hit_equals_miss"}
-    assert graphs["status"] == "pass" and graphs["metrics"]["rounds"]["adapters_2"]["tokens_compared"] > 0
+    assert graphs["status"] == "pass" and graphs["metrics"]["rounds"]["float32/adapters_2"]["tokens_compared"] > 0
     assert perf["status"] == "skipped" and "CUDA" in perf["reason"]
     assert set(perf["metrics"]["decode"]) and perf["metrics"]["prefill"]["base"]["tokens_per_s"] > 0
     # the Triton decode attention ran (interpreter) against the gather path, and the step was profiled

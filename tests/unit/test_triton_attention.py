@@ -29,6 +29,9 @@ CASES = [
     (2, 2, 64, [128, 100, 7, 129, 50], 130),
 ]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+# context splits (flash-decoding): None = the device's choice (1 on CPU), 3 = forced (splits of 64 slots here:
+# some splits of the short rows hold no live slot, which the combine must weigh by zero)
+SPLITS = (None, 3)
 
 
 def _case(n: int, kv: int, g: int, hd: int, lens: list[int], kmax: int, dtype, device: str):
@@ -69,17 +72,18 @@ def _run(device: str, dtypes=(torch.float32, torch.bfloat16)) -> list[dict]:
     from mtlora_server.engine.model import LlamaDecoder
 
     rows = []
-    for dtype in dtypes:
+    for dtype, splits in [(dt, sp) for dt in dtypes for sp in SPLITS]:
         for n, (kv, g, hd, lens, kmax) in enumerate(CASES):
             q, kp, vp, slots, mask = _case(n, kv, g, hd, lens, kmax, dtype, device)
             scale = hd ** -0.5
-            got = triton_attention.decode_attention(q, kp, vp, slots, mask, scale)
+            got = triton_attention.decode_attention(q, kp, vp, slots, mask, scale, splits=splits)
             ref = _oracle(q, kp, vp, slots, mask, scale)
             keys, values = kp.index_select(1, slots.reshape(-1)), vp.index_select(1, slots.reshape(-1))
             gather = LlamaDecoder._decode_attention(SimpleNamespace(scale=scale), q.float(),
                                                     keys.float().view(kv, *slots.shape, hd),
                                                     values.float().view(kv, *slots.shape, hd), mask)
-            rows.append({"dtype": str(dtype), "case": n, "shape": list(got.shape), "out_dtype": str(got.dtype),
+            rows.append({"dtype": str(dtype), "case": n, "splits": splits, "shape": list(got.shape),
+                         "out_dtype": str(got.dtype),
                          "err": float((got.cpu().double() - ref).abs().max()),
                          "gather_err": float((gather.cpu().double() - ref).abs().max()),
                          "ref_scale": float(ref.abs().max()), "finite": bool(torch.isfinite(got).all())})
@@ -115,7 +119,7 @@ def _engine_rows(workdir: str) -> dict:
 
 
 def _check(rows: list[dict], dtypes) -> None:
-    assert len(rows) == len(CASES) * len(dtypes)
+    assert len(rows) == len(CASES) * len(dtypes) * len(SPLITS)
     for r in rows:
         tol = TOL[getattr(torch, r["dtype"].removeprefix("torch."))]
         assert r["finite"] and r["out_dtype"] == r["dtype"], r
@@ -160,11 +164,16 @@ def test_kernel_compiles_for_hopper_without_a_gpu(dtype):
         pytest.skip("TRITON_INTERPRET=1: the jit functions are interpreter objects here")
     sig = {"q_ptr": f"*{dtype}", "q_sb": "i32", "q_sh": "i32", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}",
            "kv_sh": "i64", "kv_ss": "i32", "slots_ptr": "*i64", "slots_sb": "i32", "mask_ptr": "*u8",
-           "mask_sb": "i32", "out_ptr": f"*{dtype}", "out_sb": "i32", "scale": "fp32", "KMAX": "i32"}
-    for g in (1, 4):
+           "mask_sb": "i32", "out_ptr": f"*{dtype}", "out_sb": "i32", "ws_ptr": "*fp32", "ml_ptr": "*fp32",
+           "scale": "fp32", "KMAX": "i32", "SPLIT_LEN": "i32"}
+    for g, partial in ((1, False), (4, False), (1, True)):
         k = _compile_sm90(ta._paged_decode_kernel, sig, dict(G=g, GP=16, HD=128, HDP=128, BN=ta.BLOCK_N,
-                                                              UPCAST=False, IEEE=dtype == "fp32"), 4)
+                                                              PARTIAL=partial, UPCAST=False, IEEE=dtype == "fp32"), 4)
         assert k.asm.get("cubin") and k.metadata.shared <= 228 * 1024
+    comb = _compile_sm90(ta._combine_kernel, {"ws_ptr": "*fp32", "ml_ptr": "*fp32", "out_ptr": f"*{dtype}",
+                                              "out_sb": "i32", "NSP": "i32", "H": "i32"},
+                         dict(HD=128, HDP=128, SP=16), 4)
+    assert comb.asm.get("cubin")
 
 
 @pytest.mark.gpu

@@ -118,10 +118,11 @@ class EngineCore(AdapterMethods):
             log.info("projection and lm_head weights prepacked for oneDNN (bf16 on CPU)")
         if self.device.type == "cpu" and not args.batch_invariant:
             cpu_ext.enable_kernels(args, self.model, self.slots, self.pool.k.dtype, compiled=bool(mode))
-        elif self.device.type == "cuda" and not args.batch_invariant:
-            paged = self.model.enable_paged_kernel(self.pool.k.dtype)
-            log.info("decode attention: %s", "Triton, read in place from the paged KV pool" if paged else
-                     "torch, K/V gathered per layer (triton is not installed)")
+        elif self.device.type == "cuda" and not args.batch_invariant:      # Triton kernels when triton imports
+            paged, fused = self.model.enable_paged_kernel(self.pool.k.dtype), self.model.enable_fused_ops()
+            log.info("CUDA kernels: decode attention %s; norms / silu * up / rope %s",
+                     "Triton (paged KV read in place)" if paged else "torch (K/V gathered per layer)",
+                     "Triton (one kernel each)" if fused else "torch")
         graphs = mode and DecodeGraphs(self.model, self.pool, self.slots, args.max_num_seqs, self.max_model_len, mode)
         self.runner = ModelRunner(self.model, self.pool, self.slots, self.device, self.slot_sites, graphs)
         self.eos_ids = set(c.eos_token_ids)

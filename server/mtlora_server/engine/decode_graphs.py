@@ -36,6 +36,9 @@ Contract:
   path is slower than the eager per-slot path (lora_ops.apply_shared) on CPU, where each row's gathered B matrices
   cost memory bandwidth. On CUDA the gather is cheap next to launch overhead, which the graphs remove.
 - Routing statistics samples (`stats`), kept hidden states and batch-invariant mode always run eagerly.
+- Outside compile mode the step uses the model's fused row kernels when it has them (`LlamaDecoder.fused`: on
+  CUDA triton_fused.py's RMSNorm / silu * up / rope) and its decode attention (on CUDA triton_attention.py, the
+  paged pool read in place), so a captured graph holds those kernels instead of the torch op chains.
 """
 
 from __future__ import annotations
@@ -153,35 +156,43 @@ class StaticDecoder:
     """The decode step of `LlamaDecoder` written with static shapes only (no host syncs, no data-dependent
     shapes), split per layer into `pre` (norm, qkv, adapters, rope) and `post` (o_proj, MLP, adapters)."""
 
-    def __init__(self, model):
+    def __init__(self, model, fused: bool = True):
         self.model, cfg = model, model.cfg
+        # the model's fused row kernels (triton_fused on CUDA) where the step is not traced by dynamo
+        self.fused = model.fused if fused else None
         self.H, self.KV, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.q_size, self.kv_size, self.eps = model.q_size, model.kv_size, cfg.rms_norm_eps
         self.F = cfg.intermediate_size
 
     def pre(self, h, w: dict, cos, sin, ads: dict, row_slot, row_on):
         """h: [B, d] -> q [B, H, hd], k / v [B, KV, hd], the block-level self_attn delta [B, d] (or None)."""
-        x = rms_norm(h, w["in_norm"], self.eps)
+        x = self._norm(h, w["in_norm"])
         qkv = F.linear(x, w["qkv"])                                                 # [B, q + 2kv]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         _add_sites(ads, x, [("self_attn.q_proj", q), ("self_attn.k_proj", k), ("self_attn.v_proj", v)],
                    row_slot, row_on)
         blk = bgmv_delta(x, row_slot, row_on, ads["self_attn"]) if "self_attn" in ads else None
         B = h.shape[0]
-        q = apply_rope(q.reshape(B, self.H, self.hd), cos, sin)
-        k = apply_rope(k.reshape(B, self.KV, self.hd), cos, sin)
+        q, k = q.reshape(B, self.H, self.hd), k.reshape(B, self.KV, self.hd)
+        if self.fused is not None:                                                  # in place, in qkv
+            q, k = self.fused.rope_(q, cos, sin), self.fused.rope_(k, cos, sin)
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k, v.reshape(B, self.KV, self.hd), blk
+
+    def _norm(self, h, weight):
+        return self.fused.rms_norm(h, weight, self.eps) if self.fused is not None else rms_norm(h, weight, self.eps)
 
     def post(self, h, attn, w: dict, blk, ads: dict, row_slot, row_on):
         """h: [B, d] residual, attn: [B, H*hd] -> the layer's output hidden state [B, d]."""
         o = F.linear(attn, w["o"])
         _add_sites(ads, attn, [("self_attn.o_proj", o)], row_slot, row_on)
         h = h + (o if blk is None else o + blk)
-        x = rms_norm(h, w["post_norm"], self.eps)
+        x = self._norm(h, w["post_norm"])
         gu = F.linear(x, w["gate_up"])                                              # [B, 2F]
         gate, up = gu.split([self.F, self.F], dim=-1)
         _add_sites(ads, x, [("mlp.gate_proj", gate), ("mlp.up_proj", up)], row_slot, row_on)
-        act = F.silu(gate) * up                                                     # [B, F]
+        act = self.fused.silu_mul(gu) if self.fused is not None else F.silu(gate) * up   # [B, F]
         out = F.linear(act, w["down"])
         _add_sites(ads, act, [("mlp.down_proj", out)], row_slot, row_on)
         if "mlp" in ads:
@@ -195,7 +206,7 @@ class StaticDecoder:
         return self.model.decode_attention(idx, q, kv, kv_slots, mask)              # [B, H*hd]
 
     def head(self, h):
-        h = rms_norm(h, self.model.final_norm, self.eps)
+        h = self._norm(h, self.model.final_norm)
         return F.linear(h, self.model.lm_head).float()                              # [B, V]
 
 
@@ -213,7 +224,7 @@ class DecodeGraphs:
         self.buckets = batch_buckets(max_num_seqs)
         self.max_len = min(max_model_len, model.cos.shape[0])
         self.inp = StaticInputs.allocate(self.buckets[-1], self.max_len, self.device)
-        self.dec = StaticDecoder(model)
+        self.dec = StaticDecoder(model, fused=mode != "compile")
         self._version = -1
         self._high: dict[tuple[int, str], tuple[int, int, int]] = {}   # (layer, site) -> (r, N, g) high-water
         self._ads: list[dict] = [{} for _ in model.layers]              # per layer: site -> trimmed tensors

@@ -387,8 +387,13 @@ class LlamaDecoder:
         return ext is not None
 
     def enable_fused_ops(self, required: bool = False) -> bool:
-        """Use cpu_fused's kernels for the norms, residual adds, silu * up and rope (CPU, fp32 / bf16, eager, not
-        batch-invariant: the core decides). False when unavailable; `required` raises (cpu_fused_ops=kernel)."""
+        """One kernel each for the norms, residual adds, silu * up and rope: on CUDA triton_fused's (any float
+        dtype); on CPU cpu_fused's (fp32 / bf16, eager). Not batch-invariant: the core decides. False when
+        unavailable; `required` raises (cpu_fused_ops=kernel, CPU only)."""
+        if self.device.type == "cuda":
+            from . import triton_fused
+            self.fused = triton_fused if triton_fused.available(self.device) else None
+            return self.fused is not None
         usable = self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16)
         ext = cpu_fused.EXTENSION.require("cpu_fused_ops", required, usable)
         self.fused = ext

@@ -228,7 +228,7 @@ def _compare_round(eager, graphs, batches: list[int], names: list, tag: str, see
     worst, divergences = 0.0, []
     for B in batches:
         reqs = [_req(f"{tag}{B}_{i}", _prompt(seed + 97 * B + i, 5 + (7 * i) % 23), names[i % len(names)],
-                     max_tokens=10, logprobs=2) for i in range(B)]
+                     max_tokens=10, logprobs=5) for i in range(B)]   # top 5: a flip's gap is known
         a, b = _run(eager, reqs), _run(graphs, reqs)
         for r in reqs:
             ta, tb = a[r.request_id].tokens[0], b[r.request_id].tokens[0]
@@ -237,7 +237,7 @@ def _compare_round(eager, graphs, batches: list[int], names: list, tag: str, see
                 compared += 1
                 if ta[t] != tb[t]:
                     top = dict(la[t].top)
-                    gap = top[ta[t]] - top[tb[t]] if tb[t] in top else None   # None: not in eager's top 2
+                    gap = top[ta[t]] - top[tb[t]] if tb[t] in top else None   # None: not in eager's top 5
                     tie = gap is not None and gap <= 2 * tol
                     ties += tie
                     mism += not tie

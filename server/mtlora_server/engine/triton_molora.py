@@ -79,12 +79,14 @@ class TileConfig:
             raise ValueError(f"TileConfig ksplit must be >= 1 and num_warps a power of two <= 16: {self}")
 
 
-# (largest step size T, config), first match wins. Untuned defaults until a `mtlora-bench gpu` report on the target
-# GPU says otherwise (its "tile_table" entry is this list, ready to install with `set_tile_table`).
+# (largest step size T, config), first match wins. Tuned on one H200 (`mtlora-bench gpu` tile sweep, 2026-12-04,
+# commit b561e27: the 7B FFN block site, 8 slots of N 16 / r 16 / g 2, every token on its own adapter; device time
+# per call at T = 1 / 16 / 64 / 256 / 2048: 6.4 / 10.8 / 12.1 / 17.8 / 70.2 us, against 36.7 / 44.1 / 44.1 / 45.5 /
+# 105.6 us for the slowest candidate). Another GPU: run the sweep and install its "tile_table" (`set_tile_table`).
 DEFAULT_TILE_TABLE: list[tuple[int, TileConfig]] = [
-    (64, TileConfig(bt=16, bk=64, ksplit=8, bko=64, num_warps=4)),
-    (512, TileConfig(bt=16, bk=64, ksplit=4, bko=64, num_warps=4)),
-    (1 << 62, TileConfig(bt=32, bk=64, ksplit=1, bko=64, num_warps=4)),
+    (1, TileConfig(bt=16, bk=128, ksplit=16, bko=64, num_warps=4)),
+    (256, TileConfig(bt=16, bk=64, ksplit=8, bko=64, num_warps=4)),
+    (1 << 62, TileConfig(bt=32, bk=64, ksplit=4, bko=64, num_warps=4)),
 ]
 TILE_TABLE: list[tuple[int, TileConfig]] = list(DEFAULT_TILE_TABLE)
 

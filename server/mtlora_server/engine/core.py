@@ -53,7 +53,7 @@ from mtlora.base import load_config, load_tokenizer, parse_dtype, resolve_model
 from mtlora.errors import (AdapterNotFoundError, ContextLengthError, InvalidRequestError, MtloraError,
                            RequestFailedError)
 
-from . import cpu_ext, faults
+from . import cpu_ext, cuda_kernels, faults
 from .adapter_registry import AdapterRegistry
 from .args import EngineArgs
 from .core_adapters import AdapterMethods, _Adapter
@@ -118,11 +118,8 @@ class EngineCore(AdapterMethods):
             log.info("projection and lm_head weights prepacked for oneDNN (bf16 on CPU)")
         if self.device.type == "cpu" and not args.batch_invariant:
             cpu_ext.enable_kernels(args, self.model, self.slots, self.pool.k.dtype, compiled=bool(mode))
-        elif self.device.type == "cuda" and not args.batch_invariant:      # Triton kernels when triton imports
-            paged, fused = self.model.enable_paged_kernel(self.pool.k.dtype), self.model.enable_fused_ops()
-            log.info("CUDA kernels: decode attention %s; norms / silu * up / rope %s",
-                     "Triton (paged KV read in place)" if paged else "torch (K/V gathered per layer)",
-                     "Triton (one kernel each)" if fused else "torch")
+        elif self.device.type == "cuda" and not args.batch_invariant:
+            cuda_kernels.enable(self.model, self.pool.k.dtype)
         graphs = mode and DecodeGraphs(self.model, self.pool, self.slots, args.max_num_seqs, self.max_model_len, mode)
         self.runner = ModelRunner(self.model, self.pool, self.slots, self.device, self.slot_sites, graphs)
         self.eos_ids = set(c.eos_token_ids)

@@ -132,14 +132,9 @@ def _chunks(B: int, q_len: int, ctx: int, blocks_per_seq: int, block_size: int, 
 
 def _graph_time(measure, forward) -> float:
     """Capture forward() in a CUDA graph (warm-up on a side stream first) and time its replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        forward()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        forward()
+    from .bench_gpu_tune import capture_graph
+
+    graph = capture_graph(forward)
     t = measure(graph.replay)
     del graph
     return t

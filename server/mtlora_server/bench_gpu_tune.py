@@ -32,6 +32,21 @@ CANDIDATES = [dict(bt=16, bk=64, ksplit=8, bko=64, num_warps=4), dict(bt=16, bk=
               dict(bt=64, bk=64, ksplit=1, bko=64, num_warps=4), dict(bt=64, bk=32, ksplit=1, bko=128, num_warps=8)]
 
 
+def capture_graph(fn, calls: int = 1) -> "torch.cuda.CUDAGraph":
+    """`calls` calls of fn() captured in one CUDA graph, after a warm-up call on a side stream (allocator, cuBLAS
+    handles and Triton compiles happen outside the capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return graph
+
+
 def _time_ms(fn, reps: int = 5, calls: int = 20) -> float:
     """Device time of one fn() call in ms after a warm-up call (which also compiles): on CUDA, `calls` calls are
     captured in one CUDA graph and the replay is timed with CUDA events (median of `reps`, divided by `calls`).
@@ -43,15 +58,7 @@ def _time_ms(fn, reps: int = 5, calls: int = 20) -> float:
         t0 = time.perf_counter()
         fn()
         return (time.perf_counter() - t0) * 1e3
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
+    graph = capture_graph(fn, calls)
     graph.replay()
     torch.cuda.synchronize()
     times = []
@@ -81,16 +88,7 @@ def graph_replay_check(ctx) -> dict:
     call = lambda: molora_add_(x, tiles, dev.A, dev.B, dev.R, dev.nexp, dev.groups, dev.scaling, out, cfg)  # noqa
     replay = call                                    # dry run: no graph; the same buffers are re-read eagerly
     if dev_name == "cuda":
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            call()                                                               # compile + warm up off-graph
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            call()
-        replay = graph.replay
+        replay = capture_graph(call).replay                                      # compiles + warms up off-graph
     errs = []
     for k in range(4):
         idx = random_layout(T, S, ctx.seed + 200 + k, base_only=k == 3)

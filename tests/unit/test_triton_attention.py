@@ -8,8 +8,6 @@ compiled ahead of time for sm_90 in CI so a kernel the interpreter accepts but t
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,6 +16,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from triton_interp import run_interpreted  # noqa: E402
 
 # (KV heads, query heads per KV head, head dim, context lengths per row, Kmax): MHA, GQA, a head dim that is not
 # a power of two, Kmax not a multiple of the kernel's block, padded rows, one row, a row of one token.
@@ -129,12 +129,7 @@ def _check(rows: list[dict], dtypes) -> None:
 
 
 def test_interpreter_matches_oracle_and_gather_path():
-    pytest.importorskip("triton", reason="triton is not installed")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600,
-                          cwd=Path(__file__).resolve().parents[2])
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_interpreted(__file__)
     _check(out["kernel"], (torch.float32, torch.bfloat16))
     engine = out["engine"]
     assert engine["tokens"] == 30 and engine["tokens_equal"] and engine["logprob_max_diff"] <= 1e-4, engine

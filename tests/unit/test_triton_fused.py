@@ -12,8 +12,6 @@ the same bits (the reductions sum in another order than torch's).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +20,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from triton_interp import run_interpreted  # noqa: E402
 
 RMS_CASES = [(1, 64), (37, 576), (9, 4096), (5, 7)]          # (T, d): d not a power of two, d = 7
 SILU_CASES = [(1, 16), (33, 1536), (4, 1100)]                 # (T, F): F spans several blocks, not a multiple
@@ -113,12 +113,7 @@ def _check(rows: list[dict], dtypes) -> None:
 
 
 def test_interpreter_matches_the_torch_expressions_and_the_engine():
-    pytest.importorskip("triton", reason="triton is not installed")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600,
-                          cwd=Path(__file__).resolve().parents[2])
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_interpreted(__file__)
     _check(out["rows"], (torch.float32,))
     for e in out["engine"].values():
         assert e["tokens"] == 20 and e["tokens_equal"] and e["logprob_max_diff"] <= 1e-4, out["engine"]

@@ -7,8 +7,6 @@ at import time and must not leak into other tests). Sizes stay tiny (T <= 8, d <
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +14,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from triton_interp import run_interpreted  # noqa: E402
 
 # (site, tokens' slots) cases: heterogeneous mixes, slots that do not use the site, all-base, one token.
 CASES = [
@@ -155,12 +155,7 @@ def _check(results: list[dict], atol: float) -> None:
 
 
 def test_triton_interpreter_matches_reference_on_cpu():
-    pytest.importorskip("triton", reason="triton is not installed")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300,
-                          cwd=Path(__file__).resolve().parents[2])
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_interpreted(__file__)
     _check(out["cases"], atol=1e-5)
     _check_planned(out["planned"], atol=1e-5)
 

@@ -240,7 +240,7 @@ class LlamaDecoder:
         self.row_tile = 0            # > 0: batch-invariant mode, the row tile (invariant.py); see below
         self.paged_kernel = None     # cpu_attention's extension: decode attention read in place from the pool
         self.cuda_paged = None       # the triton_attention module when decode attention reads the pool on CUDA
-        self.fused = None            # cpu_fused's extension: norm / residual add, silu * up, rope in one pass each
+        self.fused = None            # cpu_fused's extension (CPU) or triton_fused (CUDA): norm, silu * up, rope
 
     def enable_batch_invariance(self, max_rows: int) -> int:
         """Switch to batch-invariant numerics after probing this machine's matmuls on the model's own shapes

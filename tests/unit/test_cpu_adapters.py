@@ -341,3 +341,24 @@ def test_routing_stats_from_the_kernel_equal_the_torch_paths(ext, layout, calls)
     for a, b in zip(got[True], got[False]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert got[True][2].sum() > 0
+
+
+def _chunks_by_loop(B: torch.Tensor, pairs: bool) -> torch.Tensor:
+    """The arena layouts written the plain way, one slice per chunk of CHUNK columns (the oracle for the permutes)."""
+    C = cpu_adapters.CHUNK
+    g, nr, dg = B.shape
+    if pairs:
+        if nr % 2:
+            B = torch.cat([B, B.new_zeros(g, 1, dg)], dim=1)
+        bp = B.reshape(g, -1, 2, dg)
+        parts = [bp[..., c0:c0 + C].transpose(2, 3).reshape(g, -1) for c0 in range(0, dg, C)]
+    else:
+        parts = [B[:, :, c0:c0 + C].reshape(g, -1) for c0 in range(0, dg, C)]
+    return torch.cat(parts, dim=1).reshape(-1)
+
+
+@pytest.mark.parametrize("g,nr,dg", [(1, 16, 1536), (2, 17, 288), (3, 1, 20), (1, 128, 32), (2, 3, 33), (1, 5, 8)])
+def test_arena_layouts_equal_the_chunk_by_chunk_definition(g, nr, dg):
+    B = torch.randn(g, nr, dg, generator=torch.Generator().manual_seed(nr * dg)).to(torch.bfloat16)
+    assert torch.equal(cpu_adapters.chunk_major(B), _chunks_by_loop(B, pairs=False))
+    assert torch.equal(cpu_adapters.pair_major(B), _chunks_by_loop(B, pairs=True))

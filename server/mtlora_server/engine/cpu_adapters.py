@@ -100,9 +100,12 @@ class SlotArena:
 
 def chunk_major(B: torch.Tensor) -> torch.Tensor:
     """B [g, Nr, dg] as a flat vector, per group its columns in chunks of CHUNK (the last narrower), each chunk's
-    [Nr, width] contiguous: the expand reads every chunk front to back instead of one cache line per row."""
-    return torch.cat([B[:, :, c0:c0 + CHUNK].reshape(B.shape[0], -1)
-                      for c0 in range(0, B.shape[2], CHUNK)], dim=1).reshape(-1)
+    [Nr, width] contiguous: the expand reads every chunk front to back instead of one cache line per row.
+    The full chunks are one permute (not a slice per chunk: an adapter swap builds ~100 of these per slot)."""
+    g, nr, dg = B.shape
+    full = dg // CHUNK * CHUNK
+    head = B[:, :, :full].reshape(g, nr, -1, CHUNK).permute(0, 2, 1, 3).reshape(g, -1)   # [g, nC * Nr * CHUNK]
+    return torch.cat([head, B[:, :, full:].reshape(g, -1)], dim=1).reshape(-1)
 
 
 def pair_major(B: torch.Tensor) -> torch.Tensor:
@@ -112,8 +115,9 @@ def pair_major(B: torch.Tensor) -> torch.Tensor:
     if nr % 2:
         B = torch.cat([B, B.new_zeros(g, 1, dg)], dim=1)
     bp = B.reshape(g, -1, 2, dg)                                                   # [g, Np, 2, dg]
-    return torch.cat([bp[..., c0:c0 + CHUNK].transpose(2, 3).reshape(g, -1)
-                      for c0 in range(0, dg, CHUNK)], dim=1).reshape(-1)
+    full = dg // CHUNK * CHUNK
+    head = bp[..., :full].reshape(g, bp.shape[1], 2, -1, CHUNK).permute(0, 3, 1, 4, 2).reshape(g, -1)
+    return torch.cat([head, bp[..., full:].transpose(2, 3).reshape(g, -1)], dim=1).reshape(-1)
 
 
 def pair_layout(ext, dtype: torch.dtype) -> bool:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 
 import torch
 
@@ -45,6 +44,7 @@ from mtlora.inject import expected_shapes
 from mtlora.sites import SITE_NAMES, site_dims
 
 from . import cpu_adapters, slot_stack
+from .site_buffers import SiteBuffers, SlotPack, pack_slot
 from .invariant import pad_rows
 from .routing_stats import RoutingStats  # noqa: F401  (re-exported: the engine and tests import it from here)
 from .slot_plan import SlotPlan  # noqa: F401  (re-exported: the runner and tests import it from here)
@@ -102,68 +102,6 @@ def segment_tiles(slot_idx: torch.Tensor, pad_row: int, min_tile: int = 1,
 
 
 # -- the per-step plan and the fused per-slot path ---------------------------------------------------------------
-@dataclass
-class _SlotPack:
-    """One slot's `mtlora.grouped.Pack` for the sites sharing one input; `targets[i]` is the index (in the
-    `apply_shared` targets) of the site of `pack.parts[i]`."""
-
-    pack: grouped.Pack
-    targets: list[int]
-
-
-def _pack_slot(bufs: list[tuple[int, "_SiteBuffers"]], slot: int) -> _SlotPack | None:
-    """The slot's sites among `bufs` [(target index, buffers)], each trimmed to the slot's own r / N / g."""
-    sites, targets = [], []
-    for i, buf in bufs:
-        if slot not in buf.users:
-            continue
-        r, N, g = buf.dims[slot]
-        sites.append(grouped.SiteWeights(buf.A[slot, :r], buf.B[slot, :N, :r],
-                                         buf.R[slot, :g, :N] if N > 1 else None, float(buf.scaling[slot])))
-        targets.append(i)
-    return _SlotPack(grouped.pack(sites), targets) if sites else None
-
-
-# -- the stacked slots --------------------------------------------------------------------------------------------
-class _SiteBuffers:
-    """The stacked, zero-padded tensors of one (layer, site) for all slots (layout: see module docstring)."""
-
-    def __init__(self, S: int, r: int, N: int, G: int, d_in: int, d_out: int, dtype, device):
-        kw = {"dtype": dtype, "device": device}
-        self.A = torch.zeros(S, r, d_in, **kw)                                      # [S, r_max, d_in]
-        self.B = torch.zeros(S, N, r, d_out, **kw)                                  # [S, N_max, r_max, d_out]
-        self.R = torch.zeros(S, G, N, d_in, **kw)                                   # [S, g_max, N_max, d_in]
-        self.expert_mask = torch.zeros(S, N, dtype=torch.bool, device=device)      # [S, N_max]
-        self.groups = torch.ones(S, dtype=torch.long, device=device)                # [S]
-        self.scaling = torch.zeros(S, dtype=torch.float32, device=device)           # [S]
-        self.used = torch.zeros(S, dtype=torch.bool, device=device)                 # [S] slot adapts this site
-        self.nexp = torch.zeros(S, dtype=torch.int32, device=device)                # [S] experts (0: unused)
-        self.users: set[int] = set()                                                # host copy of `used`
-        self.dims: dict[int, tuple[int, int, int]] = {}                             # slot -> (r, N, g), host side
-
-    def tensors(self) -> tuple:
-        return self.A, self.B, self.R, self.expert_mask, self.groups, self.scaling
-
-    def clear(self, slot: int) -> None:
-        """Zero what the slot's adapter wrote. Everything outside `dims[slot]` is zero already (buffers start
-        zeroed and `load` writes only inside its dims), so an adapter swap costs the adapter's size, not the
-        preallocated maxima (default model, the benchmark's adapters: 3-8 MiB written vs ~70 MiB of slot). A slot
-        without `dims` is clear already (`load` records them before its first write), so clearing it does nothing:
-        a swap clears each site once, not once on eviction and again in `load` (~1,700 small tensor writes)."""
-        written = self.dims.get(slot)
-        if written is None:
-            return
-        r, N, g = written
-        self.A[slot, :r] = 0
-        self.B[slot, :N, :r] = 0
-        self.R[slot, :g, :N] = 0
-        for t in (self.expert_mask, self.scaling, self.used, self.nexp):
-            t[slot] = 0
-        self.groups[slot] = 1
-        self.users.discard(slot)
-        self.dims.pop(slot, None)
-
-
 class AdapterSlots:
     """Preallocated adapter slots for a LLaMA-architecture base; one batched op per site per layer."""
 
@@ -178,9 +116,9 @@ class AdapterSlots:
         self.max_adapters, self.max_rank = max_adapters, max_rank
         self.max_experts, self.max_groups = max_experts, max_groups
         self.dtype, self.device = dtype, torch.device(device)
-        self._sites: dict[tuple[int, str], _SiteBuffers] = {}
+        self._sites: dict[tuple[int, str], SiteBuffers] = {}
         self._configs: dict[int, AdapterConfig] = {}
-        self._packs: dict[tuple, _SlotPack | None] = {}                           # (layer, sites, slot) -> pack
+        self._packs: dict[tuple, SlotPack | None] = {}                           # (layer, sites, slot) -> pack
         self._stacks: dict[tuple, slot_stack.SlotStack] = {}                     # (layer, sites, shape) -> stack
         self.row_tile = 0              # batch-invariant mode: each slot's rows padded to a multiple (invariant.py)
         self.version = 0               # bumped by every load / clear (static-shape paths re-read `layout()`)
@@ -223,11 +161,11 @@ class AdapterSlots:
             if not torch.isfinite(tensors[name]).all():
                 raise AdapterLoadError(f"tensor {name} contains NaN or Inf")
 
-    def _site(self, layer: int, site: str) -> _SiteBuffers:
+    def _site(self, layer: int, site: str) -> SiteBuffers:
         key = (layer, site)
         if key not in self._sites:   # lazily, but for every slot at once: later loads never reallocate
             d_in, d_out = site_dims(self.model_config, site)
-            self._sites[key] = _SiteBuffers(self.max_adapters, self.max_rank, self.max_experts, self.max_groups,
+            self._sites[key] = SiteBuffers(self.max_adapters, self.max_rank, self.max_experts, self.max_groups,
                                             d_in, d_out, self.dtype, self.device)
             log.debug("allocated adapter buffers for layers.%d.%s", layer, site)
         return self._sites[key]
@@ -380,16 +318,16 @@ class AdapterSlots:
                 if stats is not None:
                     self._record(stats, slot, part, w, n, x.device)
 
-    def _bufs(self, layer: int, targets) -> list[tuple[int, "_SiteBuffers"]]:
+    def _bufs(self, layer: int, targets) -> list[tuple[int, "SiteBuffers"]]:
         """(index in targets, buffers) of the targets' sites allocated here and used by some slot."""
         bufs = [(i, self._sites.get((layer, site))) for i, (site, _) in enumerate(targets)]
         return [(i, b) for i, b in bufs if b is not None and b.users]
 
-    def _slot_pack(self, layer: int, key_sites: tuple, bufs, slot: int) -> "_SlotPack | None":
+    def _slot_pack(self, layer: int, key_sites: tuple, bufs, slot: int) -> "SlotPack | None":
         """The slot's pack for these sites (built on first use, kept until the slot changes)."""
         key = (layer, key_sites, slot)
         if key not in self._packs:
-            self._packs[key] = _pack_slot(bufs, slot)
+            self._packs[key] = pack_slot(bufs, slot)
         return self._packs[key]
 
     def _kernel_only(self, layer: int, x: torch.Tensor, targets, plan: SlotPlan,
@@ -485,7 +423,7 @@ class AdapterSlots:
         of = dict(bufs)
         return [of.get(i) for i in range(len(targets))]
 
-    def _apply_slot_view(self, x: torch.Tensor, rows: slice, sp: _SlotPack, targets, slot: int,
+    def _apply_slot_view(self, x: torch.Tensor, rows: slice, sp: SlotPack, targets, slot: int,
                          stats: RoutingStats | None, x32: list[torch.Tensor]) -> None:
         """The common case (contiguous rows, not batch-invariant): shrink on the row view, each site's delta added
         in place into its target's row view. A slot with few rows computes in fp32 (`SMALL_ROWS`), reading x32[0],

@@ -77,7 +77,7 @@ class SlotStack:
         self._free: list[int] = []                                                  # rows of forgotten slots
 
     def refresh(self, slot: int, sp) -> int:
-        """The slot's stack row, (re)written from its `_SlotPack` (pack + target indices) when that changed."""
+        """The slot's stack row, (re)written from its `site_buffers.SlotPack` (pack + target indices) when that changed."""
         if slot not in self.row_of:
             row = self._free.pop() if self._free else len(self.row_of)
             if row == self.Wt.shape[0]:

@@ -24,7 +24,7 @@ from mtlora_server.engine.lora_ops import KERNEL_ROWS, SlotPlan
 from mtlora_server.engine.testing import run_to_completion, tiny_engine_args, write_tiny_adapters
 from mtlora_server.engine.types import GenerationRequest, SamplingParams
 from test_lora_ops import CFG, SHARED, _native, _oracle_delta
-from test_slot_stack import LAYOUTS, LORA, MT, _modules, _run, _slots
+from test_slot_stack import LAYOUTS, LORA, MT, SLOT_CFG, _modules, _run, _slots
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +120,61 @@ def test_an_adapter_replaced_in_its_slot_is_followed(ext, calls):
     for site, got in _run(slots, "attn_in", slot_idx, x, 0):
         torch.testing.assert_close(got, _oracle_delta(oracles, slot_idx, x, 0, site, got.shape[1]), atol=1e-5,
                                    rtol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype,pairs", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)],
+                         ids=["fp32", "bf16-rows", "bf16-pairs"])
+def test_prepared_adapters_give_the_arenas_the_slot_buffers_give(ext, dtype, pairs, monkeypatch):
+    """`AdapterSlots.prepare` (the load worker's kernel data, issue 18) must be exactly what the lazy path derives
+    from the slot buffers: the same arena vectors (bit for bit) and meta rows in every call, the same outputs --
+    and with it a step derives nothing from the buffers (`pack_slot` is never called)."""
+    if pairs and not ext.BF16_DOT:
+        pytest.skip("the pair layout needs a kernel built with AVX-512 BF16 (this CPU has no avx512_bf16)")
+    kernel = ext if pairs else types.SimpleNamespace(adapter_rows=ext.adapter_rows, BF16_DOT=False)
+    slot_idx = torch.tensor(LAYOUTS_K["rows_not_multiple_of_4"])
+    xs = {g: torch.randn(slot_idx.shape[0], site_dims(CFG, SHARED[g][0])[0],
+                         generator=torch.Generator().manual_seed(6)).to(dtype) for g in SHARED}
+    runs = {}
+    for use_prepared in (False, True):
+        slots, oracles = _slots(dtype)
+        slots.cpu_kernel = kernel
+        if use_prepared:
+            for slot, cfg in SLOT_CFG.items():
+                native = {k: t.to(dtype) for k, t in _native(oracles[slot]).items()}
+                prepared = slots.prepare(cfg, native)
+                assert prepared is not None and prepared.pairs == pairs
+                slots.load(slot, cfg, native, prepared=prepared)
+            monkeypatch.setattr(lora_ops, "pack_slot", lambda *a: pytest.fail("a prepared slot derived a pack"))
+        outs = [t.clone() for layer in range(CFG.num_hidden_layers) for g in SHARED
+                for _, t in _run(slots, g, slot_idx, xs[g], layer)]
+        runs[use_prepared] = (outs, dict(slots._kcalls.slot_arenas))
+        monkeypatch.undo()
+    (lazy_out, lazy), (prep_out, prep) = runs[False], runs[True]
+    assert lazy.keys() == prep.keys() and len(lazy) > 20
+    for key, a in lazy.items():
+        assert a.meta == prep[key].meta, key
+        assert a.data.dtype == prep[key].data.dtype and torch.equal(a.data, prep[key].data), key
+    assert all(torch.equal(a, b) for a, b in zip(lazy_out, prep_out))
+
+
+@torch.no_grad()
+def test_prepared_data_of_another_dtype_or_a_cleared_slot_is_not_used(ext):
+    """A PreparedAdapter made for other slots (dtype) is ignored by `load`; `clear` forgets the slot's; and
+    `prepare` returns None where the kernel does not run the adapter work."""
+    slots, oracles = _kernel_slots(ext)
+    native = _native(oracles[0])
+    other = cpu_adapters.prepare(MT, {k: t.bfloat16() for k, t in native.items()},
+                                 {s: MT.groups_for(site_dims(CFG, s)[1]) for s in MT.sites()},
+                                 CFG.num_hidden_layers, torch.bfloat16, False)
+    slots.load(0, MT, native, prepared=other)
+    assert 0 not in slots._prepared
+    slots.load(0, MT, native, prepared=slots.prepare(MT, native))
+    assert 0 in slots._prepared
+    slots.clear(0)
+    assert 0 not in slots._prepared
+    slots.cpu_kernel = None
+    assert slots.prepare(MT, native) is None
 
 
 def _direct_inputs(ext):

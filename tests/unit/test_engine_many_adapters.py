@@ -86,6 +86,9 @@ def test_seven_adapters_two_slots_match_all_resident(env, cache_size):
         return execute(scheduled, *args, **kwargs)
 
     core.runner.execute = checked_step
+    installs, load = [], core.slots.load                     # was each slot copy handed the kernel's data?
+    core.slots.load = lambda slot, config, tensors, **kw: installs.append(kw.get("prepared")) or load(
+        slot, config, tensors, **kw)
     reqs = _workload([None, *paths])
     want = run_to_completion(resident, _workload([None, *paths]))
     got = run_to_completion(core, reqs)
@@ -100,6 +103,8 @@ def test_seven_adapters_two_slots_match_all_resident(env, cache_size):
     assert c.loads_total >= NUM_ADAPTERS - 2 and c.evictions_total == len(evicted) >= NUM_ADAPTERS - 2
     assert len(core.adapters) <= 2 and c.load_failures_total == 0
     assert max(map(len, steps)) == 2                            # never more adapters in a step than slots
+    if core.slots.cpu_kernel is not None:                    # read in the load workers, so no arena on the step
+        assert installs and all(p is not None for p in installs)   # thread (issue 18)
     if cache_size:
         assert c.disk_loads_total == NUM_ADAPTERS - 2          # each non-startup adapter read once, then cached
     else:

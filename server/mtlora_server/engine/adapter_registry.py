@@ -29,9 +29,12 @@ Contract:
   blocks it computed before (the weights are the same tensors), while a re-read from disk never does (the files
   may have changed).
 - The host cache is an LRU of validated tensors bounded by `cache_bytes` (0: off); on CUDA its tensors are pinned
-  so the slot copy is a fast host-to-device transfer. `preload()` (start-up, `--preload-adapters`) reads the
-  registered adapters without a slot into it, in registration order, while they fit. Counters (`counters`) feed the metrics; `wait_seconds`
-  holds the times sequences waited for their adapter, for the histogram.
+  so the slot copy is a fast host-to-device transfer. With a `prepare(config, tensors)` callback, every read also
+  derives the kernel-ready data (`LoadedAdapter.prepared`, counted in the cache's bytes) in the same worker, so an
+  install from a read or from the cache builds nothing on the step thread. `preload()` (start-up,
+  `--preload-adapters`) reads the registered adapters without a slot into it, in registration order, while they
+  fit. Counters (`counters`) feed the metrics; `wait_seconds` holds the times sequences waited for their adapter,
+  for the histogram.
 - Thread-safety: only the step thread calls these methods, except that worker threads hand results over through
   `_done` (locked) and then call `notify()` (the engine wakes its step loop); `wait_for_load(timeout)` blocks
   until a load finished (tests that step a bare core).
@@ -46,7 +49,7 @@ import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -69,10 +72,12 @@ class LoadedAdapter:
     config: AdapterConfig
     tensors: dict[str, torch.Tensor]
     uid: int                                              # prefix-cache salt of this copy of the weights
+    prepared: Any = None                                  # kernel-ready data derived from tensors (`prepare`)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+        extra = getattr(self.prepared, "nbytes", 0)
+        return sum(t.numel() * t.element_size() for t in self.tensors.values()) + extra
 
 
 @dataclass
@@ -133,10 +138,11 @@ def scan_adapter_dir(root: str | Path) -> dict[str, str]:
 
 class AdapterRegistry:
     def __init__(self, num_slots: int, read: Callable[[str], tuple], install: Callable[[str, int, LoadedAdapter], None],
-                 evict: Callable[[str, int], None], cache_bytes: int, pin: bool = False):
+                 evict: Callable[[str, int], None], cache_bytes: int, pin: bool = False,
+                 prepare: Callable[[AdapterConfig, dict], Any] | None = None):
         self.num_slots = num_slots
         self.load_ahead = max(MIN_LOAD_AHEAD, num_slots)   # enough to refill every slot that frees at once
-        self._read, self._install, self._evict = read, install, evict
+        self._read, self._install, self._evict, self._prepare = read, install, evict, prepare
         self.records: dict[str, AdapterRecord] = {}
         self.cache = HostCache(cache_bytes, pin)
         self.counters = AdapterCounters()
@@ -319,11 +325,13 @@ class AdapterRegistry:
         self.notify()
 
     def _read_loaded(self, path: str) -> LoadedAdapter:
-        """File read + full validation (+ pinning where the cache pins); uid 0 until the step thread numbers it."""
+        """File read + full validation (+ pinning where the cache pins) + the kernel-ready data (`prepare`); uid 0
+        until the step thread numbers it."""
         config, tensors = self._read(path)
         if self.cache.pin:
             tensors = {k: t.pin_memory() for k, t in tensors.items()}
-        return LoadedAdapter(config, tensors, uid=0)
+        prepared = self._prepare(config, tensors) if self._prepare is not None else None
+        return LoadedAdapter(config, tensors, uid=0, prepared=prepared)
 
     def preload(self) -> int:
         """Read every registered adapter that is not resident into the host cache, in registration order, until

@@ -108,7 +108,8 @@ class EngineCore(AdapterMethods):
         self.routing_stats = RoutingStats()
         self.prefix_cache = PrefixCache(self.pool) if args.enable_prefix_caching else None
         self.registry = AdapterRegistry(args.max_adapters, self.read_adapter, self._slot_install, self._slot_evict,
-                                        args.adapter_cache_size, pin=self.device.type == "cuda")
+                                        args.adapter_cache_size, pin=self.device.type == "cuda",
+                                        prepare=self.slots.prepare)
         self.scheduler = Scheduler(self.pool, args.max_num_seqs, args.max_num_batched_tokens, args.max_waiting,
                                    cache=self.prefix_cache, admissible=self.registry.admissible)
         self.slot_sites: dict[int, set[str]] = {}
@@ -137,7 +138,8 @@ class EngineCore(AdapterMethods):
         self.generation_tokens_total = 0
         for i, (name, path) in enumerate(args.adapters.items()):
             if i < args.max_adapters:
-                self.install_adapter(name, *self.read_adapter(path), path)
+                config, tensors = self.read_adapter(path)
+                self.install_adapter(name, config, tensors, path, self.slots.prepare(config, tensors))
             else:
                 self.register_adapter(name, path)
         if args.preload_adapters:

@@ -2,7 +2,7 @@
 
 Contract (see core.py and adapter_registry.py for the whole picture):
 - `read_adapter(path) -> (config, tensors)`: file read + full validation, AdapterLoadError naming the path (safe in
-  any thread; the registry's load workers call it).
+  any thread; the registry's load workers call it, then `slots.prepare` for the kernel-ready data).
 - `install_adapter(name, config, tensors, path)`: registers validated weights; resident at once in a free slot,
   else kept in the host cache until a request needs it. A dynamic load never fails for lack of a slot.
 - `register_adapter(name, path)`: registers from adapter_config.json alone (checked against the slot limits); the
@@ -50,15 +50,16 @@ class AdapterMethods:
             raise AdapterLoadError(f"cannot load adapter from {path}: {type(exc).__name__}: {exc}") from exc
 
     def install_adapter(self, name: str, config: AdapterConfig, tensors: dict[str, torch.Tensor],
-                        path: str = "<memory>") -> AdapterInfo:
-        """Register a validated adapter; it is resident at once when a slot is free, else in the host cache."""
+                        path: str = "<memory>", prepared=None) -> AdapterInfo:
+        """Register a validated adapter; it is resident at once when a slot is free, else in the host cache.
+        `prepared`: `self.slots.prepare(config, tensors)`, when the caller derived it off the step thread."""
         self._check_new_name(name)
         try:
             self.slots.check(config, tensors)
         except AdapterLoadError as exc:
             raise AdapterLoadError(f"adapter {name!r} ({path}) does not fit the engine: {exc}") from exc
         info = self._info(name, config, path, sum(t.numel() for t in tensors.values()))
-        loaded = LoadedAdapter(config, tensors, uid=self.registry.new_uid())
+        loaded = LoadedAdapter(config, tensors, uid=self.registry.new_uid(), prepared=prepared)
         self.registry.register(name, path, config, info, loaded)
         free = self.registry.free_slots()
         if free:
@@ -101,7 +102,8 @@ class AdapterMethods:
         """The slot copy (registry callback, step thread): `name`'s validated weights into `slot`."""
         config = loaded.config
         try:
-            self.slots.load(slot, config, loaded.tensors, checked=True)   # validated when read / installed
+            self.slots.load(slot, config, loaded.tensors, checked=True,   # validated when read / installed
+                            prepared=loaded.prepared)
         except Exception as exc:
             self.slots.clear(slot)
             raise AdapterLoadError(f"adapter {name!r} does not fit the engine: {exc}") from exc

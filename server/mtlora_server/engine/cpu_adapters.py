@@ -25,6 +25,11 @@ Contract:
   `pair_layout(ext, dtype)` says when: a kernel with AVX-512 BF16): B in row pairs (`pair_major`, the kernel's
   layout 1, recorded in the meta row), and the kernel's expand runs on bf16 dot products too, on the routed input
   rounded to bf16 once -- as the torch path's bf16 matmul rounds it -- at about twice the fp32 FMA rate.
+- `SlotData.of(pack, keys, pairs)`: the same flat vector with each part's offsets keyed by its site instead of a
+  position; `.arena(sites)` places it in a call over `sites` (a meta row, no tensor work). `prepare(config, tensors,
+  groups, num_layers, dtype, pairs) -> PreparedAdapter`: an adapter's SlotData per (layer, input), straight from its
+  validated tensors and equal to what the lazy path derives from the slot buffers; pure, so the registry's load
+  workers run it and an adapter swap then builds no arena on the step thread (issue 18).
 - `Arena.of(slot_arenas, nsite)`: the arenas of one call's segments in segment order, meta [P, 3 + 7*nsite]
   (layout: the C++ file's header); a slot with rows 0 (adapting none of these sites) is skipped.
 - `segments(groups, max_rows) -> [P, 3] int64 | None`: (slot, lo, hi) of each slot whose rows are one contiguous
@@ -45,6 +50,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mtlora import grouped
+from mtlora.sites import BY_NAME, SITE_NAMES
 
 from .cpu_ext import CSRC, CpuExtension
 
@@ -75,7 +81,7 @@ class SlotArena:
     """One slot's pack for one site group as a flat vector and its meta row (offsets into that vector)."""
 
     data: torch.Tensor        # [numel] fp32 / bf16: W [rows, d_in], then each site's B [g, N*r, d_out/g]
-    meta: list[int]           # 2 + 7*nsite ints: w_off, rows, then per site (used, a_off, r, r_off, N, g, b_off)
+    meta: list[int]           # 3 + 7*nsite ints: w_off, rows, layout, per site (used, a_off, r, r_off, N, g, b_off)
 
     @classmethod
     def empty(cls, nsite: int, dtype: torch.dtype) -> "SlotArena":
@@ -84,18 +90,89 @@ class SlotArena:
 
     @classmethod
     def build(cls, pk: grouped.Pack, positions: list[int], nsite: int, pairs: bool = False) -> "SlotArena":
+        """pack.parts[i] goes to site index positions[i] of a call over nsite sites."""
+        return SlotData.of(pk, positions, pairs).arena(range(nsite))
+
+
+@dataclass
+class SlotData:
+    """One adapter's kernel data for the sites it adapts among one site group: the flat vector (`SlotArena.data`)
+    and each part's offsets keyed by its site. Independent of the slot and of which other sites a call covers, so
+    it is built once per adapter (`prepare`, off the step thread) and placed into any call by `arena(sites)`, which
+    only writes a meta row."""
+
+    data: torch.Tensor
+    rows: int                                     # shrink (+ router) rows of W
+    pairs: bool                                   # B in the pair layout (kernel layout 1)
+    parts: tuple[tuple[object, tuple[int, ...]], ...]   # (site key, (a_off, r, r_off, N, g, b_off))
+
+    @classmethod
+    def of(cls, pk: grouped.Pack, keys, pairs: bool = False) -> "SlotData":
+        """pack.parts[i] is the site keys[i]."""
         if pk.W.dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"the adapter kernel reads float32 or bfloat16 packs, got {pk.W.dtype}")
         if pairs and pk.W.dtype != torch.bfloat16:
             raise ValueError("the pair layout of B is for bfloat16 packs")
-        meta = [0, pk.W.shape[0], int(pairs)] + [0] * (SITE * nsite)
-        chunks, off = [pk.W.reshape(-1)], pk.W.numel()
-        for part, pos in zip(pk.parts, positions):
-            meta[HEAD + SITE * pos:HEAD + SITE * (pos + 1)] = [1, part.a_off, part.r, part.r_off, part.N, part.g, off]
+        chunks, off, parts = [pk.W.reshape(-1)], pk.W.numel(), []
+        for part, key in zip(pk.parts, keys):
+            parts.append((key, (part.a_off, part.r, part.r_off, part.N, part.g, off)))
             flat = pair_major(part.B) if pairs else chunk_major(part.B)
             chunks.append(flat)
             off += flat.numel()
-        return cls(torch.cat(chunks).contiguous(), meta)
+        return cls(torch.cat(chunks).contiguous(), pk.W.shape[0], pairs, tuple(parts))
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    def arena(self, sites) -> SlotArena:
+        """This data in a call over `sites` (a sequence of site keys holding every key of this data)."""
+        sites = list(sites)
+        meta = [0, self.rows, int(self.pairs)] + [0] * (SITE * len(sites))
+        for key, vals in self.parts:
+            pos = sites.index(key)
+            meta[HEAD + SITE * pos:HEAD + SITE * (pos + 1)] = [1, *vals]
+        return SlotArena(self.data, meta)
+
+
+@dataclass
+class PreparedAdapter:
+    """An adapter's `SlotData` per (layer, input) -- `mtlora.sites.Site.reads` names the input a site group shares
+    -- for slots of one dtype and B layout (`prepare`)."""
+
+    dtype: torch.dtype
+    pairs: bool
+    groups: dict[tuple[int, str], SlotData]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(d.nbytes for d in self.groups.values())
+
+
+def prepare(config, tensors: dict[str, torch.Tensor], groups: dict[str, int], num_layers: int,
+            dtype: torch.dtype, pairs: bool) -> PreparedAdapter:
+    """The kernel data of a validated adapter (`tensors` in native layout, `groups`: site -> routing groups g),
+    exactly what the slots' lazy path derives from the slot buffers (`site_buffers.pack_slot` -> `SlotData.of`):
+    the same dtype cast, router view and fp32 scaling, the sites of each input in canonical order. Pure: reads no
+    slot state, so it runs in a load worker."""
+    scaling = float(torch.tensor(config.scaling, dtype=torch.float32))          # as the slots' fp32 scaling holds it
+    out = {}
+    with torch.no_grad():
+        for layer in range(num_layers):
+            by_input: dict[str, list[str]] = {}
+            for name in SITE_NAMES:
+                if name in groups:
+                    by_input.setdefault(BY_NAME[name].reads, []).append(name)
+            for reads, names in by_input.items():
+                sites = []
+                for name in names:
+                    prefix = f"layers.{layer}.{name}"
+                    router = tensors[f"{prefix}.router"].to(dtype) if config.has_router else None
+                    sites.append(grouped.SiteWeights.from_native(tensors[f"{prefix}.lora_A"].to(dtype),
+                                                                 tensors[f"{prefix}.lora_B"].to(dtype), router,
+                                                                 scaling))
+                out[(layer, reads)] = SlotData.of(grouped.pack(sites), names, pairs)
+    return PreparedAdapter(dtype, pairs, out)
 
 
 def chunk_major(B: torch.Tensor) -> torch.Tensor:
@@ -186,10 +263,10 @@ class KernelCalls:
             got = plan.memo[("kernel_segs", max_rows)] = (segs, slots, len(slots) == len(plan.groups))
         return got
 
-    def arena(self, layer: int, sites: tuple, slots: tuple, version: int, dtype: torch.dtype, pack_of,
-              pairs: bool = False) -> "Arena":
-        """The Arena of `slots` (segment order) for these sites; pack_of(slot) -> (grouped.Pack, positions) or
-        None (the slot adapts none of them), called for a slot's first use only; `pairs`: B in the pair layout."""
+    def arena(self, layer: int, sites: tuple, slots: tuple, version: int, dtype: torch.dtype,
+              data_of) -> "Arena":
+        """The Arena of `slots` (segment order) for these sites; data_of(slot) -> the slot's `SlotData` here or
+        None (the slot adapts none of them), called for a slot's first use only."""
         cached = self._sets.get((layer, sites))
         if cached is not None and cached[0] == (slots, version):
             return cached[1]
@@ -197,8 +274,8 @@ class KernelCalls:
         for slot in slots:
             sa = self.slot_arenas.get((layer, sites, slot))
             if sa is None:
-                got = pack_of(slot)
-                sa = SlotArena.build(*got, len(sites), pairs) if got is not None else SlotArena.empty(len(sites), dtype)
+                got = data_of(slot)
+                sa = got.arena(sites) if got is not None else SlotArena.empty(len(sites), dtype)
                 self.slot_arenas[(layer, sites, slot)] = sa
             parts.append(sa)
         arena = Arena.of(parts, len(sites))

@@ -288,8 +288,13 @@ class Engine:
     async def load_adapter(self, name: str, path: str) -> AdapterInfo:
         await self.start()
         # File work off both loops, in a thread that ends with it (module docstring: libgomp pools).
-        config, tensors = await run_in_fresh_thread(self.core.read_adapter, path)
-        return await self._submit(lambda: self.core.install_adapter(name, config, tensors, path))
+        config, tensors, prepared = await run_in_fresh_thread(self._read_prepared, path)
+        return await self._submit(lambda: self.core.install_adapter(name, config, tensors, path, prepared))
+
+    def _read_prepared(self, path: str) -> tuple:
+        """File read + validation + the kernel-ready data (`AdapterSlots.prepare`): the work off the step thread."""
+        config, tensors = self.core.read_adapter(path)
+        return config, tensors, self.core.slots.prepare(config, tensors)
 
     async def unload_adapter(self, name: str) -> None:
         await self.start()

@@ -41,7 +41,7 @@ from mtlora import grouped
 from mtlora.config import AdapterConfig
 from mtlora.errors import AdapterLoadError, ConfigError
 from mtlora.inject import expected_shapes
-from mtlora.sites import SITE_NAMES, site_dims
+from mtlora.sites import BY_NAME, SITE_NAMES, site_dims
 
 from . import cpu_adapters, slot_stack
 from .site_buffers import SiteBuffers, SlotPack, pack_slot
@@ -119,6 +119,7 @@ class AdapterSlots:
         self._sites: dict[tuple[int, str], SiteBuffers] = {}
         self._configs: dict[int, AdapterConfig] = {}
         self._packs: dict[tuple, SlotPack | None] = {}                           # (layer, sites, slot) -> pack
+        self._prepared: dict[int, cpu_adapters.PreparedAdapter] = {}             # slot -> the kernel's data
         self._stacks: dict[tuple, slot_stack.SlotStack] = {}                     # (layer, sites, shape) -> stack
         self.row_tile = 0              # batch-invariant mode: each slot's rows padded to a multiple (invariant.py)
         self.version = 0               # bumped by every load / clear (static-shape paths re-read `layout()`)
@@ -177,11 +178,12 @@ class AdapterSlots:
             self._check_tensors(config, tensors)
 
     def load(self, slot: int, config: AdapterConfig, tensors: dict[str, torch.Tensor],
-             checked: bool = False) -> None:
+             checked: bool = False, prepared: "cpu_adapters.PreparedAdapter | None" = None) -> None:
         """Write an adapter into `slot` (replacing what was there). Everything is checked before any write;
         `checked=True` skips the tensor pass (names, shapes, finiteness) for tensors that `check` (or
         `mtlora.checkpoint.load_adapter` with the model config) has validated already; the limits are always
-        checked."""
+        checked. `prepared`: `prepare(config, tensors)` of these very tensors, kept for the kernel (no arena is
+        derived from the buffers on the step thread then); ignored when made for another dtype or layout."""
         groups = self._check_limits(slot, config)
         if not checked:
             self._check_tensors(config, tensors)
@@ -205,6 +207,9 @@ class AdapterSlots:
                     buf.nexp[slot] = N
                     buf.users.add(slot)
         self._configs[slot] = config
+        if prepared is not None and prepared.dtype == self.dtype \
+                and prepared.pairs == cpu_adapters.pair_layout(self.cpu_kernel, self.dtype):
+            self._prepared[slot] = prepared
         self.version += 1
         log.info("loaded %s adapter into slot %d (r=%d, N=%d, sites=%s)", config.method, slot, r, N,
                  ",".join(groups))
@@ -217,6 +222,7 @@ class AdapterSlots:
             for buf in self._sites.values():
                 buf.clear(slot)
         self._configs.pop(slot, None)
+        self._prepared.pop(slot, None)
         self.version += 1
         # A pack holds one slot's rows only: the other slots' packs stay valid (adapter swaps rebuild one slot's).
         self._packs = {key: pack for key, pack in self._packs.items() if key[-1] != slot}
@@ -374,14 +380,33 @@ class AdapterSlots:
 
     def _arena(self, layer: int, key_sites: tuple, bufs, slots: tuple[int, ...]) -> cpu_adapters.Arena:
         """The step's segments' slot arenas (`slots`, in segment order) for these sites (cpu_adapters.KernelCalls:
-        each slot's built on first use and kept until that slot changes)."""
+        each slot's built on first use and kept until that slot changes; from the adapter's `PreparedAdapter`
+        when it came with one, else derived from the slot buffers here)."""
         position = {i: k for k, (i, _) in enumerate(bufs)}
+        reads = {BY_NAME[site].reads for site in key_sites}
 
-        def pack_of(slot: int):
+        def data_of(slot: int):
+            prepared = self._prepared.get(slot)
+            if prepared is not None and len(reads) == 1:
+                return prepared.groups.get((layer, next(iter(reads))))
             sp = self._slot_pack(layer, key_sites, bufs, slot)
-            return None if sp is None else (sp.pack, [position[t] for t in sp.targets])
-        return self._kcalls.arena(layer, key_sites, slots, self.version, self.dtype, pack_of,
-                                  cpu_adapters.pair_layout(self.cpu_kernel, self.dtype))
+            pairs = cpu_adapters.pair_layout(self.cpu_kernel, self.dtype)
+            return None if sp is None else cpu_adapters.SlotData.of(
+                sp.pack, [key_sites[position[t]] for t in sp.targets], pairs)
+        return self._kcalls.arena(layer, key_sites, slots, self.version, self.dtype, data_of)
+
+    def prepare(self, config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> "cpu_adapters.PreparedAdapter | None":
+        """The CPU kernel's data of a validated adapter (`cpu_adapters.prepare`), for `load(..., prepared=)`; safe in
+        any thread (reads no slot state). None where the kernel does not run the adapter work (no kernel, not CPU,
+        batch-invariant mode) or the adapter does not fit the limits (`load` says why)."""
+        if self.cpu_kernel is None or self.device.type != "cpu" or self.row_tile:
+            return None
+        try:
+            groups = self._check_limits(0, config)
+        except AdapterLoadError:
+            return None
+        return cpu_adapters.prepare(config, tensors, groups, self.num_layers, self.dtype,
+                                    cpu_adapters.pair_layout(self.cpu_kernel, self.dtype))
 
     def _apply_stacked(self, layer: int, x: torch.Tensor, targets, bufs, key_sites: tuple,
                        plan: SlotPlan, stats: RoutingStats | None) -> set[int]:

@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "subfolder; repeatable.")
     p.add_argument("--adapter-cache-size", type=_size_or_zero, default=2 << 30, metavar="SIZE",
                    help="Host memory for validated adapter tensors (LRU, pinned on CUDA) so an evicted adapter "
-                        "comes back with a copy instead of a disk read, e.g. 4GiB; 0 turns the cache off.")
+                        "comes back with a copy instead of a disk read, e.g. 4GiB; 0 turns the cache off. On CPU "
+                        "with the adapter kernel an entry also holds the kernel's layout (twice the file size).")
     p.add_argument("--preload-adapters", action="store_true",
                    help="At start-up, read every registered adapter that gets no slot into the host cache (in "
                         "registration order, while it fits in --adapter-cache-size), so no request waits on a disk "

@@ -230,13 +230,16 @@ void expand(const WT* B, const Site& s, int64_t d_out, const float* lhs, int64_t
 
 #if defined(__AVX512BF16__)
 // lp[p] = the bf16 pair (lhs[2p], lhs[2p+1]) as one 32-bit word (low half first; lhs[Nr] = 0 when Nr is odd): the
-// routed input rounded to bf16 once, as the torch path's bf16 matmul rounds it.
+// routed input rounded to bf16 once, as the torch path's bf16 matmul rounds it -- i.e. lhs as a bf16 array,
+// converted 16 at a time (vcvtneps2bf16: round to nearest even like c10::BFloat16, but denormals, |x| < 1.2e-38,
+// become zero). The bf16 output add below converts the same way.
 inline void lhs_pairs(const float* lhs, int64_t Nr, uint32_t* lp) {
-  for (int64_t p = 0; 2 * p < Nr; ++p) {
-    const uint32_t lo = c10::BFloat16(lhs[2 * p]).x;
-    const uint32_t hi = 2 * p + 1 < Nr ? c10::BFloat16(lhs[2 * p + 1]).x : 0u;
-    lp[p] = lo | (hi << 16);
-  }
+  int64_t q = 0;
+  auto* out = reinterpret_cast<uint16_t*>(lp);
+  for (; q + 16 <= Nr; q += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + q), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(lhs + q)));
+  for (; q < Nr; ++q) out[q] = c10::BFloat16(lhs[q]).x;
+  if (Nr % 2) out[Nr] = 0;
 }
 
 // The expand on B row pairs (layout 1, file header) with AVX-512 BF16 dot products: per chunk of CW columns, two
@@ -339,7 +342,19 @@ void run_block(const Block& blk, const T* xp, int64_t x_stride, const WT* arena,
     for (int64_t b = 0; b < nb; ++b) {
       T* dst = static_cast<T*>(o.ptr) + (blk.lo + b) * o.stride;
       const float* d = delta + b * z.d_out;
-      for (int64_t c = 0; c < o.d_out; ++c) dst[c] = static_cast<T>(static_cast<float>(dst[c]) + d[c]);
+      int64_t c = 0;
+#if defined(__AVX512BF16__)
+      if constexpr (std::is_same_v<T, at::BFloat16>) {
+        auto* u = reinterpret_cast<uint16_t*>(dst);
+        for (; c + 16 <= o.d_out; c += 16) {
+          const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + c));
+          __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));   // bf16 -> fp32
+          v = _mm512_add_ps(v, _mm512_loadu_ps(d + c));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(u + c), (__m256i)_mm512_cvtneps_pbh(v));
+        }
+      }
+#endif
+      for (; c < o.d_out; ++c) dst[c] = static_cast<T>(static_cast<float>(dst[c]) + d[c]);
     }
   }
 }

@@ -209,6 +209,7 @@ class Arena:
     datas: list[torch.Tensor]
     meta: torch.Tensor                                      # [P, 2 + 7*nsite] int64
     meta_rows: list[list[int]] = field(default_factory=list)
+    stats_layouts: dict = field(default_factory=dict)       # segments -> StatsLayout (`add_rows` with stats)
 
     @classmethod
     def of(cls, slot_arenas: list[SlotArena], nsite: int) -> "Arena":
@@ -309,24 +310,53 @@ def add_rows(ext, x: torch.Tensor, outs: list[torch.Tensor], arena: Arena, segs:
     if stats is None:
         ext.adapter_rows(x, outs, arena.datas, arena.meta, segs, _NONE, _NO_OFF)
         return
-    nsite = len(outs)
-    woff = torch.full((segs.shape[0], nsite), -1, dtype=torch.long)
+    lay = _stats_layout(arena, segs, len(outs))
+    wout = torch.empty(lay.total, dtype=torch.float32)
+    ext.adapter_rows(x, outs, arena.datas, arena.meta, segs, wout if lay.total else _NONE,
+                     lay.woff if lay.total else _NO_OFF)
+    for slot, o, n, g, N in lay.routed:
+        stats.record(slot, wout[o:o + n * g * N].view(n, g, N))
+    for slot, ones in lay.ones:
+        stats.record(slot, ones)
+
+
+@dataclass
+class StatsLayout:
+    """Where the kernel writes one call's routing weights (per the segments' row counts): woff [P, nsite] for the
+    kernel, (slot, offset, n, g, N) per routed site, (slot, ones [n, g, 1]) per site without a router (read-only,
+    shared: the stats only read them)."""
+
+    woff: torch.Tensor
+    routed: list[tuple[int, int, int, int, int]]
+    ones: list[tuple[int, torch.Tensor]]
+    total: int
+
+
+STATS_LAYOUTS_KEPT = 64                  # per Arena: layouts of this many distinct segment sets (then start over)
+
+
+def _stats_layout(arena: Arena, segs: torch.Tensor, nsite: int) -> StatsLayout:
+    """The call's StatsLayout, cached on the arena by its segments (steps that sample statistics repeat them)."""
+    seg_list = segs.tolist()
+    key = tuple(map(tuple, seg_list))
+    lay = arena.stats_layouts.get(key)
+    if lay is not None:
+        return lay
+    woff = torch.full((len(seg_list), nsite), -1, dtype=torch.long)
     routed, ones, off = [], [], 0
-    for p, (slot, lo, hi) in enumerate(segs.tolist()):
+    for p, (slot, lo, hi) in enumerate(seg_list):
         m = arena.meta_rows[p]
         for si in range(nsite):
             used, _, _, r_off, N, g, _ = m[HEAD + SITE * si:HEAD + SITE * (si + 1)]
             if not used or not m[1]:
                 continue
             if r_off < 0:
-                ones.append((slot, hi - lo, g))
+                ones.append((slot, torch.ones(hi - lo, g, 1)))
                 continue
             woff[p, si] = off
             routed.append((slot, off, hi - lo, g, N))
             off += (hi - lo) * g * N
-    wout = torch.empty(off, dtype=torch.float32)
-    ext.adapter_rows(x, outs, arena.datas, arena.meta, segs, wout if off else _NONE, woff if off else _NO_OFF)
-    for slot, o, n, g, N in routed:
-        stats.record(slot, wout[o:o + n * g * N].view(n, g, N))
-    for slot, n, g in ones:
-        stats.record(slot, torch.ones(n, g, 1))
+    if len(arena.stats_layouts) >= STATS_LAYOUTS_KEPT:
+        arena.stats_layouts.clear()
+    lay = arena.stats_layouts[key] = StatsLayout(woff, routed, ones, off)
+    return lay

@@ -22,8 +22,9 @@ prompts, hf_mix4 engine_mix4's, vllm_lora4 engine_lora4's (same adapter per prom
 Prints one table (each row against engine_base, the ratios the issue's targets name) and writes the JSON report.
 Timings cover generation only (model and adapter loading excluded); a short warm-up run precedes the engine rows
 and each vLLM process. With `--repeats K` every row runs K times, in rounds (each round runs every engine and HF
-row once, so slow spells of a shared machine spread over those rows; each vLLM row runs its K rounds in one
-process), and the table shows each row's median; the JSON keeps every run's seconds.
+row once, so slow spells of a shared machine spread over those rows; the engine rows' order rotates from round to
+round, so each row runs in each position equally often with K a multiple of their number; each vLLM row runs its K
+rounds in one process), and the table shows each row's median; the JSON keeps every run's seconds.
 """
 
 from __future__ import annotations
@@ -145,6 +146,14 @@ def row_prompts(args, vocab: int, row: str, round_: int) -> list[list[int]]:
     return make_prompts(args.num_prompts, args.input_len, vocab, prompt_seed(args, row) + 1 + round_)
 
 
+def rotated(rows: list[str], k: int) -> list[str]:
+    """Round k's row order: the rows rotated by k, so over the rounds every row runs first, second, ... equally
+    often and no ratio carries an order bias (in one sitting the rows' decode time moved with their place in the
+    round, by more than the adapters cost: docs/benchmarks.md, 2026-12-04 13:15)."""
+    k %= max(1, len(rows))
+    return rows[k:] + rows[:k]
+
+
 def round_robin(names: list[str], n: int) -> list[str]:
     """Adapter per prompt, round-robin (the order vllm_multilora_bench.py gives its LoRARequests too); [] when
     the adapters were not written (no asked-for row serves them)."""
@@ -170,8 +179,9 @@ async def run_engine_rows(args, model_dir, paths, lora_paths, vocab: int, rows) 
         warm_with = [None, *every]                            # every adapter once: first-use costs stay out
         warm = make_prompts(len(warm_with), args.input_len, vocab, args.seed + 10 * SEEDS_PER_SET)
         await _drive(eng, warm, warm_with, 4, "warmup")
+        engine_rows = [r for r in rows if r in plans]
         for k in range(args.repeats):
-            for row in (r for r in rows if r in plans):
+            for row in rotated(engine_rows, k):
                 prompts = row_prompts(args, vocab, row, k)
                 steps0, hits0 = eng.core.step_count, cache.hits if cache else 0
                 t0 = time.perf_counter()

@@ -177,3 +177,14 @@ def test_engine_bench_reports_each_rows_median_run(seconds, want):
     assert row["seconds"] == want and row["tokens_per_s"] == 100 / want
     assert row["runs_seconds"] == seconds                         # every run, in the order they ran
     assert row["steps"] == seconds.index(want)                    # the median run's own figures
+
+
+def test_engine_rows_rotate_so_each_runs_in_every_position():
+    from mtlora_server.bench_engine import rotated
+
+    rows = ["engine_base", "engine_mix4", "engine_lora4"]
+    rounds = [rotated(rows, k) for k in range(6)]
+    assert rounds[0] == rows and rounds[1] == ["engine_mix4", "engine_lora4", "engine_base"]
+    for pos in range(3):                                       # over 3k rounds each row sits in each place k times
+        assert sorted(r[pos] for r in rounds) == sorted(rows * 2)
+    assert rotated([], 3) == []

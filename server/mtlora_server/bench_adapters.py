@@ -10,7 +10,7 @@ requests/s (0: all at once). Rows:
 Reported: output tokens/s of each row and their ratio; time to first token (p50 / p99) of the requests whose
 adapter was not resident when they arrived, next to that of all requests of the resident row; adapter loads,
 evictions, host-cache hits; and the cold-load time of one adapter per kind, disk -> slot (file read, validation,
-slot copy) and host cache -> slot (slot copy), medians of `--load-repeats`. The host cache is sized by
+the CPU kernel's data, slot copy) and host cache -> slot (slot copy), medians of `--load-repeats`. The host cache is sized by
 `--adapter-cache-size` (default 2 GiB: it holds every adapter of the default workload, so after its first disk read
 an adapter comes back from memory). "Waited" is read from the registry when the request is submitted (the step
 thread may install the adapter a moment later: a few requests counted as waiting may have waited very little).
@@ -142,7 +142,8 @@ def _pcts(xs: list[float]) -> dict:
 
 
 def cold_loads(args, model_dir, paths: dict[str, str]) -> dict[str, dict]:
-    """Per adapter kind: disk -> slot (read + validation + slot copy) and host cache -> slot (slot copy)."""
+    """Per adapter kind: disk -> slot (read + validation + the kernel's data + slot copy: a load worker's work and
+    the step thread's) and host cache -> slot (slot copy)."""
     from mtlora_server.engine.args import EngineArgs
     from mtlora_server.engine.core import EngineCore
 
@@ -157,10 +158,11 @@ def cold_loads(args, model_dir, paths: dict[str, str]) -> dict[str, dict]:
             config, tensors = core.read_adapter(paths[name])
             if core.device.type == "cuda":
                 tensors = {k: t.pin_memory() for k, t in tensors.items()}
-            core.slots.load(0, config, tensors, checked=True)       # as the engine installs: validated by the read
+            prepared = core.slots.prepare(config, tensors)             # the load worker's kernel data (CPU)
+            core.slots.load(0, config, tensors, checked=True, prepared=prepared)   # as the engine installs
             _sync(core.device)
             t2 = time.perf_counter()
-            core.slots.load(0, config, tensors, checked=True)         # again: from memory only
+            core.slots.load(0, config, tensors, checked=True, prepared=prepared)   # again: from memory only
             _sync(core.device)
             t3 = time.perf_counter()
             disk.append(t2 - t0)

@@ -156,6 +156,12 @@ def test_prepared_adapters_give_the_arenas_the_slot_buffers_give(ext, dtype, pai
         assert a.meta == prep[key].meta, key
         assert a.data.dtype == prep[key].data.dtype and torch.equal(a.data, prep[key].data), key
     assert all(torch.equal(a, b) for a, b in zip(lazy_out, prep_out))
+    if not pairs:                              # one site of a group alone (`apply`): derived, not the prepared data
+        x = xs["attn_in"].to(torch.float32) if dtype == torch.float32 else xs["attn_in"]
+        got = slots.apply(0, "self_attn.k_proj", x, slot_idx)
+        want = _oracle_delta(oracles, slot_idx, x.float(), 0, "self_attn.k_proj", got.shape[1])
+        tol = 1e-5 if dtype == torch.float32 else 5e-2
+        torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
 
 
 @torch.no_grad()

@@ -388,7 +388,9 @@ class AdapterSlots:
         def data_of(slot: int):
             prepared = self._prepared.get(slot)
             if prepared is not None and len(reads) == 1:
-                return prepared.groups.get((layer, next(iter(reads))))
+                data = prepared.groups.get((layer, next(iter(reads))))
+                if data is None or all(key in key_sites for key, _ in data.parts):
+                    return data                   # (a call over a subset of the group's sites derives its own)
             sp = self._slot_pack(layer, key_sites, bufs, slot)
             pairs = cpu_adapters.pair_layout(self.cpu_kernel, self.dtype)
             return None if sp is None else cpu_adapters.SlotData.of(

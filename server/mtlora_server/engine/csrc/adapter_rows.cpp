@@ -265,49 +265,18 @@ inline void lhs_pairs(const float* lhs, int64_t Nr, uint32_t* lp) {
   if (Nr % 2) out[Nr] = 0;
 }
 
-// The expand on B row pairs (layout 1, file header) with AVX-512 BF16 dot products: per chunk of CW columns, two
-// 16-column accumulators per row; each instruction adds two rows of B (one pair) times the row's lhs pair.
-template <int64_t NB>
-void expand_pairs(const at::BFloat16* Bj, int64_t Np, int64_t dg, const uint32_t* lp, int64_t lp_stride, float* d,
-                  int64_t delta_stride) {
-  for (int64_t c0 = 0; c0 < dg; c0 += CW) {
-    const int64_t w = std::min(CW, dg - c0);
-    const at::BFloat16* chunk = Bj + c0 * 2 * Np;                 // [Np, w, 2]
-    const int64_t n0 = std::min<int64_t>(32, 2 * w), n1 = 2 * w - n0;
-    const __mmask32 m0 = n0 >= 32 ? ~__mmask32(0) : ((__mmask32(1) << n0) - 1);
-    const __mmask32 m1 = n1 >= 32 ? ~__mmask32(0) : ((__mmask32(1) << n1) - 1);
-    __m512 acc[NB][2];
-    for (auto& a : acc) a[0] = a[1] = _mm512_setzero_ps();
-    for (int64_t p = 0; p < Np; ++p) {
-      const at::BFloat16* row = chunk + p * 2 * w;
-      const __m512bh b0 = (__m512bh)_mm512_maskz_loadu_epi16(m0, row);
-      const __m512bh b1 = (__m512bh)_mm512_maskz_loadu_epi16(m1, row + 32);
-      for (int64_t b = 0; b < NB; ++b) {
-        const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(lp[b * lp_stride + p]));
-        acc[b][0] = _mm512_dpbf16_ps(acc[b][0], b0, a);
-        acc[b][1] = _mm512_dpbf16_ps(acc[b][1], b1, a);
-      }
-    }
-    const int64_t w0 = std::min<int64_t>(16, w), w1 = w - w0;
-    const __mmask16 k0 = static_cast<__mmask16>((1u << w0) - 1), k1 = static_cast<__mmask16>((1u << w1) - 1);
-    for (int64_t b = 0; b < NB; ++b) {
-      float* dst = d + b * delta_stride + c0;
-      _mm512_mask_storeu_ps(dst, k0, _mm512_add_ps(_mm512_maskz_loadu_ps(k0, dst), acc[b][0]));
-      if (w1 > 0) _mm512_mask_storeu_ps(dst + 16, k1, _mm512_add_ps(_mm512_maskz_loadu_ps(k1, dst + 16), acc[b][1]));
-    }
-  }
-}
-
-// expand_pairs adding straight into a bf16 output: out[b][c0 + c] = bf16(float(out) + acc), column chunk by column
-// chunk (the groups of a site own disjoint columns, so nothing else adds into them: no fp32 delta to zero, fill and
-// add back). Same values as expand_pairs into a zeroed delta followed by the bf16 add.
+// The expand on B row pairs (layout 1, file header) with AVX-512 BF16 dot products, added straight into a bf16
+// output: per chunk of CW columns, two 16-column accumulators per row, each instruction adding two rows of B (one
+// pair) times the row's lhs pair; then out[b][c0 + c] = bf16(float(out) + acc). The groups of a site own disjoint
+// columns, so nothing else adds into them: no fp32 delta to zero and add back. (Layout 1 implies bf16 x, hence
+// bf16 outputs: the arenas are float32 or x's dtype.)
 inline __m512 load_bf16_as_f32(const uint16_t* p, __mmask16 k) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
 }
 
 template <int64_t NB>
-void expand_pairs_out(const at::BFloat16* Bj, int64_t Np, int64_t dg, const uint32_t* lp, int64_t lp_stride,
-                      uint16_t* out, int64_t out_stride) {
+void expand_pairs(const at::BFloat16* Bj, int64_t Np, int64_t dg, const uint32_t* lp, int64_t lp_stride,
+                  uint16_t* out, int64_t out_stride) {
   for (int64_t c0 = 0; c0 < dg; c0 += CW) {
     const int64_t w = std::min(CW, dg - c0);
     const at::BFloat16* chunk = Bj + c0 * 2 * Np;                 // [Np, w, 2]
@@ -341,34 +310,20 @@ void expand_pairs_out(const at::BFloat16* Bj, int64_t Np, int64_t dg, const uint
 }
 
 // Group j of a layout-1 site for the block's nb rows, added straight into the bf16 output rows `out`.
-void expand_bf16_out(const at::BFloat16* B, const Site& s, int64_t d_out, const float* lhs, int64_t lhs_stride,
-                     int64_t nb, uint32_t* lp, uint16_t* out, int64_t out_stride, int64_t j) {
+void expand_bf16(const at::BFloat16* B, const Site& s, int64_t d_out, const float* lhs, int64_t lhs_stride,
+                 int64_t nb, uint32_t* lp, uint16_t* out, int64_t out_stride, int64_t j) {
   const int64_t Nr = s.N * s.r, Np = (Nr + 1) / 2, dg = d_out / s.g;
   for (int64_t b = 0; b < nb; ++b) lhs_pairs(lhs + b * lhs_stride, Nr, lp + b * Np);
   const at::BFloat16* Bj = B + j * 2 * Np * dg;
   uint16_t* o = out + j * dg;
   switch (nb) {
-    case 4: expand_pairs_out<4>(Bj, Np, dg, lp, Np, o, out_stride); break;
-    case 3: expand_pairs_out<3>(Bj, Np, dg, lp, Np, o, out_stride); break;
-    case 2: expand_pairs_out<2>(Bj, Np, dg, lp, Np, o, out_stride); break;
-    default: expand_pairs_out<1>(Bj, Np, dg, lp, Np, o, out_stride); break;
+    case 4: expand_pairs<4>(Bj, Np, dg, lp, Np, o, out_stride); break;
+    case 3: expand_pairs<3>(Bj, Np, dg, lp, Np, o, out_stride); break;
+    case 2: expand_pairs<2>(Bj, Np, dg, lp, Np, o, out_stride); break;
+    default: expand_pairs<1>(Bj, Np, dg, lp, Np, o, out_stride); break;
   }
 }
 
-// Group j of a layout-1 site for the block's nb rows: lhs rounded to bf16 pairs, then expand_pairs.
-void expand_bf16(const at::BFloat16* B, const Site& s, int64_t d_out, const float* lhs, int64_t lhs_stride,
-                 int64_t nb, uint32_t* lp, float* delta, int64_t delta_stride, int64_t j) {
-  const int64_t Nr = s.N * s.r, Np = (Nr + 1) / 2, dg = d_out / s.g;
-  for (int64_t b = 0; b < nb; ++b) lhs_pairs(lhs + b * lhs_stride, Nr, lp + b * Np);
-  const at::BFloat16* Bj = B + j * 2 * Np * dg;
-  float* d = delta + j * dg;
-  switch (nb) {
-    case 4: expand_pairs<4>(Bj, Np, dg, lp, Np, d, delta_stride); break;
-    case 3: expand_pairs<3>(Bj, Np, dg, lp, Np, d, delta_stride); break;
-    case 2: expand_pairs<2>(Bj, Np, dg, lp, Np, d, delta_stride); break;
-    default: expand_pairs<1>(Bj, Np, dg, lp, Np, d, delta_stride); break;
-  }
-}
 #endif
 
 template <typename T, typename WT>
@@ -412,7 +367,7 @@ void run_block(const Block& blk, const T* xp, int64_t x_stride, const WT* arena,
             float* wrow = woff < 0 ? nullptr : wo.ptr + woff + ((blk.row0 + b) * s.g + j) * s.N;
             routed(hz + b * z.rows, s, j, lhs + b * z.lhs, wrow);
           }
-          expand_bf16_out(arena + s.b_off, s, o.d_out, lhs, z.lhs, nb, pbuf.data(), out, o.stride, j);
+          expand_bf16(arena + s.b_off, s, o.d_out, lhs, z.lhs, nb, pbuf.data(), out, o.stride, j);
         }
         continue;
       }
@@ -424,15 +379,6 @@ void run_block(const Block& blk, const T* xp, int64_t x_stride, const WT* arena,
         float* wrow = woff < 0 ? nullptr : wo.ptr + woff + ((blk.row0 + b) * s.g + j) * s.N;
         routed(hz + b * z.rows, s, j, lhs + b * z.lhs, wrow);
       }
-#if defined(__AVX512BF16__)
-      if constexpr (std::is_same_v<WT, at::BFloat16>) {
-        if (m[2] == 1) {
-          pbuf.resize(RB * z.lhs);
-          expand_bf16(arena + s.b_off, s, o.d_out, lhs, z.lhs, nb, pbuf.data(), delta, z.d_out, j);
-          continue;
-        }
-      }
-#endif
       expand(arena + s.b_off, s, o.d_out, lhs, z.lhs, nb, delta, z.d_out, j);
     }
     for (int64_t b = 0; b < nb; ++b) {

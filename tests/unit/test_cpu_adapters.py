@@ -183,6 +183,16 @@ def test_prepared_data_of_another_dtype_or_a_cleared_slot_is_not_used(ext):
     assert slots.prepare(MT, native) is None
 
 
+@torch.no_grad()
+def test_a_failing_prepare_only_logs_and_the_slot_derives_its_data(ext, monkeypatch, caplog):
+    slots, oracles = _kernel_slots(ext)
+    native = _native(oracles[0])
+    monkeypatch.setattr(cpu_adapters, "prepare", lambda *a, **k: 1 / 0)
+    with caplog.at_level(logging.WARNING):
+        assert slots.prepare(MT, native) is None
+    assert "not prepared (ZeroDivisionError" in caplog.text
+
+
 def _direct_inputs(ext):
     """A one-site arena for slot 0 (d_in 8, d_out 6, r 2, N 3, g 2) and inputs for 5 rows."""
     from mtlora import grouped

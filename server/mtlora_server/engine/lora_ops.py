@@ -400,15 +400,21 @@ class AdapterSlots:
     def prepare(self, config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> "cpu_adapters.PreparedAdapter | None":
         """The CPU kernel's data of a validated adapter (`cpu_adapters.prepare`), for `load(..., prepared=)`; safe in
         any thread (reads no slot state). None where the kernel does not run the adapter work (no kernel, not CPU,
-        batch-invariant mode) or the adapter does not fit the limits (`load` says why)."""
+        batch-invariant mode) or the adapter does not fit the limits (`load` says why); a failure here is logged and
+        gives None too (the lazy path still serves the adapter), so it never fails a load."""
         if self.cpu_kernel is None or self.device.type != "cpu" or self.row_tile:
             return None
         try:
             groups = self._check_limits(0, config)
         except AdapterLoadError:
             return None
-        return cpu_adapters.prepare(config, tensors, groups, self.num_layers, self.dtype,
-                                    cpu_adapters.pair_layout(self.cpu_kernel, self.dtype))
+        try:
+            return cpu_adapters.prepare(config, tensors, groups, self.num_layers, self.dtype,
+                                        cpu_adapters.pair_layout(self.cpu_kernel, self.dtype))
+        except Exception as exc:  # noqa: BLE001 - an optimisation only: the slot derives the data on first use
+            log.warning("kernel data for a %s adapter not prepared (%s: %s); it is derived on first use",
+                        config.method, type(exc).__name__, exc)
+            return None
 
     def _apply_stacked(self, layer: int, x: torch.Tensor, targets, bufs, key_sites: tuple,
                        plan: SlotPlan, stats: RoutingStats | None) -> set[int]:

@@ -104,6 +104,14 @@ struct Shape {
   int64_t B, H, KV, hd, S, K;
 };
 
+constexpr int64_t PF = 16;   // keys prefetched ahead of the one being read
+
+// Every cache line of one key / value row (hd elements) into the caches ahead of its read.
+template <typename T>
+inline void prefetch_row(const T* p, int64_t bytes) {
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(reinterpret_cast<const char*>(p) + o, 0, 3);
+}
+
 // One (sequence b, KV head h) task: its G = H / KV query heads against the n unmasked keys at slots sl[0..n).
 template <typename T, int HD>
 void attend_one(const T* q, const T* k, const T* v, const int64_t* sl, int64_t n, T* out, const Shape& s,
@@ -123,6 +131,10 @@ void attend_one(const T* q, const T* k, const T* v, const int64_t* sl, int64_t n
   const T* vh = v + h * s.S * hd;
   int64_t t = 0;
   for (; t + KB <= n; t += KB) {
+    // Prefetch the keys PF ahead (and this group's values, for the second pass): a sequence's blocks lie anywhere
+    // in the pool, so the hardware prefetcher loses the stream at every block boundary (docs/benchmarks.md).
+    for (int64_t j = t + PF; j < std::min(n, t + PF + KB); ++j) prefetch_row(kh + sl[j] * hd, hd * sizeof(T));
+    for (int64_t j = t; j < t + KB; ++j) prefetch_row(vh + sl[j] * hd, hd * sizeof(T));
     for (int64_t j = 0; j < KB; ++j) to_float<HD>(kh + sl[t + j] * hd, row + j * hd, hd);
     for (int64_t g = 0; g < G; ++g) dot8<HD>(qf + g * hd, row, hd, sc + g * n + t);
   }

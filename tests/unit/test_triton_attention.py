@@ -7,7 +7,6 @@ compiled ahead of time for sm_90 in CI so a kernel the interpreter accepts but t
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from triton_interp import run_interpreted  # noqa: E402
+from triton_interp import CUDA_DTYPES, needs_cuda, print_results, run_interpreted  # noqa: E402
 
 # (KV heads, query heads per KV head, head dim, context lengths per row, Kmax): MHA, GQA, a head dim that is not
 # a power of two, Kmax not a multiple of the kernel's block, padded rows, one row, a row of one token.
@@ -172,15 +171,11 @@ def test_kernel_compiles_for_hopper_without_a_gpu(dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available: the kernel test needs a GPU")
+@needs_cuda
 def test_cuda_matches_oracle_and_gather_path():
     pytest.importorskip("triton", reason="triton is not installed")
-    dtypes = (torch.float32, torch.bfloat16, torch.float16)
-    _check(_run("cuda", dtypes), dtypes)
+    _check(_run("cuda", CUDA_DTYPES), CUDA_DTYPES)
 
 
 if __name__ == "__main__":   # the interpreter subprocess: print one JSON line of results
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        print(json.dumps({"kernel": _run("cpu"), "engine": _engine_rows(tmp)}))
+    print_results(lambda tmp: {"kernel": _run("cpu"), "engine": _engine_rows(tmp)})

@@ -11,7 +11,6 @@ the same bits (the reductions sum in another order than torch's).
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from triton_interp import run_interpreted  # noqa: E402
+from triton_interp import CUDA_DTYPES, needs_cuda, print_results, run_interpreted  # noqa: E402
 
 RMS_CASES = [(1, 64), (37, 576), (9, 4096), (5, 7)]          # (T, d): d not a power of two, d = 7
 SILU_CASES = [(1, 16), (33, 1536), (4, 1100)]                 # (T, F): F spans several blocks, not a multiple
@@ -150,33 +149,11 @@ def test_kernels_compile_for_hopper_without_a_gpu(dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available: the kernel test needs a GPU")
+@needs_cuda
 def test_cuda_matches_the_torch_expressions():
     pytest.importorskip("triton", reason="triton is not installed")
-    dtypes = (torch.float32, torch.bfloat16, torch.float16)
-    _check(_run("cuda", dtypes), dtypes)
+    _check(_run("cuda", CUDA_DTYPES), CUDA_DTYPES)
 
 
 if __name__ == "__main__":   # the interpreter subprocess: print one JSON line of results
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        print(json.dumps({"rows": _run("cpu", (torch.float32,)), "engine": _engine(tmp)}))
-
-
-def test_cuda_kernel_choice_and_the_environment_switch(monkeypatch):
-    """engine/cuda_kernels.enable: asks the model for each Triton kernel and reports what it got; with
-    MTLORA_CUDA_KERNELS=torch it asks for none."""
-    from types import SimpleNamespace
-
-    from mtlora_server.engine import cuda_kernels
-
-    asked = []
-    model = SimpleNamespace(enable_paged_kernel=lambda dtype: asked.append(("attention", dtype)) or True,
-                            enable_fused_ops=lambda: asked.append(("row_ops",)) or False)
-    monkeypatch.delenv(cuda_kernels.ENV, raising=False)
-    assert cuda_kernels.enable(model, torch.bfloat16) == {"attention": True, "row_ops": False}
-    assert asked == [("attention", torch.bfloat16), ("row_ops",)]
-    asked.clear()
-    monkeypatch.setenv(cuda_kernels.ENV, "torch")
-    assert cuda_kernels.enable(model, torch.bfloat16) == {"attention": False, "row_ops": False} and not asked
+    print_results(lambda tmp: {"rows": _run("cpu", (torch.float32,)), "engine": _engine(tmp)})

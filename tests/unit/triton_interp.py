@@ -8,9 +8,11 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,3 +25,14 @@ def run_interpreted(test_file: str, timeout: int = 600):
                           cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)       # what the gpu-marked kernel tests check
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="CUDA is not available: the kernel test needs a GPU")
+
+
+def print_results(results) -> None:
+    """The interpreter subprocess's side: `results(tmp)` (tmp: a scratch directory) printed as one JSON line."""
+    with tempfile.TemporaryDirectory() as tmp:
+        print(json.dumps(results(tmp)))

@@ -155,5 +155,23 @@ def test_cuda_matches_the_torch_expressions():
     _check(_run("cuda", CUDA_DTYPES), CUDA_DTYPES)
 
 
+def test_cuda_kernel_choice_and_the_environment_switch(monkeypatch):
+    """engine/cuda_kernels.enable: asks the model for each Triton kernel and reports what it got; with
+    MTLORA_CUDA_KERNELS=torch it asks for none."""
+    from types import SimpleNamespace
+
+    from mtlora_server.engine import cuda_kernels
+
+    asked = []
+    model = SimpleNamespace(enable_paged_kernel=lambda dtype: asked.append(("attention", dtype)) or True,
+                            enable_fused_ops=lambda: asked.append(("row_ops",)) or False)
+    monkeypatch.delenv(cuda_kernels.ENV, raising=False)
+    assert cuda_kernels.enable(model, torch.bfloat16) == {"attention": True, "row_ops": False}
+    assert asked == [("attention", torch.bfloat16), ("row_ops",)]
+    asked.clear()
+    monkeypatch.setenv(cuda_kernels.ENV, "torch")
+    assert cuda_kernels.enable(model, torch.bfloat16) == {"attention": False, "row_ops": False} and not asked
+
+
 if __name__ == "__main__":   # the interpreter subprocess: print one JSON line of results
     print_results(lambda tmp: {"rows": _run("cpu", (torch.float32,)), "engine": _engine(tmp)})

@@ -209,6 +209,20 @@ def test_unused_site_returns_none_and_active_sites():
     assert slots.apply(0, "self_attn.q_proj", torch.randn(3, 48), torch.ones(3, dtype=torch.long)) is None
 
 
+def test_step_sites_follow_loads_clears_and_the_steps_sites():
+    """The per-step answer is kept, so it must change with every load / clear and with the step's own sites."""
+    slots = AdapterSlots(CFG, max_adapters=2)
+    assert slots.step_sites(None) == [frozenset()] * CFG.num_hidden_layers
+    slots.load(1, ADAPTERS[2], _native(_oracles()[2]))
+    want = frozenset(["self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj"])
+    assert slots.step_sites(None) == [frozenset(slots.active_sites(i)) for i in range(CFG.num_hidden_layers)]
+    assert slots.step_sites(None)[0] == want
+    assert slots.step_sites(frozenset(["mlp.up_proj", "mlp"]))[0] == {"mlp.up_proj"}
+    assert slots.step_sites(None)[0] == want                   # not stuck on the previous step's answer
+    slots.clear(1)
+    assert slots.step_sites(None)[0] == frozenset()
+
+
 def test_load_and_clear_never_reallocate(loaded):
     _, oracles = loaded
     slots = AdapterSlots(CFG, max_adapters=6, max_rank=16, max_experts=8, max_groups=4)

@@ -125,6 +125,7 @@ class AdapterSlots:
         self.version = 0               # bumped by every load / clear (static-shape paths re-read `layout()`)
         self.cpu_kernel = None         # cpu_adapters' extension: small slots in one call per site group (CPU)
         self._kcalls = cpu_adapters.KernelCalls()      # the kernel's arenas and call layouts
+        self._step_sites: tuple = (None, [])           # step_sites' last (key, answer)
 
     # -- loading -------------------------------------------------------------------------------------------------
     def _check_limits(self, slot: int, config: AdapterConfig) -> dict[str, int]:
@@ -235,6 +236,15 @@ class AdapterSlots:
     def active_sites(self, layer: int) -> list[str]:
         return [site for site in SITES if (layer, site) in self._sites and self._sites[(layer, site)].users]
 
+    def step_sites(self, used: frozenset | None) -> list[frozenset]:
+        """Per layer, the sites some loaded slot adapts there, among `used` (a step's sites; None: all). Kept
+        per (table version, used): a step asks once, not once per layer."""
+        key = (self.version, used)
+        if self._step_sites[0] != key:
+            self._step_sites = (key, [frozenset(s for s in self.active_sites(layer) if used is None or s in used)
+                                      for layer in range(self.num_layers)])
+        return self._step_sites[1]
+
     def layout(self) -> dict[tuple[int, str], tuple[int, int, int]]:
         """(layer, site) -> (r, N, g) maxima over the slots loaded there ((1, 1, 1) when none is), for every
         allocated site (decode_graphs.py sizes its static-shape adapter work from it)."""
@@ -340,11 +350,15 @@ class AdapterSlots:
                      stats: RoutingStats | None) -> bool:
         """The decode case, every slot of the step within the kernel's reach (<= KERNEL_ROWS contiguous rows): one
         kernel call whose layout is cached per (layer, target sites) while the step's slots and the table stay
-        the same. False (nothing done): the general path runs."""
-        segs, slots, whole = cpu_adapters.KernelCalls.segments(plan, self._kernel_rows(x))
+        the same. False (nothing done): the general path runs. (Runs ~120 times a decode step: the step's
+        segments are looked up once per step in the plan's memo.)"""
+        step = plan.memo.get(("kernel", x.dtype))
+        if step is None:
+            step = plan.memo[("kernel", x.dtype)] = cpu_adapters.KernelCalls.segments(plan, self._kernel_rows(x))
+        segs, slots, whole = step
         if not whole:
             return False
-        c = self._kcalls.call((layer, tuple(site for site, _ in targets)), (slots, self.version, x.dtype),
+        c = self._kcalls.call((layer, tuple([t[0] for t in targets])), (slots, self.version, x.dtype),
                               lambda: self._kernel_layout(layer, x, targets, slots))
         if c.positions is None:
             return False

@@ -215,7 +215,7 @@ class AdaptContext:
 
     adapters: object              # lora_ops.AdapterSlots (None when the step has no adapter)
     layer: int
-    sites: list[str] | tuple      # the sites of this layer some token of the step uses
+    sites: frozenset | tuple      # the sites of this layer some token of the step uses
     slot_idx: torch.Tensor        # [T] long: adapter slot per token, -1 = bare base
     stats: object                 # RoutingStats to sample into, or None
     plan: object                  # lora_ops.SlotPlan of the step, or None
@@ -288,10 +288,9 @@ class LlamaDecoder:
         h = F.embedding(b.input_ids, self.embed)                            # h: [T, d]
         cos, sin = self.cos[b.positions], self.sin[b.positions]             # [T, hd]
         delta = None                   # the last block's output, added into h (in place) by the next norm
+        layer_sites = adapters.step_sites(b.sites) if use_adapters else None   # per layer, the sites used
         for idx, w in enumerate(self.layers):
-            sites = adapters.active_sites(idx) if use_adapters else ()
-            if b.sites is not None:                                         # skip sites no token of this step uses
-                sites = [s for s in sites if s in b.sites]
+            sites = layer_sites[idx] if use_adapters else ()
             ctx = AdaptContext(adapters, idx, sites, b.adapter_slots, stats, b.adapter_plan)
             x = self._add_norm(h, delta, w["in_norm"])                      # h += delta; x: [T, d]
             delta = self._attention(idx, w, x, h, cos, sin, b, kv, ctx)
@@ -313,7 +312,7 @@ class LlamaDecoder:
         cfg = self.cfg
         T = x.shape[0]
         qkv = self._linear(x, w["qkv"])                                     # [T, q + 2kv]
-        _adapt(ctx, x, [("self_attn", h)] + _columns(qkv, self.columns["qkv"]))
+        _adapt(ctx, x, [("self_attn", h)], qkv, self.columns["qkv"])
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = q.reshape(T, cfg.num_attention_heads, cfg.head_dim), k.reshape(T, cfg.num_key_value_heads, cfg.head_dim)
         if self.fused is not None:                                          # in place, in qkv
@@ -431,7 +430,7 @@ class LlamaDecoder:
         """The MLP block's output [T, d] for x = norm(h); a block-level mlp delta goes into h (see _attention)."""
         F_ = self.cfg.intermediate_size
         gu = self._linear(x, w["gate_up"])                                  # [T, 2F]
-        _adapt(ctx, x, [("mlp", h)] + _columns(gu, self.columns["gate_up"]))
+        _adapt(ctx, x, [("mlp", h)], gu, self.columns["gate_up"])
         if self.fused is not None:
             act = self.fused.silu_mul(gu)                                   # [T, F]
         else:
@@ -442,16 +441,17 @@ class LlamaDecoder:
         return out
 
 
-def _columns(fused: torch.Tensor, columns: list[FusedColumn]) -> list[tuple[str, torch.Tensor]]:
-    """(site, column slice view) of a fused projection output, e.g. q/k/v of qkv (layout: `mtlora.sites`)."""
-    return [(c.site, fused[:, c.start:c.start + c.width]) for c in columns]
-
-
-def _adapt(ctx: AdaptContext, inp: torch.Tensor, targets: list[tuple[str, torch.Tensor | None]]) -> None:
+def _adapt(ctx: AdaptContext, inp: torch.Tensor, targets: list[tuple[str, torch.Tensor | None]],
+           fused: torch.Tensor | None = None, columns: list[FusedColumn] = ()) -> None:
     """Add, in place, the deltas of the adapter sites (among those this step uses) that read `inp` into their
-    targets (fresh matmul outputs or column views of them, so writing into them is safe and avoids concatenation).
-    Sites sharing an input go to the slots together, which fuses them into one shrink matmul per slot."""
+    targets (fresh matmul outputs, or column views of the fused projection output `fused` for the sites in
+    `columns` (layout: `mtlora.sites`), so writing into them is safe and avoids concatenation). Sites sharing an
+    input go to the slots together, which fuses them into one shrink matmul per slot. The views are made only for
+    sites the step uses (this runs 4 times a layer on every step, adapters or not)."""
+    if not ctx.sites:
+        return
     todo = [(site, out) for site, out in targets if site in ctx.sites and out is not None]
+    todo += [(c.site, fused[:, c.start:c.start + c.width]) for c in columns if c.site in ctx.sites]
     if todo:
         ctx.adapters.apply_shared(ctx.layer, inp, todo, ctx.slot_idx, stats=ctx.stats, plan=ctx.plan)
 

@@ -67,6 +67,31 @@ def test_kernel_equals_the_gathered_attention(ext, case, dtype):
     torch.testing.assert_close(got.float(), torch_path.float(), **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_each_row_is_its_own_whatever_the_batch_order(ext, dtype):
+    """The kernel visits sequences in the pool order of their first key, not in batch order: permuting the batch
+    permutes the output rows bit for bit, a row with every key masked still returns zeros, and each row equals the
+    oracle."""
+    B, H, KV, hd, K = 7, 9, 3, 64, 24
+    g = torch.Generator().manual_seed(7)
+    S = 4 * B * K
+    k, v = (torch.randn(KV, S, hd, generator=g).to(dtype) for _ in range(2))
+    q = torch.randn(B, H, hd, generator=g).to(dtype)
+    kv_slots = torch.stack([torch.randperm(S, generator=g)[:K] for _ in range(B)])
+    mask = torch.rand(B, K, generator=g) < 0.8
+    mask[:, 0] = True
+    mask[3] = False                                                # a row with nothing to attend to
+    got = cpu_attention.decode_attention(ext, q, k, v, kv_slots, mask[:, None, None, :], hd ** -0.5)
+    assert torch.equal(got[3], torch.zeros_like(got[3]))
+    keep = torch.arange(B) != 3
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(got[keep].double(), _oracle(q, k, v, kv_slots, mask, hd ** -0.5)[keep], **tol)
+    for perm in (torch.arange(B).flip(0), torch.randperm(B, generator=g)):
+        again = cpu_attention.decode_attention(ext, q[perm], k, v, kv_slots[perm], mask[perm][:, None, None, :],
+                                               hd ** -0.5)
+        assert torch.equal(again, got[perm])
+
+
 def test_kernel_refuses_unmasked_slots_outside_the_pool_and_ignores_masked_ones(ext):
     k = v = torch.randn(1, 10, 64)
     q = torch.randn(2, 1, 64)

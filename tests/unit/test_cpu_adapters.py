@@ -107,11 +107,12 @@ def test_an_adapter_replaced_in_its_slot_is_followed(ext, calls):
     _run(slots, "attn_in", slot_idx, x, 0)                                         # arenas built
     for cfg, seed in ((MT, 99), (LORA, 98)):          # same shape, then another shape
         oracles[1] = _modules(cfg, seed)
-        others = {k: a for k, a in slots._kcalls.slot_arenas.items() if k[-1] != 1}
+        others = {k: a.data for k, a in slots._kcalls.slot_arenas().items() if k[-1] != 1}
         slots.load(1, cfg, _native(oracles[1]))
-        # A swap drops that slot's arenas only: the others are kept, not rebuilt (loads under churn stay cheap).
-        assert others and all(slots._kcalls.slot_arenas.get(k) is a for k, a in others.items())
-        assert not any(k[-1] == 1 for k in slots._kcalls.slot_arenas)
+        # A swap drops that slot's rows only: the others are kept, not rebuilt (loads under churn stay cheap).
+        kept = slots._kcalls.slot_arenas()
+        assert others and all(kept[k].data is a for k, a in others.items())
+        assert not any(k[-1] == 1 for k in kept)
         for site, got in _run(slots, "attn_in", slot_idx, x, 0):
             want = _oracle_delta(oracles, slot_idx, x, 0, site, got.shape[1])
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -148,7 +149,7 @@ def test_prepared_adapters_give_the_arenas_the_slot_buffers_give(ext, dtype, pai
             monkeypatch.setattr(lora_ops, "pack_slot", lambda *a: pytest.fail("a prepared slot derived a pack"))
         outs = [t.clone() for layer in range(CFG.num_hidden_layers) for g in SHARED
                 for _, t in _run(slots, g, slot_idx, xs[g], layer)]
-        runs[use_prepared] = (outs, dict(slots._kcalls.slot_arenas))
+        runs[use_prepared] = (outs, slots._kcalls.slot_arenas())
         monkeypatch.undo()
     (lazy_out, lazy), (prep_out, prep) = runs[False], runs[True]
     assert lazy.keys() == prep.keys() and len(lazy) > 20
@@ -207,14 +208,16 @@ def _direct_inputs(ext):
 
 NO_STATS = (torch.zeros(0), torch.zeros(0, 0, dtype=torch.long))
 BAD = {  # name -> (mutation of (x, outs, arena, segs), message fragment)
-    "an arena per segment": (lambda a: a.update(segs=torch.tensor([[0, 0, 5], [1, 0, 5]])), "meta must be"),
+    "a segment naming a slot past the table": (lambda a: a.update(segs=torch.tensor([[0, 0, 5], [1, 0, 5]])),
+                                               "outside the 1 meta rows"),
+    "a negative slot": (lambda a: a.update(segs=torch.tensor([[-1, 0, 5]])), "outside the 1 meta rows"),
     "segment rows past T": (lambda a: a.update(segs=torch.tensor([[0, 3, 6]])), "out of range"),
     "out dtype": (lambda a: a.update(outs=[a["outs"][0].double()]), "x's dtype"),
     "out rows": (lambda a: a.update(outs=[torch.zeros(4, 6)]), "[T, d_out]"),
     "meta width": (lambda a: a.update(meta=torch.zeros(1, 3, dtype=torch.long)), "meta"),
     "pair layout of fp32 B": (lambda a: a.update(meta=a["meta"].clone().index_fill_(1, torch.tensor([2]), 1)),
                               "layout 1"),
-    "arena count": (lambda a: a.update(data=a["data"] * 2), "one arena per segment"),
+    "arena count": (lambda a: a.update(data=a["data"] * 2), "one arena per meta row"),
     "B outside arena": (lambda a: a.update(data=[a["data"][0][:-1].clone()]), "outside the arena"),
     "arena dtype": (lambda a: a.update(data=[a["data"][0].double()]), "arenas must be"),
     "x dtype": (lambda a: a.update(x=a["x"].half(), outs=[a["outs"][0].half()]), "float32 or bfloat16"),
@@ -243,6 +246,34 @@ def test_direct_call_equals_grouped_and_refuses_bad_inputs_before_writing(ext):
         ext.adapter_rows(x, [out], arena.datas, arena.meta, torch.tensor([[0, 0, 5]]), torch.zeros(29),
                          torch.zeros(1, 1, dtype=torch.long))
     assert not out.any()
+
+
+@torch.no_grad()
+def test_the_table_is_indexed_by_slot_and_only_named_rows_are_read(ext):
+    """Segments name table rows by slot: a step over slot 2 alone reads row 2 and nothing else -- a stale row
+    (an arena dropped under its meta row, as after an adapter swap) breaks nothing until a segment names it, and
+    then the kernel refuses it before any write."""
+    from mtlora import grouped
+    pk, _, x, _ = _direct_inputs(ext)
+    real = cpu_adapters.SlotArena.build(pk, [0], 1)
+    table = cpu_adapters.Arena.of([real, real, real], nsite=1)
+    table.drop(1)                                                 # stale: meta row kept, arena released
+    assert table.ready == {0, 2} and table.datas[1].numel() == 0
+    want = torch.zeros(5, 6)
+    grouped.expand_into(grouped.shrink(x, pk), pk.parts[0], want)
+    for segs in ([[2, 0, 5]], [[0, 0, 2], [2, 2, 5]]):
+        out = torch.zeros(5, 6)
+        cpu_adapters.add_rows(ext, x, [out], table, torch.tensor(segs))
+        torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-6)
+    out = torch.zeros(5, 6)
+    with pytest.raises(RuntimeError, match="slot 1 shrink rows outside the arena"):
+        cpu_adapters.add_rows(ext, x, [out], table, torch.tensor([[1, 0, 5]]))
+    assert not out.any()
+    table.put(1, real)
+    cpu_adapters.add_rows(ext, x, [out], table, torch.tensor([[1, 0, 5]]))
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="does not fit"):
+        table.put(0, cpu_adapters.SlotArena(real.data.bfloat16(), real.meta))
 
 
 def _fp32_math(x: torch.Tensor, pk: "grouped.Pack", round_lhs: bool) -> torch.Tensor:

@@ -30,8 +30,10 @@ Contract:
   groups, num_layers, dtype, pairs) -> PreparedAdapter`: an adapter's SlotData per (layer, input), straight from its
   validated tensors and equal to what the lazy path derives from the slot buffers; pure, so the registry's load
   workers run it and an adapter swap then builds no arena on the step thread (issue 18).
-- `Arena.of(slot_arenas, nsite)`: the arenas of one call's segments in segment order, meta [P, 3 + 7*nsite]
-  (layout: the C++ file's header); a slot with rows 0 (adapting none of these sites) is skipped.
+- `Arena(num_slots, nsite, dtype)`: one site group's table of slot arenas, indexed by slot, meta [S, 3 + 7*nsite]
+  (layout: the C++ file's header), kept across steps and patched one slot at a time (`put` / `drop`);
+  `Arena.of(slot_arenas, nsite)`: a table whose slot i holds slot_arenas[i]. A slot with rows 0 (adapting none of
+  these sites) is skipped by the kernel.
 - `segments(groups, max_rows) -> [P, 3] int64 | None`: (slot, lo, hi) of each slot whose rows are one contiguous
   range of at most max_rows (the decode case), from a `SlotPlan.groups`; None when there is none.
 - `add_rows(ext, x [T, d_in], outs [[T, d_out_s]], arena, segs, stats=None)`: adds every listed slot's delta into
@@ -45,7 +47,7 @@ Contract:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -202,23 +204,50 @@ def pair_layout(ext, dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and bool(getattr(ext, "BF16_DOT", False))
 
 
-@dataclass
 class Arena:
-    """The arenas of one call's segments, in segment order (built per set of slots, from their `SlotArena`s)."""
+    """One site group's kernel table, kept across steps: slot s's arena at `datas[s]` and its meta row at
+    `meta[s]` ([S, 3 + 7*nsite] int64, the C++ file's layout). The kernel reads the rows its segments name, so a
+    step over any set of slots uses the table as it is, and an adapter swap replaces one row (`put`) instead of
+    rebuilding a per-slot-set copy for every call. `ready`: the slots whose row is current; `drop(slot)` forgets
+    one (its arena is released; the stale meta row is never read: callers fill a slot before naming it, and the
+    kernel checks every named row against its arena anyway)."""
 
-    datas: list[torch.Tensor]
-    meta: torch.Tensor                                      # [P, 2 + 7*nsite] int64
-    meta_rows: list[list[int]] = field(default_factory=list)
-    stats_layouts: dict = field(default_factory=dict)       # segments -> StatsLayout (`add_rows` with stats)
+    def __init__(self, num_slots: int, nsite: int, dtype: torch.dtype):
+        self.nsite, self.dtype = nsite, dtype
+        self._empty = torch.zeros(0, dtype=dtype)
+        self.datas: list[torch.Tensor] = [self._empty] * num_slots
+        self.meta = torch.zeros(num_slots, HEAD + SITE * nsite, dtype=torch.long)
+        self.meta_rows: list[list[int]] = [[0] * (HEAD + SITE * nsite) for _ in range(num_slots)]
+        self.ready: set[int] = set()
+        self.stats_layouts: dict = {}                       # segments -> StatsLayout (`add_rows` with stats)
 
     @classmethod
     def of(cls, slot_arenas: list[SlotArena], nsite: int) -> "Arena":
-        rows = [a.meta for a in slot_arenas]
+        """A table whose slot i holds slot_arenas[i] (one dtype)."""
         dtypes = {a.data.dtype for a in slot_arenas}
         if len(dtypes) > 1:
             raise ValueError(f"one call's arenas share one dtype; got {sorted(map(str, dtypes))}")
-        return cls([a.data for a in slot_arenas], torch.tensor(rows, dtype=torch.long).view(-1, HEAD + SITE * nsite),
-                   rows)
+        table = cls(len(slot_arenas), nsite, next(iter(dtypes)))
+        for slot, sa in enumerate(slot_arenas):
+            table.put(slot, sa)
+        return table
+
+    def put(self, slot: int, sa: SlotArena) -> None:
+        if sa.data.dtype != self.dtype or len(sa.meta) != self.meta.shape[1]:
+            raise ValueError(f"slot {slot}: a {sa.data.dtype} arena with {len(sa.meta)} meta values does not fit "
+                             f"a {self.dtype} table of {self.nsite} sites")
+        self.datas[slot] = sa.data
+        self.meta[slot] = torch.tensor(sa.meta, dtype=torch.long)
+        self.meta_rows[slot] = sa.meta
+        self.ready.add(slot)
+        self.stats_layouts.clear()
+
+    def drop(self, slot: int) -> None:
+        self.datas[slot] = self._empty
+        self.ready.discard(slot)
+
+    def slot_arena(self, slot: int) -> SlotArena:
+        return SlotArena(self.datas[slot], self.meta_rows[slot])
 
 
 def suits(x: torch.Tensor, outs: list[torch.Tensor]) -> bool:
@@ -229,30 +258,33 @@ def suits(x: torch.Tensor, outs: list[torch.Tensor]) -> bool:
 
 @dataclass
 class KernelCall:
-    """The layout of one (layer, target sites) call while the step's slots and the slot table stay the same."""
+    """The layout of one (layer, target sites) call while the adapted sites stay the same."""
 
-    stamp: tuple                        # (the step's kernel slots, table version, x dtype)
+    stamp: tuple                        # (the slots' sites version, x dtype)
     positions: list[int] | None         # indices of the targets the kernel adds into; None: it takes no part
-    arena: "Arena | None"
+    table: "Arena | None"               # the call's site group's table (filled per step by `KernelCalls.fill`)
+    sites: tuple = ()                   # the site group (the table's key)
 
 
 class KernelCalls:
-    """What an `AdapterSlots` derives for the kernel, kept across steps: each slot's arena per (layer, sites), a
-    step's slots' arenas per (layer, sites), and per (layer, target sites) a whole call's layout -- so each of a
-    decode step's ~120 calls is a dict lookup and the kernel call in Python (working it out on every call cost
-    ~0.6 ms a step of the 4-adapter mix, measured against this cache; docs/benchmarks.md). Stamped with the
-    step's slots and the table's version: a load or clear rebuilds lazily; `forget(slot)` drops one slot's arenas
-    (the other slots' stay)."""
+    """What an `AdapterSlots` derives for the kernel, kept across steps: per (layer, site group) one `Arena` table
+    indexed by slot, and per (layer, target sites) a call's layout -- so each of a decode step's ~120 calls is a
+    dict lookup, a set check and the kernel call in Python. A swap drops one slot's rows (`forget`); the slot's
+    rows are filled again at its first step (from its `PreparedAdapter` when it has one), the other slots' rows
+    and every call layout stay (a call layout is rebuilt only when the set of adapted sites changes)."""
 
-    def __init__(self):
-        self.slot_arenas: dict[tuple, SlotArena] = {}      # (layer, sites, slot) -> arena
-        self._sets: dict[tuple, tuple] = {}                # (layer, sites) -> ((slots, version), Arena)
+    def __init__(self, num_slots: int):
+        self.num_slots = num_slots
+        self.tables: dict[tuple, Arena] = {}              # (layer, sites) -> table
         self._calls: dict[tuple, KernelCall] = {}          # (layer, target sites) -> call layout
 
     def forget(self, slot: int) -> None:
-        self.slot_arenas = {key: a for key, a in self.slot_arenas.items() if key[-1] != slot}
-        self._sets.clear()
-        self._calls.clear()
+        for table in self.tables.values():
+            table.drop(slot)
+
+    def slot_arenas(self) -> dict[tuple, SlotArena]:
+        """(layer, sites, slot) -> SlotArena of every current row (tests and inspection)."""
+        return {(*key, slot): t.slot_arena(slot) for key, t in self.tables.items() for slot in sorted(t.ready)}
 
     @staticmethod
     def segments(plan, max_rows: int) -> tuple[torch.Tensor | None, tuple[int, ...], bool]:
@@ -264,27 +296,26 @@ class KernelCalls:
             got = plan.memo[("kernel_segs", max_rows)] = (segs, slots, len(slots) == len(plan.groups))
         return got
 
-    def arena(self, layer: int, sites: tuple, slots: tuple, version: int, dtype: torch.dtype,
-              data_of) -> "Arena":
-        """The Arena of `slots` (segment order) for these sites; data_of(slot) -> the slot's `SlotData` here or
-        None (the slot adapts none of them), called for a slot's first use only."""
-        cached = self._sets.get((layer, sites))
-        if cached is not None and cached[0] == (slots, version):
-            return cached[1]
-        parts = []
-        for slot in slots:
-            sa = self.slot_arenas.get((layer, sites, slot))
-            if sa is None:
-                got = data_of(slot)
-                sa = got.arena(sites) if got is not None else SlotArena.empty(len(sites), dtype)
-                self.slot_arenas[(layer, sites, slot)] = sa
-            parts.append(sa)
-        arena = Arena.of(parts, len(sites))
-        self._sets[(layer, sites)] = ((slots, version), arena)
-        return arena
+    def table(self, layer: int, sites: tuple, dtype: torch.dtype) -> Arena:
+        t = self.tables.get((layer, sites))
+        if t is None:
+            t = self.tables[(layer, sites)] = Arena(self.num_slots, len(sites), dtype)
+        return t
+
+    @staticmethod
+    def fill(table: Arena, sites: tuple, slots, data_of) -> Arena:
+        """The table with a current row for every slot of `slots`; data_of(slot) -> the slot's `SlotData` for
+        these sites or None (the slot adapts none of them), called for slots without a current row only."""
+        if not table.ready.issuperset(slots):
+            for slot in slots:
+                if slot not in table.ready:
+                    got = data_of(slot)
+                    table.put(slot, got.arena(sites) if got is not None else SlotArena.empty(len(sites), table.dtype))
+        return table
 
     def call(self, key: tuple, stamp: tuple, build) -> KernelCall:
-        """The call layout for key, from build() -> (positions, arena) when the stamp changed."""
+        """The call layout for key, from build() -> KernelCall fields (positions, table, sites) when the stamp
+        changed."""
         c = self._calls.get(key)
         if c is None or c.stamp != stamp:
             c = self._calls[key] = KernelCall(stamp, *build())
@@ -345,7 +376,7 @@ def _stats_layout(arena: Arena, segs: torch.Tensor, nsite: int) -> StatsLayout:
     woff = torch.full((len(seg_list), nsite), -1, dtype=torch.long)
     routed, ones, off = [], [], 0
     for p, (slot, lo, hi) in enumerate(seg_list):
-        m = arena.meta_rows[p]
+        m = arena.meta_rows[slot]
         for si in range(nsite):
             used, _, _, r_off, N, g, _ = m[HEAD + SITE * si:HEAD + SITE * (si + 1)]
             if not used or not m[1]:

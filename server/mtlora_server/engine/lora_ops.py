@@ -21,8 +21,9 @@ Contract:
   target (the matching slice of the fused projection output). On CPU, the slots with few contiguous rows in the
   step (<= KERNEL_ROWS: decode, short prefill chunks; any number in bf16 where the kernel has AVX-512 BF16 dot
   products) all go through one call of `cpu_adapters`' C++ kernel per site group when `cpu_kernel` is set (the
-  engine sets it); without it, slots with <= SMALL_ROWS rows of the same shape run together, STACK_MIN_SLOTS or more at a time (`slot_stack.py`: one bmm for their shrinks, one
-  per site for their expands). The site list is `mtlora.sites.SITE_NAMES`.
+  engine sets it; that side of the class is `cpu_kernel_path.CpuKernelPath`); without it, slots with <=
+  SMALL_ROWS rows of the same shape run together, STACK_MIN_SLOTS or more at a time (`slot_stack.py`: one bmm
+  for their shrinks, one per site for their expands). The site list is `mtlora.sites.SITE_NAMES`.
   Test-only variants over the stacked layout (per-token loop, batched torch) live in tests/unit/molora_stacked.py.
   On CUDA, `apply_shared` with a plan runs the Triton kernels with the step's tile metadata (`SlotPlan.tiles`,
   engine/slot_plan.py), adding each site's delta in place, with no host sync inside a layer.
@@ -41,9 +42,10 @@ from mtlora import grouped
 from mtlora.config import AdapterConfig
 from mtlora.errors import AdapterLoadError, ConfigError
 from mtlora.inject import expected_shapes
-from mtlora.sites import BY_NAME, SITE_NAMES, site_dims
+from mtlora.sites import SITE_NAMES, site_dims
 
 from . import cpu_adapters, slot_stack
+from .cpu_kernel_path import CpuKernelPath
 from .site_buffers import SiteBuffers, SlotPack, pack_slot
 from .invariant import pad_rows
 from .routing_stats import RoutingStats  # noqa: F401  (re-exported: the engine and tests import it from here)
@@ -102,7 +104,7 @@ def segment_tiles(slot_idx: torch.Tensor, pad_row: int, min_tile: int = 1,
 
 
 # -- the per-step plan and the fused per-slot path ---------------------------------------------------------------
-class AdapterSlots:
+class AdapterSlots(CpuKernelPath):
     """Preallocated adapter slots for a LLaMA-architecture base; one batched op per site per layer."""
 
     def __init__(self, model_config, max_adapters: int, max_rank: int = 16, max_experts: int = 16,
@@ -124,8 +126,10 @@ class AdapterSlots:
         self.row_tile = 0              # batch-invariant mode: each slot's rows padded to a multiple (invariant.py)
         self.version = 0               # bumped by every load / clear (static-shape paths re-read `layout()`)
         self.cpu_kernel = None         # cpu_adapters' extension: small slots in one call per site group (CPU)
-        self._kcalls = cpu_adapters.KernelCalls()      # the kernel's arenas and call layouts
+        self._kcalls = cpu_adapters.KernelCalls(max_adapters)     # the kernel's tables and call layouts
         self._step_sites: tuple = (None, [])           # step_sites' last (key, answer)
+        self.sites_version = 0         # bumped when the set of adapted (layer, site)s changes (`_note_sites`)
+        self._adapted: frozenset = frozenset()
 
     # -- loading -------------------------------------------------------------------------------------------------
     def _check_limits(self, slot: int, config: AdapterConfig) -> dict[str, int]:
@@ -212,6 +216,7 @@ class AdapterSlots:
                 and prepared.pairs == cpu_adapters.pair_layout(self.cpu_kernel, self.dtype):
             self._prepared[slot] = prepared
         self.version += 1
+        self._note_sites()
         log.info("loaded %s adapter into slot %d (r=%d, N=%d, sites=%s)", config.method, slot, r, N,
                  ",".join(groups))
 
@@ -228,6 +233,7 @@ class AdapterSlots:
         # A pack holds one slot's rows only: the other slots' packs stay valid (adapter swaps rebuild one slot's).
         self._packs = {key: pack for key, pack in self._packs.items() if key[-1] != slot}
         self._kcalls.forget(slot)
+        self._note_sites()
         for key, stack in list(self._stacks.items()):
             stack.forget(slot)
             if not stack.row_of:
@@ -236,10 +242,17 @@ class AdapterSlots:
     def active_sites(self, layer: int) -> list[str]:
         return [site for site in SITES if (layer, site) in self._sites and self._sites[(layer, site)].users]
 
+    def _note_sites(self) -> None:
+        """After a load / clear: bump `sites_version` when the set of (layer, site)s some slot adapts changed (the
+        per-call kernel layouts and `step_sites` depend on that set only, not on which slot holds what)."""
+        adapted = frozenset(key for key, buf in self._sites.items() if buf.users)
+        if adapted != self._adapted:
+            self._adapted, self.sites_version = adapted, self.sites_version + 1
+
     def step_sites(self, used: frozenset | None) -> list[frozenset]:
         """Per layer, the sites some loaded slot adapts there, among `used` (a step's sites; None: all). Kept
-        per (table version, used): a step asks once, not once per layer."""
-        key = (self.version, used)
+        per (sites version, used): a step asks once, not once per layer."""
+        key = (self.sites_version, used)
         if self._step_sites[0] != key:
             self._step_sites = (key, [frozenset(s for s in self.active_sites(layer) if used is None or s in used)
                                       for layer in range(self.num_layers)])
@@ -346,89 +359,11 @@ class AdapterSlots:
             self._packs[key] = pack_slot(bufs, slot)
         return self._packs[key]
 
-    def _kernel_only(self, layer: int, x: torch.Tensor, targets, plan: SlotPlan,
-                     stats: RoutingStats | None) -> bool:
-        """The decode case, every slot of the step within the kernel's reach (<= KERNEL_ROWS contiguous rows): one
-        kernel call whose layout is cached per (layer, target sites) while the step's slots and the table stay
-        the same. False (nothing done): the general path runs. (Runs ~120 times a decode step: the step's
-        segments are looked up once per step in the plan's memo.)"""
-        step = plan.memo.get(("kernel", x.dtype))
-        if step is None:
-            step = plan.memo[("kernel", x.dtype)] = cpu_adapters.KernelCalls.segments(plan, self._kernel_rows(x))
-        segs, slots, whole = step
-        if not whole:
-            return False
-        c = self._kcalls.call((layer, tuple([t[0] for t in targets])), (slots, self.version, x.dtype),
-                              lambda: self._kernel_layout(layer, x, targets, slots))
-        if c.positions is None:
-            return False
-        if c.positions:
-            cpu_adapters.add_rows(self.cpu_kernel, x, [targets[i][1] for i in c.positions], c.arena, segs, stats)
-        return True
-
     def _kernel_rows(self, x: torch.Tensor) -> int:
         """The most contiguous rows of one slot the kernel takes (KERNEL_ROWS / KERNEL_ROWS_BF16_DOT above)."""
         if x.dtype == torch.bfloat16 and getattr(self.cpu_kernel, "BF16_DOT", False):
             return KERNEL_ROWS_BF16_DOT
         return KERNEL_ROWS
-
-    def _kernel_layout(self, layer: int, x: torch.Tensor, targets, slots: tuple) -> tuple:
-        """(positions of the targets the kernel adds into, their Arena), or (None, None) when it cannot."""
-        bufs = self._bufs(layer, targets)
-        if not cpu_adapters.suits(x, [targets[i][1] for i, _ in bufs]):
-            return None, None
-        key_sites = tuple(targets[i][0] for i, _ in bufs)
-        return [i for i, _ in bufs], (self._arena(layer, key_sites, bufs, slots) if bufs else None)
-
-    def _apply_kernel(self, layer: int, x: torch.Tensor, targets, bufs, key_sites: tuple,
-                      plan: SlotPlan, stats: RoutingStats | None) -> set[int]:
-        """Every slot with few contiguous rows (<= KERNEL_ROWS: decode, short prefill chunks) in one call of
-        cpu_adapters' kernel for this site group, recording routing weights when the step samples them; returns
-        the slots done (none when dtypes or layouts do not suit the kernel)."""
-        outs = [targets[i][1] for i, _ in bufs]
-        segs, slots, _ = cpu_adapters.KernelCalls.segments(plan, self._kernel_rows(x))
-        if segs is None or not cpu_adapters.suits(x, outs):
-            return set()
-        cpu_adapters.add_rows(self.cpu_kernel, x, outs, self._arena(layer, key_sites, bufs, slots), segs, stats)
-        return set(slots)
-
-    def _arena(self, layer: int, key_sites: tuple, bufs, slots: tuple[int, ...]) -> cpu_adapters.Arena:
-        """The step's segments' slot arenas (`slots`, in segment order) for these sites (cpu_adapters.KernelCalls:
-        each slot's built on first use and kept until that slot changes; from the adapter's `PreparedAdapter`
-        when it came with one, else derived from the slot buffers here)."""
-        position = {i: k for k, (i, _) in enumerate(bufs)}
-        reads = {BY_NAME[site].reads for site in key_sites}
-
-        def data_of(slot: int):
-            prepared = self._prepared.get(slot)
-            if prepared is not None and len(reads) == 1:
-                data = prepared.groups.get((layer, next(iter(reads))))
-                if data is None or all(key in key_sites for key, _ in data.parts):
-                    return data                   # (a call over a subset of the group's sites derives its own)
-            sp = self._slot_pack(layer, key_sites, bufs, slot)
-            pairs = cpu_adapters.pair_layout(self.cpu_kernel, self.dtype)
-            return None if sp is None else cpu_adapters.SlotData.of(
-                sp.pack, [key_sites[position[t]] for t in sp.targets], pairs)
-        return self._kcalls.arena(layer, key_sites, slots, self.version, self.dtype, data_of)
-
-    def prepare(self, config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> "cpu_adapters.PreparedAdapter | None":
-        """The CPU kernel's data of a validated adapter (`cpu_adapters.prepare`), for `load(..., prepared=)`; safe in
-        any thread (reads no slot state). None where the kernel does not run the adapter work (no kernel, not CPU,
-        batch-invariant mode) or the adapter does not fit the limits (`load` says why); a failure here is logged and
-        gives None too (the lazy path still serves the adapter), so it never fails a load."""
-        if self.cpu_kernel is None or self.device.type != "cpu" or self.row_tile:
-            return None
-        try:
-            groups = self._check_limits(0, config)
-        except AdapterLoadError:
-            return None
-        try:
-            return cpu_adapters.prepare(config, tensors, groups, self.num_layers, self.dtype,
-                                        cpu_adapters.pair_layout(self.cpu_kernel, self.dtype))
-        except Exception as exc:  # noqa: BLE001 - an optimisation only: the slot derives the data on first use
-            log.warning("kernel data for a %s adapter not prepared (%s: %s); it is derived on first use",
-                        config.method, type(exc).__name__, exc)
-            return None
 
     def _apply_stacked(self, layer: int, x: torch.Tensor, targets, bufs, key_sites: tuple,
                        plan: SlotPlan, stats: RoutingStats | None) -> set[int]:

@@ -7,16 +7,19 @@
 //   x      [T, d_in]         float32 or bfloat16, row stride any, column stride 1
 //   outs   list of nsite [T, d_out_s] tensors (x's dtype, column stride 1; may be column views of one fused
 //          projection output): each site's delta is added in place
-//   arenas list of P vectors, one per segment: that slot's packed weights (mtlora.grouped.Pack), float32 or x's
-//          dtype (one dtype for all): W [rows, d_in] (the shrink rows of all its sites and their routers), then
-//          per site B [g, N*r, d_out/g] (scaling folded in) stored chunk-major: for each group j, the columns in
-//          chunks of CW (the last one narrower), each chunk's [N*r, width] rows contiguous, so the expand streams
-//          its weights in order (layout 0); bf16 weights are widened to fp32 as they are read (the same values as
-//          an fp32 copy: half the bytes). Layout 1 (bf16 arenas, AVX-512 BF16 builds only): each chunk's rows in
-//          pairs, [ceil(N*r / 2), width, 2] (element (p, c, t) = B[2p + t, c], a zero row padding an odd N*r)
-//   meta   [P, 3 + 7*nsite] int64, per segment (offsets into its arena): w_off, rows (0: the slot adapts none of
-//          these sites), layout (0 | 1), then per site: used, a_off, r, r_off (-1: no router, N == 1), N, g, b_off
-//   segs   [P, 3] int64: (slot, first row, end row) of each slot's contiguous rows in this call
+//   arenas list of S vectors, one per slot (row of meta): that slot's packed weights (mtlora.grouped.Pack),
+//          float32 or x's dtype (one dtype for all): W [rows, d_in] (the shrink rows of all its sites and their
+//          routers), then per site B [g, N*r, d_out/g] (scaling folded in) stored chunk-major: for each group j,
+//          the columns in chunks of CW (the last one narrower), each chunk's [N*r, width] rows contiguous, so the
+//          expand streams its weights in order (layout 0); bf16 weights are widened to fp32 as they are read (the
+//          same values as an fp32 copy: half the bytes). Layout 1 (bf16 arenas, AVX-512 BF16 builds only): each
+//          chunk's rows in pairs, [ceil(N*r / 2), width, 2] (element (p, c, t) = B[2p + t, c], a zero row padding
+//          an odd N*r)
+//   meta   [S, 3 + 7*nsite] int64, per slot (offsets into its arena): w_off, rows (0: the slot adapts none of
+//          these sites), layout (0 | 1), then per site: used, a_off, r, r_off (-1: no router, N == 1), N, g, b_off.
+//          Indexed by slot, so an adapter swap patches one row (and one arena) of a table kept across steps; rows
+//          of slots no segment names are never read (they may be stale: only the named ones are checked)
+//   segs   [P, 3] int64: (slot in [0, S), first row, end row) of each slot's contiguous rows in this call
 //   wout, woff  routing weights for statistics: wout float32 [numel] (empty: none wanted), woff [P, nsite] int64,
 //          the offset in wout of segment p's [n, g, N] softmax weights at site s (-1: none; routed sites only)
 // Math per row t of slot s (exactly mtlora.grouped.expand_into in fp32): hz = W x_t; per site h = hz[a_off:+r];
@@ -38,8 +41,9 @@
 #include <type_traits>
 #include <vector>
 
+#include "adapter_rows_bf16.h"
+
 #if defined(__AVX512BF16__)
-#include <immintrin.h>
 constexpr bool BF16_DOT = true;
 #else
 constexpr bool BF16_DOT = false;
@@ -47,7 +51,7 @@ constexpr bool BF16_DOT = false;
 
 namespace {
 
-constexpr int64_t RB = 4;          // rows per block
+using namespace mtlora_rows;      // RB (rows per block), CW (columns per chunk), the AVX-512 BF16 helpers
 constexpr int64_t HEAD = 3;        // meta: w_off, rows, layout (0: B rows, 1: B row pairs)
 constexpr int64_t SITE = 7;        // meta per site: used, a_off, r, r_off, N, g, b_off
 
@@ -117,67 +121,6 @@ void shrink(const WT* W, int64_t rows, const float* xf, int64_t nb, int64_t d_in
   }
 }
 
-#if defined(__AVX512BF16__)
-// A masked load of up to 32 bf16 values (zeros past n).
-inline __m512bh load_bf16(const at::BFloat16* p, int64_t n) {
-  const __mmask32 m = n >= 32 ? ~__mmask32(0) : ((__mmask32(1) << n) - 1);
-  return (__m512bh)_mm512_maskz_loadu_epi16(m, p);
-}
-
-// The sums of 16 vectors as one: lane i of the result is the sum of v[i]'s 16 lanes (a transpose-and-add tree:
-// ~40 instructions where 16 separate horizontal sums take ~130).
-inline __m512 sum16(const __m512* v) {
-  __m512 q[4];
-  for (int g = 0; g < 4; ++g) {           // q[g], 128-bit lane k: the lane-k partial sums of v[4g .. 4g+3]
-    const __m512 a = v[4 * g], b = v[4 * g + 1], c = v[4 * g + 2], d = v[4 * g + 3];
-    const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-    const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-    q[g] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))),
-                         _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))));
-  }
-  const __m512 q01 = _mm512_add_ps(_mm512_shuffle_f32x4(q[0], q[1], 0x44), _mm512_shuffle_f32x4(q[0], q[1], 0xEE));
-  const __m512 q23 = _mm512_add_ps(_mm512_shuffle_f32x4(q[2], q[3], 0x44), _mm512_shuffle_f32x4(q[2], q[3], 0xEE));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(q01, q23, 0x88), _mm512_shuffle_f32x4(q01, q23, 0xDD));
-}
-
-// shrink's hz for bf16 weights and bf16 input rows xr[b], with AVX-512 BF16 dot products (32 pairs a
-// instruction): 4 weight rows x 4 input rows at a time, 16 accumulators.
-void shrink_bf16(const at::BFloat16* W, int64_t rows, const at::BFloat16* const* xr, int64_t nb, int64_t d_in,
-                 float* hz, int64_t hz_stride) {
-  int64_t k = 0;
-  if (nb == RB) {
-    for (; k + 4 <= rows; k += 4) {
-      __m512 acc[4][RB];
-      for (auto& a : acc)
-        for (auto& v : a) v = _mm512_setzero_ps();
-      for (int64_t i = 0; i < d_in; i += 32) {
-        __m512bh xv[RB], wv[4];
-        for (int64_t b = 0; b < RB; ++b) xv[b] = load_bf16(xr[b] + i, d_in - i);
-        for (int64_t q = 0; q < 4; ++q) wv[q] = load_bf16(W + (k + q) * d_in + i, d_in - i);
-        for (int64_t q = 0; q < 4; ++q)
-          for (int64_t b = 0; b < RB; ++b) acc[q][b] = _mm512_dpbf16_ps(acc[q][b], wv[q], xv[b]);
-      }
-      __m512 v[16];                                   // v[4b + q]: row b's dot product with weight row k + q
-      for (int64_t q = 0; q < 4; ++q)
-        for (int64_t b = 0; b < RB; ++b) v[4 * b + q] = acc[q][b];
-      const __m512 sums = sum16(v);
-      _mm_storeu_ps(hz + k, _mm512_extractf32x4_ps(sums, 0));
-      _mm_storeu_ps(hz + hz_stride + k, _mm512_extractf32x4_ps(sums, 1));
-      _mm_storeu_ps(hz + 2 * hz_stride + k, _mm512_extractf32x4_ps(sums, 2));
-      _mm_storeu_ps(hz + 3 * hz_stride + k, _mm512_extractf32x4_ps(sums, 3));
-    }
-  }
-  for (; k < rows; ++k) {
-    const at::BFloat16* w = W + k * d_in;
-    for (int64_t b = 0; b < nb; ++b) {
-      __m512 a = _mm512_setzero_ps();
-      for (int64_t i = 0; i < d_in; i += 32)
-        a = _mm512_dpbf16_ps(a, load_bf16(w + i, d_in - i), load_bf16(xr[b] + i, d_in - i));
-      hz[b * hz_stride + k] = _mm512_reduce_add_ps(a);
-    }
-  }
-}
-#endif
 
 // lhs = the routed input of group j for one row: w[j, i] * h over experts i (softmax of the group's logits), or h.
 void routed(const float* hz, const Site& s, int64_t j, float* lhs, float* wrow) {
@@ -204,8 +147,6 @@ void routed(const float* hz, const Site& s, int64_t j, float* lhs, float* wrow) 
 // delta[b][group j's columns] = lhs[b] @ B[j] for the block's rows: columns in chunks of CW held in local
 // accumulators across all N*r rows of B (each B chunk read once for all rows, no stores inside the k loop). B[j]
 // is chunk-major (file header): chunk c0's rows start at c0 * N*r, each `width` long.
-constexpr int64_t CW = 32;
-
 // NB (the block's rows) and W (the chunk's columns; 0 = runtime cw) are compile-time constants in the common
 // case, so the accumulators stay in registers; each B row chunk is widened to fp32 once for all NB rows.
 template <int64_t NB, int64_t W, typename WT>
@@ -252,63 +193,6 @@ void expand(const WT* B, const Site& s, int64_t d_out, const float* lhs, int64_t
 }
 
 #if defined(__AVX512BF16__)
-// lp[p] = the bf16 pair (lhs[2p], lhs[2p+1]) as one 32-bit word (low half first; lhs[Nr] = 0 when Nr is odd): the
-// routed input rounded to bf16 once, as the torch path's bf16 matmul rounds it -- i.e. lhs as a bf16 array,
-// converted 16 at a time (vcvtneps2bf16: round to nearest even like c10::BFloat16, but denormals, |x| < 1.2e-38,
-// become zero). The bf16 output add below converts the same way.
-inline void lhs_pairs(const float* lhs, int64_t Nr, uint32_t* lp) {
-  int64_t q = 0;
-  auto* out = reinterpret_cast<uint16_t*>(lp);
-  for (; q + 16 <= Nr; q += 16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + q), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(lhs + q)));
-  for (; q < Nr; ++q) out[q] = c10::BFloat16(lhs[q]).x;
-  if (Nr % 2) out[Nr] = 0;
-}
-
-// The expand on B row pairs (layout 1, file header) with AVX-512 BF16 dot products, added straight into a bf16
-// output: per chunk of CW columns, two 16-column accumulators per row, each instruction adding two rows of B (one
-// pair) times the row's lhs pair; then out[b][c0 + c] = bf16(float(out) + acc). The groups of a site own disjoint
-// columns, so nothing else adds into them: no fp32 delta to zero and add back. (Layout 1 implies bf16 x, hence
-// bf16 outputs: the arenas are float32 or x's dtype.)
-inline __m512 load_bf16_as_f32(const uint16_t* p, __mmask16 k) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
-}
-
-template <int64_t NB>
-void expand_pairs(const at::BFloat16* Bj, int64_t Np, int64_t dg, const uint32_t* lp, int64_t lp_stride,
-                  uint16_t* out, int64_t out_stride) {
-  for (int64_t c0 = 0; c0 < dg; c0 += CW) {
-    const int64_t w = std::min(CW, dg - c0);
-    const at::BFloat16* chunk = Bj + c0 * 2 * Np;                 // [Np, w, 2]
-    const int64_t n0 = std::min<int64_t>(32, 2 * w), n1 = 2 * w - n0;
-    const __mmask32 m0 = n0 >= 32 ? ~__mmask32(0) : ((__mmask32(1) << n0) - 1);
-    const __mmask32 m1 = n1 >= 32 ? ~__mmask32(0) : ((__mmask32(1) << n1) - 1);
-    __m512 acc[NB][2];
-    for (auto& a : acc) a[0] = a[1] = _mm512_setzero_ps();
-    for (int64_t p = 0; p < Np; ++p) {
-      const at::BFloat16* row = chunk + p * 2 * w;
-      const __m512bh b0 = (__m512bh)_mm512_maskz_loadu_epi16(m0, row);
-      const __m512bh b1 = (__m512bh)_mm512_maskz_loadu_epi16(m1, row + 32);
-      for (int64_t b = 0; b < NB; ++b) {
-        const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(lp[b * lp_stride + p]));
-        acc[b][0] = _mm512_dpbf16_ps(acc[b][0], b0, a);
-        acc[b][1] = _mm512_dpbf16_ps(acc[b][1], b1, a);
-      }
-    }
-    const int64_t w0 = std::min<int64_t>(16, w), w1 = w - w0;
-    const __mmask16 k0 = static_cast<__mmask16>((1u << w0) - 1), k1 = static_cast<__mmask16>((1u << w1) - 1);
-    for (int64_t b = 0; b < NB; ++b) {
-      uint16_t* dst = out + b * out_stride + c0;
-      const __m512 v0 = _mm512_add_ps(load_bf16_as_f32(dst, k0), acc[b][0]);
-      _mm256_mask_storeu_epi16(dst, k0, (__m256i)_mm512_cvtneps_pbh(v0));
-      if (w1 > 0) {
-        const __m512 v1 = _mm512_add_ps(load_bf16_as_f32(dst + 16, k1), acc[b][1]);
-        _mm256_mask_storeu_epi16(dst + 16, k1, (__m256i)_mm512_cvtneps_pbh(v1));
-      }
-    }
-  }
-}
-
 // Group j of a layout-1 site for the block's nb rows, added straight into the bf16 output rows `out`.
 void expand_bf16(const at::BFloat16* B, const Site& s, int64_t d_out, const float* lhs, int64_t lhs_stride,
                  int64_t nb, uint32_t* lp, uint16_t* out, int64_t out_stride, int64_t j) {
@@ -323,7 +207,6 @@ void expand_bf16(const at::BFloat16* B, const Site& s, int64_t d_out, const floa
     default: expand_pairs<1>(Bj, Np, dg, lp, Np, o, out_stride); break;
   }
 }
-
 #endif
 
 template <typename T, typename WT>
@@ -402,31 +285,34 @@ void run_block(const Block& blk, const T* xp, int64_t x_stride, const WT* arena,
 }
 
 // Every segment's meta row checked against its arena and the outputs; returns the buffer sizes.
-Sizes check_meta(const at::Tensor& meta, int64_t nsite, const std::vector<int64_t>& numel, int64_t d_in,
-                 const std::vector<Out>& outs, bool bf16_arenas) {
+// The meta row of every slot a segment names checked against its arena and the outputs; returns the buffer sizes.
+Sizes check_meta(const at::Tensor& meta, const at::Tensor& segs, int64_t nsite, const std::vector<int64_t>& numel,
+                 int64_t d_in, const std::vector<Out>& outs, bool bf16_arenas) {
   Sizes z{d_in, 1, 1, 1};
   for (const Out& o : outs) z.d_out = std::max(z.d_out, o.d_out);
   const int64_t* mp = meta.data_ptr<int64_t>();
-  for (int64_t p = 0; p < meta.size(0); ++p) {
+  const int64_t* sp = segs.data_ptr<int64_t>();
+  for (int64_t q = 0; q < segs.size(0); ++q) {
+    const int64_t p = sp[3 * q];      // the slot: its meta row and arena
     const int64_t* m = mp + p * meta.size(1);
     if (m[1] == 0) continue;
-    TORCH_CHECK(m[0] >= 0 && m[1] > 0 && m[0] + m[1] * d_in <= numel[p], "adapter_rows: segment ", p,
+    TORCH_CHECK(m[0] >= 0 && m[1] > 0 && m[0] + m[1] * d_in <= numel[p], "adapter_rows: slot ", p,
                 " shrink rows outside the arena");
-    TORCH_CHECK(m[2] == 0 || (m[2] == 1 && bf16_arenas && BF16_DOT), "adapter_rows: segment ", p, " layout ", m[2],
+    TORCH_CHECK(m[2] == 0 || (m[2] == 1 && bf16_arenas && BF16_DOT), "adapter_rows: slot ", p, " layout ", m[2],
                 ": 0 (B rows), or 1 (B row pairs) with bfloat16 arenas where the kernel has AVX-512 BF16");
     z.rows = std::max(z.rows, m[1]);
     for (int64_t si = 0; si < nsite; ++si) {
       const Site s = site_of(m, si);
       if (!s.used) continue;
       const int64_t d_out = outs[si].d_out;
-      TORCH_CHECK(s.r > 0 && s.N > 0 && s.g > 0 && d_out % s.g == 0, "adapter_rows: segment ", p, " site ", si,
+      TORCH_CHECK(s.r > 0 && s.N > 0 && s.g > 0 && d_out % s.g == 0, "adapter_rows: slot ", p, " site ", si,
                   ": bad r / N / g for d_out ", d_out);
-      TORCH_CHECK(s.a_off >= 0 && s.a_off + s.r <= m[1], "adapter_rows: segment ", p, " site ", si,
+      TORCH_CHECK(s.a_off >= 0 && s.a_off + s.r <= m[1], "adapter_rows: slot ", p, " site ", si,
                   ": shrink rows out of range");
-      TORCH_CHECK(s.r_off < 0 ? s.N == 1 : s.r_off + s.g * s.N <= m[1], "adapter_rows: segment ", p, " site ",
+      TORCH_CHECK(s.r_off < 0 ? s.N == 1 : s.r_off + s.g * s.N <= m[1], "adapter_rows: slot ", p, " site ",
                   si, ": router rows out of range");
       const int64_t b_rows = m[2] == 1 ? (s.N * s.r + 1) / 2 * 2 : s.N * s.r;
-      TORCH_CHECK(s.b_off >= 0 && s.b_off + b_rows * d_out <= numel[p], "adapter_rows: segment ", p, " site ",
+      TORCH_CHECK(s.b_off >= 0 && s.b_off + b_rows * d_out <= numel[p], "adapter_rows: slot ", p, " site ",
                   si, ": B outside the arena");
       z.lhs = std::max(z.lhs, s.N * s.r);
     }
@@ -447,7 +333,7 @@ void run(const at::Tensor& x, const std::vector<Out>& outs, const std::vector<at
     std::vector<uint32_t> pbuf;
     for (int64_t i = begin; i < end; ++i) {
       const Block& b = blocks[i];
-      run_block<T, WT>(b, xp, xs, ap[b.seg], mp + b.seg * mstride, nsite, outs, z, wo, buf, pbuf);
+      run_block<T, WT>(b, xp, xs, ap[b.slot], mp + b.slot * mstride, nsite, outs, z, wo, buf, pbuf);
     }
   });
 }
@@ -461,9 +347,10 @@ void adapter_rows(const at::Tensor& x, const std::vector<at::Tensor>& outs, cons
   TORCH_CHECK(segs.scalar_type() == at::kLong && segs.is_contiguous() && segs.dim() == 2 && segs.size(1) == 3,
               "adapter_rows: segs must be contiguous int64 [P, 3]");
   const int64_t P = segs.size(0);
-  TORCH_CHECK(meta.scalar_type() == at::kLong && meta.is_contiguous() && meta.dim() == 2 && meta.size(0) == P &&
-              meta.size(1) == HEAD + SITE * nsite, "adapter_rows: meta must be contiguous int64 [P, 3 + 7 * sites]");
-  TORCH_CHECK(static_cast<int64_t>(arenas.size()) == P, "adapter_rows: one arena per segment");
+  TORCH_CHECK(meta.scalar_type() == at::kLong && meta.is_contiguous() && meta.dim() == 2 &&
+              meta.size(1) == HEAD + SITE * nsite, "adapter_rows: meta must be contiguous int64 [S, 3 + 7 * sites]");
+  const int64_t S = meta.size(0);
+  TORCH_CHECK(static_cast<int64_t>(arenas.size()) == S, "adapter_rows: one arena per meta row (slot)");
   std::vector<int64_t> numel;
   for (const at::Tensor& a : arenas) {
     TORCH_CHECK((a.scalar_type() == at::kFloat || a.scalar_type() == x.scalar_type()) &&
@@ -477,15 +364,21 @@ void adapter_rows(const at::Tensor& x, const std::vector<at::Tensor>& outs, cons
                 "adapter_rows: each out must be [T, d_out] in x's dtype with column stride 1");
     o.push_back({t.data_ptr(), t.stride(0), t.size(1)});
   }
-  const Sizes z = check_meta(meta, nsite, numel, d_in, o, arenas[0].scalar_type() == at::kBFloat16);
   const int64_t* mp = meta.data_ptr<int64_t>();
   std::vector<Block> blocks;
   const int64_t* sp = segs.data_ptr<int64_t>();
   for (int64_t p = 0; p < P; ++p) {
     const int64_t lo = sp[3 * p + 1], hi = sp[3 * p + 2];
+    TORCH_CHECK(sp[3 * p] >= 0 && sp[3 * p] < S, "adapter_rows: segment ", p, " names slot ", sp[3 * p],
+                " outside the ", S, " meta rows");
     TORCH_CHECK(lo >= 0 && lo <= hi && hi <= T_, "adapter_rows: segment ", p, " (rows ", lo, "..", hi,
                 ") out of range");
-    if (mp[p * meta.size(1) + 1] == 0) continue;
+  }
+  const Sizes z = check_meta(meta, segs, nsite, numel, d_in, o, !arenas.empty() &&
+                             arenas[0].scalar_type() == at::kBFloat16);
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t lo = sp[3 * p + 1], hi = sp[3 * p + 2];
+    if (mp[sp[3 * p] * meta.size(1) + 1] == 0) continue;
     for (int64_t r = lo; r < hi; r += RB) blocks.push_back({sp[3 * p], r, std::min(RB, hi - r), p, r - lo});
   }
   WeightsOut wo{nullptr, nullptr};
@@ -496,7 +389,7 @@ void adapter_rows(const at::Tensor& x, const std::vector<at::Tensor>& outs, cons
                 woff.size(1) == nsite, "adapter_rows: woff must be int64 [P, sites]");
     const int64_t* op = woff.data_ptr<int64_t>();
     for (int64_t p = 0; p < P; ++p) {
-      const int64_t* m = mp + p * meta.size(1);
+      const int64_t* m = mp + sp[3 * p] * meta.size(1);
       if (m[1] == 0) continue;
       for (int64_t si = 0; si < nsite; ++si) {
         const Site s = site_of(m, si);

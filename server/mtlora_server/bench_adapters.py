@@ -7,13 +7,17 @@ requests/s (0: all at once). Rows:
   many_adapters   the 200 adapters registered, `--max-adapters` (8) resident at a time
   resident        the same requests (prompts, lengths, arrival times) over `--resident-adapters` (8) adapters that
                   all stay resident: the request for popularity rank k uses adapter k mod 8
+Rounds (`--repeats`): each runs both rows, each in a fresh engine, the first row alternating from round to round;
+a row reports its median run (every run's seconds beside it) and the ratio is of the two medians, with each
+round's own ratio printed too (this host's rounds swing +-15 %: one round is not a measurement).
 Reported: output tokens/s of each row and their ratio; time to first token (p50 / p99) of the requests whose
 adapter was not resident when they arrived, next to that of all requests of the resident row; adapter loads,
 evictions, host-cache hits; and the cold-load time of one adapter per kind, disk -> slot (file read, validation,
-the CPU kernel's data, slot copy) and host cache -> slot (slot copy), medians of `--load-repeats`. The host cache is sized by
-`--adapter-cache-size` (default 2 GiB: it holds every adapter of the default workload, so after its first disk read
-an adapter comes back from memory). "Waited" is read from the registry when the request is submitted (the step
-thread may install the adapter a moment later: a few requests counted as waiting may have waited very little).
+the CPU kernel's data, slot copy) and host cache -> slot (slot copy), medians of `--load-repeats`. The host cache
+is sized by `--adapter-cache-size` (default 2 GiB: it holds every adapter of the default workload, so after its
+first disk read an adapter comes back from memory). "Waited" is read from the registry when the request is
+submitted (the step thread may install the adapter a moment later: a few requests counted as waiting may have
+waited very little).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from .bench_engine import _resolve_dtype_name, adapter_specs, make_prompts
+from .bench_engine import _resolve_dtype_name, adapter_specs, make_prompts, rotated, summarize
 
 log = logging.getLogger("mtlora.bench_adapters")
 
@@ -57,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the many_adapters row's engine reads its adapters into the host cache at start-up "
                         "(mtlora-serve --preload-adapters), before the timed part")
     p.add_argument("--load-repeats", type=int, default=5, help="cold loads timed per adapter kind (default 5)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="rounds: each runs both rows (a fresh engine each), the first row alternating between rounds "
+                        "(so neither always runs on a cold or a warm host); each row reports its median run and the "
+                        "ratio is of the medians (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed for prompts, popularity and adapter weights")
     p.add_argument("--output", default="bench_adapters.json", help="where to write the JSON report")
     return p
@@ -129,8 +137,8 @@ async def run_row(args, model_dir, registered: dict[str, str], plan: list[str], 
     return {"seconds": seconds, "output_tokens": tokens, "tokens_per_s": tokens / seconds,
             "ttft_all": _pcts([t for t, _ in ttft]), "ttft_waited": _pcts(waited), "num_waited": len(waited),
             "distinct_adapters": len(set(plan)), "slots": slots, "steps": steps,
-            "tokens_per_step": (tokens + len(plan) * len(prompts[0])) / max(1, steps), "loads": c.loads_total, "disk_loads": c.disk_loads_total,
-            "evictions": c.evictions_total, "host_cache_hits": c.cache_hits_total}
+            "tokens_per_step": (tokens + len(plan) * len(prompts[0])) / max(1, steps), "loads": c.loads_total,
+            "disk_loads": c.disk_loads_total, "evictions": c.evictions_total, "host_cache_hits": c.cache_hits_total}
 
 
 def _pcts(xs: list[float]) -> dict:
@@ -202,24 +210,34 @@ def main(argv: list[str] | None = None) -> int:
         many_plan = [order[k] for k in ranks]
         few = {n: paths[n] for n in names[:args.resident_adapters]}
         few_plan = [names[k % args.resident_adapters] for k in ranks]
-        results = {"many_adapters": asyncio.run(run_row(args, model_dir, paths, many_plan, prompts, arrivals,
-                                                             args.max_adapters))}
-        # fresh prompts would change the work; the prefix cache is per engine, so reusing them is fair
-        results["resident"] = asyncio.run(run_row(args, model_dir, few, few_plan, prompts, arrivals,
-                                                        args.resident_adapters))
+        rows = {"many_adapters": (paths, many_plan, args.max_adapters),
+                "resident": (few, few_plan, args.resident_adapters)}
+        runs: dict[str, list[dict]] = {}
+        for k in range(args.repeats):
+            for row in rotated(list(rows), k):
+                # fresh prompts would change the work; the prefix cache is per engine, so reusing them is fair
+                registered, plan, slots = rows[row]
+                runs.setdefault(row, []).append(asyncio.run(run_row(args, model_dir, registered, plan, prompts,
+                                                                    arrivals, slots)))
+                log.info("%s (round %d): %.1f s", row, k + 1, runs[row][-1]["seconds"])
+        results = {row: summarize(r) for row, r in runs.items()}
         loads = in_fresh_thread(cold_loads, args, model_dir, paths)
     ratio = results["many_adapters"]["tokens_per_s"] / results["resident"]["tokens_per_s"]
+    rounds = [m["tokens_per_s"] / r["tokens_per_s"] for m, r in zip(runs["many_adapters"], runs["resident"])]
     for row, r in results.items():
         print(f"{row:<15}{r['seconds']:>8.1f} s {r['tokens_per_s']:>8.1f} tok/s  slots {r['slots']:>3}  steps "
               f"{r['steps']:>5} ({r['tokens_per_step']:.0f} tokens/step)  distinct adapters "
               f"{r['distinct_adapters']:>3}  loads {r['loads']:>3}  evictions {r['evictions']:>3}  "
-              f"waited {r['num_waited']:>3}  ttft p50/p99 all {_fmt(r['ttft_all'])} waited {_fmt(r['ttft_waited'])}")
-    print(f"throughput many_adapters / resident: {ratio:.2f}x")
+              f"waited {r['num_waited']:>3}  ttft p50/p99 all {_fmt(r['ttft_all'])} waited {_fmt(r['ttft_waited'])}"
+              f"  runs (s) {' '.join(f'{x:.1f}' for x in r['runs_seconds'])}")
+    print(f"throughput many_adapters / resident: {ratio:.2f}x (medians of {args.repeats} round(s); per round: "
+          f"{' '.join(f'{x:.2f}' for x in rounds)})")
     for kind, v in loads.items():
         print(f"cold load {kind:<8} ({v['bytes'] / 2**20:.1f} MiB): disk -> slot {v['disk_to_slot_ms']:.1f} ms, "
               f"host cache -> slot {v['host_cache_to_slot_ms']:.1f} ms")
     report = {"model": str(model_dir), "dtype": args.dtype, "args": {k: v for k, v in vars(args).items()},
-              "threads": torch.get_num_threads(), "results": results, "ratio": ratio, "cold_loads": loads}
+              "threads": torch.get_num_threads(), "results": results, "ratio": ratio, "round_ratios": rounds,
+              "cold_loads": loads}
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.output}")
     return 0

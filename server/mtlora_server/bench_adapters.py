@@ -188,6 +188,8 @@ def _sync(device: torch.device) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats: expected a positive number of rounds, got {args.repeats}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("mtlora_server.engine").setLevel(logging.WARNING)     # one line per load/eviction otherwise
     logging.getLogger("mtlora.checkpoint").setLevel(logging.WARNING)

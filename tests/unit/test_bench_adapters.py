@@ -4,6 +4,8 @@ row's median run reported and the ratio taken of the medians (bench_adapters.py)
 import json
 import logging
 
+import pytest
+
 from mtlora_server import bench_adapters
 
 SMALL = ["--num-adapters", "6", "--max-adapters", "2", "--resident-adapters", "2", "--num-prompts", "6",
@@ -29,3 +31,9 @@ def test_rounds_alternate_the_rows_and_the_ratio_is_of_the_medians(tiny_model_di
     assert len(report["round_ratios"]) == 3 and all(x > 0 for x in report["round_ratios"])
     printed = capsys.readouterr().out
     assert "medians of 3 round(s); per round:" in printed and printed.count("runs (s)") == 2
+
+
+@pytest.mark.parametrize("repeats", ["0", "-2"])
+def test_no_rounds_is_refused_naming_the_flag(repeats, tmp_path):
+    with pytest.raises(SystemExit, match="--repeats: expected a positive number of rounds"):
+        bench_adapters.main(["--repeats", repeats, "--output", str(tmp_path / "a.json")])

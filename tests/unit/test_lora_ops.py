@@ -257,12 +257,37 @@ def test_clear_zeroes_only_what_was_written_even_after_a_failed_write(loaded):
     with pytest.raises(RuntimeError):
         slots.load(0, ADAPTERS[0], bad, checked=True)
     assert any(torch.any(b.A[0] != 0) for b in slots._sites.values())   # the failed write left weights behind
+    # ... but no site counts slot 0 as a user, nor flags it: nothing half-loaded is ever served
+    assert not any(0 in b.users or b.used[0] or b.nexp[0] for b in slots._sites.values())
     slots.clear(0)
     for key, buf in slots._sites.items():
         A, B, R, mask, groups, scaling = buf.tensors()
         assert not A[0].any() and not B[0].any() and not R[0].any() and not mask[0].any(), key
         assert int(groups[0]) == 1 and float(scaling[0]) == 0.0
         assert all(torch.equal(t[1], old) for t, old in zip(buf.tensors(), before[key])), key
+
+
+def test_the_sites_flags_are_views_of_one_table_written_once_per_load():
+    """Every site's per-slot scalar fields are rows of the slots' shared `SlotFlags`: a load writes them for all the
+    adapter's sites (each site's own routing groups), a clear resets them, other slots' stay."""
+    slots = AdapterSlots(CFG, max_adapters=3, max_rank=16, max_experts=8, max_groups=4)
+    oracles = _oracles()
+    slots.load(2, ADAPTERS[2], _native(oracles[2]))
+    slots.load(0, ADAPTERS[0], _native(oracles[0]))
+    flags = slots._flags
+    for (layer, site), buf in slots._sites.items():
+        assert buf.used.data_ptr() == flags.used[buf.row].data_ptr()          # a view, not a copy
+        for slot, cfg in ((0, ADAPTERS[0]), (2, ADAPTERS[2])):
+            adapts = slot in buf.users
+            assert bool(buf.used[slot]) == adapts and int(buf.nexp[slot]) == (cfg.num_experts if adapts else 0)
+            assert int(buf.groups[slot]) == (buf.dims[slot][2] if adapts else 1)
+            assert buf.expert_mask[slot].sum() == (cfg.num_experts if adapts else 0)
+            assert float(buf.scaling[slot]) == (float(torch.tensor(cfg.scaling)) if adapts else 0.0)
+    used2, groups2 = flags.used[:, 2].clone(), flags.groups[:, 2].clone()
+    slots.clear(0)
+    assert not flags.used[:, 0].any() and not flags.nexp[:, 0].any() and not flags.expert_mask[:, 0].any()
+    assert bool((flags.groups[:, 0] == 1).all()) and not flags.scaling[:, 0].any()
+    assert torch.equal(flags.used[:, 2], used2) and torch.equal(flags.groups[:, 2], groups2)
 
 
 @pytest.mark.parametrize("kwargs,cfg,field", [

@@ -46,7 +46,7 @@ from mtlora.sites import SITE_NAMES, site_dims
 
 from . import cpu_adapters, slot_stack
 from .cpu_kernel_path import CpuKernelPath
-from .site_buffers import SiteBuffers, SlotPack, pack_slot
+from .site_buffers import SiteBuffers, SlotFlags, SlotPack, pack_slot
 from .invariant import pad_rows
 from .routing_stats import RoutingStats  # noqa: F401  (re-exported: the engine and tests import it from here)
 from .slot_plan import SlotPlan  # noqa: F401  (re-exported: the runner and tests import it from here)
@@ -128,6 +128,8 @@ class AdapterSlots(CpuKernelPath):
         self.cpu_kernel = None         # cpu_adapters' extension: small slots in one call per site group (CPU)
         self._kcalls = cpu_adapters.KernelCalls(max_adapters)     # the kernel's tables and call layouts
         self._step_sites: tuple = (None, [])           # step_sites' last (key, answer)
+        # every site's per-slot scalar fields, a row per (layer, site): loads and clears write them once per field
+        self._flags = SlotFlags(self.num_layers * len(SITES), max_adapters, max_experts, self.device)
         self.sites_version = 0         # bumped when the set of adapted (layer, site)s changes (`_note_sites`)
         self._adapted: frozenset = frozenset()
 
@@ -172,7 +174,7 @@ class AdapterSlots(CpuKernelPath):
         if key not in self._sites:   # lazily, but for every slot at once: later loads never reallocate
             d_in, d_out = site_dims(self.model_config, site)
             self._sites[key] = SiteBuffers(self.max_adapters, self.max_rank, self.max_experts, self.max_groups,
-                                            d_in, d_out, self.dtype, self.device)
+                                            d_in, d_out, self.dtype, self.device, self._flags)
             log.debug("allocated adapter buffers for layers.%d.%s", layer, site)
         return self._sites[key]
 
@@ -194,6 +196,7 @@ class AdapterSlots(CpuKernelPath):
             self._check_tensors(config, tensors)
         self.clear(slot)
         r, N = config.rank, config.num_experts
+        written: list[tuple[SiteBuffers, int]] = []
         with torch.no_grad():
             for layer in range(self.num_layers):
                 for site, g in groups.items():
@@ -205,12 +208,11 @@ class AdapterSlots(CpuKernelPath):
                     if config.has_router:   # native router rows are group-major: [g*N, d_in] -> [g, N, d_in]
                         router = tensors[f"{prefix}.router"].to(self.device, self.dtype)
                         buf.R[slot, :g, :N] = router.view(g, N, -1)
-                    buf.expert_mask[slot, :N] = True
-                    buf.groups[slot] = g
-                    buf.scaling[slot] = config.scaling
-                    buf.used[slot] = True
-                    buf.nexp[slot] = N
-                    buf.users.add(slot)
+                    written.append((buf, g))
+            # the slot's flags for all its sites at once, then it counts as a user: nothing is half-loaded
+            self._flags.set([buf.row for buf, _ in written], slot, [g for _, g in written], config.scaling, N)
+        for buf, _ in written:
+            buf.users.add(slot)
         self._configs[slot] = config
         if prepared is not None and prepared.dtype == self.dtype \
                 and prepared.pairs == cpu_adapters.pair_layout(self.cpu_kernel, self.dtype):
@@ -225,8 +227,7 @@ class AdapterSlots(CpuKernelPath):
         if not 0 <= slot < self.max_adapters:
             raise AdapterLoadError(f"slot {slot} is out of range 0..{self.max_adapters - 1}")
         with torch.no_grad():
-            for buf in self._sites.values():
-                buf.clear(slot)
+            self._flags.reset([buf.row for buf in self._sites.values() if buf.clear(slot)], slot)
         self._configs.pop(slot, None)
         self._prepared.pop(slot, None)
         self.version += 1

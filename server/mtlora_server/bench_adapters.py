@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from .bench_engine import _resolve_dtype_name, adapter_specs, make_prompts, rotated, summarize
+from .cli import positive_int
 
 log = logging.getLogger("mtlora.bench_adapters")
 
@@ -45,23 +46,23 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model dir or hub id (default: mtlora.base's default model)")
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | auto (default auto)")
-    p.add_argument("--num-adapters", type=int, default=200, help="registered adapters (default 200)")
-    p.add_argument("--max-adapters", type=int, default=8, help="device slots (default 8)")
-    p.add_argument("--resident-adapters", type=int, default=8,
+    p.add_argument("--num-adapters", type=positive_int, default=200, help="registered adapters (default 200)")
+    p.add_argument("--max-adapters", type=positive_int, default=8, help="device slots (default 8)")
+    p.add_argument("--resident-adapters", type=positive_int, default=8,
                    help="adapters of the resident row, all in slots (default 8; kept apart from --max-adapters so "
                         "a run with more slots is compared against the same baseline)")
     p.add_argument("--zipf-s", type=float, default=1.1, help="Zipf exponent of adapter popularity (default 1.1)")
-    p.add_argument("--num-prompts", type=int, default=256, help="requests (default 256)")
-    p.add_argument("--input-len", type=int, default=64, help="prompt tokens per request (default 64)")
-    p.add_argument("--output-len", type=int, default=32, help="greedy tokens per request (default 32)")
+    p.add_argument("--num-prompts", type=positive_int, default=256, help="requests (default 256)")
+    p.add_argument("--input-len", type=positive_int, default=64, help="prompt tokens per request (default 64)")
+    p.add_argument("--output-len", type=positive_int, default=32, help="greedy tokens per request (default 32)")
     p.add_argument("--rate", type=float, default=0.0, help="Poisson arrival rate, requests/s (0: all at once)")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="engine max_num_seqs (default 64)")
+    p.add_argument("--max-num-seqs", type=positive_int, default=64, help="engine max_num_seqs (default 64)")
     p.add_argument("--adapter-cache-size", type=int, default=2 << 30, help="host cache bytes (default 2 GiB)")
     p.add_argument("--preload-adapters", action="store_true",
                    help="the many_adapters row's engine reads its adapters into the host cache at start-up "
                         "(mtlora-serve --preload-adapters), before the timed part")
-    p.add_argument("--load-repeats", type=int, default=5, help="cold loads timed per adapter kind (default 5)")
-    p.add_argument("--repeats", type=int, default=1,
+    p.add_argument("--load-repeats", type=positive_int, default=5, help="cold loads timed per adapter kind (default 5)")
+    p.add_argument("--repeats", type=positive_int, default=1,
                    help="rounds: each runs both rows (a fresh engine each), the first row alternating between rounds "
                         "(so neither always runs on a cold or a warm host); each row reports its median run and the "
                         "ratio is of the medians (default 1)")
@@ -187,9 +188,13 @@ def _sync(device: torch.device) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.repeats < 1:
-        raise SystemExit(f"--repeats: expected a positive number of rounds, got {args.repeats}")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.resident_adapters > args.num_adapters:
+        parser.error(f"--resident-adapters ({args.resident_adapters}) must not exceed --num-adapters "
+                     f"({args.num_adapters}): the resident row serves the first of the registered adapters")
+    if not args.rate >= 0:
+        parser.error(f"--rate: expected requests/s >= 0 (0: all at once), got {args.rate}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("mtlora_server.engine").setLevel(logging.WARNING)     # one line per load/eviction otherwise
     logging.getLogger("mtlora.checkpoint").setLevel(logging.WARNING)

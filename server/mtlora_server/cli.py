@@ -83,7 +83,7 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -118,15 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "$VLLM_API_KEY; neither set: open).")
     p.add_argument("--served-model-name", default=None,
                    help="Name of the bare base model in the API (default: the model folder's name).")
-    p.add_argument("--max-num-seqs", type=_positive, default=64, help="Sequences decoded at once.")
-    p.add_argument("--max-model-len", type=_positive, default=None,
+    p.add_argument("--max-num-seqs", type=positive_int, default=64, help="Sequences decoded at once.")
+    p.add_argument("--max-model-len", type=positive_int, default=None,
                    help="Context length (prompt + completion); default: the model's max_position_embeddings.")
-    p.add_argument("--max-num-batched-tokens", type=_positive, default=2048,
+    p.add_argument("--max-num-batched-tokens", type=positive_int, default=2048,
                    help="Tokens per engine step (prefill chunks + decodes).")
     p.add_argument("--kv-cache-memory", type=parse_size, default=None,
                    help="Memory for the KV cache, e.g. 2GiB or 512MB (default: 1 GiB on CPU, most free GPU memory).")
-    p.add_argument("--block-size", type=_positive, default=16, help="Tokens per KV cache block.")
-    p.add_argument("--max-adapters", type=_positive, default=DEFAULT_MAX_ADAPTERS,
+    p.add_argument("--block-size", type=positive_int, default=16, help="Tokens per KV cache block.")
+    p.add_argument("--max-adapters", type=positive_int, default=DEFAULT_MAX_ADAPTERS,
                    help="Adapter slots: adapters resident on the device at once. Any number can be registered; a "
                         "request for one that is not resident waits while it is brought in (least recently used "
                         "idle adapter evicted).")
@@ -141,10 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="At start-up, read every registered adapter that gets no slot into the host cache (in "
                         "registration order, while it fits in --adapter-cache-size), so no request waits on a disk "
                         "read and no load competes with the steps. Start-up takes ~10-40 ms per adapter longer.")
-    p.add_argument("--max-lora-rank", type=_positive, default=16, help="Largest adapter rank a slot holds.")
-    p.add_argument("--max-experts", type=_positive, default=16, help="Largest number of experts a slot holds.")
-    p.add_argument("--max-groups", type=_positive, default=4, help="Largest number of routing groups a slot holds.")
-    p.add_argument("--max-waiting", type=_positive, default=1024,
+    p.add_argument("--max-lora-rank", type=positive_int, default=16, help="Largest adapter rank a slot holds.")
+    p.add_argument("--max-experts", type=positive_int, default=16, help="Largest number of experts a slot holds.")
+    p.add_argument("--max-groups", type=positive_int, default=4, help="Largest number of routing groups a slot holds.")
+    p.add_argument("--max-waiting", type=positive_int, default=1024,
                    help="Queued sequences before new requests get 429 + Retry-After.")
     p.add_argument("--seed", type=int, default=0, help="Seed for requests that bring no seed of their own.")
     p.add_argument("--enforce-eager", action="store_true",

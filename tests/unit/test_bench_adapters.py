@@ -33,7 +33,14 @@ def test_rounds_alternate_the_rows_and_the_ratio_is_of_the_medians(tiny_model_di
     assert "medians of 3 round(s); per round:" in printed and printed.count("runs (s)") == 2
 
 
-@pytest.mark.parametrize("repeats", ["0", "-2"])
-def test_no_rounds_is_refused_naming_the_flag(repeats, tmp_path):
-    with pytest.raises(SystemExit, match="--repeats: expected a positive number of rounds"):
-        bench_adapters.main(["--repeats", repeats, "--output", str(tmp_path / "a.json")])
+@pytest.mark.parametrize("argv,fragment", [
+    (["--repeats", "0"], "argument --repeats: expected a positive integer"),
+    (["--num-adapters", "-2"], "argument --num-adapters: expected a positive integer"),
+    (["--load-repeats", "0"], "argument --load-repeats: expected a positive integer"),
+    (["--num-adapters", "4", "--resident-adapters", "8"], "--resident-adapters (8) must not exceed --num-adapters"),
+    (["--rate", "nan"], "--rate: expected requests/s >= 0"),
+])
+def test_bad_counts_are_refused_naming_the_flag(argv, fragment, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        bench_adapters.main([*argv, "--output", str(tmp_path / "a.json")])
+    assert info.value.code == 2 and fragment in capsys.readouterr().err

@@ -36,9 +36,10 @@ class CpuKernelPath:
     def _kernel_only(self, layer: int, x: torch.Tensor, targets, plan: SlotPlan,
                      stats: RoutingStats | None) -> bool:
         """The decode case, every slot of the step within the kernel's reach (<= KERNEL_ROWS contiguous rows): one
-        kernel call whose layout is cached per (layer, target sites) while the step's slots and the table stay
-        the same. False (nothing done): the general path runs. (Runs ~120 times a decode step: the step's
-        segments are looked up once per step in the plan's memo.)"""
+        kernel call whose layout is cached per (layer, target sites) while the set of adapted sites stays the
+        same, over its site group's table (rows filled for slots that lack one). False (nothing done): the general
+        path runs. (Runs ~120 times a decode step: the step's segments are looked up once per step in the plan's
+        memo.)"""
         step = plan.memo.get(("kernel", x.dtype))
         if step is None:
             step = plan.memo[("kernel", x.dtype)] = cpu_adapters.KernelCalls.segments(plan, self._kernel_rows(x))

@@ -1,13 +1,13 @@
 """One (layer, site)'s adapter weights for every slot, and one slot's pack of the sites that share an input.
 
 Contract:
-- `SiteBuffers(S, r, N, G, d_in, d_out, dtype, device, flags=None)`: the stacked, zero-padded tensors of one
+- `SiteBuffers(S, r, N, G, d_in, d_out, dtype, device, flags)`: the stacked, zero-padded tensors of one
   (layer, site) for all S slots: A [S, r_max, d_in], B [S, N_max, r_max, d_out], R [S, g_max, N_max, d_in],
   expert_mask [S, N_max], groups / scaling / used / nexp [S]; host-side `users` (slots that adapt the site) and
   `dims` (slot -> its own (r, N, g)). Everything outside a slot's dims is zero (`lora_ops.AdapterSlots.load`
   writes only inside them), so `clear(slot)` zeroes what the slot wrote and costs the adapter's size, not the
   preallocated maxima. The per-slot scalar fields (expert_mask, groups, scaling, used, nexp) are views of one row
-  of a `SlotFlags` shared by all the sites of an `AdapterSlots` (`flags`; a private one-row table without it):
+  of a `SlotFlags` shared by all the sites of an `AdapterSlots` (`flags`, which hands the site its row):
   `SlotFlags.set` / `reset` write a slot's fields for all its sites at once, `clear` leaves them to its caller.
 - `pack_slot(bufs, slot) -> SlotPack | None`: the slot's sites among `bufs` [(target index, SiteBuffers)] as one
   `mtlora.grouped.Pack`, each site trimmed to the slot's own (r, N, g); None when the slot adapts none of them.
@@ -90,14 +90,13 @@ class SlotFlags:
 class SiteBuffers:
     """The stacked, zero-padded tensors of one (layer, site) for all slots (layout: see module docstring)."""
 
-    def __init__(self, S: int, r: int, N: int, G: int, d_in: int, d_out: int, dtype, device,
-                 flags: SlotFlags | None = None):
+    def __init__(self, S: int, r: int, N: int, G: int, d_in: int, d_out: int, dtype, device, flags: SlotFlags):
         kw = {"dtype": dtype, "device": device}
         self.A = torch.zeros(S, r, d_in, **kw)                                      # [S, r_max, d_in]
         self.B = torch.zeros(S, N, r, d_out, **kw)                                  # [S, N_max, r_max, d_out]
         self.R = torch.zeros(S, G, N, d_in, **kw)                                   # [S, g_max, N_max, d_in]
-        self.flags = flags if flags is not None else SlotFlags(1, S, N, device)
-        self.row = self.flags.row()
+        self.flags = flags
+        self.row = flags.row()
         self.expert_mask = self.flags.expert_mask[self.row]                         # [S, N_max] (views)
         self.groups = self.flags.groups[self.row]                                   # [S]
         self.scaling = self.flags.scaling[self.row]                                 # [S]

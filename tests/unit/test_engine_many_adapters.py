@@ -335,3 +335,27 @@ def test_preload_without_a_host_cache_reads_nothing(env, caplog):
                                            adapter_cache_size=0))
     assert core.registry.counters.disk_loads_total == 0 and core.registry.cache.bytes == 0
     assert "does nothing without a host cache" in caplog.text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (none on this machine)")
+def test_seven_adapters_two_slots_under_cuda_graphs_match_all_resident_eager(env):
+    """Slot swaps while decode steps replay captured CUDA graphs: the graphs read the slots' buffers, so a swap
+    that the graphs did not see (a stale view, a layout key that missed a change) would answer with the wrong
+    adapter. Every request must equal the all-resident eager engine on the same GPU (fp32)."""
+    model_dir, paths, _ = env
+    eager = EngineCore(tiny_engine_args(model_dir, adapters=paths, max_adapters=8, device="cuda",
+                                        enforce_eager=True))
+    core = EngineCore(tiny_engine_args(model_dir, adapters=paths, max_adapters=2, device="cuda"))
+    graphs = core.runner.decode_graphs
+    assert graphs is not None and graphs.mode == "cudagraph" and eager.runner.decode_graphs is None
+    want = run_to_completion(eager, _workload([None, *paths]))
+    got = run_to_completion(core, _workload([None, *paths]))
+    assert core.take_failures() == {}
+    for rid, w in want.items():
+        assert got[rid].finished and got[rid].tokens == w.tokens, rid
+        a = torch.tensor([lp.logprob for lp in got[rid].logprobs[0]])
+        b = torch.tensor([lp.logprob for lp in w.logprobs[0]])
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=0)
+    assert core.registry.counters.evictions_total >= NUM_ADAPTERS - 2
+    assert len(graphs._graphs) > 0                            # the steps really replayed graphs

@@ -197,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "CPU + Triton interpreter); its own flags follow", add_help=False)
     sub.add_parser("profile", help="where one engine decode step spends its time, GEMM share stated "
                    "(mtlora_server.bench_profile); its own flags follow", add_help=False)
+    sub.add_parser("paired", help="what the adapters cost, in one process: the engine row workload alternating "
+                   "adapted and bare base runs (mtlora_server.bench_paired); its own flags follow", add_help=False)
     sub.add_parser("ops", help="the adapter work of one decode step alone, stacked vs per-slot "
                    "(mtlora_server.bench_ops); its own flags follow", add_help=False)
     sub.add_parser("train", help="training step time, mtlora vs hydralora vs lora (mtlora_train.bench); its own "
@@ -228,7 +230,8 @@ IN_PROCESS = {"engine": ("mtlora_server.bench_engine", "pip install -e '.[serve]
               "gpu": ("mtlora_server.bench_gpu", "pip install -e '.[serve]'"),
               "train": ("mtlora_train.bench", "pip install -e '.[train]'"),
               "profile": ("mtlora_server.bench_profile", "pip install -e '.[serve]'"),
-              "ops": ("mtlora_server.bench_ops", "pip install -e '.[serve]'")}
+              "ops": ("mtlora_server.bench_ops", "pip install -e '.[serve]'"),
+              "paired": ("mtlora_server.bench_paired", "pip install -e '.[serve]'")}
 
 
 def run_in_process(name: str, argv: list[str]) -> int:

@@ -6,8 +6,8 @@ are (issue 15, docs/benchmarks.md). This runs the engine bench's row workload (-
 --input-len random tokens, --output-len greedy tokens each, EOS ignored) in one `EngineCore` holding the adapters,
 alternately with the requests spread round-robin over the adapters ("adapted") and on the bare base ("base"),
 --rounds times, the kind that runs first alternating from round to round, fresh prompts every run. Inside every run
-it times the prefill-containing and the decode-only steps, the adapter work (`AdapterSlots.apply_shared`, its
-Python included), within that the C++ adapter kernel (`adapter_rows`), the C++ decode attention (where the KV
+it times the prefill-containing and the decode-only steps, the adapter work (the decoder's `_adapt` calls, 4 a
+layer: its Python included; on a base step they return at once), within that the C++ adapter kernel (`adapter_rows`), the C++ decode attention (where the KV
 blocks a run was given show: scattered blocks read slower) and the weight GEMMs (the same work in both kinds: a
 difference there is the host, or the adapters' weights evicting the base's from the caches).
 
@@ -16,7 +16,7 @@ median (the engine bench's "x engine_base" figure, paired); and the adapter work
 time: 1 - share is the ratio a quiet host would show, up to what the adapter rows change outside the adapter
 work (batch layout, KV placement) -- which is what the paired ratio measures directly.
 Runs on the calling thread (no engine thread), so its OpenMP pool is the only one. The timers wrap the engine's
-own objects (runner, adapter slots, their kernel) for this process only.
+own objects (runner, decoder, `_adapt`, the C++ kernels) while it measures, and put them back after.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class Run:
     decode_s: float = 0.0           # decode-only steps
     prefill_steps: int = 0
     decode_steps: int = 0
-    adapter_s: float = 0.0          # inside AdapterSlots.apply_shared
+    adapter_s: float = 0.0          # inside the decoder's `_adapt` (engine/model.py)
     kernel_s: float = 0.0           # inside the C++ adapter kernel (part of adapter_s)
     attention_s: float = 0.0        # inside the C++ paged decode attention (0 where the engine has none)
     gemm_s: float = 0.0             # the weight GEMMs (the decoder's `_linear`: qkv, o, gate_up, down, lm_head)
@@ -97,8 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
 def timers(core):
     """Time the engine's steps, adapter work and adapter kernel into a dict (seconds / counts) while inside."""
     acc: dict[str, float] = defaultdict(float)
+    from .engine import model as model_module
+
     runner, slots, model = core.runner, core.slots, core.model
-    execute, apply_shared, kernel = runner.execute, slots.apply_shared, slots.cpu_kernel
+    execute, adapt, kernel = runner.execute, model_module._adapt, slots.cpu_kernel
     attention = getattr(model, "paged_kernel", None)
 
     def timed_execute(scheduled, *args, **kwargs):
@@ -110,10 +112,10 @@ def timers(core):
             acc[kind + "_s"] += time.perf_counter() - t0
             acc[kind + "_steps"] += 1
 
-    def timed_apply(*args, **kwargs):
+    def timed_adapt(*args, **kwargs):
         t0 = time.perf_counter()
         try:
-            return apply_shared(*args, **kwargs)
+            return adapt(*args, **kwargs)
         finally:
             acc["adapter_s"] += time.perf_counter() - t0
 
@@ -126,7 +128,7 @@ def timers(core):
         finally:
             acc["gemm_s"] += time.perf_counter() - t0
 
-    runner.execute, slots.apply_shared, model._linear = timed_execute, timed_apply, timed_linear
+    runner.execute, model_module._adapt, model._linear = timed_execute, timed_adapt, timed_linear
     if kernel is not None:
         slots.cpu_kernel = _TimedKernel(kernel, acc, "adapter_rows", "kernel_s")
     if attention is not None:
@@ -134,7 +136,7 @@ def timers(core):
     try:
         yield acc
     finally:
-        runner.execute, slots.apply_shared, slots.cpu_kernel, model._linear = execute, apply_shared, kernel, linear
+        runner.execute, model_module._adapt, slots.cpu_kernel, model._linear = execute, adapt, kernel, linear
         if attention is not None:
             model.paged_kernel = attention
 
@@ -179,12 +181,12 @@ def one_run(core, acc, kind: str, k: int, prompts: list[list[int]], names: list[
 
 def measure(args) -> Report:
     from .bench_engine import make_prompts
-    from .bench_profile import _core
+    from .bench_profile import build_core
 
     core_args = argparse.Namespace(model=args.model, dtype=args.dtype, adapters=args.adapters,
                                    batch=args.num_prompts, enforce_eager=args.enforce_eager, seed=args.seed)
     with tempfile.TemporaryDirectory(prefix="mtlora-paired-") as tmp:
-        core, names, vocab = _core(core_args, Path(tmp))
+        core, names, vocab = build_core(core_args, Path(tmp))
         report = Report(args.adapters, str(core.dtype).removeprefix("torch."), args.num_prompts, args.input_len,
                         args.output_len)
         with timers(core) as acc:
@@ -230,7 +232,8 @@ def print_report(rep: Report) -> None:
             continue
         m = _median_run(runs)
         print(f"{kind:<9}{m.wall:>8.2f}{m.prefill_s:>11.2f}{m.decode_s:>10.2f}{m.adapter_s:>11.3f}"
-              f"{m.kernel_s:>10.3f}{m.attention_s:>13.3f}{m.gemm_s:>9.2f}{m.output_tokens / m.wall:>8.1f}  " + " ".join(f"{r.wall:.2f}" for r in runs))
+              f"{m.kernel_s:>10.3f}{m.attention_s:>13.3f}{m.gemm_s:>9.2f}{m.output_tokens / m.wall:>8.1f}  "
+              + " ".join(f"{r.wall:.2f}" for r in runs))
     print("per round, base / adapted: " + " ".join(f"{x:.3f}" for x in rep.round_ratios))
     print(f"paired ratio (median of rounds): {rep.paired_ratio:.3f}x")
     print(f"adapter work: {100 * rep.adapter_share:.1f}% of the adapted runs' wall time (the C++ kernel "

@@ -119,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _core(args, tmp: Path):
+def build_core(args, tmp: Path):
+    """(EngineCore on CPU with the bench's adapters of `args.adapters` written under tmp and loaded, their names,
+    the vocab size); args: model, dtype, adapters (none | mix4 | lora4), batch (max_num_seqs), enforce_eager, seed."""
     from mtlora.base import load_config, resolve_model
 
     from .bench_engine import write_adapters
@@ -175,7 +177,7 @@ def profile(args) -> Profile:
     from torch.profiler import profile as torch_profile
 
     with tempfile.TemporaryDirectory(prefix="mtlora-profile-") as tmp:
-        core, names, vocab = _core(args, Path(tmp))
+        core, names, vocab = build_core(args, Path(tmp))
         _decoding(args, core, names, vocab)
         times = []
         for _ in range(args.timed):

@@ -93,42 +93,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def timed(fn, acc, key: str):
+    """fn, with the seconds of every call added to acc[key]."""
+    def call(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            acc[key] += time.perf_counter() - t0
+    return call
+
+
 @contextmanager
 def timers(core):
     """Time the engine's steps, adapter work and adapter kernel into a dict (seconds / counts) while inside."""
-    acc: dict[str, float] = defaultdict(float)
     from .engine import model as model_module
 
+    acc: dict[str, float] = defaultdict(float)
     runner, slots, model = core.runner, core.slots, core.model
-    execute, adapt, kernel = runner.execute, model_module._adapt, slots.cpu_kernel
+    execute, adapt, kernel, linear = runner.execute, model_module._adapt, slots.cpu_kernel, model._linear
     attention = getattr(model, "paged_kernel", None)
 
     def timed_execute(scheduled, *args, **kwargs):
         kind = "prefill" if any(c.length > 1 for c in scheduled.chunks) else "decode"
-        t0 = time.perf_counter()
-        try:
-            return execute(scheduled, *args, **kwargs)
-        finally:
-            acc[kind + "_s"] += time.perf_counter() - t0
-            acc[kind + "_steps"] += 1
+        acc[kind + "_steps"] += 1
+        return timed(execute, acc, kind + "_s")(scheduled, *args, **kwargs)
 
-    def timed_adapt(*args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return adapt(*args, **kwargs)
-        finally:
-            acc["adapter_s"] += time.perf_counter() - t0
-
-    linear = model._linear
-
-    def timed_linear(*args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return linear(*args, **kwargs)
-        finally:
-            acc["gemm_s"] += time.perf_counter() - t0
-
-    runner.execute, model_module._adapt, model._linear = timed_execute, timed_adapt, timed_linear
+    runner.execute, model_module._adapt = timed_execute, timed(adapt, acc, "adapter_s")
+    model._linear = timed(linear, acc, "gemm_s")
     if kernel is not None:
         slots.cpu_kernel = _TimedKernel(kernel, acc, "adapter_rows", "kernel_s")
     if attention is not None:
@@ -149,16 +141,7 @@ class _TimedKernel:
 
     def __getattr__(self, name: str):
         fn = getattr(self._ext, name)
-        if name != self._function:
-            return fn
-
-        def call(*args):
-            t0 = time.perf_counter()
-            try:
-                return fn(*args)
-            finally:
-                self._acc[self._key] += time.perf_counter() - t0
-        return call
+        return timed(fn, self._acc, self._key) if name == self._function else fn
 
 
 def one_run(core, acc, kind: str, k: int, prompts: list[list[int]], names: list[str], output_len: int) -> Run:

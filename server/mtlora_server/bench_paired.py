@@ -7,9 +7,10 @@ are (issue 15, docs/benchmarks.md). This runs the engine bench's row workload (-
 alternately with the requests spread round-robin over the adapters ("adapted") and on the bare base ("base"),
 --rounds times, the kind that runs first alternating from round to round, fresh prompts every run. Inside every run
 it times the prefill-containing and the decode-only steps, the adapter work (the decoder's `_adapt` calls, 4 a
-layer: its Python included; on a base step they return at once), within that the C++ adapter kernel (`adapter_rows`), the C++ decode attention (where the KV
-blocks a run was given show: scattered blocks read slower) and the weight GEMMs (the same work in both kinds: a
-difference there is the host, or the adapters' weights evicting the base's from the caches).
+layer: its Python included; on a base step they return at once), within that the C++ adapter kernel
+(`adapter_rows`), the C++ decode attention (where the KV blocks a run was given show: scattered blocks read
+slower) and the weight GEMMs (the same work in both kinds: a difference there is the host, or the adapters'
+weights evicting the base's from the caches).
 
 Reports per kind the median run; per round the ratio base wall / adapted wall of its two adjacent runs, and their
 median (the engine bench's "x engine_base" figure, paired); and the adapter work's share of the adapted runs' wall

@@ -284,7 +284,6 @@ void run_block(const Block& blk, const T* xp, int64_t x_stride, const WT* arena,
   }
 }
 
-// Every segment's meta row checked against its arena and the outputs; returns the buffer sizes.
 // The meta row of every slot a segment names checked against its arena and the outputs; returns the buffer sizes.
 Sizes check_meta(const at::Tensor& meta, const at::Tensor& segs, int64_t nsite, const std::vector<int64_t>& numel,
                  int64_t d_in, const std::vector<Out>& outs, bool bf16_arenas) {

@@ -2,15 +2,15 @@
 
 Why: `mtlora-bench engine` times each row whole, one row after another; on a shared host its rounds swing +-10 %,
 more than the 3-5 % the adapters cost, so its medians cannot say on which side of a 0.95x target the adapter rows
-are (issue 15, docs/benchmarks.md). This runs the engine bench's row workload (--num-prompts prompts of
---input-len random tokens, --output-len greedy tokens each, EOS ignored) in one `EngineCore` holding the adapters,
-alternately with the requests spread round-robin over the adapters ("adapted") and on the bare base ("base"),
---rounds times, the kind that runs first alternating from round to round, fresh prompts every run. Inside every run
-it times the prefill-containing and the decode-only steps, the adapter work (the decoder's `_adapt` calls, 4 a
-layer: its Python included; on a base step they return at once), within that the C++ adapter kernel
-(`adapter_rows`), the C++ decode attention (where the KV blocks a run was given show: scattered blocks read
-slower) and the weight GEMMs (the same work in both kinds: a difference there is the host, or the adapters'
-weights evicting the base's from the caches).
+are (issue 15, docs/benchmarks.md). This runs the engine bench's row workload (--num-prompts prompts of --input-len
+random tokens, --output-len greedy tokens each, EOS ignored) in one `EngineCore` holding the adapters, alternately
+with the requests spread round-robin over the adapters ("adapted") and on the bare base ("base"), --rounds times,
+the kind that runs first alternating from round to round, fresh prompts every run. Inside every run it times the
+prefill-containing and the decode-only steps, the adapter work (the decoder's `_adapt` calls, 4 a layer: its Python
+included; on a base step they return at once), within that the C++ adapter kernel (`adapter_rows` and the steps'
+bound `RowsCall`s), the C++ decode attention (where the KV blocks a run was given show: scattered blocks read
+slower) and the weight GEMMs (the same work in both kinds: a difference there is the host, or the adapters' weights
+evicting the base's from the caches).
 
 Reports per kind the median run; per round the ratio base wall / adapted wall of its two adjacent runs, and their
 median (the engine bench's "x engine_base" figure, paired); and the adapter work's share of the adapted runs' wall
@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+from .bench_profile import wrapped_binding
 
 log = logging.getLogger("mtlora.bench_paired")
 
@@ -124,12 +126,14 @@ def timers(core):
     model._linear = timed(linear, acc, "gemm_s")
     if kernel is not None:
         slots.cpu_kernel = _TimedKernel(kernel, acc, "adapter_rows", "kernel_s")
+        slots.bind_step = wrapped_binding(slots.bind_step, lambda c: timed(c, acc, "kernel_s"))
     if attention is not None:
         model.paged_kernel = _TimedKernel(attention, acc, "paged_decode_attention", "attention_s")
     try:
         yield acc
     finally:
         runner.execute, model_module._adapt, slots.cpu_kernel, model._linear = execute, adapt, kernel, linear
+        vars(slots).pop("bind_step", None)
         if attention is not None:
             model.paged_kernel = attention
 

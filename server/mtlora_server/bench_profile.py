@@ -52,18 +52,39 @@ class _Traced:
         self._ext = ext
 
     def __getattr__(self, name: str):
-        from torch.profiler import record_function
-        fn = getattr(self._ext, name)
+        return _traced(getattr(self._ext, name), name)
 
-        def call(*args, **kwargs):
-            with record_function(KERNEL_PREFIX + name):
-                return fn(*args, **kwargs)
-        return call
+
+def _traced(fn, name: str):
+    from torch.profiler import record_function
+
+    def call(*args, **kwargs):
+        with record_function(KERNEL_PREFIX + name):
+            return fn(*args, **kwargs)
+    return call
+
+
+def wrapped_binding(bind_step, wrap):
+    """`AdapterSlots.bind_step` (engine/cpu_kernel_path.py) whose bound kernel calls are `wrap(call)`: how the
+    benches time or trace the adapter kernel of bound steps (wrapped once per binding: the slots keep one until
+    the step's slots or tables change)."""
+    from .engine.cpu_kernel_path import BoundStep
+
+    last: list = [None, None]                               # (the slots' binding, its wrapped copy)
+
+    def bind(*args, **kwargs):
+        step = bind_step(*args, **kwargs)
+        if step is None:
+            return None
+        if last[0] is not step.layers:
+            last[:] = step.layers, [[None if c is None else wrap(c) for c in row] for row in step.layers]
+        return BoundStep(last[1], step.segs)
+    return bind
 
 
 def _trace_kernels(core, on: bool) -> None:
     """Wrap (on) or unwrap the engine's C++ extensions: the model's paged attention and fused row ops, the adapter
-    slots' rows kernel."""
+    slots' rows kernel (its list form, and the bound calls of bound steps)."""
     for owner, attr in ((core.model, "paged_kernel"), (core.model, "fused"), (core.slots, "cpu_kernel")):
         ext = getattr(owner, attr, None)
         if ext is None:
@@ -72,6 +93,12 @@ def _trace_kernels(core, on: bool) -> None:
             setattr(owner, attr, _Traced(ext))
         elif not on and isinstance(ext, _Traced):
             setattr(owner, attr, ext._ext)
+    if core.slots is None:
+        return
+    if on and "bind_step" not in vars(core.slots):
+        core.slots.bind_step = wrapped_binding(core.slots.bind_step, lambda c: _traced(c, "adapter_rows"))
+    elif not on:
+        vars(core.slots).pop("bind_step", None)
 
 
 @dataclass

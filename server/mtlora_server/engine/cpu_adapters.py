@@ -33,7 +33,8 @@ Contract:
 - `Arena(num_slots, nsite, dtype)`: one site group's table of slot arenas, indexed by slot, meta [S, 3 + 7*nsite]
   (layout: the C++ file's header), kept across steps and patched one slot at a time (`put` / `drop`);
   `Arena.of(slot_arenas, nsite)`: a table whose slot i holds slot_arenas[i]. A slot with rows 0 (adapting none of
-  these sites) is skipped by the kernel.
+  these sites) is skipped by the kernel. `bind(ext, cols)`: the kernel's `RowsCall` over the table with each
+  site's columns given (`cpu_kernel_path.bind_step`), kept until a row changes.
 - `segments(groups, max_rows) -> [P, 3] int64 | None`: (slot, lo, hi) of each slot whose rows are one contiguous
   range of at most max_rows (the decode case), from a `SlotPlan.groups`; None when there is none.
 - `add_rows(ext, x [T, d_in], outs [[T, d_out_s]], arena, segs, stats=None)`: adds every listed slot's delta into
@@ -220,6 +221,7 @@ class Arena:
         self.meta_rows: list[list[int]] = [[0] * (HEAD + SITE * nsite) for _ in range(num_slots)]
         self.ready: set[int] = set()
         self.stats_layouts: dict = {}                       # segments -> StatsLayout (`add_rows` with stats)
+        self._bound: dict[tuple, object] = {}               # columns -> the kernel's RowsCall over this table
 
     @classmethod
     def of(cls, slot_arenas: list[SlotArena], nsite: int) -> "Arena":
@@ -241,10 +243,20 @@ class Arena:
         self.meta_rows[slot] = sa.meta
         self.ready.add(slot)
         self.stats_layouts.clear()
+        self._bound.clear()
 
     def drop(self, slot: int) -> None:
         self.datas[slot] = self._empty
         self.ready.discard(slot)
+        self._bound.clear()                                 # (a bound call holds the dropped arena)
+
+    def bind(self, ext, cols: tuple[tuple[int, int, int], ...]):
+        """The kernel's `RowsCall` over this table with these site columns ((source 0 = out | 1 = fused, first
+        column, width) per site): built on first use, kept until a slot's row changes."""
+        call = self._bound.get(cols)
+        if call is None:
+            call = self._bound[cols] = ext.RowsCall(self.datas, self.meta, torch.tensor(cols, dtype=torch.long))
+        return call
 
     def slot_arena(self, slot: int) -> SlotArena:
         return SlotArena(self.datas[slot], self.meta_rows[slot])
@@ -277,8 +289,10 @@ class KernelCalls:
         self.num_slots = num_slots
         self.tables: dict[tuple, Arena] = {}              # (layer, sites) -> table
         self._calls: dict[tuple, KernelCall] = {}          # (layer, target sites) -> call layout
+        self.epoch = 0                                     # bumped whenever any table's rows change
 
     def forget(self, slot: int) -> None:
+        self.epoch += 1
         for table in self.tables.values():
             table.drop(slot)
 
@@ -302,11 +316,11 @@ class KernelCalls:
             t = self.tables[(layer, sites)] = Arena(self.num_slots, len(sites), dtype)
         return t
 
-    @staticmethod
-    def fill(table: Arena, sites: tuple, slots, data_of) -> Arena:
+    def fill(self, table: Arena, sites: tuple, slots, data_of) -> Arena:
         """The table with a current row for every slot of `slots`; data_of(slot) -> the slot's `SlotData` for
         these sites or None (the slot adapts none of them), called for slots without a current row only."""
         if not table.ready.issuperset(slots):
+            self.epoch += 1
             for slot in slots:
                 if slot not in table.ready:
                     got = data_of(slot)

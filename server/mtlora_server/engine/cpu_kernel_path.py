@@ -11,17 +11,29 @@ Contract:
 - `_arena(layer, key_sites, bufs, slots)`: the site group's table with a current row for each of `slots` (from
   the adapter's `PreparedAdapter` when it came with one, else derived from the slot buffers).
 - `prepare(config, tensors)`: the kernel data of a validated adapter for `load(..., prepared=)`, any thread.
+- `bind_step(plan, stats, dtype, calls) -> BoundStep | None`: the decoder's whole step through the kernel with the
+  Python per call cut to one bound C++ call: for every layer and every `AdaptCall` of the decoder (its 4 adapter
+  call sites: the sites that read one input, and where each writes: the call's `out`, or columns of its fused
+  projection output), a `RowsCall` over the site group's table (`cpu_adapters.Arena.bind`), or None where no
+  slot of the step adapts a site of the call. None (the decoder goes through `apply_shared`): no kernel, not
+  CPU, batch-invariant mode, a step that samples routing statistics, a dtype the kernel does not take, or a slot
+  of the step past the kernel's row limit. Same tables, same kernel, same arithmetic as `_kernel_only`: a
+  `BoundStep` call adds exactly what `apply_shared` would (tests/unit/test_cpu_kernel_bound.py).
+  (Why: ~120 calls a decode step each spent ~15-20 us in Python -- target lists, column views, layout lookups,
+  the list arguments' conversion -- about 2 % of a batch-64 step with 4 adapters: docs/benchmarks.md.) Bound per
+  (sites version, dtype, calls); per step only when the step's slot set or a table changed.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
 from mtlora.config import AdapterConfig
 from mtlora.errors import AdapterLoadError
-from mtlora.sites import BY_NAME
+from mtlora.sites import BY_NAME, FusedColumn
 
 from . import cpu_adapters
 from .routing_stats import RoutingStats
@@ -30,8 +42,81 @@ from .slot_plan import SlotPlan
 log = logging.getLogger("mtlora_server.engine.lora_ops")
 
 
+@dataclass(frozen=True)
+class AdaptCall:
+    """One adapter call site of the decoder: the sites that read one input -- `site`, whose delta goes into the
+    call's `out` [T, width], and `columns`, whose deltas go into their columns of the call's fused projection
+    output."""
+
+    site: str
+    width: int
+    columns: tuple[FusedColumn, ...] = ()
+
+    def targets(self) -> list[tuple[str, int, int, int]]:
+        """(site, source: 0 = out | 1 = fused, first column, width) of every site of the call."""
+        return [(self.site, 0, 0, self.width)] + [(c.site, 1, c.start, c.width) for c in self.columns]
+
+
+@dataclass
+class BoundStep:
+    """A step's kernel calls (`bind_step`): layers[layer][call] a `RowsCall` (args: x, out, fused, segs, wout,
+    woff) or None (nothing to add); `segs` the step's segments, the same for every call."""
+
+    layers: list[list]
+    segs: torch.Tensor
+
+
+@dataclass
+class _CallLayout:
+    """One (layer, AdaptCall)'s part in the kernel while the adapted sites stay the same."""
+
+    layer: int
+    table: cpu_adapters.Arena
+    sites: tuple[str, ...]         # the call's sites some slot adapts here (the table's key), in call order
+    bufs: list                     # `_bufs` of them (index in `sites`, SiteBuffers)
+    cols: tuple                    # per site of `sites`: (source, first column, width)
+
+
 class CpuKernelPath:
     """Mixin of `lora_ops.AdapterSlots`: the C++ adapter kernel's calls and data (module doc)."""
+
+    def bind_step(self, plan: SlotPlan, stats: RoutingStats | None, dtype: torch.dtype,
+                  calls: tuple[AdaptCall, ...]) -> BoundStep | None:
+        """The step's kernel calls bound, or None: the `apply_shared` path runs (module doc)."""
+        if self.cpu_kernel is None or self.device.type != "cpu" or self.row_tile or stats is not None \
+                or dtype not in (torch.float32, torch.bfloat16) or self.dtype not in (torch.float32, dtype):
+            return None
+        segs, slots, whole = cpu_adapters.KernelCalls.segments(plan, self._kernel_rows(dtype))
+        if not whole or segs is None:
+            return None
+        key = (self.sites_version, dtype, calls)
+        if self._bound_layouts[0] != key:
+            self._bound_layouts = (key, [[self._call_layout(layer, call) for call in calls]
+                                         for layer in range(self.num_layers)])
+        step_key = (key, slots, self._kcalls.epoch)
+        if self._bound_step[0] != step_key:
+            layers = [[self._bind(lay, slots) for lay in row] for row in self._bound_layouts[1]]
+            self._bound_step = ((key, slots, self._kcalls.epoch), layers)       # (the epoch after any fill)
+        return BoundStep(self._bound_step[1], segs)
+
+    def _call_layout(self, layer: int, call: AdaptCall) -> _CallLayout | None:
+        targets = call.targets()
+        bufs = self._bufs(layer, [(site, None) for site, *_ in targets])
+        if not bufs:
+            return None
+        sites = tuple(targets[i][0] for i, _ in bufs)
+        return _CallLayout(layer, self._kcalls.table(layer, sites, self.dtype), sites,
+                           [(k, b) for k, (_, b) in enumerate(bufs)], tuple(targets[i][1:] for i, _ in bufs))
+
+    def _bind(self, lay: _CallLayout | None, slots: tuple[int, ...]):
+        """The layout's RowsCall with a current row for every slot of the step, or None (nothing to add)."""
+        if lay is None:
+            return None
+        table = lay.table if lay.table.ready.issuperset(slots) else self._arena(lay.layer, lay.sites, lay.bufs,
+                                                                                 slots)
+        if not any(table.meta_rows[slot][1] for slot in slots):
+            return None
+        return table.bind(self.cpu_kernel, lay.cols)
 
     def _kernel_only(self, layer: int, x: torch.Tensor, targets, plan: SlotPlan,
                      stats: RoutingStats | None) -> bool:
@@ -42,7 +127,8 @@ class CpuKernelPath:
         memo.)"""
         step = plan.memo.get(("kernel", x.dtype))
         if step is None:
-            step = plan.memo[("kernel", x.dtype)] = cpu_adapters.KernelCalls.segments(plan, self._kernel_rows(x))
+            step = plan.memo[("kernel", x.dtype)] = cpu_adapters.KernelCalls.segments(plan,
+                                                                                      self._kernel_rows(x.dtype))
         segs, slots, whole = step
         if not whole:
             return False
@@ -73,7 +159,7 @@ class CpuKernelPath:
         cpu_adapters' kernel for this site group, recording routing weights when the step samples them; returns
         the slots done (none when dtypes or layouts do not suit the kernel)."""
         outs = [targets[i][1] for i, _ in bufs]
-        segs, slots, _ = cpu_adapters.KernelCalls.segments(plan, self._kernel_rows(x))
+        segs, slots, _ = cpu_adapters.KernelCalls.segments(plan, self._kernel_rows(x.dtype))
         if segs is None or not cpu_adapters.suits(x, outs):
             return set()
         cpu_adapters.add_rows(self.cpu_kernel, x, outs, self._arena(layer, key_sites, bufs, slots), segs, stats)

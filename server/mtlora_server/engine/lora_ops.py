@@ -128,6 +128,8 @@ class AdapterSlots(CpuKernelPath):
         self.cpu_kernel = None         # cpu_adapters' extension: small slots in one call per site group (CPU)
         self._kcalls = cpu_adapters.KernelCalls(max_adapters)     # the kernel's tables and call layouts
         self._step_sites: tuple = (None, [])           # step_sites' last (key, answer)
+        self._bound_layouts: tuple = (None, [])        # bind_step's (key, per layer and call: _CallLayout | None)
+        self._bound_step: tuple = (None, [])           # bind_step's last (key, per layer and call: RowsCall | None)
         # every site's per-slot scalar fields, a row per (layer, site): loads and clears write them once per field
         self._flags = SlotFlags(self.num_layers * len(SITES), max_adapters, max_experts, self.device)
         self.sites_version = 0         # bumped when the set of adapted (layer, site)s changes (`_note_sites`)
@@ -234,6 +236,7 @@ class AdapterSlots(CpuKernelPath):
         # A pack holds one slot's rows only: the other slots' packs stay valid (adapter swaps rebuild one slot's).
         self._packs = {key: pack for key, pack in self._packs.items() if key[-1] != slot}
         self._kcalls.forget(slot)
+        self._bound_step = (None, [])                  # (its calls hold the slot's dropped arenas)
         self._note_sites()
         for key, stack in list(self._stacks.items()):
             stack.forget(slot)
@@ -360,9 +363,9 @@ class AdapterSlots(CpuKernelPath):
             self._packs[key] = pack_slot(bufs, slot)
         return self._packs[key]
 
-    def _kernel_rows(self, x: torch.Tensor) -> int:
+    def _kernel_rows(self, dtype: torch.dtype) -> int:
         """The most contiguous rows of one slot the kernel takes (KERNEL_ROWS / KERNEL_ROWS_BF16_DOT above)."""
-        if x.dtype == torch.bfloat16 and getattr(self.cpu_kernel, "BF16_DOT", False):
+        if dtype == torch.bfloat16 and getattr(self.cpu_kernel, "BF16_DOT", False):
             return KERNEL_ROWS_BF16_DOT
         return KERNEL_ROWS
 

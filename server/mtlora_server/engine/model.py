@@ -42,9 +42,12 @@ from mtlora.errors import CheckpointError, ConfigError
 from mtlora.sites import FUSED, FusedColumn, fused_columns, site_of_module
 
 from . import cpu_attention, cpu_fused, invariant
+from .cpu_kernel_path import AdaptCall
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 PREPACK_ROWS_HINT = 64       # rows oneDNN tunes a prepacked weight's layout for (a decode batch; any count works)
+CALL_QKV, CALL_O, CALL_GATE_UP, CALL_DOWN = range(4)     # the decoder's adapter call sites (`adapt_calls`, `_adapt`)
+CALL_SITES = ("self_attn", "self_attn.o_proj", "mlp", "mlp.down_proj")   # each call's own site (into `out`)
 
 
 @dataclass
@@ -219,6 +222,8 @@ class AdaptContext:
     slot_idx: torch.Tensor        # [T] long: adapter slot per token, -1 = bare base
     stats: object                 # RoutingStats to sample into, or None
     plan: object                  # lora_ops.SlotPlan of the step, or None
+    bound: list | None = None     # this layer's bound kernel calls, one per AdaptCall (cpu_kernel_path.BoundStep)
+    segs: torch.Tensor | None = None   # the step's kernel segments, passed to every bound call
 
 
 class LlamaDecoder:
@@ -237,6 +242,8 @@ class LlamaDecoder:
         self.kv_size = cfg.num_key_value_heads * cfg.head_dim
         self.scale = cfg.head_dim ** -0.5
         self.columns = {f: fused_columns(cfg, f) for f in FUSED}          # adapter sites inside qkv / gate_up
+        self.adapt_calls = tuple(AdaptCall(site, cfg.hidden_size, tuple(self.columns.get(f, ())))   # `_adapt`
+                                 for site, f in zip(CALL_SITES, ("qkv", None, "gate_up", None)))
         self.row_tile = 0            # > 0: batch-invariant mode, the row tile (invariant.py); see below
         self.paged_kernel = None     # cpu_attention's extension: decode attention read in place from the pool
         self.cuda_paged = None       # the triton_attention module when decode attention reads the pool on CUDA
@@ -288,10 +295,12 @@ class LlamaDecoder:
         h = F.embedding(b.input_ids, self.embed)                            # h: [T, d]
         cos, sin = self.cos[b.positions], self.sin[b.positions]             # [T, hd]
         delta = None                   # the last block's output, added into h (in place) by the next norm
-        layer_sites = adapters.step_sites(b.sites) if use_adapters else None   # per layer, the sites used
+        bound = adapters.bind_step(b.adapter_plan, stats, self.dtype, self.adapt_calls) \
+            if use_adapters and b.adapter_plan is not None else None       # the step's kernel calls, bound
+        layer_sites = adapters.step_sites(b.sites) if use_adapters and bound is None else None   # per layer
         for idx, w in enumerate(self.layers):
-            sites = layer_sites[idx] if use_adapters else ()
-            ctx = AdaptContext(adapters, idx, sites, b.adapter_slots, stats, b.adapter_plan)
+            ctx = AdaptContext(adapters, idx, layer_sites[idx] if layer_sites else (), b.adapter_slots, stats,
+                               b.adapter_plan, bound.layers[idx] if bound else None, bound.segs if bound else None)
             x = self._add_norm(h, delta, w["in_norm"])                      # h += delta; x: [T, d]
             delta = self._attention(idx, w, x, h, cos, sin, b, kv, ctx)
             x = self._add_norm(h, delta, w["post_norm"])
@@ -312,7 +321,7 @@ class LlamaDecoder:
         cfg = self.cfg
         T = x.shape[0]
         qkv = self._linear(x, w["qkv"])                                     # [T, q + 2kv]
-        _adapt(ctx, x, [("self_attn", h)], qkv, self.columns["qkv"])
+        _adapt(ctx, CALL_QKV, x, h, qkv, self.columns["qkv"])
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = q.reshape(T, cfg.num_attention_heads, cfg.head_dim), k.reshape(T, cfg.num_key_value_heads, cfg.head_dim)
         if self.fused is not None:                                          # in place, in qkv
@@ -334,7 +343,7 @@ class LlamaDecoder:
             for g in b.attn:
                 out.index_copy_(0, *self._group_attention(idx, q, g, kv))
         o = self._linear(out, w["o"])                                       # [T, d]
-        _adapt(ctx, out, [("self_attn.o_proj", o)])
+        _adapt(ctx, CALL_O, out, o)
         return o
 
     def _group_attention(self, idx, q, g: AttnGroup, kv) -> tuple[torch.Tensor, torch.Tensor]:
@@ -430,27 +439,34 @@ class LlamaDecoder:
         """The MLP block's output [T, d] for x = norm(h); a block-level mlp delta goes into h (see _attention)."""
         F_ = self.cfg.intermediate_size
         gu = self._linear(x, w["gate_up"])                                  # [T, 2F]
-        _adapt(ctx, x, [("mlp", h)], gu, self.columns["gate_up"])
+        _adapt(ctx, CALL_GATE_UP, x, h, gu, self.columns["gate_up"])
         if self.fused is not None:
             act = self.fused.silu_mul(gu)                                   # [T, F]
         else:
             gate, up = gu.split([F_, F_], dim=-1)
             act = F.silu(gate) * up                                         # [T, F]
         out = self._linear(act, w["down"])                                  # [T, d]
-        _adapt(ctx, act, [("mlp.down_proj", out)])
+        _adapt(ctx, CALL_DOWN, act, out)
         return out
 
 
-def _adapt(ctx: AdaptContext, inp: torch.Tensor, targets: list[tuple[str, torch.Tensor | None]],
-           fused: torch.Tensor | None = None, columns: list[FusedColumn] = ()) -> None:
-    """Add, in place, the deltas of the adapter sites (among those this step uses) that read `inp` into their
-    targets (fresh matmul outputs, or column views of the fused projection output `fused` for the sites in
-    `columns` (layout: `mtlora.sites`), so writing into them is safe and avoids concatenation). Sites sharing an
-    input go to the slots together, which fuses them into one shrink matmul per slot. The views are made only for
-    sites the step uses (this runs 4 times a layer on every step, adapters or not)."""
+def _adapt(ctx: AdaptContext, call: int, inp: torch.Tensor, out: torch.Tensor, fused: torch.Tensor | None = None,
+           columns: list[FusedColumn] = ()) -> None:
+    """Add, in place, the deltas of adapter call `call` (CALL_*: the sites that read `inp`): the call's own site
+    into `out` (a fresh matmul output, or the residual for a block-level site), the sites in `columns` into their
+    columns of the fused projection output `fused` (layout: `mtlora.sites`). With the step's kernel calls bound
+    (`ctx.bound`, CPU kernel steps) that is one C++ call; otherwise the sites the step uses go to `apply_shared`
+    together (one shrink matmul per slot), as column views made only for those sites (4 calls a layer on every
+    step, adapters or not)."""
+    if ctx.bound is not None:
+        bound = ctx.bound[call]
+        if bound is not None:
+            bound(inp, out, fused, ctx.segs)
+        return
     if not ctx.sites:
         return
-    todo = [(site, out) for site, out in targets if site in ctx.sites and out is not None]
+    site = CALL_SITES[call]
+    todo = [(site, out)] if site in ctx.sites else []
     todo += [(c.site, fused[:, c.start:c.start + c.width]) for c in columns if c.site in ctx.sites]
     if todo:
         ctx.adapters.apply_shared(ctx.layer, inp, todo, ctx.slot_idx, stats=ctx.stats, plan=ctx.plan)

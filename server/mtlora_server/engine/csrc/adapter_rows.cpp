@@ -38,6 +38,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -319,12 +320,29 @@ Sizes check_meta(const at::Tensor& meta, const at::Tensor& segs, int64_t nsite, 
   return z;
 }
 
+struct Arenas {                     // one table's slot arenas: data pointers (kept alive by the caller), sizes
+  std::vector<const void*> ptr;
+  std::vector<int64_t> numel;
+  at::ScalarType dtype = at::kFloat;
+};
+
+Arenas arenas_of(const std::vector<at::Tensor>& arenas) {
+  Arenas a;
+  for (const at::Tensor& t : arenas) {
+    TORCH_CHECK((t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16) &&
+                t.scalar_type() == arenas[0].scalar_type() && t.is_contiguous() && t.dim() == 1,
+                "adapter_rows: arenas must be contiguous vectors of one dtype, float32 or bfloat16");
+    a.ptr.push_back(t.data_ptr());
+    a.numel.push_back(t.numel());
+  }
+  if (!arenas.empty()) a.dtype = arenas[0].scalar_type();
+  return a;
+}
+
 template <typename T, typename WT>
-void run(const at::Tensor& x, const std::vector<Out>& outs, const std::vector<at::Tensor>& arenas,
-         const at::Tensor& meta, const std::vector<Block>& blocks, const Sizes& z, const WeightsOut& wo) {
+void run(const at::Tensor& x, const std::vector<Out>& outs, const Arenas& arenas, const at::Tensor& meta,
+         const std::vector<Block>& blocks, const Sizes& z, const WeightsOut& wo) {
   const T* xp = x.data_ptr<T>();
-  std::vector<const WT*> ap;
-  for (const at::Tensor& a : arenas) ap.push_back(a.data_ptr<WT>());
   const int64_t* mp = meta.data_ptr<int64_t>();
   const int64_t nsite = static_cast<int64_t>(outs.size()), mstride = meta.size(1), xs = x.stride(0);
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
@@ -332,39 +350,50 @@ void run(const at::Tensor& x, const std::vector<Out>& outs, const std::vector<at
     std::vector<uint32_t> pbuf;
     for (int64_t i = begin; i < end; ++i) {
       const Block& b = blocks[i];
-      run_block<T, WT>(b, xp, xs, ap[b.slot], mp + b.slot * mstride, nsite, outs, z, wo, buf, pbuf);
+      run_block<T, WT>(b, xp, xs, static_cast<const WT*>(arenas.ptr[b.slot]), mp + b.slot * mstride, nsite, outs,
+                       z, wo, buf, pbuf);
     }
   });
 }
 
-}  // namespace
+// The routing-weight outputs checked against the segments (module header: wout, woff).
+WeightsOut weights_out(const at::Tensor& wout, const at::Tensor& woff, const at::Tensor& meta, const at::Tensor& segs,
+                       int64_t nsite) {
+  if (wout.numel() == 0) return {nullptr, nullptr};
+  const int64_t P = segs.size(0), *sp = segs.data_ptr<int64_t>(), *mp = meta.data_ptr<int64_t>();
+  TORCH_CHECK(wout.scalar_type() == at::kFloat && wout.is_contiguous() && wout.dim() == 1,
+              "adapter_rows: wout must be a contiguous float32 vector");
+  TORCH_CHECK(woff.scalar_type() == at::kLong && woff.is_contiguous() && woff.dim() == 2 && woff.size(0) == P &&
+              woff.size(1) == nsite, "adapter_rows: woff must be int64 [P, sites]");
+  const int64_t* op = woff.data_ptr<int64_t>();
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t* m = mp + sp[3 * p] * meta.size(1);
+    if (m[1] == 0) continue;
+    for (int64_t si = 0; si < nsite; ++si) {
+      const Site s = site_of(m, si);
+      const int64_t off = op[p * nsite + si];
+      if (!s.used || s.r_off < 0 || off < 0) continue;
+      TORCH_CHECK(off + (sp[3 * p + 2] - sp[3 * p + 1]) * s.g * s.N <= wout.numel(), "adapter_rows: segment ",
+                  p, " site ", si, ": routing weights outside wout");
+    }
+  }
+  return {wout.data_ptr<float>(), op};
+}
 
-void adapter_rows(const at::Tensor& x, const std::vector<at::Tensor>& outs, const std::vector<at::Tensor>& arenas,
-                  const at::Tensor& meta, const at::Tensor& segs, const at::Tensor& wout, const at::Tensor& woff) {
+// Everything after the operands are resolved: segments and meta checked, blocks formed, the kernel run.
+void rows(const at::Tensor& x, const std::vector<Out>& o, const Arenas& arenas, const at::Tensor& meta,
+          const at::Tensor& segs, const at::Tensor& wout, const at::Tensor& woff) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "adapter_rows: x must be [T, d_in] with column stride 1");
-  const int64_t nsite = static_cast<int64_t>(outs.size()), T_ = x.size(0), d_in = x.size(1);
+  const int64_t nsite = static_cast<int64_t>(o.size()), T_ = x.size(0), d_in = x.size(1);
   TORCH_CHECK(segs.scalar_type() == at::kLong && segs.is_contiguous() && segs.dim() == 2 && segs.size(1) == 3,
               "adapter_rows: segs must be contiguous int64 [P, 3]");
-  const int64_t P = segs.size(0);
   TORCH_CHECK(meta.scalar_type() == at::kLong && meta.is_contiguous() && meta.dim() == 2 &&
               meta.size(1) == HEAD + SITE * nsite, "adapter_rows: meta must be contiguous int64 [S, 3 + 7 * sites]");
-  const int64_t S = meta.size(0);
-  TORCH_CHECK(static_cast<int64_t>(arenas.size()) == S, "adapter_rows: one arena per meta row (slot)");
-  std::vector<int64_t> numel;
-  for (const at::Tensor& a : arenas) {
-    TORCH_CHECK((a.scalar_type() == at::kFloat || a.scalar_type() == x.scalar_type()) &&
-                a.scalar_type() == arenas[0].scalar_type() && a.is_contiguous() && a.dim() == 1,
-                "adapter_rows: arenas must be contiguous vectors of one dtype, float32 or x's");
-    numel.push_back(a.numel());
-  }
-  std::vector<Out> o;
-  for (const at::Tensor& t : outs) {
-    TORCH_CHECK(t.dim() == 2 && t.size(0) == T_ && t.stride(1) == 1 && t.scalar_type() == x.scalar_type(),
-                "adapter_rows: each out must be [T, d_out] in x's dtype with column stride 1");
-    o.push_back({t.data_ptr(), t.stride(0), t.size(1)});
-  }
+  const int64_t S = meta.size(0), P = segs.size(0);
+  TORCH_CHECK(static_cast<int64_t>(arenas.ptr.size()) == S, "adapter_rows: one arena per meta row (slot)");
+  TORCH_CHECK(arenas.dtype == at::kFloat || arenas.dtype == x.scalar_type(),
+              "adapter_rows: arenas must be float32 or x's dtype");
   const int64_t* mp = meta.data_ptr<int64_t>();
-  std::vector<Block> blocks;
   const int64_t* sp = segs.data_ptr<int64_t>();
   for (int64_t p = 0; p < P; ++p) {
     const int64_t lo = sp[3 * p + 1], hi = sp[3 * p + 2];
@@ -373,35 +402,16 @@ void adapter_rows(const at::Tensor& x, const std::vector<at::Tensor>& outs, cons
     TORCH_CHECK(lo >= 0 && lo <= hi && hi <= T_, "adapter_rows: segment ", p, " (rows ", lo, "..", hi,
                 ") out of range");
   }
-  const Sizes z = check_meta(meta, segs, nsite, numel, d_in, o, !arenas.empty() &&
-                             arenas[0].scalar_type() == at::kBFloat16);
+  const Sizes z = check_meta(meta, segs, nsite, arenas.numel, d_in, o, arenas.dtype == at::kBFloat16);
+  std::vector<Block> blocks;
   for (int64_t p = 0; p < P; ++p) {
     const int64_t lo = sp[3 * p + 1], hi = sp[3 * p + 2];
     if (mp[sp[3 * p] * meta.size(1) + 1] == 0) continue;
     for (int64_t r = lo; r < hi; r += RB) blocks.push_back({sp[3 * p], r, std::min(RB, hi - r), p, r - lo});
   }
-  WeightsOut wo{nullptr, nullptr};
-  if (wout.numel() > 0) {
-    TORCH_CHECK(wout.scalar_type() == at::kFloat && wout.is_contiguous() && wout.dim() == 1,
-                "adapter_rows: wout must be a contiguous float32 vector");
-    TORCH_CHECK(woff.scalar_type() == at::kLong && woff.is_contiguous() && woff.dim() == 2 && woff.size(0) == P &&
-                woff.size(1) == nsite, "adapter_rows: woff must be int64 [P, sites]");
-    const int64_t* op = woff.data_ptr<int64_t>();
-    for (int64_t p = 0; p < P; ++p) {
-      const int64_t* m = mp + sp[3 * p] * meta.size(1);
-      if (m[1] == 0) continue;
-      for (int64_t si = 0; si < nsite; ++si) {
-        const Site s = site_of(m, si);
-        const int64_t off = op[p * nsite + si];
-        if (!s.used || s.r_off < 0 || off < 0) continue;
-        TORCH_CHECK(off + (sp[3 * p + 2] - sp[3 * p + 1]) * s.g * s.N <= wout.numel(), "adapter_rows: segment ",
-                    p, " site ", si, ": routing weights outside wout");
-      }
-    }
-    wo = {wout.data_ptr<float>(), op};
-  }
+  const WeightsOut wo = weights_out(wout, woff, meta, segs, nsite);
   if (blocks.empty()) return;
-  const bool wf = arenas[0].scalar_type() == at::kFloat;
+  const bool wf = arenas.dtype == at::kFloat;
   if (x.scalar_type() == at::kFloat) {
     run<float, float>(x, o, arenas, meta, blocks, z, wo);
   } else if (x.scalar_type() == at::kBFloat16) {
@@ -412,8 +422,71 @@ void adapter_rows(const at::Tensor& x, const std::vector<at::Tensor>& outs, cons
   }
 }
 
+Out out_of(const at::Tensor& t, const at::Tensor& x, int64_t first, int64_t width) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == x.size(0) && t.stride(1) == 1 && t.scalar_type() == x.scalar_type(),
+              "adapter_rows: each out must be [T, d_out] in x's dtype with column stride 1");
+  TORCH_CHECK(first >= 0 && width > 0 && first + width <= t.size(1), "adapter_rows: columns ", first, "..",
+              first + width, " outside an out of ", t.size(1));
+  return {static_cast<char*>(t.data_ptr()) + first * t.element_size(), t.stride(0), width};
+}
+
+}  // namespace
+
+void adapter_rows(const at::Tensor& x, const std::vector<at::Tensor>& outs, const std::vector<at::Tensor>& arenas,
+                  const at::Tensor& meta, const at::Tensor& segs, const at::Tensor& wout, const at::Tensor& woff) {
+  std::vector<Out> o;
+  for (const at::Tensor& t : outs) o.push_back(out_of(t, x, 0, t.size(1)));
+  rows(x, o, arenas_of(arenas), meta, segs, wout, woff);
+}
+
+// One (layer, call site)'s operands bound once (cpu_kernel_path: rebuilt when its table changes), so a step's
+// call passes only its tensors (no routing weights: steps that sample them take the list form above).
+// cols [nsite, 3] int64: per site (source: 0 = `out`, 1 = `fused`; first column; width), the site's columns in
+// that tensor. The arenas are held (kept alive) here; meta is the table's, patched in place.
+class RowsCall {
+ public:
+  RowsCall(const std::vector<at::Tensor>& arenas, const at::Tensor& meta, const at::Tensor& cols)
+      : held_(arenas), arenas_(arenas_of(arenas)), meta_(meta) {
+    TORCH_CHECK(cols.scalar_type() == at::kLong && cols.dim() == 2 && cols.size(1) == 3 &&
+                meta.dim() == 2 && meta.size(1) == HEAD + SITE * cols.size(0),
+                "RowsCall: cols must be int64 [sites, 3] (source, first column, width), one per meta site");
+    const at::Tensor c = cols.contiguous();
+    for (int64_t i = 0; i < c.size(0); ++i) {
+      const int64_t* r = c.data_ptr<int64_t>() + 3 * i;
+      TORCH_CHECK(r[0] == 0 || r[0] == 1, "RowsCall: site ", i, " source ", r[0], ": 0 (out) or 1 (fused)");
+      cols_.push_back({r[0], r[1], r[2]});
+    }
+  }
+
+  // Add the deltas in place into out / fused (module header); fused may be None when no site reads it.
+  void operator()(const at::Tensor& x, const at::Tensor& out, const std::optional<at::Tensor>& fused,
+                  const at::Tensor& segs) const {
+    std::vector<Out> o;
+    o.reserve(cols_.size());
+    for (size_t i = 0; i < cols_.size(); ++i) {
+      const Col& c = cols_[i];
+      TORCH_CHECK(c.source == 0 || fused.has_value(), "RowsCall: site ", i, " reads the fused output; none given");
+      o.push_back(out_of(c.source ? *fused : out, x, c.first, c.width));
+    }
+    static const at::Tensor none = at::zeros({0}), no_off = at::zeros({0, 0}, at::kLong);
+    rows(x, o, arenas_, meta_, segs, none, no_off);
+  }
+
+ private:
+  struct Col {
+    int64_t source, first, width;
+  };
+  std::vector<at::Tensor> held_;
+  Arenas arenas_;
+  at::Tensor meta_;
+  std::vector<Col> cols_;
+};
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("adapter_rows", &adapter_rows, "adapter deltas of decode-sized slots, added in place (CPU)");
+  pybind11::class_<RowsCall>(m, "RowsCall", "adapter_rows with one call site's arenas, meta and columns bound")
+      .def(pybind11::init<const std::vector<at::Tensor>&, const at::Tensor&, const at::Tensor&>())
+      .def("__call__", &RowsCall::operator());
   m.attr("CHUNK") = CW;   // the column chunk of the arenas' B layout (cpu_adapters.CHUNK must equal it)
   m.attr("BF16_DOT") = BF16_DOT;   // bf16 shrink on dot products; layout 1 accepted (cpu_adapters.pair_layout)
 }

@@ -484,7 +484,8 @@ class RowsCall {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("adapter_rows", &adapter_rows, "adapter deltas of decode-sized slots, added in place (CPU)");
-  pybind11::class_<RowsCall>(m, "RowsCall", "adapter_rows with one call site's arenas, meta and columns bound")
+  pybind11::class_<RowsCall>(m, "RowsCall", pybind11::module_local(),   // two builds may share a process
+                             "adapter_rows with one call site's arenas, meta and columns bound")
       .def(pybind11::init<const std::vector<at::Tensor>&, const at::Tensor&, const at::Tensor&>())
       .def("__call__", &RowsCall::operator());
   m.attr("CHUNK") = CW;   // the column chunk of the arenas' B layout (cpu_adapters.CHUNK must equal it)

@@ -1,7 +1,8 @@
 """The decoder's bound kernel calls (engine/cpu_kernel_path.py `bind_step`, csrc/adapter_rows.cpp `RowsCall`): a
 bound step must add exactly what `apply_shared` adds through the same kernel (bit for bit: same tables, same
 arithmetic), follow a slot whose adapter was replaced, step aside (None) wherever `apply_shared` must run, and a
-`RowsCall` must write only its columns and refuse bad ones before writing. Whole engine runs give the same
+`RowsCall` must write only its columns and refuse bad ones before writing; a step that samples routing statistics
+records what `apply_shared` records. Whole engine runs give the same
 tokens and logprobs bound and unbound."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from mtlora.sites import fused_columns, site_dims
 from mtlora_server.engine import cpu_adapters, lora_ops
 from mtlora_server.engine.cpu_kernel_path import AdaptCall
 from mtlora_server.engine.lora_ops import SlotPlan
+from mtlora_server.engine.routing_stats import RoutingStats
 from test_cpu_adapters import _direct_inputs, _generate
 from test_lora_ops import CFG, _native
 from test_slot_stack import LAYOUTS, LORA, MT, _modules, _slots
@@ -37,19 +39,19 @@ def _operands(call: AdaptCall, T: int, dtype, seed: int):
     return x, torch.zeros(T, D, dtype=dtype), torch.zeros(T, width, dtype=dtype)
 
 
-def _unbound(slots, layer: int, call: AdaptCall, x, out, fused, slot_idx):
+def _unbound(slots, layer: int, call: AdaptCall, x, out, fused, slot_idx, stats=None):
     targets = [(call.site, out)] + [(c.site, fused[:, c.start:c.start + c.width]) for c in call.columns]
-    slots.apply_shared(layer, x, targets, slot_idx, plan=SlotPlan(slot_idx))
+    slots.apply_shared(layer, x, targets, slot_idx, stats=stats, plan=SlotPlan(slot_idx))
 
 
-def _assert_bound_equals_unbound(slots, slot_idx, dtype):
-    step = slots.bind_step(SlotPlan(slot_idx), None, dtype, CALLS)
+def _assert_bound_equals_unbound(slots, slot_idx, dtype, stats=None, want_stats=None):
+    step = slots.bind_step(SlotPlan(slot_idx), stats, dtype, CALLS)
     assert step is not None
     done = 0
     for layer in range(CFG.num_hidden_layers):
         for k, call in enumerate(CALLS):
             x, want_out, want_fused = _operands(call, slot_idx.shape[0], dtype, seed=10 * layer + k)
-            _unbound(slots, layer, call, x, want_out, want_fused, slot_idx)
+            _unbound(slots, layer, call, x, want_out, want_fused, slot_idx, want_stats)
             got_out, got_fused = torch.zeros_like(want_out), torch.zeros_like(want_fused)
             bound = step.layers[layer][k]
             if bound is not None:
@@ -66,6 +68,22 @@ def test_a_bound_step_adds_what_apply_shared_adds(ext, layout, dtype):
     slots, _ = _slots(dtype)
     slots.cpu_kernel = ext
     _assert_bound_equals_unbound(slots, torch.tensor(LAYOUTS[layout]), dtype)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_a_bound_step_samples_the_routing_statistics_apply_shared_samples(ext, layout):
+    """A step that samples routing statistics: the same deltas, and the same per-slot sums (weights, entropy,
+    token counts: routed sites and the ones of unrouted sites) as the apply_shared path records."""
+    slots, _ = _slots()
+    slots.cpu_kernel = ext
+    got, want = RoutingStats(), RoutingStats()
+    idx = torch.tensor(LAYOUTS[layout])
+    for _ in range(2):                                      # the second step reuses the plan: fresh buffers
+        _assert_bound_equals_unbound(slots, idx, torch.float32, got, want)
+    assert got.count.sum() > 0
+    for name in ("count", "weight_sum", "entropy_sum"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-6, atol=1e-6)
 
 
 @torch.no_grad()
@@ -90,8 +108,6 @@ def test_bind_step_steps_aside_where_apply_shared_must_run(ext):
     idx = torch.tensor(LAYOUTS["equal_rows_view"])
     assert slots.bind_step(SlotPlan(idx), None, torch.float32, CALLS) is None              # no kernel
     slots.cpu_kernel = ext
-    from mtlora_server.engine.routing_stats import RoutingStats
-    assert slots.bind_step(SlotPlan(idx), RoutingStats(), torch.float32, CALLS) is None     # statistics step
     assert slots.bind_step(SlotPlan(idx), None, torch.float16, CALLS) is None              # dtype
     big = torch.tensor([0] * (lora_ops.KERNEL_ROWS + 1) + [1] * 3)
     assert slots.bind_step(SlotPlan(big), None, torch.float32, CALLS) is None              # past the row limit

@@ -15,9 +15,10 @@ Contract:
   Python per call cut to one bound C++ call: for every layer and every `AdaptCall` of the decoder (its 4 adapter
   call sites: the sites that read one input, and where each writes: the call's `out`, or columns of its fused
   projection output), a `RowsCall` over the site group's table (`cpu_adapters.Arena.bind`), or None where no
-  slot of the step adapts a site of the call. None (the decoder goes through `apply_shared`): no kernel, not
-  CPU, batch-invariant mode, a step that samples routing statistics, a dtype the kernel does not take, or a slot
-  of the step past the kernel's row limit. Same tables, same kernel, same arithmetic as `_kernel_only`: a
+  slot of the step adapts a site of the call; on a step that samples routing statistics the calls write them
+  into one buffer recorded into the step's `RoutingStats` (bound_stats.py). None (the decoder goes through
+  `apply_shared`): no kernel, not CPU, batch-invariant mode, a dtype the kernel does not take, or a slot of the
+  step past the kernel's row limit. Same tables, same kernel, same arithmetic as `_kernel_only`: a
   `BoundStep` call adds exactly what `apply_shared` would (tests/unit/test_cpu_kernel_bound.py).
   (Why: ~120 calls a decode step each spent ~15-20 us in Python -- target lists, column views, layout lookups,
   the list arguments' conversion -- about 2 % of a batch-64 step with 4 adapters: docs/benchmarks.md.) Bound per
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -36,6 +38,7 @@ from mtlora.errors import AdapterLoadError
 from mtlora.sites import BY_NAME, FusedColumn
 
 from . import cpu_adapters
+from .bound_stats import StatsPlan
 from .routing_stats import RoutingStats
 from .slot_plan import SlotPlan
 
@@ -83,7 +86,7 @@ class CpuKernelPath:
     def bind_step(self, plan: SlotPlan, stats: RoutingStats | None, dtype: torch.dtype,
                   calls: tuple[AdaptCall, ...]) -> BoundStep | None:
         """The step's kernel calls bound, or None: the `apply_shared` path runs (module doc)."""
-        if self.cpu_kernel is None or self.device.type != "cpu" or self.row_tile or stats is not None \
+        if self.cpu_kernel is None or self.device.type != "cpu" or self.row_tile \
                 or dtype not in (torch.float32, torch.bfloat16) or self.dtype not in (torch.float32, dtype):
             return None
         segs, slots, whole = cpu_adapters.KernelCalls.segments(plan, self._kernel_rows(dtype))
@@ -97,7 +100,21 @@ class CpuKernelPath:
         if self._bound_step[0] != step_key:
             layers = [[self._bind(lay, slots) for lay in row] for row in self._bound_layouts[1]]
             self._bound_step = ((key, slots, self._kcalls.epoch), layers)       # (the epoch after any fill)
-        return BoundStep(self._bound_step[1], segs)
+        step = BoundStep(self._bound_step[1], segs)
+        return step if stats is None else self._with_stats(step, stats)
+
+    def _with_stats(self, step: BoundStep, stats: RoutingStats) -> BoundStep:
+        """The step's calls writing their routing weights into one buffer recorded into `stats` (bound_stats.py;
+        the plan kept while the binding and the segments stay the same)."""
+        key = (self._bound_step[0], tuple(map(tuple, step.segs.tolist())))
+        if self._stats_plan[0] != key:
+            calls = [[None if c is None else (lay.table.meta_rows, len(lay.sites)) for c, lay in zip(row, lays)]
+                     for row, lays in zip(step.layers, self._bound_layouts[1])]
+            self._stats_plan = (key, StatsPlan.of(calls, step.segs))
+        plan = self._stats_plan[1]
+        wout = plan.record(stats)
+        return BoundStep([[None if c is None else partial(c, wout=wout, woff=w) for c, w in zip(row, woffs)]
+                          for row, woffs in zip(step.layers, plan.woff)], step.segs)
 
     def _call_layout(self, layer: int, call: AdaptCall) -> _CallLayout | None:
         targets = call.targets()

@@ -130,6 +130,7 @@ class AdapterSlots(CpuKernelPath):
         self._step_sites: tuple = (None, [])           # step_sites' last (key, answer)
         self._bound_layouts: tuple = (None, [])        # bind_step's (key, per layer and call: _CallLayout | None)
         self._bound_step: tuple = (None, [])           # bind_step's last (key, per layer and call: RowsCall | None)
+        self._stats_plan: tuple = (None, None)         # bind_step's last (key, bound_stats.StatsPlan)
         # every site's per-slot scalar fields, a row per (layer, site): loads and clears write them once per field
         self._flags = SlotFlags(self.num_layers * len(SITES), max_adapters, max_experts, self.device)
         self.sites_version = 0         # bumped when the set of adapted (layer, site)s changes (`_note_sites`)

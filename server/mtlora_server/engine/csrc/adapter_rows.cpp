@@ -440,7 +440,7 @@ void adapter_rows(const at::Tensor& x, const std::vector<at::Tensor>& outs, cons
 }
 
 // One (layer, call site)'s operands bound once (cpu_kernel_path: rebuilt when its table changes), so a step's
-// call passes only its tensors (no routing weights: steps that sample them take the list form above).
+// call passes only its tensors (and, on a step that samples them, the routing weights' buffer and offsets).
 // cols [nsite, 3] int64: per site (source: 0 = `out`, 1 = `fused`; first column; width), the site's columns in
 // that tensor. The arenas are held (kept alive) here; meta is the table's, patched in place.
 class RowsCall {
@@ -458,9 +458,11 @@ class RowsCall {
     }
   }
 
-  // Add the deltas in place into out / fused (module header); fused may be None when no site reads it.
+  // Add the deltas in place into out / fused (module header); fused may be None when no site reads it. wout /
+  // woff (both or neither): the routing weights, as adapter_rows takes them.
   void operator()(const at::Tensor& x, const at::Tensor& out, const std::optional<at::Tensor>& fused,
-                  const at::Tensor& segs) const {
+                  const at::Tensor& segs, const std::optional<at::Tensor>& wout,
+                  const std::optional<at::Tensor>& woff) const {
     std::vector<Out> o;
     o.reserve(cols_.size());
     for (size_t i = 0; i < cols_.size(); ++i) {
@@ -468,8 +470,9 @@ class RowsCall {
       TORCH_CHECK(c.source == 0 || fused.has_value(), "RowsCall: site ", i, " reads the fused output; none given");
       o.push_back(out_of(c.source ? *fused : out, x, c.first, c.width));
     }
+    TORCH_CHECK(wout.has_value() == woff.has_value(), "RowsCall: wout and woff go together");
     static const at::Tensor none = at::zeros({0}), no_off = at::zeros({0, 0}, at::kLong);
-    rows(x, o, arenas_, meta_, segs, none, no_off);
+    rows(x, o, arenas_, meta_, segs, wout.value_or(none), woff.value_or(no_off));
   }
 
  private:
@@ -487,7 +490,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<RowsCall>(m, "RowsCall", pybind11::module_local(),   // two builds may share a process
                              "adapter_rows with one call site's arenas, meta and columns bound")
       .def(pybind11::init<const std::vector<at::Tensor>&, const at::Tensor&, const at::Tensor&>())
-      .def("__call__", &RowsCall::operator());
+      .def("__call__", &RowsCall::operator(), pybind11::arg("x"), pybind11::arg("out"), pybind11::arg("fused"),
+           pybind11::arg("segs"), pybind11::arg("wout") = pybind11::none(), pybind11::arg("woff") = pybind11::none());
   m.attr("CHUNK") = CW;   // the column chunk of the arenas' B layout (cpu_adapters.CHUNK must equal it)
   m.attr("BF16_DOT") = BF16_DOT;   // bf16 shrink on dot products; layout 1 accepted (cpu_adapters.pair_layout)
 }

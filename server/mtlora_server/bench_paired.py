@@ -16,6 +16,9 @@ Reports per kind the median run; per round the ratio base wall / adapted wall of
 median (the engine bench's "x engine_base" figure, paired); and the adapter work's share of the adapted runs' wall
 time: 1 - share is the ratio a quiet host would show, up to what the adapter rows change outside the adapter
 work (batch layout, KV placement) -- which is what the paired ratio measures directly.
+`--interleave` builds one engine per kind and, within each round, steps them in turn (base step, adapted step,
+...): the two runs see the same moments of the host, which moves whole runs by +-10 % -- the ratio then comes
+from whole-step times only (no inner timers).
 Runs on the calling thread (no engine thread), so its OpenMP pool is the only one. The timers wrap the engine's
 own objects (runner, decoder, `_adapt`, the C++ kernels) while it measures, and put them back after.
 """
@@ -72,6 +75,7 @@ class Report:
     paired_ratio: float = 0.0                                     # their median
     adapter_share: float = 0.0        # median over adapted runs of adapter_s / wall
     kernel_share: float = 0.0         # median over adapted runs of kernel_s / wall
+    interleaved: bool = False         # --interleave: two engines stepped in turn (no inner timers)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-len", type=positive_int, default=64, help="generated tokens (default 64)")
     p.add_argument("--rounds", type=positive_int, default=6, help="rounds, each one base and one adapted run "
                    "(default 6)")
+    p.add_argument("--interleave", action="store_true", help="two engines, one per kind, stepped in turn (a base "
+                   "step, an adapted step, ...) within each round: both kinds see the same moment of the host, "
+                   "so the host's swings (+-10 %% from run to run) cancel step by step. Times whole steps only "
+                   "(no adapter / kernel / GEMM timers); the two engines are built alike (2x the memory)")
     p.add_argument("--enforce-eager", action="store_true", help="the engine's --enforce-eager")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0, help="seed for prompts and random adapter weights")
@@ -173,6 +181,8 @@ def measure(args) -> Report:
 
     core_args = argparse.Namespace(model=args.model, dtype=args.dtype, adapters=args.adapters,
                                    batch=args.num_prompts, enforce_eager=args.enforce_eager, seed=args.seed)
+    if args.interleave:
+        return summarize(measure_interleaved(args, core_args))
     with tempfile.TemporaryDirectory(prefix="mtlora-paired-") as tmp:
         core, names, vocab = build_core(core_args, Path(tmp))
         report = Report(args.adapters, str(core.dtype).removeprefix("torch."), args.num_prompts, args.input_len,
@@ -188,6 +198,74 @@ def measure(args) -> Report:
                     report.runs.append(one_run(core, acc, kind, k, prompts, names, args.output_len))
                     log.info("round %d %s: %.2f s", k + 1, kind, report.runs[-1].wall)
     return summarize(report)
+
+
+def measure_interleaved(args, core_args) -> Report:
+    """--interleave: an engine per kind, each round both workloads added at once and their steps taken in turn
+    (the kind that steps first alternating by round); each run's wall time is the sum of its own steps."""
+    from .bench_engine import make_prompts
+    from .bench_profile import build_core
+
+    with tempfile.TemporaryDirectory(prefix="mtlora-paired-") as tmp:
+        cores = {}
+        for kind in KINDS:
+            cores[kind], names, vocab = build_core(core_args, Path(tmp) / kind)
+        report = Report(args.adapters, str(cores["base"].dtype).removeprefix("torch."), args.num_prompts,
+                        args.input_len, args.output_len, interleaved=True)
+        warm = {kind: make_prompts(len(names), args.input_len, vocab, args.seed + 7) for kind in KINDS}
+        interleaved_round(cores, -1, warm, names, 2, KINDS)             # warm-up: first-use costs stay out
+        for k in range(args.rounds):
+            prompts = {kind: make_prompts(args.num_prompts, args.input_len, vocab,
+                                          args.seed + 1000 * (k + 1) + KINDS.index(kind)) for kind in KINDS}
+            runs = interleaved_round(cores, k, prompts, names, args.output_len, KINDS if k % 2 == 0 else KINDS[::-1])
+            report.runs += runs
+            log.info("round %d: %s", k + 1, ", ".join(f"{r.kind} {r.wall:.2f} s" for r in runs))
+    return report
+
+
+def interleaved_round(cores: dict, k: int, prompts: dict, names: list[str], output_len: int, order) -> list[Run]:
+    """One round of --interleave: both kinds' requests added, then one step of each engine in `order` until both
+    are done. Runs carry wall (their steps' sum), prefill / decode seconds and steps, tokens."""
+    from .engine.types import GenerationRequest, SamplingParams
+
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    runs = {kind: Run(kind, k, 0.0) for kind in order}
+    for kind in order:
+        for i, ids in enumerate(prompts[kind]):
+            adapter = names[i % len(names)] if kind == "adapted" else None
+            cores[kind].add_request(GenerationRequest(f"{kind}-{k}-{i}", ids, params, adapter=adapter))
+    prefill = {kind: False for kind in order}           # whether the engine's last step had a prompt chunk
+    executes = {kind: cores[kind].runner.execute for kind in order}
+
+    def noting(kind):
+        def execute(scheduled, *args, **kwargs):
+            prefill[kind] = any(c.length > 1 for c in scheduled.chunks)
+            return executes[kind](scheduled, *args, **kwargs)
+        return execute
+
+    try:
+        for kind in order:
+            cores[kind].runner.execute = noting(kind)
+        while any(cores[kind].has_work() for kind in order):
+            for kind in order:
+                if cores[kind].has_work():
+                    _timed_step(cores[kind], runs[kind], prefill, kind)
+    finally:
+        for kind in order:
+            vars(cores[kind].runner).pop("execute", None)
+    return [runs[kind] for kind in order]
+
+
+def _timed_step(core, run: Run, prefill: dict, kind: str) -> None:
+    t0 = time.perf_counter()
+    outs = core.step()
+    dt = time.perf_counter() - t0
+    run.wall += dt
+    run.output_tokens += sum(len(d.token_ids) for out in outs for d in out.deltas)
+    if prefill[kind]:
+        run.prefill_s, run.prefill_steps = run.prefill_s + dt, run.prefill_steps + 1
+    else:
+        run.decode_s, run.decode_steps = run.decode_s + dt, run.decode_steps + 1
 
 
 def summarize(report: Report) -> Report:
@@ -211,7 +289,8 @@ def _median_run(runs: list[Run]) -> Run:
 
 def print_report(rep: Report) -> None:
     print(f"mtlora-bench paired: {rep.adapters} vs bare base, {rep.num_prompts} x {rep.input_len} tokens in, "
-          f"{rep.output_len} out, {rep.dtype}, one process, {len(rep.round_ratios)} rounds")
+          f"{rep.output_len} out, {rep.dtype}, one process, {len(rep.round_ratios)} rounds"
+          + (", two engines stepped in turn" if rep.interleaved else ""))
     print(f"{'kind':<9}{'wall s':>8}{'prefill s':>11}{'decode s':>10}{'adapter s':>11}{'kernel s':>10}"
           f"{'attention s':>13}{'GEMMs s':>9}{'tok/s':>8}  every run (s)")
     for kind in KINDS:
@@ -224,6 +303,9 @@ def print_report(rep: Report) -> None:
               + " ".join(f"{r.wall:.2f}" for r in runs))
     print("per round, base / adapted: " + " ".join(f"{x:.3f}" for x in rep.round_ratios))
     print(f"paired ratio (median of rounds): {rep.paired_ratio:.3f}x")
+    if rep.interleaved:
+        print("adapter work: not timed (--interleave times whole steps)")
+        return
     print(f"adapter work: {100 * rep.adapter_share:.1f}% of the adapted runs' wall time (the C++ kernel "
           f"{100 * rep.kernel_share:.1f}%, the Python around it {100 * (rep.adapter_share - rep.kernel_share):.1f}%)"
           f" -> {1 - rep.adapter_share:.3f}x on a quiet host, adapter work alone")

@@ -37,6 +37,42 @@ def test_paired_runs_alternate_and_time_the_adapter_work(adapters, tmp_path, tin
     assert "paired ratio (median of rounds)" in printed and "adapter work:" in printed
 
 
+def test_interleaved_rounds_step_two_engines_in_turn(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """--interleave: per round both kinds' runs, their steps taken in turn (the first kind alternating by
+    round), each run's wall the sum of its own steps, every token generated, the engines' runners restored."""
+    from mtlora_server import bench_profile
+    built, steps = [], []
+    real_build = bench_profile.build_core
+
+    def building(*args, **kwargs):
+        core, names, vocab = real_build(*args, **kwargs)
+        built.append(core)
+        real_step = core.step
+
+        def step():
+            steps.append(len(built) - 1 - built[::-1].index(core))
+            return real_step()
+        core.step = step
+        return core, names, vocab
+
+    monkeypatch.setattr(bench_profile, "build_core", building)
+    out = tmp_path / "interleaved.json"
+    assert bench_paired.main(["--model", str(tiny_model_dir), "--dtype", "float32", "--num-prompts", "3",
+                              "--input-len", "8", "--output-len", "4", "--rounds", "2", "--interleave",
+                              "--output", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["interleaved"] and [(r["round"], r["kind"]) for r in rep["runs"]] == [
+        (0, "base"), (0, "adapted"), (1, "adapted"), (1, "base")]
+    for r in rep["runs"]:
+        assert r["output_tokens"] == 3 * 4 and r["prefill_steps"] >= 1 and r["decode_steps"] >= 1
+        assert r["wall"] == pytest.approx(r["prefill_s"] + r["decode_s"])
+    assert len(built) == 2 and all("execute" not in vars(c.runner) for c in built)
+    assert sum(a != b for a, b in zip(steps, steps[1:])) >= len(steps) // 2      # the engines took turns
+    by = {(r["kind"], r["round"]): r["wall"] for r in rep["runs"]}
+    assert rep["round_ratios"] == pytest.approx([by[("base", k)] / by[("adapted", k)] for k in (0, 1)])
+    assert "not timed (--interleave" in capsys.readouterr().out
+
+
 def test_timers_restore_the_engine(tiny_model_dir, tmp_path):
     import argparse
 

@@ -25,6 +25,9 @@ and each vLLM process. With `--repeats K` every row runs K times, in rounds (eac
 row once, so slow spells of a shared machine spread over those rows; the engine rows' order rotates from round to
 round, so each row runs in each position equally often with K a multiple of their number; each vLLM row runs its K
 rounds in one process), and the table shows each row's median; the JSON keeps every run's seconds.
+`--interleave` runs the engine rows on one engine each instead, the engines stepped in turn within each round,
+so every row sees the same moments of the host (a row's seconds: the sum of its own steps); the engine rows'
+ratios then no longer carry the host's run-to-run swings (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -71,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(torch.compile per batch bucket; compile time lands in the first rounds, use --repeats) or "
                    "static (static buffers, eager ops)")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
+    p.add_argument("--interleave", action="store_true", help="the engine rows on one engine each, stepped in turn "
+                   "within each round (not one engine running the rows one after another): every row sees the "
+                   "same moments of the host, whose swings (+-10 %% run to run on a shared machine) otherwise "
+                   "exceed what the adapter rows cost. Needs one model copy per engine row")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads, also OMP_NUM_THREADS of the vLLM "
                    "rows (default: torch's choice; vLLM: every core)")
     p.add_argument("--repeats", type=int, default=1, help="runs per row, in rounds over the rows; the report "
@@ -161,18 +168,12 @@ def round_robin(names: list[str], n: int) -> list[str]:
 
 
 async def run_engine_rows(args, model_dir, paths, lora_paths, vocab: int, rows) -> dict[str, dict]:
-    from mtlora_server.engine.args import EngineArgs
     from mtlora_server.engine.engine import Engine
 
     every = {**paths, **lora_paths}
-    eng = Engine.from_args(EngineArgs(model=str(model_dir), dtype=args.dtype, device="cpu", adapters=every,
-                                      max_adapters=max(8, len(every)), max_num_seqs=args.max_num_seqs,
-                                      max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed,
-                                      batch_invariant=args.batch_invariant, decode_graphs=args.decode_graphs))
+    eng = Engine.from_args(_engine_args(args, model_dir, every))
     await eng.start()
-    names, n = list(paths), args.num_prompts
-    plans = {"engine_base": [None] * n, "engine_mtlora": ["mt_ffn"] * n,
-             "engine_mix4": round_robin(names, n), "engine_lora4": round_robin(list(lora_paths), n)}
+    plans = _plans(args, paths, lora_paths)
     cache = eng.core.prefix_cache
     runs: dict[str, list[dict]] = {}
     try:
@@ -193,6 +194,70 @@ async def run_engine_rows(args, model_dir, paths, lora_paths, vocab: int, rows) 
                 log.info("%s (run %d): %.1f s, %.1f tok/s", row, k + 1, dt, tokens / dt)
     finally:
         await eng.shutdown()
+    return {row: summarize(r) for row, r in runs.items()}
+
+
+def _engine_args(args, model_dir, adapters: dict):
+    from mtlora_server.engine.args import EngineArgs
+
+    return EngineArgs(model=str(model_dir), dtype=args.dtype, device="cpu", adapters=adapters,
+                      max_adapters=max(8, len(adapters)), max_num_seqs=args.max_num_seqs,
+                      max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed,
+                      batch_invariant=args.batch_invariant, decode_graphs=args.decode_graphs)
+
+
+def _plans(args, paths: dict, lora_paths: dict) -> dict[str, list]:
+    """Each engine row's adapter per prompt."""
+    names, n = list(paths), args.num_prompts
+    return {"engine_base": [None] * n, "engine_mtlora": ["mt_ffn"] * n,
+            "engine_mix4": round_robin(names, n), "engine_lora4": round_robin(list(lora_paths), n)}
+
+
+def run_engine_rows_interleaved(args, model_dir, paths, lora_paths, vocab: int, rows) -> dict[str, dict]:
+    """--interleave: one EngineCore per engine row (each holding every adapter, as the shared engine does); each
+    round every row's requests are added at once and the engines step in turn (the order rotating by round) until
+    all are done, so every row sees the same moments of the host; a row's seconds are the sum of its own steps.
+    Runs on the calling thread (its OpenMP pool the only one stepping)."""
+    from mtlora_server.engine.core import EngineCore
+    from mtlora_server.engine.types import GenerationRequest, SamplingParams
+
+    every = {**paths, **lora_paths}
+    engine_rows = [r for r in rows if r in ENGINE_ROWS]
+    cores = {row: EngineCore(_engine_args(args, model_dir, every)) for row in engine_rows}
+    plans = _plans(args, paths, lora_paths)
+    warm_with = [None, *every]
+    warm = make_prompts(len(warm_with), args.input_len, vocab, args.seed + 10 * SEEDS_PER_SET)
+    runs: dict[str, list[dict]] = {}
+
+    def add(row: str, prompts, adapters, output_len: int, tag: str) -> None:
+        params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+        for i, ids in enumerate(prompts):
+            cores[row].add_request(GenerationRequest(f"{tag}-{i}", ids, params, adapter=adapters[i]))
+
+    for k in range(-1, args.repeats):                         # round -1: the warm-up, not reported
+        order = rotated(engine_rows, max(k, 0))
+        took = {row: {"seconds": 0.0, "output_tokens": 0, "steps": 0} for row in order}
+        hits0 = {row: cores[row].prefix_cache.hits if cores[row].prefix_cache else 0 for row in order}
+        for row in order:
+            if k < 0:
+                add(row, warm, warm_with, 4, f"warmup-{row}")
+            else:
+                add(row, row_prompts(args, vocab, row, k), plans[row], args.output_len, f"{row}-{k}")
+        while any(cores[row].has_work() for row in order):
+            for row in order:
+                if cores[row].has_work():
+                    t0 = time.perf_counter()
+                    outs = cores[row].step()
+                    took[row]["seconds"] += time.perf_counter() - t0
+                    took[row]["output_tokens"] += sum(len(d.token_ids) for out in outs for d in out.deltas)
+                    took[row]["steps"] += 1
+        if k < 0:
+            continue
+        for row in order:
+            cache = cores[row].prefix_cache
+            hits = (cache.hits if cache else 0) - hits0[row]
+            runs.setdefault(row, []).append({**took[row], "prefix_cache_hits": hits})
+            log.info("%s (run %d, interleaved): %.1f s", row, k + 1, took[row]["seconds"])
     return {row: summarize(r) for row, r in runs.items()}
 
 
@@ -373,7 +438,9 @@ def main(argv: list[str] | None = None) -> int:
             lora_paths = pool.submit(write_lora4, Path(tmp), hf_config, args.seed).result() \
                 if {"engine_lora4", "vllm_lora4"} & set(rows) else {}
         results = {}
-        if any(r in rows for r in ENGINE_ROWS):
+        if any(r in rows for r in ENGINE_ROWS) and args.interleave:
+            results.update(run_engine_rows_interleaved(args, model_dir, paths, lora_paths, vocab, rows))
+        elif any(r in rows for r in ENGINE_ROWS):
             results.update(asyncio.run(run_engine_rows(args, model_dir, paths, lora_paths, vocab, rows)))
         results.update(run_hf_rows(args, model_dir, paths, vocab, rows))
         results.update(run_vllm_rows(args, model_dir, lora_paths, rows))

@@ -234,3 +234,24 @@ def test_bench_adapter_specs_route_groups_that_divide_the_hidden_size(hidden, gr
     spec = adapter_specs(hidden)["mt_ffn"]
     assert spec["routing_group_size"] == group_size
     assert AdapterConfig(**spec).groups_for(hidden) == (hidden // group_size if group_size else 1)
+
+
+def test_interleaved_engine_rows_step_one_engine_per_row_in_turn(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """--interleave: each engine row on its own engine, the engines stepping in turn; every row's runs generate
+    all their tokens and the ratios print as usual."""
+    from mtlora_server.engine import core as core_module
+    stepped, real = [], core_module.EngineCore.step
+
+    def step(self):
+        stepped.append(id(self))
+        return real(self)
+
+    monkeypatch.setattr(core_module.EngineCore, "step", step)
+    out = tmp_path / "bench.json"
+    assert bench_engine.main(["--model", str(tiny_model_dir), *SMALL, "--repeats", "2", "--interleave", "--rows",
+                              "engine_base,engine_mix4,engine_lora4", "--output", str(out)]) == 0
+    res = json.loads(out.read_text())["results"]
+    for row in ("engine_base", "engine_mix4", "engine_lora4"):
+        assert res[row]["output_tokens"] == 4 * 3 and len(res[row]["runs_seconds"]) == 2, row
+    assert len(set(stepped)) == 3 and sum(a != b for a, b in zip(stepped, stepped[1:])) >= len(stepped) // 2
+    assert "engine_mix4/engine_base" in capsys.readouterr().out

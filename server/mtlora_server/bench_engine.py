@@ -221,6 +221,8 @@ def run_engine_rows_interleaved(args, model_dir, paths, lora_paths, vocab: int, 
     from mtlora_server.engine.core import EngineCore
     from mtlora_server.engine.types import GenerationRequest, SamplingParams
 
+    from .bench_paired import step_in_turn
+
     every = {**paths, **lora_paths}
     engine_rows = [r for r in rows if r in ENGINE_ROWS]
     cores = {row: EngineCore(_engine_args(args, model_dir, every)) for row in engine_rows}
@@ -243,14 +245,7 @@ def run_engine_rows_interleaved(args, model_dir, paths, lora_paths, vocab: int, 
                 add(row, warm, warm_with, 4, f"warmup-{row}")
             else:
                 add(row, row_prompts(args, vocab, row, k), plans[row], args.output_len, f"{row}-{k}")
-        while any(cores[row].has_work() for row in order):
-            for row in order:
-                if cores[row].has_work():
-                    t0 = time.perf_counter()
-                    outs = cores[row].step()
-                    took[row]["seconds"] += time.perf_counter() - t0
-                    took[row]["output_tokens"] += sum(len(d.token_ids) for out in outs for d in out.deltas)
-                    took[row]["steps"] += 1
+        step_in_turn(cores, order, lambda row, dt, outs: _count(took[row], dt, outs))
         if k < 0:
             continue
         for row in order:
@@ -259,6 +254,12 @@ def run_engine_rows_interleaved(args, model_dir, paths, lora_paths, vocab: int, 
             runs.setdefault(row, []).append({**took[row], "prefix_cache_hits": hits})
             log.info("%s (run %d, interleaved): %.1f s", row, k + 1, took[row]["seconds"])
     return {row: summarize(r) for row, r in runs.items()}
+
+
+def _count(took: dict, dt: float, outs) -> None:
+    took["seconds"] += dt
+    took["output_tokens"] += sum(len(d.token_ids) for out in outs for d in out.deltas)
+    took["steps"] += 1
 
 
 def summarize(runs: list[dict]) -> dict:

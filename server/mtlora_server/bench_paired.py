@@ -246,23 +246,28 @@ def interleaved_round(cores: dict, k: int, prompts: dict, names: list[str], outp
     try:
         for kind in order:
             cores[kind].runner.execute = noting(kind)
-        while any(cores[kind].has_work() for kind in order):
-            for kind in order:
-                if cores[kind].has_work():
-                    _timed_step(cores[kind], runs[kind], prefill, kind)
+        step_in_turn(cores, order, lambda kind, dt, outs: _count_step(runs[kind], dt, outs, prefill[kind]))
     finally:
         for kind in order:
             vars(cores[kind].runner).pop("execute", None)
     return [runs[kind] for kind in order]
 
 
-def _timed_step(core, run: Run, prefill: dict, kind: str) -> None:
-    t0 = time.perf_counter()
-    outs = core.step()
-    dt = time.perf_counter() - t0
+def step_in_turn(cores: dict, order, on_step) -> None:
+    """One step of each engine in `order` in turn until none has work; on_step(name, seconds, outputs) after each
+    (the interleaved benches' loop: here and `bench_engine --interleave`)."""
+    while any(cores[name].has_work() for name in order):
+        for name in order:
+            if cores[name].has_work():
+                t0 = time.perf_counter()
+                outs = cores[name].step()
+                on_step(name, time.perf_counter() - t0, outs)
+
+
+def _count_step(run: Run, dt: float, outs, prefill: bool) -> None:
     run.wall += dt
     run.output_tokens += sum(len(d.token_ids) for out in outs for d in out.deltas)
-    if prefill[kind]:
+    if prefill:
         run.prefill_s, run.prefill_steps = run.prefill_s + dt, run.prefill_steps + 1
     else:
         run.decode_s, run.decode_steps = run.decode_s + dt, run.decode_steps + 1

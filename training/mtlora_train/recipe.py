@@ -238,6 +238,10 @@ class MtloraRecipe:
                     self.save_checkpoint()
         bar.close()
         self.save_final()
+        # every process tears the group down together: a gloo process that destroys its group and exits while a
+        # peer is still busy (the main one writes the adapter and plots) sometimes aborts at exit ("terminate
+        # called without an active exception"; 3 in 20 plain torchrun runs here, none of 60 with the barrier)
+        acc.wait_for_everyone()
         acc.end_training()
         return self.history
 

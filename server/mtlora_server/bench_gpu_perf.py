@@ -73,7 +73,6 @@ def device_bounds(device: str, dry: bool) -> dict:
     m = 256 if dry else 8192
     a = torch.randn(m, m, dtype=torch.bfloat16, device=device)
     t_mm = measure(lambda: torch.mm(a, a), reps=5 if dry else 20)
-    del src, dst, a
     return {"copy_bandwidth_GBps": 2 * n * 2 / t_copy / 1e9, "bf16_matmul_TFLOPS": 2 * m ** 3 / t_mm / 1e12}
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from cpu_kernels import break_the_build, built
+from mtlora import grouped
 from mtlora.errors import ConfigError
 from mtlora.sites import site_dims
 from mtlora.testing import make_tiny_model_dir
@@ -196,7 +197,6 @@ def test_a_failing_prepare_only_logs_and_the_slot_derives_its_data(ext, monkeypa
 
 def _direct_inputs(ext):
     """A one-site arena for slot 0 (d_in 8, d_out 6, r 2, N 3, g 2) and inputs for 5 rows."""
-    from mtlora import grouped
     g = torch.Generator().manual_seed(0)
     site = grouped.SiteWeights(torch.randn(2, 8, generator=g), torch.randn(3, 2, 6, generator=g),
                                torch.randn(2, 3, 8, generator=g), 0.5)
@@ -226,7 +226,6 @@ BAD = {  # name -> (mutation of (x, outs, arena, segs), message fragment)
 
 @torch.no_grad()
 def test_direct_call_equals_grouped_and_refuses_bad_inputs_before_writing(ext):
-    from mtlora import grouped
     pk, arena, x, out = _direct_inputs(ext)
     empty = cpu_adapters.SlotArena.empty(1, torch.float32)                         # a slot adapting no site here
     both = cpu_adapters.Arena.of([cpu_adapters.SlotArena.build(pk, [0], 1), empty], nsite=1)
@@ -253,7 +252,6 @@ def test_the_table_is_indexed_by_slot_and_only_named_rows_are_read(ext):
     """Segments name table rows by slot: a step over slot 2 alone reads row 2 and nothing else -- a stale row
     (an arena dropped under its meta row, as after an adapter swap) breaks nothing until a segment names it, and
     then the kernel refuses it before any write."""
-    from mtlora import grouped
     pk, _, x, _ = _direct_inputs(ext)
     real = cpu_adapters.SlotArena.build(pk, [0], 1)
     table = cpu_adapters.Arena.of([real, real, real], nsite=1)
@@ -276,7 +274,7 @@ def test_the_table_is_indexed_by_slot_and_only_named_rows_are_read(ext):
         table.put(0, cpu_adapters.SlotArena(real.data.bfloat16(), real.meta))
 
 
-def _fp32_math(x: torch.Tensor, pk: "grouped.Pack", round_lhs: bool) -> torch.Tensor:
+def _fp32_math(x: torch.Tensor, pk: grouped.Pack, round_lhs: bool) -> torch.Tensor:
     """One site's delta in fp32 from the pack's values: shrink, per-group softmax, routed input u [T, g, N*r]
     (rounded to bf16 once with round_lhs, as the pair layout's expand takes it), u @ B per group."""
     part = pk.parts[0]
@@ -299,7 +297,6 @@ def test_bf16_kernel_is_fp32_math_of_the_bf16_values_over_several_chunks(ext, pa
     where the CPU has it, else the widening one): the kernel's output is the fp32 math of the same bf16 values
     (with the pair layout: the routed input rounded to bf16 first), rounded once -- within one bf16 step
     everywhere, equal almost everywhere. Also: the arena's chunk width is the kernel's."""
-    from mtlora import grouped
     if pairs and not ext.BF16_DOT:
         pytest.skip("the pair layout needs a kernel built with AVX-512 BF16 (this CPU has no avx512_bf16)")
     assert ext.CHUNK == cpu_adapters.CHUNK

@@ -25,9 +25,11 @@ and each vLLM process. With `--repeats K` every row runs K times, in rounds (eac
 row once, so slow spells of a shared machine spread over those rows; the engine rows' order rotates from round to
 round, so each row runs in each position equally often with K a multiple of their number; each vLLM row runs its K
 rounds in one process), and the table shows each row's median; the JSON keeps every run's seconds.
-`--interleave` runs the engine rows on one engine each instead, the engines stepped in turn within each round,
-so every row sees the same moments of the host (a row's seconds: the sum of its own steps); the engine rows'
-ratios then no longer carry the host's run-to-run swings (docs/benchmarks.md).
+By default the engine rows run on one engine each, the engines stepped in turn within each round ("interleaved"),
+so every row sees the same moments of the host (a row's seconds: the sum of its own steps) and the engine rows'
+ratios do not carry the host's run-to-run swings (docs/benchmarks.md) -- when one model copy and KV pool per
+engine row fit in half the available memory (`interleave_fits`); otherwise, or with `--no-interleave`, one
+engine runs the rows one after another. The report says which (`interleaved`).
 """
 
 from __future__ import annotations
@@ -74,10 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(torch.compile per batch bucket; compile time lands in the first rounds, use --repeats) or "
                    "static (static buffers, eager ops)")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
-    p.add_argument("--interleave", action="store_true", help="the engine rows on one engine each, stepped in turn "
-                   "within each round (not one engine running the rows one after another): every row sees the "
-                   "same moments of the host, whose swings (+-10 %% run to run on a shared machine) otherwise "
-                   "exceed what the adapter rows cost. Needs one model copy per engine row")
+    p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
+                   help="the engine rows on one engine each, stepped in turn within each round (not one engine "
+                   "running the rows one after another): every row sees the same moments of the host, whose "
+                   "swings (+-10 %% run to run on a shared machine) otherwise exceed what the adapter rows cost. "
+                   "Needs one model copy and KV pool per engine row. Default: on when those fit in half the "
+                   "available memory, else off")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads, also OMP_NUM_THREADS of the vLLM "
                    "rows (default: torch's choice; vLLM: every core)")
     p.add_argument("--repeats", type=int, default=1, help="runs per row, in rounds over the rows; the report "
@@ -418,6 +422,37 @@ def check_args(args) -> list[str]:
     return rows
 
 
+def interleave_fits(copies: int, model_bytes: int, kv_bytes: int, available: int | None) -> bool:
+    """Whether `copies` engines (one model copy and KV pool each) fit in half the available memory (None:
+    unknown, so no)."""
+    return available is not None and copies * (model_bytes + kv_bytes) <= available // 2
+
+
+def _available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (Linux), else None."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def decide_interleave(args, model_dir: Path, rows: list[str]) -> bool:
+    """--interleave / --no-interleave as given; by default interleave when the engine rows' copies fit
+    (`interleave_fits`: the checkpoint's bytes on disk bound one copy, the engine's default 1 GiB KV pool each)."""
+    copies = sum(r in ENGINE_ROWS for r in rows)
+    if args.interleave is not None or copies == 0:
+        return bool(args.interleave) and copies > 0
+    model_bytes = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+    fits = interleave_fits(copies, model_bytes, 1 << 30, _available_memory())
+    log.info("engine rows %s: %d engine(s) of ~%.1f GB checkpoint + 1 GiB KV pool each %s half the available "
+             "memory (--interleave / --no-interleave to choose)", "interleaved" if fits else "on one engine",
+             copies, model_bytes / 1e9, "fit in" if fits else "do not fit in")
+    return fits
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -439,7 +474,8 @@ def main(argv: list[str] | None = None) -> int:
             lora_paths = pool.submit(write_lora4, Path(tmp), hf_config, args.seed).result() \
                 if {"engine_lora4", "vllm_lora4"} & set(rows) else {}
         results = {}
-        if any(r in rows for r in ENGINE_ROWS) and args.interleave:
+        interleave = decide_interleave(args, model_dir, rows)
+        if any(r in rows for r in ENGINE_ROWS) and interleave:
             results.update(run_engine_rows_interleaved(args, model_dir, paths, lora_paths, vocab, rows))
         elif any(r in rows for r in ENGINE_ROWS):
             results.update(asyncio.run(run_engine_rows(args, model_dir, paths, lora_paths, vocab, rows)))
@@ -447,9 +483,13 @@ def main(argv: list[str] | None = None) -> int:
         results.update(run_vllm_rows(args, model_dir, lora_paths, rows))
     rat = ratios(results)
     print_table(results, rat)
+    if any(r in rows for r in ENGINE_ROWS):
+        print("engine rows: " + ("interleaved (one engine each, stepped in turn)" if interleave
+                                 else "on one engine, one row after another"))
     report = {"model": str(model_dir), "dtype": args.dtype, "num_prompts": args.num_prompts,
               "input_len": args.input_len, "output_len": args.output_len, "threads": torch.get_num_threads(),
-              "repeats": args.repeats, "prompt_vocab": vocab, "results": results, "ratios": rat,
+              "repeats": args.repeats, "interleaved": interleave, "prompt_vocab": vocab, "results": results,
+              "ratios": rat,
               "targets": {k: t for k, (_, _, t) in RATIOS.items() if t is not None}}
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.output}")

@@ -250,8 +250,11 @@ def test_interleaved_engine_rows_step_one_engine_per_row_in_turn(tmp_path, tiny_
     out = tmp_path / "bench.json"
     assert bench_engine.main(["--model", str(tiny_model_dir), *SMALL, "--repeats", "2", "--interleave", "--rows",
                               "engine_base,engine_mix4,engine_lora4", "--output", str(out)]) == 0
-    res = json.loads(out.read_text())["results"]
+    report = json.loads(out.read_text())
+    res = report["results"]
     for row in ("engine_base", "engine_mix4", "engine_lora4"):
         assert res[row]["output_tokens"] == 4 * 3 and len(res[row]["runs_seconds"]) == 2, row
     assert len(set(stepped)) == 3 and sum(a != b for a, b in zip(stepped, stepped[1:])) >= len(stepped) // 2
-    assert "engine_mix4/engine_base" in capsys.readouterr().out
+    assert report["interleaved"] is True
+    printed = capsys.readouterr().out
+    assert "engine_mix4/engine_base" in printed and "engine rows: interleaved" in printed

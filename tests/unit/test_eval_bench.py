@@ -153,8 +153,10 @@ def test_engine_bench_runs_every_row_on_a_tiny_model(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert bench_engine.main(["--model", str(model_dir), "--dtype", "auto", "--num-prompts", "4",
                               "--input-len", "20", "--output-len", "3", "--repeats", "2", "--output", str(out),
-                              "--vllm-python", str(tmp_path / "no-vllm")]) == 0   # vLLM rows: test_bench_peers.py
+                              "--vllm-python", str(tmp_path / "no-vllm"),   # vLLM rows: test_bench_peers.py
+                              "--no-interleave"]) == 0       # interleaved engine rows: test_bench_peers.py too
     report = json.loads(out.read_text())
+    assert report["interleaved"] is False
     want = "bfloat16" if resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16 else "float32"
     assert report["dtype"] == want
     assert set(report["results"]) == set(bench_engine.ROWS)
@@ -188,3 +190,34 @@ def test_engine_rows_rotate_so_each_runs_in_every_position():
     for pos in range(3):                                       # over 3k rounds each row sits in each place k times
         assert sorted(r[pos] for r in rounds) == sorted(rows * 2)
     assert rotated([], 3) == []
+
+
+@pytest.mark.parametrize("copies, model_gb, available_gb, want", [
+    (4, 0.3, 24, True),              # the default model's rows on a 24 GiB machine
+    (4, 14, 24, False),              # a 7B checkpoint: four copies do not fit
+    (1, 10, 22, True), (1, 11, 22, False),   # copies x (model + 1 GiB KV) against half the available memory
+    (3, 0.3, None, False),           # available memory unknown: one engine
+])
+def test_engine_rows_interleave_only_when_their_copies_fit(copies, model_gb, available_gb, want):
+    from mtlora_server.bench_engine import interleave_fits
+
+    gib = 1 << 30
+    avail = None if available_gb is None else int(available_gb * gib)
+    assert interleave_fits(copies, int(model_gb * gib), gib, avail) is want
+
+
+@pytest.mark.parametrize("flag, rows, memory, want", [
+    (None, "engine_base,engine_mix4", 64 << 30, True), (None, "engine_base,engine_mix4", 1 << 30, False),
+    (True, "engine_base,engine_mix4", 1 << 30, True), (False, "engine_base,engine_mix4", 64 << 30, False),
+    (None, "hf_base", 64 << 30, False), (True, "hf_base", 64 << 30, False),   # no engine rows: nothing to step
+])
+def test_interleave_default_and_flags(tmp_path, monkeypatch, flag, rows, memory, want):
+    import argparse
+
+    from mtlora_server import bench_engine
+
+    (tmp_path / "model.safetensors").write_bytes(b"0" * 1000)
+    monkeypatch.setattr(bench_engine, "_available_memory", lambda: memory)
+    args = argparse.Namespace(interleave=flag)
+    assert bench_engine.decide_interleave(args, tmp_path, rows.split(",")) is want
+    assert bench_engine.build_parser().parse_args(["--no-interleave"]).interleave is False

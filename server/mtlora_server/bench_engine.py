@@ -441,12 +441,14 @@ def _available_memory() -> int | None:
 
 def decide_interleave(args, model_dir: Path, rows: list[str]) -> bool:
     """--interleave / --no-interleave as given; by default interleave when the engine rows' copies fit
-    (`interleave_fits`: the checkpoint's bytes on disk bound one copy, the engine's default 1 GiB KV pool each)."""
+    (`interleave_fits`: the checkpoint's bytes on disk bound one copy, plus the engine's default CPU KV pool)."""
     copies = sum(r in ENGINE_ROWS for r in rows)
     if args.interleave is not None or copies == 0:
         return bool(args.interleave) and copies > 0
+    from mtlora_server.engine.kv_cache import DEFAULT_CPU_BUDGET
+
     model_bytes = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
-    fits = interleave_fits(copies, model_bytes, 1 << 30, _available_memory())
+    fits = interleave_fits(copies, model_bytes, DEFAULT_CPU_BUDGET, _available_memory())
     log.info("engine rows %s: %d engine(s) of ~%.1f GB checkpoint + 1 GiB KV pool each %s half the available "
              "memory (--interleave / --no-interleave to choose)", "interleaved" if fits else "on one engine",
              copies, model_bytes / 1e9, "fit in" if fits else "do not fit in")
@@ -475,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
                 if {"engine_lora4", "vllm_lora4"} & set(rows) else {}
         results = {}
         interleave = decide_interleave(args, model_dir, rows)
-        if any(r in rows for r in ENGINE_ROWS) and interleave:
+        if interleave:                                # (only with engine rows asked for)
             results.update(run_engine_rows_interleaved(args, model_dir, paths, lora_paths, vocab, rows))
         elif any(r in rows for r in ENGINE_ROWS):
             results.update(asyncio.run(run_engine_rows(args, model_dir, paths, lora_paths, vocab, rows)))
